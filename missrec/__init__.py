@@ -1,0 +1,1 @@
+"""MISSRec: multi-modal interest-aware sequential recommendation (model, training, evaluation)."""
