@@ -2,10 +2,11 @@
 
 Layout of a directory for dataset ``<Name>``::
 
-    <Name>.train.inter  <Name>.valid.inter  <Name>.test.inter   TSV: user_id:token, item_id_list:token_seq, item_id:token
-    <Name>.item2index   <Name>.user2index                        TSV: original_id <TAB> index (0-based)
-    <Name>.text                                                  optional TSV: item_id:token, text:token_seq
-    <Name>.feat1CLS (text)  <Name>.feat3CLS (image)              raw little-endian float32 [n_items, width]
+    <Name>.{train,valid,test}.inter   TSV: user_id:token, item_id_list:token_seq, item_id:token
+    <Name>.item2index                 TSV: original_id <TAB> index (0-based); same for <Name>.user2index
+    <Name>.text                       optional TSV: item_id:token, text:token_seq
+    <Name>.feat1CLS / .feat3CLS       text / image features: raw little-endian float32 [n_items, width]
+    <Name>.feat1CLS.worddrop          optional: text features of word-dropped texts (pre-training)
 
 At least one feature file should exist for MISSRec (SASRec and popularity need none). The feature width is derived
 from the file size and the item count, so any width works.
@@ -61,8 +62,8 @@ class Interactions:
         n = len(targets)
         hist = np.zeros((n, max_len), dtype=np.int64)
         lengths = np.zeros(n, dtype=np.int64)
-        for r, h in enumerate(histories):
-            h = h[-max_len:]
+        for r, full in enumerate(histories):
+            h = full[-max_len:]
             hist[r, : len(h)] = h
             lengths[r] = len(h)
         return Interactions(
@@ -131,8 +132,8 @@ def _read_index(path: Path, what: str) -> tuple[str, ...]:
     """Read ``original_id<TAB>index`` lines; the indexes must be exactly 0..n-1."""
     pairs: list[tuple[str, int]] = []
     with _require(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\n")
+        for lineno, raw in enumerate(fh, 1):
+            line = raw.rstrip("\n")
             if not line:
                 continue
             parts = line.split("\t")
@@ -162,8 +163,8 @@ def _read_inter(path: Path, n_items: int, n_users: int, max_len: int) -> Interac
         header = tuple(fh.readline().rstrip("\n").split("\t"))
         if header != INTER_HEADER:
             raise DatasetError(f"{path}: header {header} != expected {INTER_HEADER}")
-        for lineno, line in enumerate(fh, 2):
-            line = line.rstrip("\n")
+        for lineno, raw in enumerate(fh, 2):
+            line = raw.rstrip("\n")
             if not line:
                 continue
             parts = line.split("\t")
@@ -238,9 +239,7 @@ def load_dataset(path: str | Path, name: str | None = None, max_len: int = MAX_L
     base = path / name
     item_ids = _read_index(Path(f"{base}.item2index"), "item")
     user_ids = _read_index(Path(f"{base}.user2index"), "user")
-    splits = {
-        s: _read_inter(Path(f"{base}.{s}.inter"), len(item_ids), len(user_ids), max_len) for s in SPLITS
-    }
+    splits = {s: _read_inter(Path(f"{base}.{s}.inter"), len(item_ids), len(user_ids), max_len) for s in SPLITS}
     features: dict[str, np.ndarray] = {}
     files = [Path(f"{base}.{s}.inter") for s in SPLITS]
     files += [Path(f"{base}.item2index"), Path(f"{base}.user2index")]
@@ -250,8 +249,15 @@ def load_dataset(path: str | Path, name: str | None = None, max_len: int = MAX_L
             features[modality] = read_features(fpath, len(item_ids))
             files.append(fpath)
     if not features:
-        log.warning("dataset %s has no feature files (%s): only ID models can train on it",
-                    name, ", ".join(MODALITY_SUFFIXES.values()))
+        log.warning(
+            "dataset %s has no feature files (%s): only ID models can train on it",
+            name,
+            ", ".join(MODALITY_SUFFIXES.values()),
+        )
+    extra: dict[str, object] = {}
+    worddrop = Path(f"{base}{MODALITY_SUFFIXES['text']}.worddrop")
+    if worddrop.is_file():  # optional: text features of word-dropped texts, for pre-training augmentation
+        extra["text_worddrop"] = read_features(worddrop, len(item_ids))
     text_path = Path(f"{base}.text")
     texts = _read_texts(text_path, item_ids) if text_path.is_file() else None
     return SeqDataset(
@@ -266,4 +272,5 @@ def load_dataset(path: str | Path, name: str | None = None, max_len: int = MAX_L
         fingerprint=fingerprint_files(files),
         texts=texts,
         max_len=max_len,
+        extra=extra,
     )
