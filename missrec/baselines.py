@@ -1,0 +1,91 @@
+"""Baselines evaluated through the same full-ranking evaluator: SASRec (ID-only) and popularity."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from missrec.config import SASRecConfig
+from missrec.data import Interactions
+from missrec.layers import ByteDropout, EncoderLayer, TransformerStack, key_mask
+from missrec.model import lengths_to_padding
+
+
+class SASRec(nn.Module):
+    """ID-only sequential recommender: item + position embeddings, causal self-attention, dot-product scores."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
+        self.position = nn.Embedding(cfg.max_len, d)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.dropout = ByteDropout(cfg.dropout)
+        self.blocks = TransformerStack(
+            [EncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_layers)], None
+        )
+        for module in (self.item_emb, self.position):
+            nn.init.normal_(module.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, (B,) lengths -> (B, D) hidden state at the last real position."""
+        seq_len = items.shape[1]
+        positions = torch.arange(seq_len, device=items.device)
+        x = self.dropout(self.norm(self.item_emb(items) + self.position(positions)[None]))  # (B, L, D)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=items.device).tril()  # (L, L)
+        allowed = causal[None, None] & key_mask(~lengths_to_padding(lengths, seq_len))  # (B, 1, L, L)
+        h = self.blocks(x, allowed)
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+        return h.gather(1, last).squeeze(1)
+
+    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        scores = self.encode(items, lengths) @ self.item_emb.weight.T  # (B, N)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.full_scores(items, lengths), targets)
+
+    def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
+        """SASRec has no per-epoch work."""
+
+
+def training_sequences(train: Interactions) -> dict[int, np.ndarray]:
+    """Each user's full training sequence: the longest training prefix plus its target."""
+    longest: dict[int, int] = {}
+    for row, (user, length) in enumerate(zip(train.users.tolist(), train.lengths.tolist(), strict=True)):
+        if user not in longest or length >= train.lengths[longest[user]]:
+            longest[user] = row
+    return {
+        user: np.append(train.histories[row, : train.lengths[row]], train.targets[row]) for user, row in longest.items()
+    }
+
+
+def item_popularity(train: Interactions, num_items: int) -> np.ndarray:
+    """(num_items,) interaction counts over every user's training sequence; padding row 0 is 0.
+
+    Histories are truncated to the last ``max_len`` items, so very long sequences count only their tail.
+    """
+    counts = np.zeros(num_items, dtype=np.float64)
+    for seq in training_sequences(train).values():
+        np.add.at(counts, seq, 1.0)
+    counts[0] = 0.0
+    return counts
+
+
+class Popularity:
+    """Scores every item by its training popularity, whatever the history."""
+
+    training = False
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.scores = torch.from_numpy(counts.astype(np.float32))
+        self.scores[0] = float("-inf")
+
+    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.scores.to(items.device).expand(items.shape[0], -1).clone()

@@ -1,0 +1,148 @@
+"""Self-describing checkpoints: config, weights, interest centroids and lookups, dataset fingerprint.
+
+Everything in the file is a tensor or a plain Python value, so it loads with ``torch.load(weights_only=True)``;
+nothing is unpickled. Item features are data, not weights: attach them with :func:`attach_features`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from missrec.baselines import SASRec
+from missrec.config import MISSRecConfig, SASRecConfig
+from missrec.data import SeqDataset
+from missrec.model import MISSRec
+from missrec.train import restore_state
+
+log = logging.getLogger(__name__)
+
+FORMAT = "missrec-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the data it is used with."""
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    meta: dict[str, Any]
+
+    @property
+    def model_type(self) -> str:
+        return str(self.meta["model_type"])
+
+
+def dataset_info(ds: SeqDataset) -> dict[str, Any]:
+    return {
+        "name": ds.name,
+        "fingerprint": ds.fingerprint,
+        "num_items": ds.num_items,
+        "num_users": len(ds.user_ids),
+        "feature_dims": {m: int(f.shape[1]) for m, f in ds.features.items()},
+    }
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    dataset: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    cold_items: np.ndarray | None = None,
+) -> Path:
+    """Write ``model`` (MISSRec or SASRec) and its metadata to ``path`` (parent folders created)."""
+    if isinstance(model, MISSRec):
+        model_type = "missrec"
+    elif isinstance(model, SASRec):
+        model_type = "sasrec"
+    else:
+        raise TypeError(f"cannot checkpoint {type(model).__name__}")
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type,
+        "config": model.cfg.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "dataset": dataset or {},
+        "training": training or {},
+        "cold_items": [int(i) for i in cold_items] if cold_items is not None else None,
+        "created": {
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
+    """Rebuild the model from a checkpoint written by :func:`save_checkpoint` (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} file")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {payload.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+    model: nn.Module
+    if payload["model_type"] == "missrec":
+        model = MISSRec(MISSRecConfig.from_dict(payload["config"]))
+    elif payload["model_type"] == "sasrec":
+        model = SASRec(SASRecConfig.from_dict(payload["config"]))
+    else:
+        raise CheckpointError(f"{path}: unknown model type {payload['model_type']!r}")
+    try:
+        restore_state(model, payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {exc}") from exc
+    model.eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return Checkpoint(model=model, meta=meta)
+
+
+def attach_features(model: nn.Module, ds: SeqDataset, meta: dict[str, Any] | None = None) -> None:
+    """Give a MISSRec model its dataset's item features, checking that the dataset fits the checkpoint.
+
+    Item count or feature widths that differ are an error; a different fingerprint with the same shapes
+    (e.g. the same catalogue with new splits) is logged as a warning.
+    """
+    if not isinstance(model, MISSRec):
+        if ds.num_items != model.cfg.num_items:
+            raise CheckpointError(f"dataset has {ds.num_items} item rows, model expects {model.cfg.num_items}")
+        return
+    cfg = model.cfg
+    if ds.num_items != cfg.num_items:
+        raise CheckpointError(f"dataset {ds.name} has {ds.num_items} item rows, model expects {cfg.num_items}")
+    for m in cfg.modalities:
+        if m not in ds.features:
+            raise CheckpointError(f"model uses the {m} modality, dataset {ds.name} has no {m} features")
+        if ds.features[m].shape[1] != cfg.feature_dim(m):
+            raise CheckpointError(
+                f"{m} features are {ds.features[m].shape[1]}-d in {ds.name}, model expects {cfg.feature_dim(m)}"
+            )
+    expected = (meta or {}).get("dataset", {}).get("fingerprint")
+    if expected and expected != ds.fingerprint:
+        log.warning("dataset fingerprint differs from the checkpoint's (%s vs %s)", ds.fingerprint[:12], expected[:12])
+    model.set_item_features({m: torch.from_numpy(ds.features[m]) for m in cfg.modalities})

@@ -1,0 +1,202 @@
+"""The ``missrec`` command line: train, evaluate, compare, pretrain, synth, prepare, quickstart."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="MISSRec: train, evaluate, export and serve a multi-modal sequential recommender.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console()
+
+DataDir = Annotated[Path, typer.Option("--data", help="Dataset directory in the atomic format.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (training is deterministic for a seed).")]
+Epochs = Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on valid NDCG@10).")]
+Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:0 ...")]
+
+
+@app.callback()
+def main(log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _load(data: Path):
+    from missrec.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(data)
+    except DatasetError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    from missrec.compare import format_table
+    from missrec.runs import METRIC_KEYS
+
+    table = Table(title=title)
+    for col in ("model", "split", *METRIC_KEYS):
+        table.add_column(col, justify="left" if col in ("model", "split") else "right")
+    for row in format_table(metrics):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def train(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoint.pt and metrics.json.")],
+    mode: Annotated[str, typer.Option(help="inductive (no IDs) or transductive (IDs).")] = "inductive",
+    epochs: Epochs = 300,
+    seed: Seed = 0,
+    pretrained: Annotated[Path | None, typer.Option(help="Pre-trained checkpoint to fine-tune from.")] = None,
+    cold_fraction: Annotated[
+        float | None, typer.Option(help="Withhold this fraction of items (cold protocol).")
+    ] = None,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 10,
+    device: Device = "cpu",
+) -> None:
+    """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
+    from missrec.runs import save_run, train_missrec
+    from missrec.train import TrainOptions
+
+    if mode not in ("inductive", "transductive"):
+        raise _fail(f"--mode must be inductive or transductive, not {mode!r}")
+    ds = _load(data)
+    opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, device=device)
+    try:
+        run = train_missrec(ds, opts, mode, pretrained=pretrained, cold_fraction=cold_fraction)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    save_run(
+        run,
+        ds,
+        out,
+        {
+            "mode": mode,
+            "seed": seed,
+            "pretrained": str(pretrained) if pretrained else None,
+            "cold_fraction": cold_fraction,
+        },
+    )
+    _print_metrics({f"missrec_{mode}": run.metrics}, f"{ds.name}: best epoch {run.info['best_epoch']}")
+    console.print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt from `missrec train`.")],
+    data: DataDir,
+    out: Annotated[Path | None, typer.Option(help="Where to write the metrics JSON.")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Evaluate a checkpoint on the valid and test splits (full ranking); cold/warm split if it was cold-trained."""
+    import numpy as np
+
+    from missrec.checkpoint import CheckpointError, attach_features, load_checkpoint
+    from missrec.evaluate import evaluate as run_eval
+    from missrec.runs import METRIC_KEYS
+
+    ds = _load(data)
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        attach_features(ckpt.model, ds, ckpt.meta)
+    except CheckpointError as exc:
+        raise _fail(str(exc)) from None
+    model = ckpt.model.to(device)
+    metrics: dict[str, dict[str, float]] = {}
+    cold_items = ckpt.meta.get("cold_items")
+    for split in ("valid", "test"):
+        rows = ds.split(split)
+        groups = None
+        if cold_items:
+            cold = np.zeros(ds.num_items, dtype=bool)
+            cold[cold_items] = True
+            groups = {"cold": cold[rows.targets], "warm": ~cold[rows.targets]}
+        result = run_eval(model, rows, device=device, groups=groups)
+        metrics[split] = {k: result["all"][k] for k in METRIC_KEYS}
+        if split == "test" and groups:
+            metrics["test_cold"] = {k: result["cold"][k] for k in METRIC_KEYS}
+            metrics["test_warm"] = {k: result["warm"][k] for k in METRIC_KEYS}
+    _print_metrics({ckpt.model_type: metrics}, f"{checkpoint} on {ds.name}")
+    target = out or checkpoint.parent / "eval_metrics.json"
+    target.write_text(json.dumps(metrics, indent=2) + "\n")
+    console.print(f"wrote {target}")
+
+
+@app.command()
+def compare(
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", help="Metrics JSON; FILE.details.json gets curves and timings.")],
+    epochs: Epochs = 300,
+    seed: Seed = 0,
+    plot: Annotated[Path | None, typer.Option(help="PNG of validation NDCG@10 per epoch, MISSRec vs SASRec.")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
+    from missrec.compare import run_compare, write_outputs
+    from missrec.train import TrainOptions
+
+    ds = _load(data)
+    metrics, details = run_compare(ds, TrainOptions(epochs=epochs, seed=seed, device=device))
+    written = write_outputs(out, metrics, details, plot)
+    _print_metrics(metrics, f"{ds.name}: full-ranking metrics (seed {seed})")
+    for name, d in details.items():
+        console.print(
+            f"{name}: best epoch {d.get('best_epoch', '-')}, epochs run {d.get('epochs_run', '-')}, "
+            f"{d['wall_seconds']} s"
+        )
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def pretrain(
+    data: Annotated[list[Path], typer.Option("--data", help="Dataset directories (repeat for several domains).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory for checkpoint.pt.")],
+    epochs: Epochs = 20,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Multi-domain contrastive pre-training; fine-tune the result with `missrec train --pretrained`."""
+    from missrec.checkpoint import save_checkpoint
+    from missrec.pretrain import PretrainOptions
+    from missrec.pretrain import pretrain as run_pretrain
+
+    datasets = [_load(d) for d in data]
+    try:
+        model, history = run_pretrain(datasets, PretrainOptions(epochs=epochs, seed=seed, device=device))
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    info = {"domains": [{"name": d.name, "fingerprint": d.fingerprint} for d in datasets]}
+    path = save_checkpoint(out / "checkpoint.pt", model, dataset=info, training={"history": history, "seed": seed})
+    console.print(
+        f"pre-trained on {', '.join(d.name for d in datasets)}: final loss {history[-1]['loss']:.4f}; wrote {path}"
+    )
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the SYNTHETIC dataset.")],
+    users: Annotated[int, typer.Option(help="Number of users.")] = 2000,
+    items: Annotated[int, typer.Option(help="Number of items.")] = 1000,
+    topics: Annotated[int, typer.Option(help="Latent topics.")] = 24,
+    seed: Seed = 0,
+) -> None:
+    """Write a deterministic SYNTHETIC multi-modal dataset (latent topics drive features and behaviour)."""
+    from missrec.synthetic import generate_synthetic
+
+    path = generate_synthetic(out, num_users=users, num_items=items, num_topics=topics, seed=seed)
+    console.print(f"wrote synthetic dataset to {path}")

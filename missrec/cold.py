@@ -1,0 +1,61 @@
+"""Cold-item protocol: withhold a random fraction of items from training, then rank all items at test time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from missrec.data import Interactions, SeqDataset
+
+
+@dataclass(frozen=True)
+class ColdSplit:
+    """cold (N,) bool over internal ids (padding False); train: rows with cold items removed;
+    valid: validation rows with a warm target (used for early stopping)."""
+
+    cold: np.ndarray
+    train: Interactions
+    valid: Interactions
+
+    @property
+    def cold_items(self) -> np.ndarray:
+        return np.flatnonzero(self.cold)
+
+    @property
+    def known(self) -> np.ndarray:
+        """Items allowed to shape training (and interest clusters): not cold, not padding."""
+        known = ~self.cold
+        known[0] = False
+        return known
+
+
+def remove_items(rows: Interactions, drop: np.ndarray) -> Interactions:
+    """Remove items flagged in ``drop`` (N,) from every history (compacting left) and drop rows whose target
+    is flagged or whose history becomes empty."""
+    hist = rows.histories
+    keep = (hist > 0) & ~drop[hist]
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept positions first, in their original order
+    compact = np.take_along_axis(np.where(keep, hist, 0), order, axis=1)
+    lengths = keep.sum(axis=1)
+    row_ok = (lengths > 0) & ~drop[rows.targets]
+    return Interactions(rows.users[row_ok], compact[row_ok], lengths[row_ok], rows.targets[row_ok])
+
+
+def withhold_items(ds: SeqDataset, fraction: float, seed: int = 0) -> ColdSplit:
+    """Pick round(fraction * n_items) cold items at random (seeded) and build the cold training split."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"cold fraction must be in (0, 1), got {fraction}")
+    n_real = ds.num_items - 1
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(n_real, size=round(fraction * n_real), replace=False) + 1
+    cold = np.zeros(ds.num_items, dtype=bool)
+    cold[chosen] = True
+    valid = ds.valid.subset(~cold[ds.valid.targets])
+    return ColdSplit(cold=cold, train=remove_items(ds.train, cold), valid=valid)
+
+
+def target_groups(rows: Interactions, cold: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean row masks: rows whose target is a cold item vs a warm one."""
+    is_cold = cold[rows.targets]
+    return {"cold": is_cold, "warm": ~is_cold}

@@ -1,0 +1,141 @@
+"""Small building blocks shared by the models."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ByteDropout(nn.Module):
+    """Inverted dropout whose mask comes from random bytes instead of ``bernoulli_``.
+
+    Same semantics as nn.Dropout (identity in eval mode, unbiased in training), but about 3.5x cheaper on CPU,
+    where mask generation dominated the training forward pass. The keep probability is quantised to 1/256
+    (exact for p = 0.5) and the rescaling uses the quantised value, so the expectation is preserved exactly.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.keep_below = max(1, min(256, round((1.0 - p) * 256)))  # keep where byte < keep_below
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        noise = torch.empty(x.shape, dtype=torch.uint8, device=x.device).random_()
+        keep = noise.to(torch.int16) < self.keep_below
+        return x * keep * (256.0 / self.keep_below)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with nn.MultiheadAttention's parameter layout (in_proj_weight,
+    in_proj_bias, out_proj), so state dicts are interchangeable. Computes the same function without
+    nn.MultiheadAttention's seq-first transposes and copies, and without shape-dependent Python ints
+    (exported graphs keep dynamic batch and lengths)."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError("dim must be divisible by n_heads")
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, S, D) -> (B, H, S, D/H)
+
+    def forward(self, query: torch.Tensor, memory: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
+        """query (B, T, D); memory (B, S, D) or None for self-attention; allowed: bool mask broadcastable to
+        (B, H, T, S), True where a query may attend to a key. Returns (B, T, D)."""
+        dim = query.shape[-1]
+        if memory is None:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            w, b = self.in_proj_weight, self.in_proj_bias
+            q = F.linear(query, w[:dim], b[:dim])
+            k, v = F.linear(memory, w[dim:], b[dim:]).chunk(2, dim=-1)
+        out = F.scaled_dot_product_attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            attn_mask=allowed,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D/H)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN Transformer encoder layer, same parameters and function as nn.TransformerEncoderLayer
+    (batch_first, activation gelu, norm_first False)."""
+
+    def __init__(self, dim: int, n_heads: int, ff_dim: int, dropout: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, n_heads, dropout)
+        self.linear1 = nn.Linear(dim, ff_dim)
+        self.linear2 = nn.Linear(ff_dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.dropout = ByteDropout(dropout)
+        self.dropout1 = ByteDropout(dropout)
+        self.dropout2 = ByteDropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.dropout1(self.self_attn(x, None, allowed)))
+        return self.norm2(x + self.dropout2(self.linear2(self.dropout(F.gelu(self.linear1(x))))))
+
+
+class DecoderLayer(nn.Module):
+    """Post-LN Transformer decoder layer, same parameters and function as nn.TransformerDecoderLayer
+    (batch_first, activation gelu, norm_first False)."""
+
+    def __init__(self, dim: int, n_heads: int, ff_dim: int, dropout: float, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = MultiheadAttention(dim, n_heads, dropout)
+        self.multihead_attn = MultiheadAttention(dim, n_heads, dropout)
+        self.linear1 = nn.Linear(dim, ff_dim)
+        self.linear2 = nn.Linear(ff_dim, dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.dropout = ByteDropout(dropout)
+        self.dropout1 = ByteDropout(dropout)
+        self.dropout2 = ByteDropout(dropout)
+        self.dropout3 = ByteDropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, self_allowed: torch.Tensor, memory_allowed: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.norm1(x + self.dropout1(self.self_attn(x, None, self_allowed)))
+        x = self.norm2(x + self.dropout2(self.multihead_attn(x, memory, memory_allowed)))
+        return self.norm3(x + self.dropout3(self.linear2(self.dropout(F.gelu(self.linear1(x))))))
+
+
+class TransformerStack(nn.Module):
+    """``layers`` followed by an optional final LayerNorm (nn.TransformerEncoder / Decoder with ``norm``).
+
+    Parameter names match nn.TransformerEncoder/Decoder: ``layers.{i}.*`` and ``norm.*``."""
+
+    def __init__(self, layers: list[nn.Module], norm: nn.LayerNorm | None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, *args)
+        return self.norm(x) if self.norm is not None else x
+
+
+def key_mask(valid: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool, True at real keys -> (B, 1, 1, S) attention mask (True = may attend)."""
+    return valid[:, None, None, :]

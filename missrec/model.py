@@ -1,0 +1,230 @@
+"""The MISSRec model: modality adapters, interest tokens, encoder-decoder user tower, dynamic-fusion scorer.
+
+Reads top-down: item tables (adapters) -> interest ids -> user tower -> scores. Pure tensor code; the item
+features are non-persistent buffers set by the caller (they are data, not weights), while the interest
+centroids and the item -> cluster lookup tables are persistent buffers saved with the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from missrec.config import MISSRecConfig
+from missrec.fusion import fuse_sims
+from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
+from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
+
+
+@dataclass
+class ItemTables:
+    """Per-item tensors derived from the features, computed once per step.
+
+    tokens (N, D): adapter sum (+ ID embedding) used at history positions;
+    normed[m] (N, D): L2-normalised adapter output per modality, used for scoring;
+    ids (N, D) or None: L2-normalised ID embeddings (transductive mode).
+    """
+
+    tokens: torch.Tensor
+    normed: dict[str, torch.Tensor]
+    ids: torch.Tensor | None
+
+
+def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool mask, True at padded positions (left-aligned sequences)."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] >= lengths[:, None]
+
+
+def interest_diversity(xi: torch.Tensor, interest_pad: torch.Tensor) -> torch.Tensor:
+    """Diversity regulariser R over encoder outputs, padded slots masked.
+
+    xi: (B, Q, D) encoder outputs; interest_pad: (B, Q) True at padding.
+    pooled_b = (n_valid_b / Q) * sum_{valid j} xi_bj;  R = sum_b ||pooled_b||^2 / D.
+    """
+    valid = (~interest_pad).to(xi.dtype)  # (B, Q)
+    n_valid = valid.sum(dim=1, keepdim=True)  # (B, 1)
+    pooled = (n_valid / xi.shape[1]) * (xi * valid[..., None]).sum(dim=1)  # (B, D)
+    return (pooled * pooled).sum() / xi.shape[-1]
+
+
+class MISSRec(nn.Module):
+    def __init__(self, cfg: MISSRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden
+        self.adapters = nn.ModuleDict({m: nn.Linear(cfg.feature_dim(m), d) for m in cfg.modalities})
+        self.position = nn.Embedding(cfg.max_len, d)
+        self.item_id = nn.Embedding(cfg.num_items, d, padding_idx=0) if cfg.mode == "transductive" else None
+        self.token_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.token_dropout = ByteDropout(cfg.dropout)
+        # Same parameters and function as nn.Transformer(d, n_heads, 1, 1, ff_dim, dropout, "gelu",
+        # batch_first=True): post-LN layers and a final LayerNorm on each stack (tests/test_layers.py proves the
+        # equivalence), written batch-first so training avoids nn.MultiheadAttention's transposes and exported
+        # graphs keep every axis dynamic. Encoder and decoder are separate so each can be called alone.
+        self.encoder = TransformerStack(
+            [EncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_encoder_layers)],
+            nn.LayerNorm(d),
+        )
+        self.decoder = TransformerStack(
+            [DecoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_decoder_layers)],
+            nn.LayerNorm(d),
+        )
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+        for m in cfg.modalities:
+            self.register_buffer(f"{m}_features", torch.zeros(cfg.num_items, cfg.feature_dim(m)), persistent=False)
+            self.register_buffer(f"{m}_cluster", torch.zeros(cfg.num_items, dtype=torch.long))
+        self.register_buffer("centroids", torch.zeros(1, d))  # (K + 1, D); row 0 = padding
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in (*self.adapters.values(), self.position, self.item_id):
+            if module is None:
+                continue
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+        if self.item_id is not None:
+            with torch.no_grad():
+                self.item_id.weight[0].zero_()
+        for p in (*self.encoder.parameters(), *self.decoder.parameters()):
+            if p.dim() > 1:  # nn.Transformer's own initialisation
+                nn.init.xavier_uniform_(p)
+
+    # ----- item side -------------------------------------------------------------------------------------
+    def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Attach raw item features: modality -> (num_items, width) float32, row 0 padding."""
+        for m in self.cfg.modalities:
+            feat = features[m]
+            expected = (self.cfg.num_items, self.cfg.feature_dim(m))
+            if tuple(feat.shape) != expected:
+                raise ValueError(f"{m} features have shape {tuple(feat.shape)}, expected {expected}")
+            setattr(self, f"{m}_features", feat.to(self.centroids.device, torch.float32))
+
+    def adapted(self) -> dict[str, torch.Tensor]:
+        """Adapter outputs for every item: modality -> (N, D)."""
+        return {m: self.adapters[m](getattr(self, f"{m}_features")) for m in self.cfg.modalities}
+
+    def item_tables(self) -> ItemTables:
+        adapted = self.adapted()
+        tokens = torch.stack(list(adapted.values())).sum(dim=0)  # (N, D)
+        ids = None
+        if self.item_id is not None:
+            tokens = tokens + self.item_id.weight
+            ids = F.normalize(self.item_id.weight, dim=-1)
+        normed = {m: F.normalize(a, dim=-1) for m, a in adapted.items()}
+        return ItemTables(tokens=tokens, normed=normed, ids=ids)
+
+    # ----- interests ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def discover_interests(
+        self,
+        known_items: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        passes: int = 5,
+        batch_size: int = 2048,
+    ) -> int:
+        """k-means over the adapted vectors of the known items (all modalities); refresh centroids and lookups.
+
+        known_items: optional (N,) bool mask of items allowed to shape the clusters (cold items are left out
+        and assigned to their nearest centroid like any new item). Returns K.
+        """
+        adapted = self.adapted()
+        rows = torch.arange(1, self.cfg.num_items, device=self.centroids.device)
+        if known_items is not None:
+            rows = rows[known_items[1:].to(rows.device)]
+        x = torch.cat([adapted[m][rows] for m in self.cfg.modalities])  # (M * n_known, D)
+        k = num_interests(x.shape[0], self.cfg.interest_ratio)
+        centroids = minibatch_kmeans(x, k, passes=passes, batch_size=batch_size, generator=generator)
+        self.centroids = torch.cat([torch.zeros_like(centroids[:1]), centroids])
+        zero = torch.zeros(1, dtype=torch.long, device=rows.device)
+        for m in self.cfg.modalities:
+            setattr(self, f"{m}_cluster", torch.cat([zero, assign_in_batches(adapted[m][1:], centroids) + 1]))
+        return k
+
+    def interest_ids(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) item ids -> (B, Q) de-duplicated cluster ids of all modalities, left-aligned, 0 = padding."""
+        ids = torch.cat([getattr(self, f"{m}_cluster")[items] for m in self.cfg.modalities], dim=1)
+        ids, _ = ids.sort(dim=1, descending=True)
+        dup = torch.zeros_like(ids, dtype=torch.bool)
+        dup[:, 1:] = ids[:, 1:] == ids[:, :-1]
+        ids, _ = ids.masked_fill(dup, 0).sort(dim=1, descending=True)
+        q = int((ids > 0).sum(dim=1).max().clamp(min=1))
+        return ids[:, :q]
+
+    # ----- user tower ----------------------------------------------------------------------------------------
+    def user_tower(
+        self,
+        tokens: torch.Tensor,
+        lengths: torch.Tensor,
+        interests: torch.Tensor,
+        interest_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """History tokens + interest tokens -> unit user vector.
+
+        tokens: (B, L, D) item tokens (adapter sums, + ID embedding in transductive mode), left-aligned;
+        lengths: (B,) real history lengths >= 1; interests: (B, Q, D) centroid rows; interest_lengths: (B,).
+        Returns u (B, D) L2-normalised and the encoder outputs xi (B, Q, D).
+        """
+        seq_len = tokens.shape[1]
+        positions = torch.arange(seq_len, device=tokens.device)
+        x = self.token_dropout(self.token_norm(tokens + self.position(positions)[None]))  # (B, L, D)
+        items_allowed = key_mask(~lengths_to_padding(lengths, seq_len))  # (B, 1, 1, L)
+        interests_allowed = key_mask(~lengths_to_padding(interest_lengths, interests.shape[1]))  # (B, 1, 1, Q)
+        xi = self.encoder(interests, interests_allowed)  # (B, Q, D)
+        h = self.decoder(x, xi, items_allowed, interests_allowed)  # (B, L, D); no causal mask
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+        u = F.normalize(h.gather(1, last).squeeze(1), dim=-1)  # (B, D)
+        return u, xi
+
+    def encode(
+        self, items: torch.Tensor, lengths: torch.Tensor, tables: ItemTables | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) item ids and (B,) lengths -> user vectors (B, D), encoder outputs, interest padding mask."""
+        tables = tables if tables is not None else self.item_tables()
+        ids = self.interest_ids(items)  # (B, Q)
+        interest_lengths = (ids > 0).sum(dim=1).clamp(min=1)
+        u, xi = self.user_tower(tables.tokens[items], lengths, self.centroids[ids], interest_lengths)
+        return u, xi, ids == 0
+
+    # ----- scoring -------------------------------------------------------------------------------------------
+    def score(self, u: torch.Tensor, tables: ItemTables, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused scores of users u (B, D) against all items (B, N), or against ``items`` (B, C) per user.
+
+        Inductive: s = fuse(cosines); transductive: (u . e_i + 2 s) / 3. Logits are scores / tau.
+        """
+        sims = []
+        for m in self.cfg.modalities:
+            table = tables.normed[m]
+            sims.append(u @ table.T if items is None else torch.einsum("bd,bcd->bc", u, table[items]))
+        s = fuse_sims(sims, self.alpha)
+        if tables.ids is not None:
+            id_sim = u @ tables.ids.T if items is None else torch.einsum("bd,bcd->bc", u, tables.ids[items])
+            s = (id_sim + 2.0 * s) / 3.0
+        return s
+
+    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, N) fused scores over the whole catalogue, padding column set to -inf."""
+        tables = self.item_tables()
+        u, _, _ = self.encode(items, lengths, tables)
+        scores = self.score(u, tables)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, gamma: float = 1e-4
+    ) -> torch.Tensor:
+        """Fine-tuning loss: full-softmax cross-entropy over all items (logits = scores / tau) + gamma * R."""
+        tables = self.item_tables()
+        u, xi, interest_pad = self.encode(items, lengths, tables)
+        logits = self.score(u, tables) / self.cfg.tau
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, targets) + gamma * interest_diversity(xi, interest_pad)
+
+    def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
+        """Interest clusters are recomputed before every epoch."""
+        self.discover_interests(known_items, generator)
