@@ -48,8 +48,12 @@ class SASRec(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.full_scores(items, lengths), targets)
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Full-softmax cross-entropy averaged over ``batch_size`` rows (default: these rows)."""
+        ce = F.cross_entropy(self.full_scores(items, lengths), targets, reduction="sum")
+        return ce / (batch_size or targets.shape[0])
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """SASRec has no per-epoch work."""

@@ -6,12 +6,12 @@ cannot gain from it. The padding item is never ranked (its score is -inf).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from missrec.batching import chunks_of, row_costs
 from missrec.data import Interactions
 
 KS: tuple[int, ...] = (10, 50)
@@ -45,33 +45,20 @@ def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str,
     return out
 
 
-def iter_batches(
-    rows: Interactions, batch_size: int, order: np.ndarray | None = None
-) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (row indexes, items (b, l), lengths, targets) with padding trimmed to each batch's longest history."""
-    order = np.arange(len(rows)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        longest = int(rows.lengths[idx].max())
-        yield (
-            idx,
-            torch.from_numpy(rows.histories[idx, :longest]),
-            torch.from_numpy(rows.lengths[idx]),
-            torch.from_numpy(rows.targets[idx]),
-        )
-
-
 @torch.no_grad()
 def compute_ranks(model: Scorer, rows: Interactions, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
-    """Rank of every row's target, rows processed in length order (less padding) and returned in input order."""
+    """Rank of every row's target. Rows go through the model in cost order, at most ``batch_size`` rows and
+    ``batch_size * 16`` padded tokens at a time; ranks come back in input order."""
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     ranks = np.empty(len(rows), dtype=np.int64)
-    order = np.argsort(rows.lengths, kind="stable")
-    for idx, items, lengths, targets in iter_batches(rows, batch_size, order):
-        scores = model.full_scores(items.to(device), lengths.to(device))
-        ranks[idx] = target_ranks(scores, targets.to(device)).cpu().numpy()
+    keys = row_costs(model, rows)
+    order = np.argsort(keys, kind="stable")
+    for start in range(0, len(order), batch_size):
+        for idx, items, lengths, targets in chunks_of(rows, order[start : start + batch_size], keys, batch_size * 16):
+            scores = model.full_scores(items.to(device), lengths.to(device))
+            ranks[idx] = target_ranks(scores, targets.to(device)).cpu().numpy()
     if was_training and hasattr(model, "train"):
         model.train()
     return ranks

@@ -55,8 +55,8 @@ class MultiheadAttention(nn.Module):
         return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, S, D) -> (B, H, S, D/H)
 
     def forward(self, query: torch.Tensor, memory: torch.Tensor | None, allowed: torch.Tensor) -> torch.Tensor:
-        """query (B, T, D); memory (B, S, D) or None for self-attention; allowed: bool mask broadcastable to
-        (B, H, T, S), True where a query may attend to a key. Returns (B, T, D)."""
+        """query (B, T, D); memory (B, S, D) holds the keys/values (None: the query itself, self-attention);
+        allowed: bool mask broadcastable to (B, H, T, S), True where a query may attend to a key. -> (B, T, D)."""
         dim = query.shape[-1]
         if memory is None:
             q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
@@ -113,9 +113,23 @@ class DecoderLayer(nn.Module):
         self.dropout3 = ByteDropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, self_allowed: torch.Tensor, memory_allowed: torch.Tensor
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        self_allowed: torch.Tensor,
+        memory_allowed: torch.Tensor,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.norm1(x + self.dropout1(self.self_attn(x, None, self_allowed)))
+        """x (B, T, D), memory (B, S, D). With ``query_index`` (B, 1) only that position of each row is computed
+        (keys and values still come from all of x): output (B, 1, D), identical to the full output gathered at
+        that position, at a fraction of the cost. Used for the last layer, whose other positions are unused."""
+        if query_index is None:
+            attended = self.self_attn(x, None, self_allowed)
+        else:
+            x_all = x
+            x = x.gather(1, query_index[..., None].expand(-1, -1, x.shape[-1]))  # (B, 1, D)
+            attended = self.self_attn(x, x_all, self_allowed)
+        x = self.norm1(x + self.dropout1(attended))
         x = self.norm2(x + self.dropout2(self.multihead_attn(x, memory, memory_allowed)))
         return self.norm3(x + self.dropout3(self.linear2(self.dropout(F.gelu(self.linear1(x))))))
 

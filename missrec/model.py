@@ -39,15 +39,17 @@ def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return positions[None, :] >= lengths[:, None]
 
 
-def interest_diversity(xi: torch.Tensor, interest_pad: torch.Tensor) -> torch.Tensor:
+def interest_diversity(xi: torch.Tensor, interest_pad: torch.Tensor, n_slots: int) -> torch.Tensor:
     """Diversity regulariser R over encoder outputs, padded slots masked.
 
-    xi: (B, Q, D) encoder outputs; interest_pad: (B, Q) True at padding.
-    pooled_b = (n_valid_b / Q) * sum_{valid j} xi_bj;  R = sum_b ||pooled_b||^2 / D.
+    xi: (B, Q, D) encoder outputs; interest_pad: (B, Q) True at padding; n_slots: N_q, the number of interest
+    slots of a sequence, fixed per model (modalities x max_len) so that a row's R never depends on how much
+    padding its batch happens to have.
+    pooled_b = (n_valid_b / N_q) * sum_{valid j} xi_bj;  R = sum_b ||pooled_b||^2 / D.
     """
     valid = (~interest_pad).to(xi.dtype)  # (B, Q)
     n_valid = valid.sum(dim=1, keepdim=True)  # (B, 1)
-    pooled = (n_valid / xi.shape[1]) * (xi * valid[..., None]).sum(dim=1)  # (B, D)
+    pooled = (n_valid / n_slots) * (xi * valid[..., None]).sum(dim=1)  # (B, D)
     return (pooled * pooled).sum() / xi.shape[-1]
 
 
@@ -94,6 +96,11 @@ class MISSRec(nn.Module):
         for p in (*self.encoder.parameters(), *self.decoder.parameters()):
             if p.dim() > 1:  # nn.Transformer's own initialisation
                 nn.init.xavier_uniform_(p)
+
+    @property
+    def interest_slots(self) -> int:
+        """N_q: the most interest tokens a sequence can have (one per modality per position)."""
+        return len(self.cfg.modalities) * self.cfg.max_len
 
     # ----- item side -------------------------------------------------------------------------------------
     def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
@@ -176,9 +183,14 @@ class MISSRec(nn.Module):
         items_allowed = key_mask(~lengths_to_padding(lengths, seq_len))  # (B, 1, 1, L)
         interests_allowed = key_mask(~lengths_to_padding(interest_lengths, interests.shape[1]))  # (B, 1, 1, Q)
         xi = self.encoder(interests, interests_allowed)  # (B, Q, D)
-        h = self.decoder(x, xi, items_allowed, interests_allowed)  # (B, L, D); no causal mask
-        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
-        u = F.normalize(h.gather(1, last).squeeze(1), dim=-1)  # (B, D)
+        # Only the last real position feeds u: earlier decoder layers run on every position, the last layer
+        # computes just that query (same result as running it everywhere and gathering; no causal mask).
+        *first_layers, last_layer = self.decoder.layers
+        for layer in first_layers:
+            x = layer(x, xi, items_allowed, interests_allowed)
+        last = (lengths - 1).clamp(min=0)[:, None]  # (B, 1)
+        h = self.decoder.norm(last_layer(x, xi, items_allowed, interests_allowed, query_index=last))  # (B, 1, D)
+        u = F.normalize(h.squeeze(1), dim=-1)  # (B, D)
         return u, xi
 
     def encode(
@@ -216,14 +228,34 @@ class MISSRec(nn.Module):
         return scores
 
     def loss(
-        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, gamma: float = 1e-4
+        self,
+        items: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int | None = None,
+        gamma: float = 1e-4,
     ) -> torch.Tensor:
-        """Fine-tuning loss: full-softmax cross-entropy over all items (logits = scores / tau) + gamma * R."""
+        """Fine-tuning loss: full-softmax cross-entropy over all items (logits = scores / tau) + gamma * R.
+
+        The cross-entropy is averaged over ``batch_size`` rows (default: these rows) and R is a sum over rows,
+        so the losses of the chunks of one batch add up to the loss of the whole batch.
+        """
         tables = self.item_tables()
         u, xi, interest_pad = self.encode(items, lengths, tables)
         logits = self.score(u, tables) / self.cfg.tau
         logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, targets) + gamma * interest_diversity(xi, interest_pad)
+        ce = F.cross_entropy(logits, targets, reduction="sum") / (batch_size or targets.shape[0])
+        return ce + gamma * interest_diversity(xi, interest_pad, self.interest_slots)
+
+    @torch.no_grad()
+    def batch_sort_keys(self, histories: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Per-row cost for bucketing: tokens the row puts through the Transformer (interest tokens, the
+        dominant cost, + history length). histories (R, L) -> (R,) int64."""
+        keys = []
+        for start in range(0, histories.shape[0], chunk):
+            rows = histories[start : start + chunk].to(self.centroids.device)
+            keys.append(((self.interest_ids(rows) > 0).sum(dim=1) + (rows > 0).sum(dim=1)).cpu())
+        return torch.cat(keys)
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """Interest clusters are recomputed before every epoch."""

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from missrec.batching import epoch_order, iter_batches
 from missrec.config import MISSRecConfig
 from missrec.data import Interactions, SeqDataset
-from missrec.evaluate import iter_batches
 from missrec.fusion import fuse_sims
 from missrec.model import MISSRec, interest_diversity, lengths_to_padding
-from missrec.train import deterministic, epoch_order
+from missrec.train import deterministic
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class Pretrainer:
         labels = torch.arange(items.shape[0], device=items.device)
         seq_item = F.cross_entropy(self._in_batch_item_logits(u, targets, tables), labels)
         seq_seq = F.cross_entropy(u @ u_aug.T / model.cfg.tau, labels)
-        reg = interest_diversity(xi, interest_pad) + interest_diversity(xi_aug, ids == 0)
+        slots = model.interest_slots
+        reg = interest_diversity(xi, interest_pad, slots) + interest_diversity(xi_aug, ids == 0, slots)
         return seq_item + opts.lam * seq_seq + opts.gamma * reg
 
 

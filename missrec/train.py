@@ -1,7 +1,8 @@
 """Fine-tuning loop shared by MISSRec and SASRec: full-softmax loss, early stopping on validation NDCG@10.
 
-Batches are length-bucketed: rows are shuffled, then stably sorted by history length, cut into batches, and the
-batch order is shuffled. Each batch is trimmed to its longest history, so almost no compute goes to padding.
+Batches are bucketed: rows are shuffled, then stably sorted by a cost key (history length; for MISSRec the number
+of interest tokens), cut into batches, and the batch order is shuffled. Each batch is trimmed to its longest
+history (and interest set), so little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from missrec.batching import chunks_of, epoch_order, row_costs
 from missrec.data import Interactions
-from missrec.evaluate import evaluate, iter_batches
+from missrec.evaluate import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,9 @@ log = logging.getLogger(__name__)
 class Trainable(Protocol):
     training: bool
 
-    def loss(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor: ...
 
     def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
 
@@ -47,6 +51,7 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     bucket_by_length: bool = True
+    chunk_tokens: int = 8192
     progress: bool = True
 
 
@@ -59,16 +64,6 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def epoch_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> np.ndarray:
-    """Row order for one epoch: random, or length-bucketed with random batch order (see module docstring)."""
-    perm = rng.permutation(len(lengths))
-    if not bucket:
-        return perm
-    perm = perm[np.argsort(lengths[perm], kind="stable")]
-    batches = [perm[s : s + batch_size] for s in range(0, len(perm), batch_size)]
-    return np.concatenate([batches[i] for i in rng.permutation(len(batches))])
 
 
 @contextmanager
@@ -130,14 +125,21 @@ def _fit(
         model.train()
         model.on_epoch_start(known_items, generator)
         total, count = 0.0, 0
-        order = epoch_order(train.lengths, opts.batch_size, rng, opts.bucket_by_length)
-        for _, items, lengths, targets in iter_batches(train, opts.batch_size, order):
-            loss = model.loss(items.to(device), lengths.to(device), targets.to(device))
+        keys = row_costs(model, train)
+        order = epoch_order(keys, opts.batch_size, rng, opts.bucket_by_length)
+        for start in range(0, len(order), opts.batch_size):
+            batch = order[start : start + opts.batch_size]
+            # Exact gradient accumulation over cost-bounded chunks: a long-tailed batch is not padded to its
+            # longest row. The chunk losses sum to the batch loss (see the models' ``loss``).
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss = 0.0
+            for _, items, lengths, targets in chunks_of(train, batch, keys, opts.chunk_tokens):
+                loss = model.loss(items.to(device), lengths.to(device), targets.to(device), batch_size=len(batch))
+                loss.backward()
+                batch_loss += float(loss.detach())
             optimizer.step()
-            total += float(loss.detach()) * len(targets)
-            count += len(targets)
+            total += batch_loss * len(batch)
+            count += len(batch)
         valid_metrics = evaluate(model, valid, opts.eval_batch_size, opts.device)["all"]
         ndcg = valid_metrics["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": total / max(count, 1), **valid_metrics})

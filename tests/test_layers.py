@@ -68,3 +68,19 @@ def test_byte_dropout_is_unbiased_and_identity_in_eval():
     assert odd(x).mean().item() == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError):
         ByteDropout(1.0)
+
+
+def test_decoder_last_query_equals_full_output_at_that_position():
+    torch.manual_seed(3)
+    ref = nn.TransformerDecoderLayer(32, 4, 48, 0.5, activation="gelu", batch_first=True).eval()
+    ours = DecoderLayer(32, 4, 48, 0.5).eval()
+    ours.load_state_dict(ref.state_dict())
+    x_pad, m_pad = _masks()
+    lengths = (~x_pad).sum(1)
+    x, mem = torch.randn(5, 7, 32), torch.randn(5, 4, 32)
+    with torch.no_grad():
+        full = ref(x, mem, tgt_key_padding_mask=x_pad, memory_key_padding_mask=m_pad)
+        expected = full[torch.arange(5), lengths - 1]
+        got = ours(x, mem, key_mask(~x_pad), key_mask(~m_pad), query_index=(lengths - 1)[:, None])
+    assert got.shape == (5, 1, 32)
+    assert torch.allclose(got[:, 0], expected, atol=1e-5)

@@ -130,12 +130,14 @@ def test_discover_interests_fills_lookups_and_excludes_cold_items(ds):
 def test_diversity_regulariser_ignores_padding():
     xi = torch.randn(2, 3, 8)
     pad = torch.tensor([[False, False, True], [False, True, True]])
-    r = interest_diversity(xi, pad)
+    r = interest_diversity(xi, pad, n_slots=10)
     changed = xi.clone()
     changed[pad] = 1e3  # garbage in padded slots must not matter
-    assert torch.allclose(interest_diversity(changed, pad), r)
-    pooled0 = (2 / 3) * xi[0, :2].sum(0)
-    pooled1 = (1 / 3) * xi[1, :1].sum(0)
+    assert torch.allclose(interest_diversity(changed, pad, n_slots=10), r)
+    wider = torch.cat([xi, torch.randn(2, 4, 8)], dim=1)  # more padding: same value
+    assert torch.allclose(interest_diversity(wider, torch.cat([pad, torch.ones(2, 4, dtype=torch.bool)], 1), 10), r)
+    pooled0 = (2 / 10) * xi[0, :2].sum(0)
+    pooled1 = (1 / 10) * xi[1, :1].sum(0)
     assert r.item() == pytest.approx(((pooled0**2).sum() + (pooled1**2).sum()).item() / 8, rel=1e-5)
 
 
@@ -156,3 +158,38 @@ def test_transductive_adds_ids(ds):
     assert model.item_id is not None and model.item_id.weight.shape == (ds.num_items, 32)
     with pytest.raises(ValueError):
         MISSRecConfig(num_items=10, text_dim=0, image_dim=0)
+
+
+def test_user_tower_matches_a_torch_nn_transformer_reference(ds):
+    """Oracle: nn.TransformerEncoder/Decoder with the same weights, full decoder output gathered at the last
+    real position, then L2-normalised."""
+    from torch import nn
+
+    model = tiny_missrec(ds).eval()
+    model.discover_interests(generator=torch.Generator().manual_seed(0))
+    cfg = model.cfg
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(cfg.hidden, cfg.n_heads, cfg.ff_dim, 0.0, activation="gelu", batch_first=True),
+        1,
+        norm=nn.LayerNorm(cfg.hidden),
+        enable_nested_tensor=False,
+    ).eval()
+    dec = nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(cfg.hidden, cfg.n_heads, cfg.ff_dim, 0.0, activation="gelu", batch_first=True),
+        1,
+        norm=nn.LayerNorm(cfg.hidden),
+    ).eval()
+    enc.load_state_dict(model.encoder.state_dict())
+    dec.load_state_dict(model.decoder.state_dict())
+    items = torch.from_numpy(ds.test.histories[:16, :20])
+    lengths = torch.from_numpy(ds.test.lengths[:16]).clamp(max=20)
+    with torch.no_grad():
+        u, _, _ = model.encode(items, lengths)
+        tables = model.item_tables()
+        ids = model.interest_ids(items)
+        x = model.token_norm(tables.tokens[items] + model.position.weight[: items.shape[1]][None])
+        item_pad = torch.arange(items.shape[1])[None] >= lengths[:, None]
+        xi = enc(model.centroids[ids], src_key_padding_mask=ids == 0)
+        h = dec(x, xi, tgt_key_padding_mask=item_pad, memory_key_padding_mask=ids == 0)
+        expected = torch.nn.functional.normalize(h[torch.arange(16), lengths - 1], dim=-1)
+    assert torch.allclose(u, expected, atol=1e-5)
