@@ -92,6 +92,14 @@ class Manifest:
     created: dict[str, Any] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] | None = None
+    digest: str = ""  # sha256 of this manifest's canonical JSON without this field (detects edits/corruption)
+
+    def compute_digest(self) -> str:
+        data = asdict(self)
+        data.pop("digest")
+        # through JSON once, so tuples, int keys etc. hash the same before writing and after reading
+        canonical = json.dumps(json.loads(json.dumps(data)), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -178,11 +186,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask_mode() -> int:
+    """0o666 minus the process umask: what a plain open() would create (NamedTemporaryFile uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as fh:
         json.dump(data, fh, ensure_ascii=False)
         tmp = fh.name
+    os.chmod(tmp, _umask_mode())
     os.replace(tmp, path)
 
 
@@ -274,6 +290,7 @@ def finalize(root: Path, manifest: Manifest) -> Manifest:
     manifest.files = {
         rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in bundle_files(root)
     }
+    manifest.digest = manifest.compute_digest()
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(manifest.to_json(), encoding="utf-8")
     os.replace(tmp, root / MANIFEST)
@@ -294,6 +311,8 @@ def read_manifest(root: str | Path) -> Manifest:
         raise BundleError(f"{path}: format {manifest.format!r}, expected {FORMAT!r}")
     if manifest.format_version != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {manifest.format_version}, this code reads {FORMAT_VERSION}")
+    if manifest.digest != manifest.compute_digest():
+        raise BundleError(f"{path}: manifest digest mismatch (the manifest was edited or corrupted)")
     for m in manifest.modalities:
         if m not in MODALITIES:
             raise BundleError(f"{path}: unknown modality {m!r}")
