@@ -1,0 +1,351 @@
+"""Build, store and load the FAISS index over the bundle's static retrieval vectors (inner product; CPU or GPU).
+
+FAISS id = item table row = internal item id. Row 0 (padding) is stored as a zero vector so that ids stay equal
+to rows without an id map (appending a cold-start item is a plain ``index.add``); retrieval excludes row 0 always.
+Index types are named by index_factory strings ("Flat" = exact, "HNSW32", "IVF1024,Flat", "IVF4096,PQ30x8", ...).
+The stored index is always the CPU form; ``load_index(..., device="gpu")`` moves it to the GPU.
+
+    python -m index_builder.build BUNDLE [--factory HNSW32] [--device auto|cpu|gpu] [--param efSearch=128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from index_builder.bundle import (
+    INDEX_DIR,
+    BundleError,
+    Fusion,
+    read_item_table,
+    read_manifest,
+    verify_checksums,
+)
+from index_builder.bundle import finalize as finalize_manifest
+from index_builder.fusion import deviation_bound, max_modality_gap
+from index_builder.retrieval import fused_topk, is_exact_index
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = f"{INDEX_DIR}/index.faiss"
+INFO_FILE = f"{INDEX_DIR}/index.json"
+DEVICES = ("auto", "cpu", "gpu")
+DEFAULT_EF_SEARCH = 128
+_GPU: dict[str, Any] = {}  # one StandardGpuResources per process; GPU indexes must not outlive it
+
+
+class DeviceError(ValueError):
+    """The requested FAISS device is not available here."""
+
+
+# ----- device -----------------------------------------------------------------------------------------------
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'gpu' when this FAISS build sees a GPU, else 'cpu'; 'gpu' without one -> DeviceError."""
+    if device not in DEVICES:
+        raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        build = "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU-only build (faiss-cpu)"
+        raise DeviceError(
+            f"device 'gpu' requested but FAISS {faiss.__version__} ({build}) sees {faiss.get_num_gpus()} GPUs; "
+            "install faiss-gpu on a CUDA machine or use --device cpu (or auto)"
+        )
+    return device
+
+
+def to_device(index: faiss.Index, device: str) -> faiss.Index:
+    """The CPU index itself for 'cpu'; a GPU copy for 'gpu' (DeviceError when FAISS has no GPU version of this
+    index type, e.g. HNSW); 'auto' falls back to the CPU index in that case."""
+    if resolve_device(device) == "cpu":
+        return index
+    if "res" not in _GPU:
+        _GPU["res"] = faiss.StandardGpuResources()
+    try:
+        return faiss.index_cpu_to_gpu(_GPU["res"], 0, index)
+    except RuntimeError as exc:
+        kind = type(faiss.downcast_index(index)).__name__
+        if device == "auto":
+            log.warning("%s has no FAISS GPU implementation; staying on CPU", kind)
+            return index
+        raise DeviceError(f"{kind} has no FAISS GPU implementation: {exc}") from None
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    return faiss.index_gpu_to_cpu(index) if type(index).__name__.startswith("Gpu") else index
+
+
+# ----- index construction -----------------------------------------------------------------------------------
+def make_index(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index from an index_factory string."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"invalid FAISS index_factory string {factory!r} for dimension {dim}: {exc}") from None
+
+
+def default_search_params(index: faiss.Index) -> dict[str, int]:
+    """Search-time parameters for an index: efSearch for HNSW, nprobe for IVF (none for flat)."""
+    idx = faiss.downcast_index(to_cpu(index))
+    params: dict[str, int] = {}
+    if isinstance(idx, faiss.IndexHNSW):
+        params["efSearch"] = DEFAULT_EF_SEARCH
+    try:
+        ivf = faiss.extract_index_ivf(idx)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        params["nprobe"] = int(min(ivf.nlist, max(8, ivf.nlist // 16)))
+        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            params["quantizer_efSearch"] = DEFAULT_EF_SEARCH
+    return params
+
+
+def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None:
+    """Set search parameters by name (ParameterSpace names: efSearch, nprobe, quantizer_efSearch, ...)."""
+    space = faiss.GpuParameterSpace() if type(index).__name__.startswith("Gpu") else faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, float(value))
+        except RuntimeError as exc:
+            raise ValueError(f"search parameter {name}={value} does not apply to this index: {exc}") from None
+
+
+def index_vectors(static: np.ndarray) -> np.ndarray:
+    """(N, D) float32 vectors to index: the static vectors with row 0 (padding) zeroed."""
+    x = np.ascontiguousarray(static, dtype=np.float32).copy()
+    x[0] = 0.0
+    return x
+
+
+def build_from_vectors(
+    x: np.ndarray,
+    factory: str = "Flat",
+    device: str = "auto",
+    *,
+    params: Mapping[str, float] | None = None,
+    train_size: int = 200_000,
+    chunk: int = 100_000,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Train (on a sample of at most train_size rows >= 1) and fill an index with x (N, D) float32, ids = rows.
+
+    Returns the index on the resolved device (search params applied) and its description.
+    """
+    n, dim = x.shape
+    index = to_device(make_index(dim, factory), device)
+    device_used = "gpu" if type(index).__name__.startswith("Gpu") else "cpu"
+    t0 = time.perf_counter()
+    n_train = 0
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        n_train = min(n - 1, train_size)
+        rows = np.sort(rng.choice(np.arange(1, n), size=n_train, replace=False))
+        log.info("training %s on %d of %d vectors", factory, n_train, n)
+        index.train(np.ascontiguousarray(x[rows]))
+    train_s = time.perf_counter() - t0
+    with tqdm(total=n, desc=f"add {factory}", unit="vec", disable=None if progress is None else not progress) as bar:
+        for start in range(0, n, chunk):
+            index.add(np.ascontiguousarray(x[start : start + chunk]))
+            bar.update(min(chunk, n - start))
+    build_s = time.perf_counter() - t0
+    search = default_search_params(index) | dict(params or {})
+    apply_search_params(index, search)
+    info = {
+        "factory": factory,
+        "metric": "inner_product",
+        "dim": int(dim),
+        "ntotal": int(index.ntotal),
+        "exact": is_exact_index(index),
+        "params": {k: (int(v) if float(v).is_integer() else float(v)) for k, v in search.items()},
+        "train_points": int(n_train),
+        "train_seconds": round(train_s, 3),
+        "build_seconds": round(build_s, 3),
+        "built_on": device_used,
+        "faiss": faiss.__version__,
+        "ids": "FAISS id = item row; row 0 (padding) is a zero vector, excluded at query time",
+    }
+    return index, info
+
+
+# ----- recall report ----------------------------------------------------------------------------------------
+def pseudo_queries(static: np.ndarray, n: int, seed: int = 0, noise: float = 0.5) -> np.ndarray:
+    """(n, D) unit pseudo-users: normalise(static_i / |static_i| + noise * g / sqrt(D)) for random rows i >= 1."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, static.shape[0], size=n)
+    base = static[rows] / np.maximum(np.linalg.norm(static[rows], axis=1, keepdims=True), 1e-12)
+    q = base + noise * rng.standard_normal(base.shape).astype(np.float32) / np.sqrt(static.shape[1])
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_report(
+    index: faiss.Index,
+    x: np.ndarray,
+    queries: np.ndarray,
+    vectors: Mapping[str, np.ndarray],
+    fusion: Fusion,
+    *,
+    id_vectors: np.ndarray | None = None,
+    ks: tuple[int, ...] = (10, 100),
+    fused_k: int = 10,
+    max_gap: float = 2.0,
+    max_candidates: int | None = None,
+) -> dict[str, Any]:
+    """Recall of the index vs exact search, on queries (Q, D).
+
+    static_recall@k: |ANN static top-k ∩ exact static top-k| / k (x (N, D) = the indexed vectors);
+    fused_recall@fused_k: |fused top-k from ANN candidates + exact re-scoring ∩ brute-force fused top-k| / k.
+    """
+    kmax = max(ks)
+    _, exact_static = faiss.knn(queries, x, kmax, metric=faiss.METRIC_INNER_PRODUCT)
+    _, ann_static = index.search(queries, kmax)
+    report: dict[str, Any] = {"queries": int(queries.shape[0])}
+    for k in ks:
+        hits = [np.intersect1d(a[:k], e[:k]).shape[0] for a, e in zip(ann_static, exact_static, strict=True)]
+        report[f"static_recall@{k}"] = round(float(np.mean(hits)) / k, 4)
+    common = {"id_vectors": id_vectors, "max_gap": max_gap}
+    exact = fused_topk(queries, fused_k, None, vectors, fusion, **common)
+    ann = fused_topk(
+        queries, fused_k, index, vectors, fusion, exact_index=False, max_candidates=max_candidates, **common
+    )
+    hits = [np.intersect1d(ann.row(b)[0], exact.row(b)[0]).shape[0] for b in range(queries.shape[0])]
+    report[f"fused_recall@{fused_k}"] = round(float(np.mean(hits)) / fused_k, 4)
+    report["mean_candidates"] = round(float(ann.candidates.mean()), 1)
+    report["full_scan_fraction"] = round(float((ann.candidates >= x.shape[0]).mean()), 4)
+    return report
+
+
+# ----- bundle I/O ---------------------------------------------------------------------------------------------
+def build_index(
+    bundle_dir: str | Path,
+    factory: str = "Flat",
+    device: str = "auto",
+    *,
+    params: Mapping[str, float] | None = None,
+    train_size: int = 200_000,
+    user_vectors: np.ndarray | None = None,
+    recall_queries: int = 200,
+    recall_ks: tuple[int, ...] = (10, 100),
+    chunk: int = 100_000,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Build the index of a bundle, write index/index.faiss + index/index.json, re-finalize the manifest.
+
+    Needs only manifest.json and items/ (not the ONNX towers). user_vectors (Q, D): real user vectors for the
+    recall report; without them, item-based pseudo-queries (see :func:`pseudo_queries`). Flat needs no report.
+    Returns the index description, also stored as manifest.index.
+    """
+    root = Path(bundle_dir)
+    manifest = verify_checksums(root, read_manifest(root))
+    table = read_item_table(root, manifest)
+    fusion = manifest.fusion_params
+    x = index_vectors(table.static_vectors(fusion))
+    index, info = build_from_vectors(
+        x, factory, device, params=params, train_size=train_size, chunk=chunk, seed=seed, progress=progress
+    )
+    gap = max_modality_gap(table.vectors, fusion)
+    info["retrieval"] = {
+        "rescore_weight": fusion.rescore_weight,
+        "bound": fusion.bound,
+        "max_gap": gap,
+        "tight_bound": deviation_bound(fusion, gap),
+    }
+    if info["exact"]:
+        info["recall_report"] = {"exact": True}
+    else:
+        if user_vectors is not None:
+            queries = np.ascontiguousarray(user_vectors[:recall_queries], dtype=np.float32)
+            source = "user vectors"
+        else:
+            queries = pseudo_queries(x, recall_queries, seed)
+            source = "item-based pseudo-queries"
+        ks = tuple(k for k in recall_ks if k < x.shape[0]) or (min(recall_ks[0], x.shape[0] - 1),)
+        info["recall_report"] = {"source": source, "exact": False} | recall_report(
+            index, x, queries, table.vectors, fusion, id_vectors=table.id_vectors, ks=ks, max_gap=gap
+        )
+    (root / INDEX_DIR).mkdir(exist_ok=True)
+    tmp = root / (INDEX_FILE + ".tmp")
+    faiss.write_index(to_cpu(index), str(tmp))
+    os.replace(tmp, root / INDEX_FILE)
+    tmp = root / (INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, root / INFO_FILE)
+    manifest.index = info
+    finalize_manifest(root, manifest)
+    log.info("index %s: %d vectors, %s", factory, info["ntotal"], info["recall_report"])
+    return info
+
+
+def load_index(
+    bundle_dir: str | Path, device: str = "cpu", params: Mapping[str, float] | None = None
+) -> tuple[faiss.Index, dict[str, Any]]:
+    """Read index/index.faiss (+ its description), apply the recorded (or given) search params, move to device.
+
+    Checks that the index is listed in the manifest and agrees with it; checksums are the caller's start-up
+    check (index_builder.bundle.verify_checksums / load_validated).
+    """
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    if INDEX_FILE not in manifest.files or not (root / INDEX_FILE).is_file():
+        raise BundleError(f"bundle {root} has no {INDEX_FILE} (run python -m index_builder.build {root})")
+    info = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
+    index = faiss.read_index(str(root / INDEX_FILE))
+    if index.ntotal != manifest.num_items or index.d != manifest.dims["hidden"]:
+        raise BundleError(
+            f"{INDEX_FILE}: {index.ntotal} x {index.d} vectors, manifest says {manifest.num_items} x "
+            f"{manifest.dims['hidden']}"
+        )
+    index = to_device(index, device)
+    apply_search_params(index, info.get("params", {}) | dict(params or {}))
+    return index, info
+
+
+def _param(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    return name, float(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m index_builder.build", description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--factory", default="Flat", help="FAISS index_factory string (default: exact Flat)")
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--param", action="append", type=_param, default=[], help="search param, e.g. efSearch=128")
+    parser.add_argument("--train-size", type=int, default=200_000)
+    parser.add_argument("--user-vectors", type=Path, help=".npy (Q, D) user vectors for the recall report")
+    parser.add_argument("--recall-queries", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    users = np.load(args.user_vectors, allow_pickle=False) if args.user_vectors else None
+    info = build_index(
+        args.bundle,
+        args.factory,
+        args.device,
+        params=dict(args.param),
+        train_size=args.train_size,
+        user_vectors=users,
+        recall_queries=args.recall_queries,
+        seed=args.seed,
+    )
+    print(json.dumps(info, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

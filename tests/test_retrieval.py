@@ -1,0 +1,250 @@
+"""Oracle tests: fused_topk over a flat index equals brute-force fused scoring of the whole table."""
+
+import faiss
+import numpy as np
+import pytest
+
+from index_builder.build import index_vectors
+from index_builder.bundle import Fusion, ItemTable
+from index_builder.fusion import fusion_weights, item_scores, max_modality_gap, modality_sims
+from index_builder.retrieval import fused_topk, is_exact_index
+
+N, D, CLUSTERS = 5000, 32, 40
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _noise(rng, n, scale):
+    return scale * rng.standard_normal((n, D)) / np.sqrt(D)  # norm ~ scale
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    """SYNTHETIC: 5k items in 40 clusters; each cluster has a text and an image direction, and users lean towards
+    one of them, so the fused ranking differs from the static one (for large |alpha|); ID vectors random."""
+    rng = np.random.default_rng(0)
+    centers, text_dir, image_dir = (_unit(rng.standard_normal((CLUSTERS, D))) for _ in range(3))
+    cluster = rng.integers(0, CLUSTERS, N)
+    base = centers[cluster] + _noise(rng, N, 0.8)
+    vectors = {
+        "text": _unit(base + 0.8 * text_dir[cluster] + _noise(rng, N, 0.5)),
+        "image": _unit(base + 0.8 * image_dir[cluster] + _noise(rng, N, 0.5)),
+    }
+    ids = _unit(rng.standard_normal((N, D)))
+    uc, lean = rng.integers(0, CLUSTERS, 48), rng.random((48, 1))
+    users = _unit(centers[uc] + 0.8 * (lean * text_dir[uc] + (1 - lean) * image_dir[uc]) + _noise(rng, 48, 0.8))
+    return vectors, ids, users
+
+
+def _table(vectors, ids):
+    zeros = np.zeros(N, np.int64)
+    return ItemTable(
+        [str(i) for i in range(N)],
+        vectors["text"],
+        dict(vectors),
+        {m: zeros for m in vectors},
+        np.zeros(N, np.float32),
+        ids,
+    )
+
+
+def _flat(static):
+    index = faiss.IndexFlatIP(static.shape[1])
+    index.add(index_vectors(static))
+    return index
+
+
+def _setup(catalog, alpha, modalities=("text", "image"), transductive=False):
+    vectors, ids, users = catalog
+    fusion = Fusion(modalities, alpha, 0.07, transductive)
+    vecs = {m: vectors[m] for m in modalities}
+    id_vectors = ids if transductive else None
+    static = _table(vectors, ids).static_vectors(fusion)
+    return fusion, vecs, id_vectors, static, users
+
+
+def brute_force(users, k, vectors, fusion, id_vectors=None, exclude=None, dead=None):
+    """Oracle: score every row, drop row 0 / dead / excluded, sort by (score desc, id asc)."""
+    scores = item_scores(users, vectors, fusion, id_vectors)
+    out = []
+    for b in range(users.shape[0]):
+        ok = np.ones(scores.shape[1], bool)
+        ok[0] = False
+        if dead is not None:
+            ok[: dead.shape[0]] &= ~dead
+        if exclude is not None:
+            ok[list(exclude[b])] = False
+        rows = np.flatnonzero(ok)
+        order = np.lexsort((rows, -scores[b, rows]))[:k]
+        out.append((rows[order], scores[b, rows[order]]))
+    return out
+
+
+def assert_same(result, oracle):
+    for b, (ids, scores) in enumerate(oracle):
+        got_ids, got_scores = result.row(b)
+        assert got_ids.shape == ids.shape, f"user {b}: {got_ids.shape[0]} results, brute force {ids.shape[0]}"
+        np.testing.assert_allclose(got_scores, scores, atol=1e-5)
+        # ids must agree except inside exact-score ties (float rounding can swap near-equal items)
+        differ = got_ids != ids
+        if differ.any():
+            assert np.allclose(got_scores[differ], scores[differ], atol=1e-5)
+            assert set(got_ids[np.abs(got_scores - got_scores[-1]) > 1e-5]) <= set(ids)
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 3.0, -3.0])
+@pytest.mark.parametrize(
+    ("modalities", "transductive"),
+    [(("text", "image"), False), (("text", "image"), True), (("image",), False), (("text",), True)],
+)
+def test_exact_topk_equals_brute_force(catalog, alpha, modalities, transductive, one_pass):
+    fusion, vecs, id_vectors, static, users = _setup(catalog, alpha, modalities, transductive)
+    index = _flat(static)
+    res = fused_topk(users, 10, index, vecs, fusion, id_vectors=id_vectors, explain=True, one_pass=one_pass)
+    assert res.exact and res.ids.shape == (48, 10) and res.scores.dtype == np.float32
+    assert_same(res, brute_force(users, 10, vecs, fusion, id_vectors))
+    assert (np.diff(res.scores, axis=1) <= 0).all()
+    sims = np.stack(modality_sims(users, vecs, fusion, res.ids), axis=-1)
+    np.testing.assert_allclose(res.weights, fusion_weights(sims, alpha), atol=1e-6)
+
+
+def test_ties_are_broken_by_lower_id(catalog):
+    vectors, ids, users = catalog
+    fusion = Fusion(("text", "image"), 0.4, 0.07, False)
+    best = int(brute_force(users[:1], 1, vectors, fusion)[0][0][0])
+    copies = [r for r in (7, 2500, 4999) if r != best][:2]
+    vecs = {m: v.copy() for m, v in vectors.items()}
+    for v in vecs.values():
+        v[copies] = v[best]  # identical items: identical scores
+    static = _table(vecs, ids).static_vectors(fusion)
+    res = fused_topk(users[:1], 3, _flat(static), vecs, fusion)
+    assert res.row(0)[0].tolist() == sorted([best, *copies])
+    assert len(set(res.row(0)[1].tolist())) == 1
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_exclusions_force_widening(catalog, one_pass):
+    fusion, vecs, _, static, users = _setup(catalog, 0.4)
+    index = _flat(static)
+    oracle_plain = brute_force(users, 60, vecs, fusion)
+    # exclude the 50 best items of each user plus a random set: the initial width cannot hold 10 valid items
+    rng = np.random.default_rng(1)
+    exclude = [set(ids[:50].tolist()) | set(rng.integers(1, N, 30).tolist()) for ids, _ in oracle_plain]
+    exclude[0] = set()  # users in one batch widen independently
+    res = fused_topk(users, 10, index, vecs, fusion, exclude=exclude, initial_width=32, one_pass=one_pass)
+    assert res.exact
+    assert_same(res, brute_force(users, 10, vecs, fusion, exclude=exclude))
+    assert not set(res.ids.ravel().tolist()) & {0}
+    for b in range(1, len(users)):
+        assert not set(res.row(b)[0].tolist()) & exclude[b]
+    assert (res.candidates[1:] > 128).all() and res.candidates[0] < res.candidates[1:].min()
+
+
+def test_without_widening_the_answer_is_wrong(catalog):
+    """Widening is needed: capped at the initial width, the answer is wrong for some users; widened, it is exact."""
+    fusion, vecs, _, static, users = _setup(catalog, 3.0)
+    index = _flat(static)
+    oracle = brute_force(users, 10, vecs, fusion)
+    capped = fused_topk(users, 10, index, vecs, fusion, initial_width=16, max_candidates=16)
+    assert not capped.exact and (capped.candidates == 16).all()
+    wrong = [b for b, (ids, _) in enumerate(oracle) if set(capped.row(b)[0].tolist()) != set(ids.tolist())]
+    assert len(wrong) >= 5, "the static top-16 held every fused top-10: the bound was not exercised"
+    res = fused_topk(users, 10, index, vecs, fusion, initial_width=16, one_pass=False)
+    assert res.exact and (res.candidates > 16).all()
+    assert_same(res, oracle)
+
+
+def test_widening_stops_when_the_bound_proves_it(catalog):
+    """With the tight bound (measured max |t - v|), doubling stops before a full scan and the answer is exact."""
+    fusion, vecs, _, static, users = _setup(catalog, 1.0)
+    index = _flat(static)
+    gap = max_modality_gap(vecs, fusion)
+    oracle = brute_force(users, 10, vecs, fusion)
+    res = fused_topk(users, 10, index, vecs, fusion, initial_width=16, growth=2, max_gap=gap, one_pass=False)
+    assert res.exact
+    assert_same(res, oracle)
+    widened = (res.candidates > 16) & (res.candidates < N)
+    assert widened.sum() >= 10, res.candidates
+    assert set(np.unique(res.candidates[res.candidates < N]).tolist()) <= {16, 32, 64, 128, 256, 512, 1024}
+    # the one-pass threshold selection re-scores exactly the rows the bound cannot rule out: no more than doubling
+    one = fused_topk(users, 10, index, vecs, fusion, initial_width=16, max_gap=gap)
+    assert one.exact and (one.candidates <= res.candidates).all() and (one.candidates > 16).any()
+    assert_same(one, oracle)
+
+
+def test_tombstones_and_k_beyond_valid_items(catalog):
+    fusion, vecs, _, static, users = _setup(catalog, -3.0)
+    index = _flat(static)
+    rng = np.random.default_rng(2)
+    dead = rng.random(N) < 0.3
+    top = brute_force(users, 5, vecs, fusion)
+    for ids, _ in top[:10]:
+        dead[ids] = True  # delete some users' best items
+    res = fused_topk(users, 10, index, vecs, fusion, deleted=dead)
+    assert_same(res, brute_force(users, 10, vecs, fusion, dead=dead))
+    assert not dead[res.ids.ravel()].any()
+    # a set of rows works like the mask
+    res_set = fused_topk(users[:4], 10, index, vecs, fusion, deleted=set(np.flatnonzero(dead).tolist()))
+    np.testing.assert_array_equal(res_set.ids, res.ids[:4])
+    # only 7 valid items left: every user gets exactly those 7, padded with -1 / -inf
+    alive = rng.choice(np.arange(1, N), 7, replace=False)
+    dead_most = np.ones(N, bool)
+    dead_most[alive] = False
+    res = fused_topk(users[:5], 20, index, vecs, fusion, deleted=dead_most)
+    assert (res.counts == 7).all() and res.exact
+    assert set(res.ids[0, :7].tolist()) == set(alive.tolist())
+    assert (res.ids[:, 7:] == -1).all() and np.isneginf(res.scores[:, 7:]).all()
+    assert_same(res, brute_force(users[:5], 20, vecs, fusion, dead=dead_most))
+
+
+def test_growing_table_and_unindexed_tail(catalog):
+    """Rows appended after the index was built (not yet in the index) are still found; then the index grows."""
+    fusion, vecs, _, static, users = _setup(catalog, 0.4)
+    index = _flat(static[:4000])
+    oracle = brute_force(users, 10, vecs, fusion)
+    assert_same(fused_topk(users, 10, index, vecs, fusion), oracle)
+    index.add(static[4000:])
+    res = fused_topk(users, 10, index, vecs, fusion)
+    assert_same(res, oracle)
+    short = {m: v[:4000] for m, v in vecs.items()}
+    with pytest.raises(ValueError, match="index holds"):
+        fused_topk(users, 10, index, short, fusion)
+
+
+def test_tight_bound_and_non_unit_users(catalog):
+    fusion, vecs, _, static, users = _setup(catalog, 3.0)
+    index = _flat(static)
+    gap = max_modality_gap(vecs, fusion)
+    loose = fused_topk(users, 10, index, vecs, fusion)
+    tight = fused_topk(users, 10, index, vecs, fusion, max_gap=gap)
+    assert_same(tight, brute_force(users, 10, vecs, fusion))
+    assert tight.candidates.sum() <= loose.candidates.sum()
+    scaled = fused_topk(users * 2.5, 10, index, vecs, fusion, max_gap=gap)
+    assert_same(scaled, brute_force(users * 2.5, 10, vecs, fusion))
+
+
+def test_no_index_is_brute_force_and_errors(catalog):
+    fusion, vecs, _, _, users = _setup(catalog, 0.4)
+    res = fused_topk(users[:3], 5, None, vecs, fusion)
+    assert res.exact and (res.candidates == N).all()
+    assert_same(res, brute_force(users[:3], 5, vecs, fusion))
+    with pytest.raises(ValueError, match="k must be"):
+        fused_topk(users, 0, None, vecs, fusion)
+    with pytest.raises(ValueError, match="exclude has"):
+        fused_topk(users, 5, None, vecs, fusion, exclude=[set()])
+
+
+def test_hnsw_is_flagged_approximate_with_high_recall(catalog):
+    fusion, vecs, _, static, users = _setup(catalog, 0.4)
+    index = faiss.index_factory(D, "HNSW32", faiss.METRIC_INNER_PRODUCT)
+    index.add(index_vectors(static))
+    index.hnsw.efSearch = 64
+    assert not is_exact_index(index) and is_exact_index(_flat(static))
+    res = fused_topk(users, 10, index, vecs, fusion, max_candidates=512)
+    assert not res.exact
+    oracle = brute_force(users, 10, vecs, fusion)
+    recall = np.mean([len(set(res.row(b)[0].tolist()) & set(ids.tolist())) / 10 for b, (ids, _) in enumerate(oracle)])
+    assert recall >= 0.95
