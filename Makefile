@@ -14,6 +14,7 @@ run: bootstrap
 
 test: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m pytest
 
 lint: bootstrap

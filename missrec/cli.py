@@ -200,3 +200,41 @@ def synth(
 
     path = generate_synthetic(out, num_users=users, num_items=items, num_topics=topics, seed=seed)
     console.print(f"wrote synthetic dataset to {path}")
+
+
+@app.command()
+def prepare(
+    items: Annotated[Path, typer.Option("--items", help="Catalog: JSON lines {item_id, text, image}.")],
+    interactions: Annotated[Path, typer.Option("--interactions", help="CSV with user_id,item_id,timestamp.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the atomic dataset.")],
+    name: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
+    min_core: Annotated[int, typer.Option(help="k-core filtering threshold.")] = 5,
+    clip_model: Annotated[str, typer.Option(help="open_clip architecture.")] = "ViT-B-32",
+    clip_pretrained: Annotated[str, typer.Option(help="open_clip tag or local checkpoint path.")] = "openai",
+    allow_bad_images: Annotated[bool, typer.Option(help="Zero image row instead of failing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
+) -> None:
+    """Turn a raw catalog + interaction log into the atomic format (k-core, leave-one-out, CLIP features)."""
+    from missrec.clip_encoder import ClipEncoder, ImageDecodeError
+    from missrec.prepare import PrepareError, prepare_dataset
+
+    try:
+        encoder = ClipEncoder(clip_model, clip_pretrained)
+        summary = prepare_dataset(
+            items,
+            interactions,
+            out,
+            encoder,
+            name=name,
+            min_core=min_core,
+            allow_bad_images=allow_bad_images,
+            overwrite=overwrite,
+        )
+    except (PrepareError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    console.print_json(data=summary.to_dict())
+
+
+from service.cli import register  # noqa: E402  (serving commands live with the service)
+
+register(app)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,87 @@ def scientific_dir() -> Path:
 def abo_dir() -> Path:
     """../shared/data/abo-samples: real product photos and metadata."""
     return _shared_path("data", "abo-samples")
+
+
+# ----- Redis: the machine's server when one answers on 127.0.0.1:6379, else an embedded one we start -------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """URL of a real Redis server. Tests isolate themselves with unique key prefixes (never FLUSHALL)."""
+    import redis
+
+    url = os.environ.get("MISSREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client.ping()
+        client.close()
+        yield url
+        return
+    except (redis.ConnectionError, redis.TimeoutError):
+        pass
+    from service.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=_free_port())
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def key_prefix(redis_url) -> Iterator[str]:
+    """A fresh key prefix; every key under it is deleted after the test."""
+    import uuid
+
+    import redis
+
+    prefix = f"missrec-test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+# ----- artefacts built once per session from the REAL Scientific data ---------------------------------------------
+@pytest.fixture(scope="session")
+def scientific_run(scientific_dir, tmp_path_factory) -> Path:
+    """A MISSRec (inductive) trained for 2 epochs on real Scientific data: RUN_DIR with checkpoint.pt."""
+    from missrec.data import load_dataset
+    from missrec.runs import save_run, train_missrec
+    from missrec.train import TrainOptions
+
+    ds = load_dataset(scientific_dir)
+    run = train_missrec(ds, TrainOptions(epochs=2, progress=False), "inductive")
+    return save_run(run, ds, tmp_path_factory.mktemp("scientific-run"))
+
+
+@pytest.fixture(scope="session")
+def scientific_bundle(scientific_run, scientific_dir, tmp_path_factory) -> Path:
+    """Serving bundle (ONNX towers + item table + exact Flat index) of ``scientific_run``."""
+    from index_builder.build import build_index
+    from model_export.onnx_export import export_bundle
+
+    bundle = tmp_path_factory.mktemp("bundles") / "scientific"
+    export_bundle(scientific_run / "checkpoint.pt", scientific_dir, bundle)
+    build_index(bundle, factory="Flat", device="cpu")
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> tuple[str, str]:
+    """(model name, local checkpoint path) of a RANDOM-INIT open_clip architecture saved to disk: the real
+    loading path, no pretrained weights (none can be downloaded here)."""
+    from missrec.clip_encoder import TINY_MODEL, save_random_init_checkpoint
+
+    path = save_random_init_checkpoint(TINY_MODEL, tmp_path_factory.mktemp("clip") / "tiny.pt", seed=0)
+    return TINY_MODEL, str(path)

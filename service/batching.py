@@ -1,0 +1,95 @@
+"""Micro-batching: concurrent requests are grouped (up to max_batch, waiting at most max_wait) and one batch at
+a time runs off the event loop in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in ``executor`` and returns one result (or an
+    Exception instance, raised to that caller alone) per input, in order."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Sequence[R | Exception]],
+        max_batch: int,
+        max_wait_s: float,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
+        self.executor, self.on_batch = executor, on_batch
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(RuntimeError("service is shutting down"))
+
+    async def submit(self, item: T) -> R:
+        if self._task is None:
+            raise RuntimeError("micro-batcher is not running")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, fut))
+        return await fut
+
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            live = [(x, f) for x, f in batch if not f.cancelled()]
+            if not live:
+                continue
+            if self.on_batch:
+                self.on_batch(len(live))
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [x for x, _ in live])
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                log.exception("micro-batch of %d failed", len(live))
+                results = [exc] * len(live)
+            for (_, fut), result in zip(live, results, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)

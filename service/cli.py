@@ -1,0 +1,181 @@
+"""Serving commands of the ``missrec`` CLI: export, build-index, serve, quickstart (registered onto missrec.cli)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+log = logging.getLogger(__name__)
+
+QUICKSTART_DIR = Path("var/quickstart")
+DEMO_CLIP_MODEL = "missrec-tiny-512"
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt of a trained MISSRec.")],
+    data: Annotated[Path, typer.Option("--data", help="The dataset the checkpoint was trained on.")],
+    out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
+) -> None:
+    """Export towers (ONNX, parity-checked), item table and manifest into a serving bundle."""
+    from index_builder.bundle import BundleError
+    from missrec.checkpoint import CheckpointError
+    from missrec.data import DatasetError
+    from model_export.onnx_export import ExportError, export_bundle
+
+    try:
+        manifest = export_bundle(checkpoint, data, out, overwrite=overwrite)
+    except (ExportError, BundleError, CheckpointError, DatasetError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    parity = manifest.onnx.get("parity", {})
+    console.print(
+        f"exported {manifest.num_items - 1} items, K={manifest.num_interests}, "
+        f"alpha={manifest.fusion['alpha']:.4f}; parity {parity}; bundle {manifest.version} at {out}"
+    )
+
+
+def build_index(
+    bundle: Annotated[Path, typer.Option("--bundle", help="Bundle directory from `missrec export`.")],
+    factory: Annotated[str, typer.Option(help="FAISS index_factory string; Flat = exact.")] = "Flat",
+    device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+) -> None:
+    """Build the FAISS index over the bundle's static item vectors (with a recall report vs exact)."""
+    from index_builder.build import build_index as run_build
+    from index_builder.bundle import BundleError
+
+    if device not in ("auto", "cpu", "gpu"):
+        raise _fail("--device must be auto, cpu or gpu")
+    try:
+        info = run_build(bundle, factory=factory, device=device)
+    except (BundleError, RuntimeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print_json(data={k: v for k, v in info.items() if k != "recall_report"})
+    if info.get("recall_report"):
+        console.print_json(data=info["recall_report"])
+
+
+def serve(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory (else MISSREC_BUNDLE).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Run the recommendation service (settings from MISSREC_* environment variables)."""
+    import uvicorn
+
+    if bundle is not None:
+        os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
+    if not os.environ.get("MISSREC_BUNDLE"):
+        raise _fail("no bundle: pass --bundle or set MISSREC_BUNDLE (or run `missrec quickstart`)")
+    uvicorn.run(
+        "service.main:app", host=host, port=port, workers=workers, log_level="info", timeout_graceful_shutdown=10
+    )
+
+
+def _demo_clip(root: Path) -> tuple[str, str]:
+    """A random-init open_clip checkpoint for the demo (no pretrained weights can be assumed offline)."""
+    from missrec.clip_encoder import save_random_init_checkpoint
+
+    path = root / "clip-random-init.pt"
+    if not path.is_file():
+        save_random_init_checkpoint(DEMO_CLIP_MODEL, path, seed=0)
+    return DEMO_CLIP_MODEL, str(path.resolve())
+
+
+def _quickstart_bundle(root: Path, epochs: int) -> Path:
+    from index_builder.build import build_index as run_build
+    from index_builder.bundle import BundleError, verify_checksums
+    from missrec.data import load_dataset
+    from missrec.runs import save_run, train_missrec
+    from missrec.synthetic import generate_synthetic
+    from missrec.train import TrainOptions
+    from model_export.onnx_export import export_bundle
+
+    bundle = root / "bundle"
+    data_env = os.environ.get("MISSREC_DATA")
+    if (bundle / "manifest.json").is_file():
+        try:
+            manifest = verify_checksums(bundle)
+            if manifest.index is not None:
+                console.print(f"reusing bundle {bundle} ({manifest.version})")
+                return bundle
+        except BundleError as exc:
+            console.print(f"[yellow]rebuilding the quick-start bundle: {exc}[/]")
+    if data_env:
+        data = Path(data_env)
+        console.print(f"training MISSRec on MISSREC_DATA={data}")
+    else:
+        data = root / "synthetic-data"
+        if not (data / "Synthetic.train.inter").is_file():
+            console.print("generating a SYNTHETIC dataset (set MISSREC_DATA to train on your own data)")
+            generate_synthetic(data, num_users=2000, num_items=1000, seed=0)
+    ds = load_dataset(data)
+    run = train_missrec(ds, TrainOptions(epochs=epochs, patience=3), "inductive")
+    save_run(run, ds, root / "run", {"mode": "inductive", "quickstart": True})
+    console.print(f"trained: test {run.metrics['test']}")
+    export_bundle(root / "run" / "checkpoint.pt", data, bundle, overwrite=True)
+    run_build(bundle, factory="Flat", device="auto")
+    return bundle
+
+
+def quickstart(
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    epochs: Annotated[int, typer.Option(help="Training epochs when a bundle has to be built.")] = 15,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the bundle, then exit.")] = False,
+) -> None:
+    """The main job: build a bundle if none is configured (train on $MISSREC_DATA, else SYNTHETIC data), then
+    serve it on the port with an embedded Redis, and print example calls."""
+    root = QUICKSTART_DIR.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    bundle = (
+        Path(os.environ["MISSREC_BUNDLE"]) if os.environ.get("MISSREC_BUNDLE") else _quickstart_bundle(root, epochs)
+    )
+    os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
+    os.environ.setdefault("MISSREC_DATA_DIR", str(root / "state"))
+    if "MISSREC_CLIP_PRETRAINED" not in os.environ:
+        model, weights = _demo_clip(root)
+        os.environ["MISSREC_CLIP_MODEL"], os.environ["MISSREC_CLIP_PRETRAINED"] = model, weights
+        console.print(
+            f"[yellow]ingestion uses a RANDOM-INIT open_clip ({model}): demo only, embeddings carry no "
+            "meaning. Set MISSREC_CLIP_MODEL=ViT-B-32 MISSREC_CLIP_PRETRAINED=openai (or a local "
+            "checkpoint path) for real CLIP features.[/]"
+        )
+    if no_serve:
+        console.print(f"bundle ready at {bundle}")
+        return
+    from index_builder.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    ids = __import__("json").loads((bundle / "items/ids.json").read_text())
+    a, b = ids[1], ids[2]
+    base = f"http://{host}:{port}"
+    json = "-H 'content-type: application/json'"
+    console.print(f"""
+[bold]MISSRec service[/] on {base}  (bundle {manifest.version}, {manifest.num_items - 1} items; docs: {base}/docs)
+  curl -s {base}/readyz
+  curl -s -X POST {base}/v1/users/u1/events {json} -d '{{"item_ids": ["{a}", "{b}"]}}'
+  curl -s -X POST {base}/v1/recommend {json} -d '{{"user_id": "u1", "k": 5, "explain": true}}'
+  curl -s -X POST {base}/v1/recommend {json} -d '{{"history": ["{a}"], "k": 5}}'
+  curl -s -X POST {base}/v1/items -F item_id=new-1 -F 'text=Cordless drill. Tools. Acme.' -F image=@photo.jpg
+  curl -s {base}/metrics | grep missrec_stage
+""")
+    serve(bundle=bundle, host=host, port=port)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(name="export")(export)
+    app.command(name="build-index")(build_index)
+    app.command()(serve)
+    app.command()(quickstart)

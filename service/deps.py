@@ -1,0 +1,40 @@
+"""FastAPI dependencies as Annotated aliases: routes declare what they need and never build it."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from service.errors import Unauthorized, Unavailable
+from service.runtime import Runtime
+from service.settings import Settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None or not runtime.ready:
+        raise Unavailable("service is starting", code="not_ready")
+    return runtime
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def require_api_key(
+    request: Request, x_api_key: Annotated[str | None, Header(description="API key for write endpoints.")] = None
+) -> None:
+    """Write and admin endpoints need ``X-API-Key`` when MISSREC_API_KEY is set (constant-time comparison)."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    given = (x_api_key or "").encode()
+    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+        raise Unauthorized("missing or wrong X-API-Key")
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+WriteAccess = Depends(require_api_key)

@@ -1,0 +1,69 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process, e.g. tests).
+
+Names (all prefixed ``missrec_``):
+    stage_seconds{stage}       histogram: history_read, queue, user_tower, search, rescore, request, ingest_encode
+    batch_size                 histogram: requests per micro-batch of the user tower + search
+    requests_total{route,status}
+    ingest_total{result}       created, replaced, failed
+    item_events_total{op,origin}  item changes applied to this replica's index (origin: local, stream)
+    fallback_total             recommendations served from popularity (no history)
+    redis_errors_total         Redis calls that failed or timed out
+    live_items                 gauge: items servable right now (bundle + ingested - deleted)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.stage = Histogram(
+            "missrec_stage_seconds", "Latency per stage", ["stage"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("missrec_batch_size", "Requests per micro-batch", buckets=BATCH_BUCKETS, registry=r)
+        self.requests = Counter("missrec_requests_total", "HTTP requests", ["route", "status"], registry=r)
+        self.ingest = Counter("missrec_ingest_total", "Cold-start ingests", ["result"], registry=r)
+        self.item_events = Counter("missrec_item_events_total", "Item changes applied", ["op", "origin"], registry=r)
+        self.fallback = Counter("missrec_fallback_total", "Popularity fallbacks", registry=r)
+        self.redis_errors = Counter("missrec_redis_errors_total", "Failed Redis calls", registry=r)
+        self.live_items = Gauge("missrec_live_items", "Servable items", registry=r)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage.labels(stage).observe(time.perf_counter() - start)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

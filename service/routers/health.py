@@ -1,0 +1,37 @@
+"""GET /healthz (process up), /readyz (bundle loaded, Redis reachable), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.schemas import Health
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+async def readyz(request: Request) -> JSONResponse:
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None:
+        return JSONResponse(
+            status_code=503, content=Health(status="unready", checks={"bundle": "loading"}).model_dump()
+        )
+    checks = await runtime.readiness()
+    ok = runtime.ready and checks.get("redis") == "ok"
+    return JSONResponse(
+        status_code=200 if ok else 503, content=Health(status="ok" if ok else "unready", checks=checks).model_dump()
+    )
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    runtime = getattr(request.app.state, "runtime", None)
+    body = runtime.metrics.render() if runtime is not None else b""
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)

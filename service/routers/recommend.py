@@ -1,0 +1,63 @@
+"""POST /v1/recommend and /v1/recommend/batch."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+
+from service.deps import RuntimeDep
+from service.engine import Recommendation
+from service.errors import ServiceError, error_body
+from service.schemas import (
+    BatchRecommendRequest,
+    BatchRecommendResponse,
+    ErrorResponse,
+    Explanation,
+    RecommendedItem,
+    RecommendRequest,
+    RecommendResponse,
+)
+
+router = APIRouter(prefix="/v1", tags=["recommend"])
+ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)}
+
+
+def to_response(rec: Recommendation, history_length: int, version: str) -> RecommendResponse:
+    items = [
+        RecommendedItem(
+            item_id=item.item_id,
+            score=item.score,
+            explanation=Explanation(**item.explanation) if item.explanation else None,
+        )
+        for item in rec.items
+    ]
+    return RecommendResponse(
+        items=items, model_version=version, fallback=rec.fallback, exact=rec.exact, history_length=history_length
+    )
+
+
+@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
+async def recommend(body: RecommendRequest, runtime: RuntimeDep) -> RecommendResponse:
+    """Top-k items for a user id (history from Redis) or an explicit history of item ids (oldest first)."""
+    rec, n = await runtime.recommend(body)
+    return to_response(rec, n, runtime.engine.version)
+
+
+@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
+async def recommend_batch(body: BatchRecommendRequest, runtime: RuntimeDep) -> BatchRecommendResponse:
+    """Many recommendations in one call; each result is a response or an error of the usual shape."""
+    if len(body.requests) > runtime.settings.max_batch_requests:
+        raise ServiceError(
+            f"at most {runtime.settings.max_batch_requests} requests per batch", code="too_many_requests_in_batch"
+        )
+    outcomes = await asyncio.gather(*(runtime.recommend(r) for r in body.requests), return_exceptions=True)
+    results: list[RecommendResponse | ErrorResponse] = []
+    for outcome in outcomes:
+        if isinstance(outcome, ServiceError):
+            results.append(ErrorResponse.model_validate(error_body(outcome.code, outcome.message, outcome.details)))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            results.append(to_response(outcome[0], outcome[1], runtime.engine.version))
+    return BatchRecommendResponse(results=results)

@@ -1,0 +1,39 @@
+"""User interactions: POST /v1/users/{user_id}/events, GET /v1/users/{user_id}/history."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path
+
+from service.deps import RuntimeDep, WriteAccess
+from service.schemas import ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, Identifier
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+UserId = Annotated[Identifier, Path(description="External user id.")]
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 503)}
+
+
+@router.post("/{user_id}/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WriteAccess])
+async def append_events(
+    user_id: UserId,
+    body: EventsRequest,
+    runtime: RuntimeDep,
+    idempotency_key: Annotated[Identifier | None, Header(description="Apply retries of this call once.")] = None,
+) -> EventsResponse:
+    """Append interactions to the user's history (capped at the model's max length). 200 means durable."""
+    if len(body.item_ids) > runtime.settings.max_events:
+        from service.errors import PayloadTooLarge
+
+        raise PayloadTooLarge(f"at most {runtime.settings.max_events} item ids per call")
+    key = body.idempotency_key or idempotency_key
+    length, applied = await runtime.append_events(user_id, body.item_ids, body.timestamps, key)
+    return EventsResponse(
+        user_id=user_id, history_length=length, appended=len(body.item_ids) if applied else 0, duplicate=not applied
+    )
+
+
+@router.get("/{user_id}/history", response_model=HistoryResponse, responses=ERRORS)
+async def get_history(user_id: UserId, runtime: RuntimeDep) -> HistoryResponse:
+    items, stamps = await runtime.history(user_id)
+    return HistoryResponse(user_id=user_id, item_ids=items, timestamps=stamps)

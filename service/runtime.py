@@ -1,0 +1,295 @@
+"""The service's live state and its use cases (routes call these; they parse, call, and map).
+
+One :class:`Runtime` per app: Redis (external or embedded), the :class:`~service.store.Store`, the
+:class:`~service.engine.Engine` (bundle, item table, index, towers), the micro-batcher, the cold-start encoder,
+and the task that follows the item-event stream so every replica sees new and deleted items within a second.
+
+Redis outages: every Redis call has a bounded timeout; a failure becomes 503 ``redis_unavailable`` at once.
+Recommendations from an explicit history need no Redis and keep working; by-user-id ones and writes do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from service.batching import MicroBatcher
+from service.embedded_redis import EmbeddedRedis
+from service.engine import Engine, Query, Recommendation
+from service.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
+from service.metrics import Metrics
+from service.schemas import RecommendRequest
+from service.settings import Settings
+from service.store import ItemRecord, Store
+
+log = logging.getLogger(__name__)
+
+STREAM_BLOCK_MS = 200
+
+
+def redis_unavailable(exc: Exception) -> Unavailable:
+    return Unavailable(f"Redis is unavailable: {type(exc).__name__}", code="redis_unavailable")
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    store: Store
+    redis: Any
+    metrics: Metrics
+    embedded: EmbeddedRedis | None = None
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
+    encoder: Any = None
+    encoder_error: str | None = None
+    ready: bool = False
+    stream_healthy: bool = False
+    _batcher: MicroBatcher[Query, Recommendation] | None = None
+    _consumer: asyncio.Task[None] | None = None
+    _last_event: str = "0-0"
+
+    # ----- lifecycle ----------------------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, settings: Settings) -> Runtime:
+        metrics = Metrics()
+        if settings.bundle is None:
+            raise RuntimeError("no bundle configured: set MISSREC_BUNDLE (or use `missrec quickstart`)")
+        engine = await asyncio.to_thread(Engine.load, settings.bundle, settings, metrics)
+        embedded = None
+        url = settings.redis_url
+        if not url:
+            embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
+            url = await asyncio.to_thread(embedded.start)
+        timeout = settings.redis_timeout_seconds
+        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False)
+        client = (
+            RedisCluster.from_url(url, **common) if settings.redis_cluster else aredis.Redis.from_url(url, **common)
+        )
+        store = Store(
+            client,
+            prefix=settings.key_prefix,
+            max_len=engine.max_len,
+            ttl_seconds=settings.history_ttl_seconds,
+            stream_max_len=settings.stream_max_len,
+        )
+        rt = cls(settings=settings, engine=engine, store=store, redis=client, metrics=metrics, embedded=embedded)
+        rt._batcher = MicroBatcher(
+            engine.recommend,
+            settings.max_batch_size,
+            settings.max_wait_ms / 1000.0,
+            rt.executor,
+            on_batch=metrics.batch_size.observe,
+        )
+        rt._batcher.start()
+        await rt._replay_items()
+        rt._consumer = asyncio.get_running_loop().create_task(rt._follow_stream(), name="item-stream")
+        await asyncio.to_thread(rt._load_encoder)
+        if settings.warmup:
+            await asyncio.to_thread(engine.warmup)
+        rt.ready = True
+        log.info("ready: bundle %s, %d live items, replica %s", engine.version, engine.live_count(), rt.replica_id)
+        return rt
+
+    async def close(self) -> None:
+        self.ready = False
+        if self._consumer:
+            self._consumer.cancel()
+            await asyncio.gather(self._consumer, return_exceptions=True)
+        if self._batcher:
+            await self._batcher.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        await self.redis.aclose()
+        if self.embedded:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def _load_encoder(self) -> None:
+        """The open_clip encoder for ingestion (imports torch; never used on the recommend path)."""
+        s = self.settings
+        if not s.clip_pretrained:
+            self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
+            return
+        try:
+            from missrec.clip_encoder import ClipEncoder
+
+            self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
+            if self.encoder.dim != self.engine.feature_dim_expected():
+                raise ValueError(
+                    f"CLIP {s.clip_model} gives {self.encoder.dim}-d features, "
+                    f"the bundle expects {self.engine.feature_dim_expected()}"
+                )
+        except Exception as exc:  # ingestion is optional: serve recommendations anyway, say why in /readyz
+            self.encoder, self.encoder_error = None, f"ingestion unavailable: {exc}"
+            log.warning(self.encoder_error)
+
+    # ----- item replay and replication ---------------------------------------------------------------------------
+    async def _replay_items(self) -> None:
+        """Bring the index up to date with Redis: every ingested item and deletion, then follow the stream."""
+        try:
+            self._last_event = await self.store.last_event_id()
+            records = await self.store.all_items()
+        except RedisError as exc:
+            raise RuntimeError(f"cannot reach Redis at start-up: {exc}") from exc
+        applied = await asyncio.to_thread(self.engine.apply_records, records)
+        log.info("replayed %d item changes from Redis (%d applied)", len(records), applied)
+
+    async def _follow_stream(self) -> None:
+        while True:
+            try:
+                events = await self.store.read_events(self._last_event, STREAM_BLOCK_MS)
+                self.stream_healthy = True
+                for event_id, fields in events:
+                    self._last_event = event_id
+                    await self._apply_event(fields)
+            except asyncio.CancelledError:
+                raise
+            except RedisError as exc:
+                self.stream_healthy = False
+                self.metrics.redis_errors.inc()
+                log.debug("item stream: %s", exc)
+                await asyncio.sleep(0.2)
+            except Exception:
+                log.exception("item stream: failed to apply an event")
+                await asyncio.sleep(0.2)
+
+    async def _apply_event(self, fields: dict[str, str]) -> None:
+        item_id, version = fields.get("item_id", ""), int(fields.get("version", 0))
+        if not self.engine.is_newer(item_id, version):
+            return  # our own change, or already replayed
+        record = await self.store.get_item(item_id)
+        if record is not None and record.version >= version:
+            applied = await asyncio.to_thread(self.engine.apply_records, [record])
+            if applied:
+                self.metrics.item_events.labels(fields.get("op", "upsert"), "stream").inc()
+
+    # ----- recommendations -----------------------------------------------------------------------------------
+    async def recommend(self, req: RecommendRequest) -> tuple[Recommendation, int]:
+        started = time.perf_counter()
+        if req.user_id is not None:
+            with self.metrics.timed("history_read"):
+                try:
+                    history, _ = await self.store.history(req.user_id)
+                except RedisError as exc:
+                    self.metrics.redis_errors.inc()
+                    raise redis_unavailable(exc) from exc
+            rows = self.engine.known_rows(history)  # items deleted since they were seen are skipped
+        else:
+            rows, unknown = self.engine.rows_for(req.history or [])
+            if unknown:
+                raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
+        exclude, unknown = self.engine.rows_for(req.exclude)
+        if unknown:
+            raise UnknownItems(f"{len(unknown)} unknown item id(s) in exclude", {"item_ids": unknown[:50]})
+        query = Query(
+            history=np.asarray(rows[-self.engine.max_len :], dtype=np.int64),
+            k=req.k,
+            exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
+            explain=req.explain,
+        )
+        if self._batcher is None:
+            raise Unavailable("service is starting")
+        result = await self._batcher.submit(query)
+        self.metrics.stage.labels("request").observe(time.perf_counter() - started)
+        if result.fallback:
+            self.metrics.fallback.inc()
+        return result, len(rows)
+
+    # ----- users --------------------------------------------------------------------------------------------------
+    async def append_events(
+        self, user_id: str, item_ids: list[str], timestamps: list[float] | None, idempotency_key: str | None
+    ) -> tuple[int, bool]:
+        _, unknown = self.engine.rows_for(item_ids)
+        if unknown:
+            raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
+        try:
+            return await self.store.append_events(user_id, item_ids, timestamps, idempotency_key)
+        except RedisError as exc:
+            self.metrics.redis_errors.inc()
+            raise redis_unavailable(exc) from exc
+
+    async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
+        try:
+            return await self.store.history(user_id)
+        except RedisError as exc:
+            self.metrics.redis_errors.inc()
+            raise redis_unavailable(exc) from exc
+
+    # ----- items ---------------------------------------------------------------------------------------------------
+    def decode_base64_image(self, data: str) -> bytes:
+        if len(data) > (self.settings.max_image_bytes * 4) // 3 + 8:
+            raise PayloadTooLarge(f"image is larger than {self.settings.max_image_bytes} bytes")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("image_base64 is not valid base64") from None
+
+    async def ingest(self, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
+        """Embed a new item (open_clip + item tower), persist it (durable before we answer), serve it at once."""
+        if self.encoder is None:
+            raise Unavailable(self.encoder_error or "ingestion unavailable", code="ingestion_unavailable")
+        if image is not None and len(image) > self.settings.max_image_bytes:
+            raise PayloadTooLarge(f"image is larger than {self.settings.max_image_bytes} bytes")
+        if len(text) > self.settings.max_text_chars:
+            raise PayloadTooLarge(f"text is longer than {self.settings.max_text_chars} characters")
+        if not text.strip() and image is None:
+            raise InvalidInput("an item needs a text, an image, or both")
+        from missrec.clip_encoder import ImageDecodeError
+
+        with self.metrics.timed("ingest_encode"):
+            try:
+                record = await asyncio.to_thread(self.engine.embed_item, self.encoder, item_id, text, image)
+            except ImageDecodeError as exc:
+                self.metrics.ingest.labels("failed").inc()
+                raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
+        replaced = self.engine.has_item(item_id)
+        try:
+            await self.store.put_item(record, origin=self.replica_id)
+        except RedisError as exc:
+            self.metrics.redis_errors.inc()
+            self.metrics.ingest.labels("failed").inc()
+            raise redis_unavailable(exc) from exc
+        await asyncio.to_thread(self.engine.apply_records, [record])
+        self.metrics.item_events.labels("upsert", "local").inc()
+        self.metrics.ingest.labels("replaced" if replaced else "created").inc()
+        return record, replaced
+
+    async def delete_item(self, item_id: str) -> None:
+        if not self.engine.has_item(item_id):
+            raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+        record = ItemRecord(item_id=item_id, deleted=True, created_at=time.time(), bundle_version=self.engine.version)
+        try:
+            await self.store.put_item(record, origin=self.replica_id, op="delete")
+        except RedisError as exc:
+            self.metrics.redis_errors.inc()
+            raise redis_unavailable(exc) from exc
+        await asyncio.to_thread(self.engine.apply_records, [record])
+        self.metrics.item_events.labels("delete", "local").inc()
+
+    def item_info(self, item_id: str) -> dict[str, Any]:
+        info = self.engine.item_info(item_id)
+        if info is None:
+            raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+        return info
+
+    # ----- health ---------------------------------------------------------------------------------------------------
+    async def readiness(self) -> dict[str, str]:
+        checks = {"bundle": f"loaded {self.engine.version}" if self.ready else "loading"}
+        try:
+            await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_seconds)
+            checks["redis"] = "ok"
+        except (RedisError, TimeoutError, OSError) as exc:
+            checks["redis"] = f"unavailable: {type(exc).__name__}"
+        checks["ingestion"] = "ok" if self.encoder is not None else (self.encoder_error or "unavailable")
+        return checks

@@ -1,0 +1,140 @@
+"""Request and response schemas (pydantic v2), split by direction; every field is bounded at the edge."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+# External ids: 1..256 characters, no control characters (unicode is fine).
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+MAX_K = 1000
+MAX_HISTORY = 1000
+MAX_EXCLUDE = 1000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ----- requests -------------------------------------------------------------------------------------------------
+
+
+class RecommendRequest(_Strict):
+    """Top-k for a user: by ``user_id`` (history read from Redis) or by an explicit ``history`` (oldest first)."""
+
+    user_id: Identifier | None = Field(None, examples=["u1"])
+    history: list[Identifier] | None = Field(None, max_length=MAX_HISTORY, examples=[["i1", "i2"]])
+    k: int = Field(10, ge=1, le=MAX_K)
+    exclude_seen: bool = Field(True, description="Leave out the items of the history.")
+    exclude: list[Identifier] = Field(default_factory=list, max_length=MAX_EXCLUDE)
+    explain: bool = Field(False, description="Add text/image fusion weights and the interest cluster per item.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecommendRequest:
+        if (self.user_id is None) == (self.history is None):
+            raise ValueError("give exactly one of user_id or history")
+        return self
+
+
+class BatchRecommendRequest(_Strict):
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=256)
+
+
+class EventsRequest(_Strict):
+    """Interactions to append to a user's history, oldest first."""
+
+    item_ids: list[Identifier] = Field(min_length=1, max_length=1000)
+    timestamps: list[Annotated[float, Field(ge=0, le=1e11)]] | None = Field(
+        None, description="Unix seconds, one per item id (optional)."
+    )
+    idempotency_key: Identifier | None = Field(
+        None, description="Retries with the same key are applied once (also accepted as the Idempotency-Key header)."
+    )
+
+    @model_validator(mode="after")
+    def _aligned(self) -> EventsRequest:
+        if self.timestamps is not None and len(self.timestamps) != len(self.item_ids):
+            raise ValueError("timestamps must have one entry per item id")
+        return self
+
+
+class ItemJSONRequest(_Strict):
+    """Cold-start item as JSON; the image is base64 (never a URL: the service fetches nothing)."""
+
+    item_id: Identifier
+    text: str = Field("", max_length=20_000)
+    image_base64: str | None = Field(None, description="Base64 image bytes (JPEG, PNG, WEBP, GIF, BMP).")
+
+
+# ----- responses ------------------------------------------------------------------------------------------------
+
+
+class Explanation(BaseModel):
+    text_weight: float
+    image_weight: float
+    interest: int = Field(description="Interest cluster of the modality that carries more weight.")
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    explanation: Explanation | None = None
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    model_version: str
+    fallback: Literal["popular"] | None = Field(None, description="'popular' when there was no history to use.")
+    exact: bool = Field(description="True when the top-k is provably the model's exact full-catalogue top-k.")
+    history_length: int
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class BatchRecommendResponse(BaseModel):
+    results: list[RecommendResponse | ErrorResponse]
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    history_length: int
+    appended: int
+    duplicate: bool = Field(False, description="True when this idempotency key was already applied.")
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    item_ids: list[str]
+    timestamps: list[float | None]
+
+
+class ItemCreated(BaseModel):
+    item_id: str
+    version: int
+    text_cluster: int | None
+    image_cluster: int | None
+    replaced: bool
+
+
+class ItemResponse(BaseModel):
+    item_id: str
+    source: Literal["bundle", "ingested"]
+    text: str | None
+    version: int | None = None
+    text_cluster: int | None = None
+    image_cluster: int | None = None
+    created_at: float | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unready"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,68 @@
+"""Service settings: one pydantic-settings class (env prefix MISSREC_), reached through a cached getter."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Each field is read from ``MISSREC_<FIELD>`` (e.g. ``MISSREC_REDIS_URL``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MISSREC_", env_file=None, extra="ignore")
+
+    # --- artefacts --------------------------------------------------------------------------------------
+    bundle: Path | None = Field(None, description="Serving bundle directory (from `missrec export`).")
+    data_dir: Path = Field(Path("var"), description="Local state: embedded Redis files, quick-start bundle.")
+
+    # --- Redis ---------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None, description="redis:// or rediss:// URL; unset = start an embedded Redis under data_dir."
+    )
+    redis_cluster: bool = Field(False, description="Connect with the Redis Cluster client.")
+    key_prefix: str = Field("missrec", description="Prefix of every Redis key.", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    history_ttl_seconds: int | None = Field(None, ge=1, description="Expire idle user histories (unset = keep).")
+    redis_timeout_seconds: float = Field(0.5, gt=0, le=30, description="Socket timeout of every Redis call.")
+    embedded_redis_fsync: Literal["always", "everysec"] = Field(
+        "always", description="appendfsync of the embedded Redis (always: no acknowledged write is lost)."
+    )
+    stream_max_len: int = Field(100_000, ge=1000, description="Approximate cap of the item-event stream.")
+
+    # --- model runtime ---------------------------------------------------------------------------------------
+    onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
+    onnx_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime intra-op threads (0 = library default).")
+    faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Micro-batch size cap for the user tower + search.")
+    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a request may wait for batch-mates.")
+    warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
+
+    # --- cold-start ingestion ------------------------------------------------------------------------------
+    clip_model: str = Field("ViT-B-32", description="open_clip architecture name.")
+    clip_pretrained: str | None = Field(
+        "openai", description="open_clip pretrained tag or a local checkpoint path; unset = ingestion disabled."
+    )
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
+    max_text_chars: int = Field(4096, ge=1, description="Longest accepted item text.")
+
+    # --- request limits and security ----------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")
+    max_k: int = Field(1000, ge=1, le=100_000)
+    max_history: int = Field(50, ge=1, le=10_000, description="Longest explicit history accepted in a request.")
+    max_batch_requests: int = Field(256, ge=1, description="Most recommendations in one batch call.")
+    max_events: int = Field(1000, ge=1, description="Most item ids in one events call.")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_concurrency: int = Field(512, ge=1, description="Requests in flight before new ones get 503.")
+
+    @field_validator("bundle", "data_dir", mode="before")
+    @classmethod
+    def _expand(cls, value: object) -> object:
+        return Path(value).expanduser() if isinstance(value, str) and value else value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,197 @@
+"""Redis persistence: user histories (capped lists), ingested/deleted items, and the item-event stream.
+
+Keys (``P`` = key prefix). Every multi-key operation is one Lua script whose keys share a Redis Cluster slot
+through a hash tag, so the service works unchanged against Redis Cluster:
+
+    P:u:{<h>}:hist          list of "<timestamp>\\x1f<item id>" entries, oldest first, capped at max_len
+    P:u:{<h>}:idem:<key>    idempotency marker of an events call (24 h)    (<h> = sha1(user id)[:20])
+    P:{items}:item:<id>     hash: an ingested item (raw features, vectors, clusters, text) or a deletion tombstone
+    P:{items}:ids           sorted set: item id -> version of its latest change (for replay at start-up)
+    P:{items}:version       counter giving every item change a version
+    P:{items}:events        stream of item changes (op, item_id, version, origin) read by every replica
+
+Item ids never contain control characters (the API rejects them), so \\x1f is a safe separator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+SEP = "\x1f"
+IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+
+# KEYS: hist, idem (or "" when no key). ARGV: max_len, ttl (0 = none), entries...
+_APPEND = """
+if KEYS[2] ~= '' then
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+    return {0, redis.call('LLEN', KEYS[1])}
+  end
+end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
+if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+return {1, redis.call('LLEN', KEYS[1])}
+"""
+
+# KEYS: item hash, ids zset, version counter, stream. ARGV: item_id, op, origin, stream maxlen, field/value pairs...
+_CHANGE_ITEM = """
+local version = redis.call('INCR', KEYS[3])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 5))
+redis.call('ZADD', KEYS[2], version, ARGV[1])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
+           'op', ARGV[2], 'item_id', ARGV[1], 'version', version, 'origin', ARGV[3])
+return version
+"""
+
+
+@dataclass
+class ItemRecord:
+    """An ingested item (``deleted`` False) or a deletion tombstone, as stored in Redis."""
+
+    item_id: str
+    version: int = 0
+    deleted: bool = False
+    text: str = ""
+    created_at: float = 0.0
+    bundle_version: str = ""
+    arrays: dict[str, bytes] = field(default_factory=dict)  # raw float32/int64 bytes by name
+    ints: dict[str, int] = field(default_factory=dict)
+
+    def to_fields(self) -> list[Any]:
+        out: list[Any] = [
+            "deleted",
+            int(self.deleted),
+            "text",
+            self.text,
+            "created_at",
+            repr(self.created_at),
+            "bundle_version",
+            self.bundle_version,
+        ]
+        for name, raw in self.arrays.items():
+            out += [f"a:{name}", raw]
+        for name, value in self.ints.items():
+            out += [f"i:{name}", value]
+        return out
+
+    @classmethod
+    def from_hash(cls, item_id: str, data: dict[bytes, bytes]) -> ItemRecord:
+        rec = cls(item_id=item_id)
+        for raw_key, value in data.items():
+            key = raw_key.decode()
+            if key == "version":
+                rec.version = int(value)
+            elif key == "deleted":
+                rec.deleted = value == b"1"
+            elif key == "text":
+                rec.text = value.decode()
+            elif key == "created_at":
+                rec.created_at = float(value)
+            elif key == "bundle_version":
+                rec.bundle_version = value.decode()
+            elif key.startswith("a:"):
+                rec.arrays[key[2:]] = value
+            elif key.startswith("i:"):
+                rec.ints[key[2:]] = int(value)
+        return rec
+
+
+class Store:
+    """Async access to everything the service keeps in Redis."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        prefix: str = "missrec",
+        max_len: int = 50,
+        ttl_seconds: int | None = None,
+        stream_max_len: int = 100_000,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.max_len = max_len
+        self.ttl = ttl_seconds or 0
+        self.stream_max_len = stream_max_len
+        self._append = redis.register_script(_APPEND)
+        self._change = redis.register_script(_CHANGE_ITEM)
+        items = f"{prefix}:{{items}}"
+        self.ids_key, self.version_key, self.stream_key = f"{items}:ids", f"{items}:version", f"{items}:events"
+        self._item_prefix = f"{items}:item:"
+
+    # ----- users ------------------------------------------------------------------------------------------
+    def _user(self, user_id: str) -> str:
+        tag = hashlib.sha1(user_id.encode("utf-8")).hexdigest()[:20]
+        return f"{self.prefix}:u:{{{tag}}}"
+
+    async def append_events(
+        self, user_id: str, item_ids: list[str], timestamps: list[float] | None, idempotency_key: str | None = None
+    ) -> tuple[int, bool]:
+        """Append interactions (oldest first) in one round trip. Returns (history length, applied now?)."""
+        now = time.time()
+        stamps = timestamps or [now] * len(item_ids)
+        entries = [f"{float(ts)!r}{SEP}{item}" for ts, item in zip(stamps, item_ids, strict=True)]
+        user = self._user(user_id)
+        idem = f"{user}:idem:{hashlib.sha1(idempotency_key.encode()).hexdigest()}" if idempotency_key else ""
+        applied, length = await self._append(
+            keys=[f"{user}:hist", idem], args=[self.max_len, self.ttl, IDEMPOTENCY_TTL_SECONDS, *entries]
+        )
+        return int(length), bool(applied)
+
+    async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
+        """(item ids, timestamps), oldest first."""
+        raw = await self.redis.lrange(f"{self._user(user_id)}:hist", 0, -1)
+        items, stamps = [], []
+        for entry in raw:
+            ts, _, item = entry.decode("utf-8").partition(SEP)
+            items.append(item)
+            stamps.append(float(ts) if ts else None)
+        return items, stamps
+
+    # ----- items ------------------------------------------------------------------------------------------
+    async def put_item(self, record: ItemRecord, origin: str, op: str = "upsert") -> int:
+        """Store an item change atomically (hash + id index + stream event); returns its version."""
+        version = await self._change(
+            keys=[self._item_prefix + record.item_id, self.ids_key, self.version_key, self.stream_key],
+            args=[record.item_id, op, origin, self.stream_max_len, *record.to_fields()],
+        )
+        record.version = int(version)
+        return record.version
+
+    async def get_item(self, item_id: str) -> ItemRecord | None:
+        data = await self.redis.hgetall(self._item_prefix + item_id)
+        return ItemRecord.from_hash(item_id, data) if data else None
+
+    async def all_items(self, batch: int = 500) -> list[ItemRecord]:
+        """Every stored item change (latest per id), in version order."""
+        ids = [i.decode() for i in await self.redis.zrange(self.ids_key, 0, -1)]
+        records = []
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for item_id in chunk:
+                    pipe.hgetall(self._item_prefix + item_id)
+                results = await pipe.execute()
+            records += [ItemRecord.from_hash(i, d) for i, d in zip(chunk, results, strict=True) if d]
+        return records
+
+    async def last_event_id(self) -> str:
+        last = await self.redis.xrevrange(self.stream_key, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def read_events(self, after: str, block_ms: int, count: int = 500) -> list[tuple[str, dict[str, str]]]:
+        """Item events after ``after`` (waits up to block_ms for the first one)."""
+        reply = await self.redis.xread({self.stream_key: after}, count=count, block=block_ms)
+        events = []
+        for _, entries in reply or []:
+            for event_id, fields in entries:
+                events.append((event_id.decode(), {k.decode(): v.decode() for k, v in fields.items()}))
+        return events
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())

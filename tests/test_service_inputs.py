@@ -1,0 +1,213 @@
+"""Bad input gets a clear 4xx JSON error of the one error shape, never a 500."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.service_helpers import make_app
+
+
+@pytest.fixture(scope="module")
+def client(scientific_bundle, redis_url, tiny_clip, tmp_path_factory):
+    import uuid
+
+    prefix = f"missrec-test-{uuid.uuid4().hex[:10]}"
+    app = make_app(
+        scientific_bundle,
+        redis_url,
+        prefix,
+        tiny_clip,
+        tmp_path_factory.mktemp("inputs"),
+        max_image_bytes=200_000,
+        max_body_bytes=1_000_000,
+    )
+    with TestClient(app) as c:
+        yield c
+
+
+def _error(r, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and {"code", "message", "details"} <= set(body["error"])
+    assert body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [
+        ({"history": ["B00O47ILVA"], "k": 0}, 422),
+        ({"history": ["B00O47ILVA"], "k": 10**6}, 422),
+        ({"history": ["B00O47ILVA"], "k": "ten"}, 422),
+        ({"history": ["B00O47ILVA"], "k": 1.5}, 422),
+        ({"k": 10}, 422),
+        ({"user_id": "u", "history": ["B00O47ILVA"]}, 422),
+        ({"user_id": ""}, 422),
+        ({"user_id": "bad\x00id"}, 422),
+        ({"history": ["B00O47ILVA"] * 1001}, 422),
+        ({"history": ["B00O47ILVA"], "unexpected": 1}, 422),
+    ],
+)
+def test_recommend_schema_errors(client, payload, status):
+    _error(client.post("/v1/recommend", json=payload), status, "invalid_input")
+
+
+def test_malformed_json(client):
+    r = client.post("/v1/recommend", content=b'{"history": ["a"', headers={"content-type": "application/json"})
+    _error(r, 422, "invalid_input")
+
+
+def test_unknown_ids_are_named(client):
+    err = _error(
+        client.post("/v1/recommend", json={"history": ["B00O47ILVA", "nope-1", "nope-2"]}), 422, "unknown_items"
+    )
+    assert err["details"]["item_ids"] == ["nope-1", "nope-2"]
+    err = _error(client.post("/v1/users/u1/events", json={"item_ids": ["B00O47ILVA", "zzz"]}), 422, "unknown_items")
+    assert err["details"]["item_ids"] == ["zzz"]
+    _error(client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "exclude": ["zzz"]}), 422, "unknown_items")
+
+
+def test_nan_and_inf_are_rejected(client):
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        body = '{"item_ids": ["B00O47ILVA"], "timestamps": [' + literal + "]}"
+        r = client.post("/v1/users/u1/events", content=body, headers={"content-type": "application/json"})
+        _error(r, 422, "invalid_input")
+    _error(client.post("/v1/users/u1/events", json={"item_ids": ["B00O47ILVA"], "timestamps": [1, 2]}), 422)
+
+
+def test_unicode_ids_round_trip(client):
+    user = "usér-😀-דוד-\u200b"
+    assert client.post(f"/v1/users/{user}/events", json={"item_ids": ["B00O47ILVA"]}).status_code == 200
+    assert client.get(f"/v1/users/{user}/history").json()["item_ids"] == ["B00O47ILVA"]
+
+
+def _png(size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_items_bad_inputs(client):
+    _error(
+        client.post("/v1/items", content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
+    )
+    _error(
+        client.post(
+            "/v1/items",
+            data={"item_id": "x1", "text": "t"},
+            files={"image": ("a.jpg", b"definitely not an image", "image/jpeg")},
+        ),
+        422,
+        "invalid_image",
+    )
+    _error(
+        client.post(
+            "/v1/items", data={"item_id": "x1", "text": "t"}, files={"image": ("a.png", b"\0" * 300_000, "image/png")}
+        ),
+        413,
+        "payload_too_large",
+    )
+    _error(client.post("/v1/items", json={"item_id": "x2", "image_base64": "@@not-base64@@"}), 422)
+    _error(client.post("/v1/items", json={"item_id": "x3"}), 422)  # neither text nor image
+    _error(client.post("/v1/items", json={"text": "no id"}), 422)
+    _error(client.post("/v1/items", data={"item_id": "bad\x01id", "text": "t"}), 422)
+    # a decompression bomb: a tiny PNG that claims 20000 x 20000 pixels
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 200_000
+    _error(
+        client.post(
+            "/v1/items", data={"item_id": "bomb", "text": "t"}, files={"image": ("b.png", bomb.getvalue(), "image/png")}
+        ),
+        422,
+        "invalid_image",
+    )
+    assert client.get("/v1/items/bomb").status_code == 404  # nothing was added
+
+
+def test_json_ingest_with_base64(client):
+    import base64
+
+    r = client.post(
+        "/v1/items", json={"item_id": "b64-1", "text": "red square", "image_base64": base64.b64encode(_png()).decode()}
+    )
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == "/v1/items/b64-1"
+
+
+def test_body_limit_and_missing_resources(client):
+    _error(
+        client.post(
+            "/v1/recommend", content=b"{" + b" " * 1_100_000 + b"}", headers={"content-type": "application/json"}
+        ),
+        413,
+        "payload_too_large",
+    )
+    _error(client.get("/v1/items/does-not-exist"), 404, "not_found")
+    _error(client.delete("/v1/items/does-not-exist"), 404, "not_found")
+    _error(client.get("/v1/nothing-here"), 404)
+    _error(client.put("/v1/recommend", json={}), 405)
+
+
+def test_health_endpoints(client):
+    assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"]["redis"] == "ok"
+    client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 3})
+    text = client.get("/metrics").text
+    for stage in ("user_tower", "search", "request"):
+        assert f'missrec_stage_seconds_count{{stage="{stage}"}}' in text
+    assert "missrec_batch_size_count" in text
+
+
+def test_openapi_documents_every_route(client):
+    spec = client.get("/openapi.json").json()
+    paths = set(spec["paths"])
+    assert {
+        "/v1/recommend",
+        "/v1/recommend/batch",
+        "/v1/users/{user_id}/events",
+        "/v1/users/{user_id}/history",
+        "/v1/items",
+        "/v1/items/{item_id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= paths
+    body = spec["paths"]["/v1/items"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    json.dumps(spec)
+
+
+def test_batch_recommend_mixes_results_and_errors(client):
+    r = client.post(
+        "/v1/recommend/batch",
+        json={
+            "requests": [
+                {"history": ["B00O47ILVA"], "k": 2},
+                {"history": ["unknown-item"], "k": 2},
+            ]
+        },
+    )
+    assert r.status_code == 200
+    first, second = r.json()["results"]
+    assert len(first["items"]) == 2
+    assert second["error"]["code"] == "unknown_items"
+
+
+def test_api_key_protects_writes(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
+    app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, api_key="s3cret")
+    with TestClient(app) as c:
+        _error(c.post("/v1/users/u/events", json={"item_ids": ["B00O47ILVA"]}), 401, "unauthorized")
+        _error(c.post("/v1/users/u/events", json={"item_ids": ["B00O47ILVA"]}, headers={"X-API-Key": "nope"}), 401)
+        ok = c.post("/v1/users/u/events", json={"item_ids": ["B00O47ILVA"]}, headers={"X-API-Key": "s3cret"})
+        assert ok.status_code == 200
+        _error(c.delete("/v1/items/B00O47ILVA"), 401)
+        assert c.post("/v1/recommend", json={"user_id": "u", "k": 2}).status_code == 200  # reads stay open
