@@ -74,7 +74,7 @@ class Runtime:
             embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
             url = await asyncio.to_thread(embedded.start)
         timeout = settings.redis_timeout_seconds
-        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False)
+        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout)  # bounded: fail fast, no hangs
         client = (
             RedisCluster.from_url(url, **common) if settings.redis_cluster else aredis.Redis.from_url(url, **common)
         )

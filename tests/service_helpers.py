@@ -19,8 +19,7 @@ def make_app(bundle: Path, redis_url: str, key_prefix: str, tiny_clip: tuple[str
         clip_model=tiny_clip[0],
         clip_pretrained=tiny_clip[1],
         data_dir=tmp,
-        max_wait_ms=1.0,
-        **extra,
+        **({"max_wait_ms": 1.0} | extra),
     )
     return create_app(settings)
 

@@ -1,0 +1,182 @@
+"""Deployment properties: Redis Cluster, no torch on the recommend path, micro-batching under concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.embedded_redis import redis_server_binary
+from tests.service_helpers import make_app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """n ports whose cluster bus ports (port + 10000) are free too (a node dies if its bus port is unusable)."""
+    import random
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 40000)
+        if port not in ports and free(port) and free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """A real 3-master Redis Cluster on 127.0.0.1 (slots split evenly), started from the redis-server binary."""
+    base = tmp_path_factory.mktemp("cluster")
+    ports = _cluster_ports(3)
+    procs = []
+    for port in ports:
+        d = base / str(port)
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+    try:
+        clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+        deadline = time.monotonic() + 10
+        for c in clients:
+            while True:
+                try:
+                    c.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        bounds = [0, 5461, 10923, 16384]
+        for c, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
+            c.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        while time.monotonic() < deadline + 20:
+            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
+            text = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+            if all("cluster_state:ok" in t for t in text):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("cluster did not converge")
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(5)
+
+
+def test_service_runs_against_redis_cluster(redis_cluster, scientific_bundle, tiny_clip, tmp_path, abo_dir):
+    from tests.service_helpers import abo_products
+
+    app = make_app(scientific_bundle, redis_cluster, "missrec-cluster", tiny_clip, tmp_path, redis_cluster=True)
+    product = abo_products(abo_dir)[0]
+    users = [f"cluster-user-{i}" for i in range(20)]  # spread over many slots
+    with TestClient(app) as client:
+        for u in users:
+            r = client.post(
+                f"/v1/users/{u}/events",
+                json={"item_ids": ["B00O47ILVA", "B006ATU73A"]},
+                headers={"Idempotency-Key": f"k-{u}"},
+            )
+            assert r.status_code == 200, r.text
+            again = client.post(
+                f"/v1/users/{u}/events",
+                json={"item_ids": ["B00O47ILVA", "B006ATU73A"]},
+                headers={"Idempotency-Key": f"k-{u}"},
+            )
+            assert again.json()["duplicate"] is True
+        assert client.get(f"/v1/users/{users[3]}/history").json()["item_ids"] == ["B00O47ILVA", "B006ATU73A"]
+        assert len(client.post("/v1/recommend", json={"user_id": users[5], "k": 5}).json()["items"]) == 5
+        r = client.post(
+            "/v1/items",
+            data={"item_id": "cluster-item", "text": product["text"]},
+            files={"image": ("p.jpg", product["images"][0].read_bytes(), "image/jpeg")},
+        )
+        assert r.status_code == 201, r.text
+        assert client.get("/v1/readyz".replace("/v1", "")).status_code == 200
+    with TestClient(
+        make_app(scientific_bundle, redis_cluster, "missrec-cluster", tiny_clip, tmp_path, redis_cluster=True)
+    ) as client:  # replay from the cluster on restart
+        assert client.get("/v1/items/cluster-item").json()["source"] == "ingested"
+    # every user's keys live in one slot; item keys share the {items} slot
+    node = redis.RedisCluster.from_url(redis_cluster)
+    keys = [k.decode() for k in node.scan_iter(match="missrec-cluster:*")]
+    assert any(":{items}:" in k for k in keys) and any(":u:{" in k for k in keys)
+    node.close()
+
+
+def test_recommend_path_never_imports_torch(scientific_bundle, redis_url, tmp_path):
+    """With ingestion disabled the service process serves recommendations without importing torch."""
+    script = f"""
+import sys, json
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+app = create_app(Settings(bundle={str(scientific_bundle)!r}, redis_url={redis_url!r}, key_prefix="missrec-notorch",
+                          clip_pretrained=None, data_dir={str(tmp_path)!r}))
+with TestClient(app) as c:
+    c.post("/v1/users/nt/events", json={{"item_ids": ["B00O47ILVA"]}})
+    a = c.post("/v1/recommend", json={{"user_id": "nt", "k": 5}}).json()
+    b = c.post("/v1/recommend", json={{"history": ["B00O47ILVA"], "k": 5, "explain": True}}).json()
+    ingest = c.post("/v1/items", json={{"item_id": "x", "text": "t"}})
+print(json.dumps({{"torch": "torch" in sys.modules, "a": len(a["items"]), "b": len(b["items"]),
+                  "ingest": ingest.status_code, "code": ingest.json()["error"]["code"]}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"torch": False, "a": 5, "b": 5, "ingest": 503, "code": "ingestion_unavailable"}
+
+
+def test_concurrent_requests_are_micro_batched(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
+    import asyncio
+
+    import httpx
+
+    app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, max_wait_ms=20.0, max_batch_size=16)
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+        ):
+            bodies = [{"history": ["B00O47ILVA", "B006ATU73A"][: 1 + i % 2], "k": 5} for i in range(48)]
+            responses = await asyncio.gather(*(client.post("/v1/recommend", json=b) for b in bodies))
+            assert all(r.status_code == 200 for r in responses)
+            return (await client.get("/metrics")).text
+
+    text = asyncio.run(burst())  # lifespan and requests in one event loop
+    count = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("missrec_batch_size_count")))
+    total = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("missrec_batch_size_sum")))
+    assert total >= 48 and count < total, f"{count} batches for {total} requests: nothing was batched"
