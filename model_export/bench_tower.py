@@ -90,13 +90,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     rows = run(args)
-    table = Table(title=f"User tower: PyTorch eager vs ONNX Runtime (median ms; torch {torch.__version__}, "
-                  f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()})")
+    table = Table(
+        title=f"User tower: PyTorch eager vs ONNX Runtime (median ms; torch {torch.__version__}, "
+        f"onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
+    )
     for col in ("what", "length", "batch", "eager ms", "ORT ms", "eager ms/user", "ORT ms/user", "eager/ORT"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["what"], str(r["length"]), str(r["batch"]), f"{r['eager_ms']:.3f}", f"{r['ort_ms']:.3f}",
-                      f"{r['eager_ms_per_user']:.3f}", f"{r['ort_ms_per_user']:.3f}", f"{r['ratio']:.2f}x")
+        table.add_row(
+            r["what"],
+            str(r["length"]),
+            str(r["batch"]),
+            f"{r['eager_ms']:.3f}",
+            f"{r['ort_ms']:.3f}",
+            f"{r['eager_ms_per_user']:.3f}",
+            f"{r['ort_ms_per_user']:.3f}",
+            f"{r['ratio']:.2f}x",
+        )
     Console().print(table)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
