@@ -119,7 +119,8 @@ def _quickstart_bundle(root: Path, epochs: int) -> Path:
         data = root / "synthetic-data"
         if not (data / "Synthetic.train.inter").is_file():
             console.print("generating a SYNTHETIC dataset (set MISSREC_DATA to train on your own data)")
-            generate_synthetic(data, num_users=2000, num_items=1000, seed=0)
+            # small enough to train in about a minute on a laptop CPU
+            generate_synthetic(data, num_users=1200, num_items=800, max_seq_len=15, seed=0)
     ds = load_dataset(data)
     run = train_missrec(ds, TrainOptions(epochs=epochs, patience=3), "inductive")
     save_run(run, ds, root / "run", {"mode": "inductive", "quickstart": True})
@@ -132,7 +133,7 @@ def _quickstart_bundle(root: Path, epochs: int) -> Path:
 def quickstart(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    epochs: Annotated[int, typer.Option(help="Training epochs when a bundle has to be built.")] = 15,
+    epochs: Annotated[int, typer.Option(help="Training epochs when a bundle has to be built.")] = 8,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the bundle, then exit.")] = False,
 ) -> None:
     """The main job: build a bundle if none is configured (train on $MISSREC_DATA, else SYNTHETIC data), then
