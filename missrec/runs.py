@@ -41,16 +41,22 @@ def _metrics_only(m: dict[str, float]) -> dict[str, float]:
     return {k: m[k] for k in METRIC_KEYS}
 
 
-def build_missrec(ds: SeqDataset, mode: Mode = "inductive", seed: int = 0) -> MISSRec:
+def missrec_config(ds: SeqDataset, mode: Mode = "inductive", **overrides: Any) -> MISSRecConfig:
+    """The spec's architecture sized for ``ds`` (item count, feature widths, max length); overrides win."""
+    sizes = {
+        "num_items": ds.num_items,
+        "text_dim": ds.features["text"].shape[1] if "text" in ds.features else 0,
+        "image_dim": ds.features["image"].shape[1] if "image" in ds.features else 0,
+        "mode": mode,
+        "max_len": ds.max_len,
+    }
+    return MISSRecConfig(**(sizes | overrides))
+
+
+def build_missrec(ds: SeqDataset, mode: Mode = "inductive", seed: int = 0, **overrides: Any) -> MISSRec:
+    """A fresh MISSRec for ``ds`` (seeded), with the dataset's item features attached."""
     torch.manual_seed(seed)
-    cfg = MISSRecConfig(
-        num_items=ds.num_items,
-        text_dim=ds.features["text"].shape[1] if "text" in ds.features else 0,
-        image_dim=ds.features["image"].shape[1] if "image" in ds.features else 0,
-        mode=mode,
-        max_len=ds.max_len,
-    )
-    model = MISSRec(cfg)
+    model = MISSRec(missrec_config(ds, mode, **overrides))
     attach_features(model, ds)
     return model
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from missrec.checkpoint import attach_features
-from missrec.config import MISSRecConfig
 from missrec.data import SeqDataset, load_dataset
 from missrec.model import MISSRec
+from missrec.runs import build_missrec
 from missrec.synthetic import generate_synthetic
 
 
@@ -21,17 +18,5 @@ def tiny_dataset(root: Path, modalities: tuple[str, ...] = ("text", "image"), **
 
 
 def tiny_missrec(ds: SeqDataset, mode: str = "inductive", seed: int = 0, **cfg) -> MISSRec:
-    torch.manual_seed(seed)
-    config = MISSRecConfig(
-        num_items=ds.num_items,
-        text_dim=ds.features["text"].shape[1] if "text" in ds.features else 0,
-        image_dim=ds.features["image"].shape[1] if "image" in ds.features else 0,
-        mode=mode,
-        hidden=32,
-        ff_dim=48,
-        dropout=0.1,
-        **cfg,
-    )
-    model = MISSRec(config)
-    attach_features(model, ds)
-    return model
+    """A small MISSRec (hidden 32) for fast tests."""
+    return build_missrec(ds, mode, seed, **({"hidden": 32, "ff_dim": 48, "dropout": 0.1} | cfg))
