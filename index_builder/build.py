@@ -104,10 +104,7 @@ def default_search_params(index: faiss.Index) -> dict[str, int]:
     params: dict[str, int] = {}
     if isinstance(idx, faiss.IndexHNSW):
         params["efSearch"] = DEFAULT_EF_SEARCH
-    try:
-        ivf = faiss.extract_index_ivf(idx)
-    except RuntimeError:
-        ivf = None
+    ivf = faiss.try_extract_index_ivf(idx)  # None for non-IVF (no C++ exception: that crashed GPU builds)
     if ivf is not None:
         params["nprobe"] = int(min(ivf.nlist, max(8, ivf.nlist // 16)))
         if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
@@ -148,7 +145,9 @@ def build_from_vectors(
     Returns the index on the resolved device (search params applied) and its description.
     """
     n, dim = x.shape
-    index = to_device(make_index(dim, factory), device)
+    cpu_form = make_index(dim, factory)
+    search = default_search_params(cpu_form) | dict(params or {})  # from the structure: no GPU-to-CPU copy
+    index = to_device(cpu_form, device)
     device_used = "gpu" if type(index).__name__.startswith("Gpu") else "cpu"
     t0 = time.perf_counter()
     n_train = 0
@@ -164,7 +163,6 @@ def build_from_vectors(
             index.add(np.ascontiguousarray(x[start : start + chunk]))
             bar.update(min(chunk, n - start))
     build_s = time.perf_counter() - t0
-    search = default_search_params(index) | dict(params or {})
     apply_search_params(index, search)
     info = {
         "factory": factory,
