@@ -4,8 +4,11 @@ One :class:`Runtime` per app: Redis (external or embedded), the :class:`~service
 :class:`~service.engine.Engine` (bundle, item table, index, towers), the micro-batcher, the cold-start encoder,
 and the task that follows the item-event stream so every replica sees new and deleted items within a second.
 
-Redis outages: every Redis call has a bounded timeout; a failure becomes 503 ``redis_unavailable`` at once.
+Redis outages: every Redis call has a bounded timeout and at most one immediate retry (on a broken connection
+only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` within ``redis_timeout_seconds``.
 Recommendations from an explicit history need no Redis and keep working; by-user-id ones and writes do not.
+Redis down at start-up: the service starts unready (503 ``not_ready``; /readyz says why) and replays the stored
+items as soon as Redis answers, then turns ready by itself: no restart loop.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from service.batching import MicroBatcher
@@ -74,7 +80,10 @@ class Runtime:
             embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
             url = await asyncio.to_thread(embedded.start)
         timeout = settings.redis_timeout_seconds
-        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout)  # bounded: fail fast, no hangs
+        # Bounded: fail fast, no hangs. redis-py's default retries 10 times with backoff; retry once, at once, and
+        # only on a broken connection (a stale pooled one after Redis restarted, which a fresh one fixes).
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        common = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry)
         client = (
             RedisCluster.from_url(url, **common) if settings.redis_cluster else aredis.Redis.from_url(url, **common)
         )
@@ -94,13 +103,14 @@ class Runtime:
             on_batch=metrics.batch_size.observe,
         )
         rt._batcher.start()
-        await rt._replay_items()
-        rt._consumer = asyncio.get_running_loop().create_task(rt._follow_stream(), name="item-stream")
         await asyncio.to_thread(rt._load_encoder)
         if settings.warmup:
             await asyncio.to_thread(engine.warmup)
-        rt.ready = True
-        log.info("ready: bundle %s, %d live items, replica %s", engine.version, engine.live_count(), rt.replica_id)
+        try:
+            await rt._replay_items()  # ready from here on
+        except RedisError as exc:
+            log.warning("Redis unreachable at start-up (%s): unready until it answers", type(exc).__name__)
+        rt._consumer = asyncio.get_running_loop().create_task(rt._sync_items(), name="item-stream")
         return rt
 
     async def close(self) -> None:
@@ -136,14 +146,25 @@ class Runtime:
 
     # ----- item replay and replication ---------------------------------------------------------------------------
     async def _replay_items(self) -> None:
-        """Bring the index up to date with Redis: every ingested item and deletion, then follow the stream."""
-        try:
-            self._last_event = await self.store.last_event_id()
-            records = await self.store.all_items()
-        except RedisError as exc:
-            raise RuntimeError(f"cannot reach Redis at start-up: {exc}") from exc
+        """Bring the index up to date with Redis (every ingested item and deletion), then turn ready."""
+        self._last_event = await self.store.last_event_id()
+        records = await self.store.all_items()
         applied = await asyncio.to_thread(self.engine.apply_records, records)
         log.info("replayed %d item changes from Redis (%d applied)", len(records), applied)
+        self.ready = True
+        e = self.engine
+        log.info("ready: bundle %s, %d live items, replica %s", e.version, e.live_count(), self.replica_id)
+
+    async def _sync_items(self) -> None:
+        """Replay first if start-up could not (retrying while Redis is down), then follow the item stream."""
+        while not self.ready:
+            try:
+                await self._replay_items()
+            except RedisError as exc:
+                self.metrics.redis_errors.inc()
+                log.debug("replay: %s", exc)
+                await asyncio.sleep(0.2)
+        await self._follow_stream()
 
     async def _follow_stream(self) -> None:
         while True:
@@ -285,7 +306,10 @@ class Runtime:
 
     # ----- health ---------------------------------------------------------------------------------------------------
     async def readiness(self) -> dict[str, str]:
-        checks = {"bundle": f"loaded {self.engine.version}" if self.ready else "loading"}
+        checks = {
+            "bundle": f"loaded {self.engine.version}",
+            "items": "replayed from Redis" if self.ready else "waiting for Redis to replay the stored items",
+        }
         try:
             await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_seconds)
             checks["redis"] = "ok"

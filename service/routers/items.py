@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service.deps import RuntimeDep, WriteAccess
@@ -18,7 +20,7 @@ from service.schemas import ErrorResponse, Identifier, ItemCreated, ItemJSONRequ
 router = APIRouter(prefix="/v1/items", tags=["items"])
 ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External item id.")]
 _ID = TypeAdapter(Identifier)
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -43,10 +45,11 @@ _OPENAPI_BODY = {
 async def _read_multipart(request: Request, runtime: Runtime) -> tuple[str, str, bytes | None]:
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=runtime.settings.max_image_bytes + 1)
-    except MultiPartException as exc:
-        if "exceeded" in str(exc).lower() or "too large" in str(exc).lower():
-            raise PayloadTooLarge(f"multipart part too large: {exc}") from None
-        raise InvalidInput(f"malformed multipart body: {exc}") from None
+    except (MultiPartException, HTTPException) as exc:  # inside an app, Starlette re-raises parser errors as 400s
+        message = str(getattr(exc, "detail", exc))
+        if "exceeded" in message.lower() or "too large" in message.lower():
+            raise PayloadTooLarge(f"multipart part too large: {message}") from None
+        raise InvalidInput(f"malformed form body: {message}") from None
     item_id, text, image = form.get("item_id"), form.get("text", ""), form.get("image")
     if not isinstance(item_id, str) or not isinstance(text, str):
         raise InvalidInput("item_id and text must be form fields, not files")
@@ -100,7 +103,9 @@ async def ingest_item(request: Request, runtime: RuntimeDep) -> JSONResponse:
         image_cluster=record.ints.get("image_cluster"),
         replaced=replaced,
     )
-    return JSONResponse(status_code=201, content=body.model_dump(), headers={"Location": f"/v1/items/{item_id}"})
+    # Headers are latin-1: percent-encode the id (unicode ids are valid; the raw id made a 500 after the write).
+    location = f"/v1/items/{quote(item_id, safe='')}"
+    return JSONResponse(status_code=201, content=body.model_dump(), headers={"Location": location})
 
 
 @router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS)

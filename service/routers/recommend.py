@@ -20,7 +20,7 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/v1", tags=["recommend"])
-ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
 
 
 def to_response(rec: Recommendation, history_length: int, version: str) -> RecommendResponse:

@@ -11,7 +11,7 @@ from service.schemas import ErrorResponse, EventsRequest, EventsResponse, Histor
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 UserId = Annotated[Identifier, Path(description="External user id.")]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
 
 
 @router.post("/{user_id}/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WriteAccess])
