@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of the MISSRec service: locust traffic, service vs bare endpoint, scale and scale-out."""

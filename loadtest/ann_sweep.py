@@ -1,0 +1,84 @@
+"""Recall and single-query latency of the service's ANN retrieval path on a bundle, for REAL users, per IVF nprobe
+and candidate cap (what the service does per query: index_builder.retrieval.fused_topk, widening until its stop rule).
+
+    OMP_NUM_THREADS=1 flock /tmp/missrec-cpu.lock .venv/bin/python -m loadtest.ann_sweep --bundle runs/bundle-1m \\
+        --data ../shared/data/scientific --nprobe 16 32 64 --max-candidates 0 256 1024
+
+recall@10 = |fused top-10 via the index ∩ fused top-10 by brute force over every item| / 10 (the same measure as
+the index report of `missrec build-index`); latency = one user per call (batch 1), after discarded warm-up calls.
+Cap 0 = no cap (the service today: widen x4 from max(2k, 32) candidates until the stop rule holds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from index_builder.build import apply_search_params, load_index
+from index_builder.retrieval import fused_topk
+from index_builder.towers import load_towers
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtest.ann_sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="dataset of the real users (test histories)")
+    p.add_argument("--users", type=int, default=300)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--max-candidates", type=int, nargs="+", default=[0, 256, 1024])
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    from missrec.data import load_dataset
+
+    towers = load_towers(args.bundle, "cpu", 1)
+    index, info = load_index(args.bundle, "cpu")
+    gap = float(info["retrieval"]["max_gap"])
+    ds = load_dataset(args.data)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(ds.test), size=min(args.users, len(ds.test)), replace=False)
+    users = towers.user.encode([ds.test.histories[r, : ds.test.lengths[r]] for r in rows])
+    vectors, fusion = towers.table.vectors, towers.manifest.fusion_params
+    t0 = time.perf_counter()
+    exact = fused_topk(users, args.k, None, vectors, fusion, max_gap=gap)
+    exact_s = (time.perf_counter() - t0) / users.shape[0]
+    print(
+        f"{info['factory']} over {index.ntotal} items, {users.shape[0]} real users; brute force {1e3 * exact_s:.1f} ms"
+    )
+    print(f"{'nprobe':>6} {'cap':>6} {'recall@10':>9} {'mean cand':>9} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>7}")
+    results = []
+    for nprobe in args.nprobe:
+        apply_search_params(index, {"nprobe": nprobe})
+        for cap in args.max_candidates:
+            kw = {"max_gap": gap, "exact_index": False, "max_candidates": cap or None}
+            for b in range(5):  # warm-up
+                fused_topk(users[b : b + 1], args.k, index, vectors, fusion, **kw)
+            times, hits, cands = [], [], []
+            for b in range(users.shape[0]):
+                s = time.perf_counter()
+                got = fused_topk(users[b : b + 1], args.k, index, vectors, fusion, **kw)
+                times.append(time.perf_counter() - s)
+                hits.append(np.intersect1d(got.row(0)[0], exact.row(b)[0]).shape[0] / args.k)
+                cands.append(int(got.candidates[0]))
+            t = 1e3 * np.asarray(times)
+            row = {
+                "nprobe": nprobe, "max_candidates": cap or None, "recall@10": round(float(np.mean(hits)), 4),
+                "mean_candidates": round(float(np.mean(cands)), 1), "p50_ms": round(float(np.percentile(t, 50)), 2),
+                "p99_ms": round(float(np.percentile(t, 99)), 2), "mean_ms": round(float(t.mean()), 2),
+            }  # fmt: skip
+            results.append(row)
+            print(
+                f"{nprobe:>6} {cap or 'none':>6} {row['recall@10']:>9.4f} {row['mean_candidates']:>9.0f} "
+                f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['mean_ms']:>7.2f}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"index": info["factory"], "rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

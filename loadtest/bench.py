@@ -1,0 +1,269 @@
+"""One-command load benchmark: the service vs a bare FastAPI endpoint of the same shapes, at the same fixed rates.
+
+    flock /tmp/missrec-cpu.lock .venv/bin/python -m loadtest.bench --bundle runs/scientific-bundle \\
+        --data ../shared/data/scientific --abo ../shared/data/abo-samples --out runs/loadtest/scientific
+
+In one run on one machine: start Redis and the service (`missrec serve`, 1 uvicorn worker) on the bundle, seed the
+real users' histories through the events API, find the service's maximum throughput (closed loop, --sat-users
+clients without think time), drive it open loop at fixed rates (default: fractions of that maximum), measure
+ingest -> visible latency on the same replica and on a second one, then serve the bare app (loadtest/bare_app.py)
+the same way and drive it at the same rates. Prints the table (achieved req/s, p50/p95/p99 of both, the ratio of
+maximum throughputs), the service's own per-stage timings (/metrics) and CPU per request; flags runs whose load
+generator used more than 80 % of a core; writes CSVs, summary.json and latency.png under --out.
+
+CPU placement (default on machines with >= 2 cores): the service (or bare app) alone on --service-cpus with its
+thread pools sized to them; locust, Redis, the second replica and this script on --client-cpus. GPU paths:
+--onnx-provider cuda --faiss-device gpu (then usually --no-pin on a larger machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest import procs
+from loadtest.report import GEN_CPU_LIMIT, main_table, print_report, write_outputs
+from loadtest.stats import read_samples, stage_deltas
+from loadtest.traffic import DEFAULT_MIX
+
+log = logging.getLogger("loadtest.bench")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", type=Path, required=True, help="serving bundle (missrec export + build-index)")
+    p.add_argument("--data", type=Path, required=True, help="dataset whose real users drive the traffic")
+    p.add_argument("--abo", type=Path, default=None, help="ABO photos for ingests (default: none, no ingests)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (CSVs, summary.json, latency.png)")
+    p.add_argument("--rates", type=float, nargs="+", help="fixed target rates in req/s (default: fractions)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9, 1.1])
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per fixed-rate run (after warm-up)")
+    p.add_argument("--sat-duration", type=float, default=15.0, help="seconds of the closed-loop maximum run")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded at the start of every run")
+    p.add_argument("--users", type=int, default=4, help="locust users sharing an open-loop rate")
+    p.add_argument("--sat-users", type=int, default=32, help="concurrent closed-loop clients for the maximum")
+    p.add_argument("--mix", default=DEFAULT_MIX, help="relative weights of user, history, events, ingest")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--redis-url", default=None, help="use this Redis (default: start a redis-server)")
+    p.add_argument("--redis-fsync", default="always", choices=["always", "everysec"])
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=(os.cpu_count() or 1) >= 2)
+    p.add_argument("--service-cpus", default="0")
+    p.add_argument("--client-cpus", default="1")
+    p.add_argument("--onnx-provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--faiss-device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--clip-model", default="missrec-tiny-512", help="open_clip architecture for ingestion")
+    p.add_argument("--clip-pretrained", default=None, help="tag or checkpoint (default: random-init, saved once)")
+    p.add_argument("--ingest-probes", type=int, default=100, help="ingest -> visible measurements (0 = skip)")
+    p.add_argument("--other-replica", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="run the bare baseline")
+    p.add_argument("--max", action=argparse.BooleanOptionalAction, default=True, help="run the closed-loop maximum")
+    p.add_argument("--env", action="append", default=[], help="extra service setting, e.g. MISSREC_MAX_WAIT_MS=1")
+    p.add_argument("--ready-timeout", type=float, default=900.0)
+    args = p.parse_args(argv)
+    if not args.pin:
+        args.service_cpus = args.client_cpus = ""
+    return args
+
+
+# ----- set-up -----------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())  # fmt: skip
+    import psutil
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git": commit.stdout.strip(),
+    }
+
+
+def clip_checkpoint(model: str, cache: Path) -> str:
+    """A RANDOM-INIT open_clip checkpoint of ``model``, saved once under cache (no weights can be downloaded)."""
+    path = cache / f"clip-random-{model}.pt"
+    if not path.is_file():
+        from missrec.clip_encoder import save_random_init_checkpoint
+
+        save_random_init_checkpoint(model, path, seed=0)
+    return str(path.resolve())
+
+
+async def seed_histories(url: str, users: list[dict], concurrency: int = 8) -> int:
+    """Every user's history through POST /v1/users/{id}/events (what a production backfill would do)."""
+    from urllib.parse import quote
+
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+
+        async def one(u: dict) -> int:
+            async with sem:
+                r = await client.post(f"/v1/users/{quote(u['id'], safe='')}/events", json={"item_ids": u["history"]})
+                return r.status_code
+
+        codes = await asyncio.gather(*(one(u) for u in users))
+    bad = [c for c in codes if c != 200]
+    if bad:
+        raise RuntimeError(f"seeding histories: {len(bad)} calls failed (status {bad[0]})")
+    return len(codes)
+
+
+# ----- runs -------------------------------------------------------------------------------------------------------
+def one_run(name: str, url: str, rate: float, args, ctx: dict, scrape: bool) -> dict[str, Any]:
+    """A locust run against url; RunStats + CPU of every metered process + (service) per-stage deltas."""
+    before = httpx.get(f"{url}/metrics", timeout=10).text if scrape else ""
+    users = args.sat_users if rate <= 0 else args.users
+    duration = (args.sat_duration if rate <= 0 else args.duration) + args.warmup
+    samples = procs.run_locust(
+        url, ctx["traffic"], ctx["runs"] / name, rate=rate, users=users, duration=duration, mix=args.mix,
+        tag=f"{ctx['run_id']}-{name}", cpus=ctx["client_cpus"], meter=ctx["meter"], k=args.k,
+    )  # fmt: skip
+    stats = read_samples(samples, args.warmup)
+    after = httpx.get(f"{url}/metrics", timeout=10).text if scrape else ""
+    meter: procs.CpuMeter = ctx["meter"]
+    cpu = {p: meter.usage(p, stats.t_start, stats.t_stop) for p in meter.samples}
+    result = {"name": name, "stats": stats, "cpu": cpu, "stages": stage_deltas(before, after) if scrape else {}}
+    gen = cpu.get("locust") or 0.0
+    log.info(
+        "%-16s target %6.0f achieved %7.1f req/s  p50 %6.2f p95 %6.2f p99 %7.2f ms  errors %d  gen CPU %.0f%%%s",
+        name, rate, stats.achieved, stats.p50, stats.p95, stats.p99, stats.errors, 100 * gen,
+        "  GENERATOR-BOUND" if gen > GEN_CPU_LIMIT else "",
+    )  # fmt: skip
+    return result
+
+
+def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scrape: bool) -> list[dict]:
+    """Closed-loop maximum, then the fixed rates (given, or fractions of this target's maximum)."""
+    results = [one_run(f"{label}-max", url, 0.0, args, ctx, scrape)] if args.max or rates is None else []
+    if rates is None:
+        top = results[0]["stats"].achieved
+        rates = sorted({max(1.0, round(f * top)) for f in args.fractions})
+    for r in rates:
+        results.append(one_run(f"{label}-r{r:g}", url, r, args, ctx, scrape))
+    return results
+
+
+# ----- main -------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    began = time.monotonic()
+    out = args.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    run_id = f"lt{datetime.now(UTC):%m%d%H%M%S}{uuid.uuid4().hex[:4]}"
+    service_cpus, client_cpus = procs.parse_cpus(args.service_cpus), procs.parse_cpus(args.client_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    info = machine()
+    log.info("run %s on %s (%s cores), load average %s", run_id, info["cpu"], info["cores"], info["load_avg_at_start"])
+
+    from loadtest.traffic import build_traffic, write_traffic
+
+    bundle_ids = json.loads((args.bundle / "items/ids.json").read_text(encoding="utf-8"))
+    manifest = json.loads((args.bundle / "manifest.json").read_text(encoding="utf-8"))
+    traffic = build_traffic(args.data, bundle_ids, args.abo)
+    ctx: dict[str, Any] = {
+        "run_id": run_id, "traffic": write_traffic(out / "traffic.json", traffic), "runs": out / "runs",
+        "client_cpus": client_cpus,
+    }  # fmt: skip
+    log.info("traffic: %d real users, %d items, %d product photos", len(traffic["users"]), len(traffic["items"]),
+             len(traffic["products"]))  # fmt: skip
+    pretrained = args.clip_pretrained or clip_checkpoint(args.clip_model, out.parent)
+
+    children: list[procs.Child] = []
+    redis_server = None
+    try:
+        url_redis = args.redis_url
+        if not url_redis:
+            from service.embedded_redis import EmbeddedRedis
+
+            redis_server = EmbeddedRedis(out / "redis", port=procs.free_port(), fsync=args.redis_fsync)
+            url_redis = redis_server.start()
+            procs.pin(redis_server.process.pid, client_cpus)
+        env = {
+            "MISSREC_REDIS_URL": url_redis, "MISSREC_KEY_PREFIX": run_id, "MISSREC_DATA_DIR": str(out / "state"),
+            "MISSREC_CLIP_MODEL": args.clip_model, "MISSREC_CLIP_PRETRAINED": pretrained,
+            "MISSREC_ONNX_PROVIDER": args.onnx_provider, "MISSREC_FAISS_DEVICE": args.faiss_device,
+        }  # fmt: skip
+        env |= dict(e.split("=", 1) for e in args.env)
+        port = procs.free_port()
+        url = f"http://127.0.0.1:{port}"
+        svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus)
+        children.append(svc)
+        load_s = procs.wait_ready(url, svc, args.ready_timeout)
+        checks = httpx.get(f"{url}/readyz").json()["checks"]
+        log.info("service ready in %.1f s: %s", load_s, checks)
+        pids = {"service": svc.pid} | ({"redis": redis_server.process.pid} if redis_server else {})
+        with procs.CpuMeter(pids) as meter:
+            ctx["meter"] = meter
+            seeded = asyncio.run(seed_histories(url, traffic["users"]))
+            log.info("seeded %d user histories through the events API", seeded)
+            service_runs = drive("service", url, args.rates, args, ctx, scrape=True)
+            rates = [r["stats"].target for r in service_runs if r["stats"].target > 0]
+            ingest = None
+            if args.ingest_probes and traffic["products"]:
+                from loadtest.ingest_latency import measure
+
+                others = []
+                if args.other_replica:
+                    port_b = procs.free_port()
+                    b = procs.serve_service(args.bundle.resolve(), port_b, out / "logs", env, client_cpus, "replica-b")
+                    children.append(b)
+                    procs.wait_ready(f"http://127.0.0.1:{port_b}", b, args.ready_timeout)
+                    others.append(f"http://127.0.0.1:{port_b}")
+                ingest = measure(url, others, traffic["products"], n=args.ingest_probes, tag=f"{run_id}-probe")
+                log.info("ingest -> visible: %s", json.dumps(ingest))
+                for child in children[1:]:
+                    child.stop()
+            svc.stop()
+            bare_runs: list[dict] = []
+            if args.bare:
+                port = procs.free_port()
+                bare = procs.serve_bare(port, out / "logs", service_cpus)
+                children.append(bare)
+                procs.wait_ready(f"http://127.0.0.1:{port}", bare, 60)
+                meter.add("service", bare.pid)
+                bare_runs = drive("bare", f"http://127.0.0.1:{port}", rates, args, ctx, scrape=False)
+                bare.stop()
+        rows = main_table(service_runs, bare_runs)
+        summary = {
+            "run_id": run_id, "command": "python -m loadtest.bench " + " ".join(sys.argv[1:]), "machine": info,
+            "bundle": str(args.bundle),
+            "items": manifest["num_items"] - 1, "index": (manifest.get("index") or {}).get("factory"),
+            "index_params": (manifest.get("index") or {}).get("params"), "service_load_s": round(load_s, 1),
+            "readyz": checks, "pinning": {"service": service_cpus, "clients": client_cpus},
+            "settings": {k: v for k, v in env.items() if k not in ("MISSREC_REDIS_URL",)}, "mix": args.mix,
+            "rates": rates, "ingest": ingest, "table": rows,
+        }  # fmt: skip
+        summary |= print_report(rows, service_runs, bare_runs, ingest, args)
+        summary["elapsed_s"] = round(time.monotonic() - began, 1)
+        write_outputs(out, rows, service_runs, bare_runs, summary)
+        log.info("done in %.0f s; outputs in %s", summary["elapsed_s"], out)
+        return summary
+    finally:
+        for child in children:
+            child.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Child processes of a load test: the service, the bare app, Redis and locust, pinned to CPU sets, with CPU meters.
+
+Everything here talks to processes and HTTP only; nothing imports the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_cpus(text: str | None) -> list[int] | None:
+    """'0' / '0,1' / '0-3' -> [0] / [0, 1] / [0, 1, 2, 3]; None or '' -> None (no pinning)."""
+    if not text:
+        return None
+    cpus: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus += list(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin(pid: int, cpus: list[int] | None) -> None:
+    """Pin every thread of a running process to cpus (taskset -a), when given."""
+    if cpus and shutil.which("taskset"):
+        subprocess.run(["taskset", "-a", "-cp", ",".join(map(str, cpus)), str(pid)], check=True, capture_output=True)
+
+
+@dataclass
+class Child:
+    """A child process with its log file; stop() sends SIGTERM, then SIGKILL after a grace period."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s: killing it", self.name, grace)
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start(
+    name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, cpus: list[int] | None = None
+) -> Child:
+    """Start args (prefixed with taskset when cpus are given) with output to log_dir/name.log."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    if cpus and shutil.which("taskset"):
+        args = ["taskset", "-c", ",".join(map(str, cpus)), *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    with log_path.open("wb") as fh:
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    log.info("started %s (pid %d)%s: %s", name, proc.pid, f" on cpus {cpus}" if cpus else "", " ".join(args[-8:]))
+    return Child(name, proc, log_path)
+
+
+def thread_env(cpus: list[int] | None) -> dict[str, str]:
+    """Thread counts that match a pinned CPU set (ONNX Runtime, OpenMP/FAISS, torch, BLAS)."""
+    if not cpus:
+        return {}
+    n = str(len(cpus))
+    return {"MISSREC_ONNX_THREADS": n, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": n}
+
+
+def serve_service(
+    bundle: Path, port: int, log_dir: Path, env: dict[str, str], cpus: list[int] | None, name: str = "service"
+) -> Child:
+    """`missrec serve` (1 uvicorn worker), the production command."""
+    exe = str(Path(sys.executable).with_name("missrec"))
+    args = [exe, "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
+    return start(name, args, log_dir, env | thread_env(cpus), cpus)
+
+
+def serve_bare(port: int, log_dir: Path, cpus: list[int] | None) -> Child:
+    """The bare app served like the service (uvicorn, 1 worker, log level info: access log on)."""
+    args = [sys.executable, "-m", "uvicorn", "loadtest.bare_app:app", "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--workers", "1", "--log-level", "info", "--timeout-graceful-shutdown", "10"]
+    return start("bare", args, log_dir, thread_env(cpus), cpus)
+
+
+def wait_ready(url: str, child: Child | None = None, timeout: float = 600.0) -> float:
+    """Wait until GET url/readyz is 200; returns the seconds it took. Fails early if the child died."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
+
+
+@dataclass
+class CpuMeter:
+    """Samples the CPU time (user + system, all threads) of some processes every ``period`` seconds."""
+
+    pids: dict[str, int]
+    period: float = 0.2
+    samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self._procs = {name: psutil.Process(pid) for name, pid in self.pids.items()}
+        self.samples = {name: [] for name in self.pids}
+
+    def add(self, name: str, pid: int) -> None:
+        self._procs[name] = psutil.Process(pid)
+        self.samples[name] = []
+
+    def _sample(self) -> None:
+        now = time.time()
+        for name, p in list(self._procs.items()):
+            try:
+                t = p.cpu_times()
+                self.samples[name].append((now, t.user + t.system))
+            except psutil.Error:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self) -> CpuMeter:
+        self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def usage(self, name: str, t_from: float, t_to: float) -> float | None:
+        """Mean CPU use (1.0 = one core) of ``name`` between two wall-clock times (None without samples)."""
+        s = [x for x in self.samples.get(name, []) if t_from <= x[0] <= t_to]
+        if len(s) < 2 or s[-1][0] - s[0][0] <= 0:
+            return None
+        return (s[-1][1] - s[0][1]) / (s[-1][0] - s[0][0])
+
+    def seconds(self, name: str, t_from: float, t_to: float) -> float | None:
+        s = [x for x in self.samples.get(name, []) if t_from <= x[0] <= t_to]
+        return s[-1][1] - s[0][1] if len(s) >= 2 else None
+
+
+def locust_args(
+    host: str, traffic: Path, out_prefix: Path, *, rate: float, users: int, duration: float, mix: str, tag: str, k: int
+) -> list[str]:
+    """The headless locust command line of one run (samples to out_prefix.csv, locust's CSVs next to it)."""
+    args = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest/locustfile.py"), "--headless"]
+    args += ["-u", str(users), "-r", str(users), "-t", f"{duration:.0f}s", "--host", host, "--only-summary"]
+    args += ["--loglevel", "WARNING", "--csv", str(out_prefix), "--traffic", str(traffic), "--rate", str(rate)]
+    args += ["--samples-out", str(out_prefix.with_suffix(".csv")), "--mix", mix, "--tag", tag, "--k", str(k)]
+    return args
+
+
+def run_locust(
+    host: str,
+    traffic: Path,
+    out_prefix: Path,
+    *,
+    rate: float,
+    users: int,
+    duration: float,
+    mix: str,
+    tag: str,
+    cpus: list[int] | None,
+    meter: CpuMeter,
+    k: int = 10,
+) -> Path:
+    """One headless locust run (open loop at ``rate``, closed loop with ``users`` clients when rate is 0).
+
+    Writes out_prefix.csv (every request), out_prefix.json, out_prefix_stats.csv etc. (locust's own CSVs) and
+    returns the samples path. The generator's CPU is metered as 'locust'.
+    """
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    samples = out_prefix.with_suffix(".csv")
+    args = locust_args(host, traffic, out_prefix, rate=rate, users=users, duration=duration, mix=mix, tag=tag, k=k)
+    child = start(out_prefix.name, args, out_prefix.parent / "logs", {}, cpus)
+    meter.add("locust", child.pid)
+    try:
+        child.proc.wait(duration + 120)
+    finally:
+        child.stop()
+    if not samples.is_file():
+        raise RuntimeError(f"locust wrote no samples ({child.proc.returncode}):\n{child.tail()}")
+    return samples
