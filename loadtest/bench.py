@@ -96,6 +96,12 @@ def machine() -> dict[str, Any]:
     }
 
 
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident and peak resident memory (VmRSS, VmHWM) of a live process, MiB."""
+    fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+    return {k: round(int(fields[f].split()[0]) / 1024, 1) for k, f in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+
+
 def clip_checkpoint(model: str, cache: Path) -> str:
     """A RANDOM-INIT open_clip checkpoint of ``model``, saved once under cache (no weights can be downloaded)."""
     path = cache / f"clip-random-{model}.pt"
@@ -217,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
             seeded = asyncio.run(seed_histories(url, traffic["users"]))
             log.info("seeded %d user histories through the events API", seeded)
             service_runs = drive("service", url, args.rates, args, ctx, scrape=True)
+            memory = memory_mib(svc.pid)
+            log.info("service memory: %s", memory)
             rates = [r["stats"].target for r in service_runs if r["stats"].target > 0]
             ingest = None
             if args.ingest_probes and traffic["products"]:
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             "bundle": str(args.bundle),
             "items": manifest["num_items"] - 1, "index": (manifest.get("index") or {}).get("factory"),
             "index_params": (manifest.get("index") or {}).get("params"), "service_load_s": round(load_s, 1),
+            "service_memory": memory,
             "readyz": checks, "pinning": {"service": service_cpus, "clients": client_cpus},
             "settings": {k: v for k, v in env.items() if k not in ("MISSREC_REDIS_URL",)}, "mix": args.mix,
             "rates": rates, "ingest": ingest, "table": rows,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from index_builder.build import load_index
-from index_builder.bundle import ItemTable, Manifest
+from index_builder.bundle import BundleError, ItemTable, Manifest
 from index_builder.retrieval import fused_topk, is_exact_index
 from index_builder.towers import ItemArrays, Towers, load_towers
 from service.metrics import Metrics
@@ -84,6 +84,7 @@ class Engine:
         self.fusion = towers.manifest.fusion_params
         self.index = index
         self.index_exact = is_exact_index(index)
+        self.max_candidates = None if self.index_exact else settings.max_candidates
         # max_i ||t_i - v_i|| over the table: the tight fusion bound of the exactness proof. Cold items can only
         # raise it (see _append), never lower it.
         self.max_gap = float(index_info.get("retrieval", {}).get("max_gap", 2.0))
@@ -112,7 +113,10 @@ class Engine:
     @classmethod
     def load(cls, bundle: Path, settings: Settings, metrics: Metrics) -> Engine:
         towers = load_towers(bundle, settings.onnx_provider, settings.onnx_threads)
-        index, info = load_index(bundle, settings.faiss_device)
+        try:
+            index, info = load_index(bundle, settings.faiss_device, settings.index_params)
+        except ValueError as exc:  # a search parameter that does not apply to this index
+            raise BundleError(f"MISSREC_INDEX_PARAMS: {exc}") from None
         log.info("loaded bundle %s: %d items, index %s", bundle, towers.table.num_items, info.get("factory"))
         return cls(towers, index, info, settings, metrics)
 
@@ -303,6 +307,7 @@ class Engine:
                 deleted=self.deleted.view,
                 exact_index=self.index_exact,
                 max_gap=self.max_gap,
+                max_candidates=self.max_candidates,
                 explain=explain,
             )
         for b, (q, slot) in enumerate(zip(queries, slots, strict=True)):

@@ -36,8 +36,20 @@ class Settings(BaseSettings):
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
     onnx_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime intra-op threads (0 = library default).")
     faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
+    index_params: dict[str, float] = Field(
+        default_factory=dict,
+        description='FAISS search parameters over the bundle\'s recorded ones, e.g. {"nprobe": 128} (JSON).',
+    )
+    max_candidates: int | None = Field(
+        1024,
+        ge=16,
+        description="ANN indexes only: most candidates re-scored exactly per user (bounds the tail; unset = widen "
+        "until the stop rule holds). Exact indexes always widen until the top-k is proven.",
+    )
     max_batch_size: int = Field(64, ge=1, le=4096, description="Micro-batch size cap for the user tower + search.")
-    max_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a request may wait for batch-mates.")
+    max_wait_ms: float = Field(
+        0.0, ge=0, le=1000, description="How long a batch may linger for batch-mates (0: batches form from what queued)."
+    )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
 
     # --- cold-start ingestion ------------------------------------------------------------------------------

@@ -180,3 +180,27 @@ def test_concurrent_requests_are_micro_batched(scientific_bundle, redis_url, key
     count = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("missrec_batch_size_count")))
     total = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("missrec_batch_size_sum")))
     assert total >= 48 and count < total, f"{count} batches for {total} requests: nothing was batched"
+
+
+def test_ann_bundle_takes_search_params_and_caps_candidates(scientific_bundle, tmp_path):
+    import shutil
+
+    import faiss
+
+    from index_builder.build import build_index
+    from index_builder.bundle import BundleError
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+    ivf = tmp_path / "ivf"
+    shutil.copytree(scientific_bundle, ivf)
+    build_index(ivf, "IVF16,Flat", "cpu", progress=False)
+    settings = Settings(bundle=ivf, index_params={"nprobe": 5}, max_candidates=64)
+    engine = Engine.load(ivf, settings, Metrics())
+    assert not engine.index_exact and engine.max_candidates == 64
+    assert faiss.extract_index_ivf(engine.index).nprobe == 5
+    exact = Engine.load(scientific_bundle, Settings(bundle=scientific_bundle, max_candidates=64), Metrics())
+    assert exact.index_exact and exact.max_candidates is None  # exact search is never capped: it stays proven
+    with pytest.raises(BundleError, match="MISSREC_INDEX_PARAMS"):
+        Engine.load(ivf, Settings(bundle=ivf, index_params={"efSearch": 16}), Metrics())
