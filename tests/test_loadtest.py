@@ -153,3 +153,21 @@ def test_scale_bundle_keeps_real_items_and_builds_the_index(scientific_bundle, s
     assert info["ntotal"] == table.num_items and info["recall_report"]["source"] == "user vectors"
     assert manifest.index["factory"] == "IVF32,Flat" and manifest.index["params"]["nprobe"] == 8
     assert (out / "user_tower.onnx").read_bytes() == (scientific_bundle / "user_tower.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_scaleout_demo_two_replicas_one_redis(scientific_bundle, scientific_dir, abo_dir, tmp_path, capsys):
+    """The scale-out guide's local example, short: 2 replicas + Redis, locust on both, ingests seen across."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scaleout_demo", ROOT / "scripts" / "scaleout_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    args = ["--bundle", str(scientific_bundle), "--data", str(scientific_dir), "--abo", str(abo_dir)]
+    code = demo.main([*args, "--out", str(tmp_path / "so"), "--rate", "15", "--duration", "4", "--probes", "3"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
+    summary = json.loads((tmp_path / "so" / "summary.json").read_text())
+    assert summary["histories_shared"] and summary["total_achieved_rps"] > 20
+    assert summary["ingest_on_A_visible_on_B"]["count"] == 3 and summary["ingest_on_B_visible_on_A"]["count"] == 3
+    assert summary["ingest_on_A_visible_on_B"]["p99_ms"] < 1000  # the stream carries items across within 1 s
