@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--max-candidates", type=int, nargs="+", default=[0, 256, 1024])
+    p.add_argument(
+        "--one-search", action="store_true", help="also: a single search of cap candidates (initial width = cap)"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -50,12 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"{info['factory']} over {index.ntotal} items, {users.shape[0]} real users; brute force {1e3 * exact_s:.1f} ms"
     )
-    print(f"{'nprobe':>6} {'cap':>6} {'recall@10':>9} {'mean cand':>9} {'p50 ms':>7} {'p99 ms':>7} {'mean ms':>7}")
+    head = ("nprobe", 6), ("cap", 6), ("start", 5), ("recall@10", 9), ("mean cand", 9), ("p50 ms", 7), ("p99 ms", 7)
+    print(" ".join(f"{h:>{w}}" for h, w in head), f"{'mean ms':>7}")
     results = []
     for nprobe in args.nprobe:
         apply_search_params(index, {"nprobe": nprobe})
-        for cap in args.max_candidates:
-            kw = {"max_gap": gap, "exact_index": False, "max_candidates": cap or None}
+        runs = [(cap, None) for cap in args.max_candidates]
+        runs += [(cap, cap) for cap in args.max_candidates if cap and args.one_search]
+        for cap, start in runs:
+            kw = {"max_gap": gap, "exact_index": False, "max_candidates": cap or None, "initial_width": start}
             for b in range(5):  # warm-up
                 fused_topk(users[b : b + 1], args.k, index, vectors, fusion, **kw)
             times, hits, cands = [], [], []
@@ -67,14 +73,15 @@ def main(argv: list[str] | None = None) -> None:
                 cands.append(int(got.candidates[0]))
             t = 1e3 * np.asarray(times)
             row = {
-                "nprobe": nprobe, "max_candidates": cap or None, "recall@10": round(float(np.mean(hits)), 4),
+                "nprobe": nprobe, "max_candidates": cap or None, "initial_width": start,
+                "recall@10": round(float(np.mean(hits)), 4),
                 "mean_candidates": round(float(np.mean(cands)), 1), "p50_ms": round(float(np.percentile(t, 50)), 2),
                 "p99_ms": round(float(np.percentile(t, 99)), 2), "mean_ms": round(float(t.mean()), 2),
             }  # fmt: skip
             results.append(row)
             print(
-                f"{nprobe:>6} {cap or 'none':>6} {row['recall@10']:>9.4f} {row['mean_candidates']:>9.0f} "
-                f"{row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['mean_ms']:>7.2f}"
+                f"{nprobe:>6} {cap or 'none':>6} {start or '-':>5} {row['recall@10']:>9.4f} "
+                f"{row['mean_candidates']:>9.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['mean_ms']:>7.2f}"
             )
     if args.json:
         args.json.write_text(json.dumps({"index": info["factory"], "rows": results}, indent=2) + "\n")

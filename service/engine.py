@@ -30,6 +30,10 @@ from service.store import ItemRecord
 log = logging.getLogger(__name__)
 
 
+class IncompatibleItem(ValueError):
+    """An item stored in Redis that this bundle cannot serve (vector sizes of another model, or corrupt)."""
+
+
 @dataclass
 class Query:
     history: np.ndarray  # (L,) internal ids, oldest first; empty = no history
@@ -85,6 +89,10 @@ class Engine:
         self.index = index
         self.index_exact = is_exact_index(index)
         self.max_candidates = None if self.index_exact else settings.max_candidates
+        # An IVF search scans the same nprobe lists whatever the width: one search of the whole cap beats widening
+        # 32 -> 128 -> 512 -> 1024 (4 scans; measured in docs/benchmarks.md). HNSW's cost grows with the width.
+        ivf = "IVF" in str(index_info.get("factory", ""))
+        self.initial_width = self.max_candidates if ivf and self.max_candidates else None
         # max_i ||t_i - v_i|| over the table: the tight fusion bound of the exactness proof. Cold items can only
         # raise it (see _append), never lower it.
         self.max_gap = float(index_info.get("retrieval", {}).get("max_gap", 2.0))
@@ -212,8 +220,37 @@ class Engine:
             vec[f"{m}_cluster"] = np.int64(record.ints[f"{m}_cluster"])
         return vec
 
+    def record_problem(self, record: ItemRecord) -> str | None:
+        """Why a stored item cannot be served by this bundle (wrong or missing vector sizes), or None.
+
+        Records written by another bundle version are re-encoded from their raw CLIP features, so only those
+        must match; records of this version must also carry tokens and vectors of the hidden size."""
+        if record.deleted:
+            return None
+        dims = self.manifest.dims
+        need = {f"feature_{m}": int(dims[f"{m}_feature"]) for m in self.modalities}
+        if record.bundle_version == self.version:
+            need |= {"tokens": int(dims["hidden"])} | {f"vector_{m}": int(dims["hidden"]) for m in self.modalities}
+            missing = [f"{m}_cluster" for m in self.modalities if f"{m}_cluster" not in record.ints]
+            if missing:
+                return f"stored item {record.item_id!r} has no {', '.join(missing)}"
+        for name, size in need.items():
+            raw = record.arrays.get(name)
+            if raw is None or len(raw) != 4 * size:
+                got = "missing" if raw is None else f"{len(raw) / 4:g}-d"
+                return (
+                    f"stored item {record.item_id!r} (written by bundle {record.bundle_version or '?'}): {name} is "
+                    f"{got}, bundle {self.version} expects {size}-d"
+                )
+        return None
+
     def apply_records(self, records: list[ItemRecord]) -> int:
-        """Apply stored item changes (ingest or delete) newer than what this replica has; returns how many."""
+        """Apply stored item changes (ingest or delete) newer than what this replica has; returns how many.
+
+        Raises :class:`IncompatibleItem` (and applies none of ``records``) when one cannot be served."""
+        for record in records:
+            if problem := self.record_problem(record):
+                raise IncompatibleItem(problem)
         applied = 0
         with self.lock:
             for record in sorted(records, key=lambda r: r.version):
@@ -308,6 +345,7 @@ class Engine:
                 exact_index=self.index_exact,
                 max_gap=self.max_gap,
                 max_candidates=self.max_candidates,
+                initial_width=self.initial_width,
                 explain=explain,
             )
         for b, (q, slot) in enumerate(zip(queries, slots, strict=True)):

@@ -198,9 +198,9 @@ def test_ann_bundle_takes_search_params_and_caps_candidates(scientific_bundle, t
     build_index(ivf, "IVF16,Flat", "cpu", progress=False)
     settings = Settings(bundle=ivf, index_params={"nprobe": 5}, max_candidates=64)
     engine = Engine.load(ivf, settings, Metrics())
-    assert not engine.index_exact and engine.max_candidates == 64
+    assert not engine.index_exact and engine.max_candidates == 64 and engine.initial_width == 64  # IVF: one scan
     assert faiss.extract_index_ivf(engine.index).nprobe == 5
     exact = Engine.load(scientific_bundle, Settings(bundle=scientific_bundle, max_candidates=64), Metrics())
-    assert exact.index_exact and exact.max_candidates is None  # exact search is never capped: it stays proven
+    assert exact.index_exact and exact.max_candidates is None and exact.initial_width is None  # never capped
     with pytest.raises(BundleError, match="MISSREC_INDEX_PARAMS"):
         Engine.load(ivf, Settings(bundle=ivf, index_params={"efSearch": 16}), Metrics())
