@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(64, ge=1, le=4096, description="Micro-batch size cap for the user tower + search.")
     max_wait_ms: float = Field(
-        0.0, ge=0, le=1000, description="How long a batch may linger for batch-mates (0: batches are what queued)."
+        2.0, ge=0, le=1000, description="How long a batch may linger for batch-mates (0: batches are what queued)."
     )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
 
