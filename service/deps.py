@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.errors import Unauthorized, Unavailable
+from service.errors import Unauthorized, Unavailable, UnsupportedMedia
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -35,6 +35,14 @@ def require_api_key(
         raise Unauthorized("missing or wrong X-API-Key")
 
 
+def require_json(request: Request) -> None:
+    """415 for a JSON-body route called with another content type (else: a misleading 'not an object' 422)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMedia(f"send the body as application/json, not {media or 'no content type'}")
+
+
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 WriteAccess = Depends(require_api_key)
+JSONBody = Depends(require_json)

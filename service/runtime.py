@@ -198,6 +198,16 @@ class Runtime:
     # ----- recommendations -----------------------------------------------------------------------------------
     async def recommend(self, req: RecommendRequest) -> tuple[Recommendation, int]:
         started = time.perf_counter()
+        limits = self.settings
+        if req.k > limits.max_k:
+            if "k" in req.model_fields_set:
+                raise InvalidInput(f"k is {req.k}, at most {limits.max_k}", {"k": req.k, "max_k": limits.max_k})
+            req = req.model_copy(update={"k": limits.max_k})  # the default k never exceeds the configured cap
+        if req.history is not None and len(req.history) > limits.max_history:
+            raise InvalidInput(
+                f"history has {len(req.history)} items, at most {limits.max_history}",
+                {"history_length": len(req.history), "max_history": limits.max_history},
+            )
         if req.user_id is not None:
             with self.metrics.timed("history_read"):
                 try:

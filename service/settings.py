@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.schemas import MAX_HISTORY, MAX_K
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Each field is read from ``MISSREC_<FIELD>`` (e.g. ``MISSREC_REDIS_URL``)."""
@@ -62,8 +64,13 @@ class Settings(BaseSettings):
 
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")
-    max_k: int = Field(1000, ge=1, le=100_000)
-    max_history: int = Field(50, ge=1, le=10_000, description="Longest explicit history accepted in a request.")
+    max_k: int = Field(MAX_K, ge=1, le=MAX_K, description="Largest k accepted in a request (422 above).")
+    max_history: int = Field(
+        MAX_HISTORY,
+        ge=1,
+        le=MAX_HISTORY,
+        description="Longest explicit history accepted in a request (422 above); the model reads its last max_len.",
+    )
     max_batch_requests: int = Field(256, ge=1, description="Most recommendations in one batch call.")
     max_events: int = Field(1000, ge=1, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")

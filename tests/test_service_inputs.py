@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -211,3 +212,105 @@ def test_api_key_protects_writes(scientific_bundle, redis_url, key_prefix, tiny_
         assert ok.status_code == 200
         _error(c.delete("/v1/items/B00O47ILVA"), 401)
         assert c.post("/v1/recommend", json={"user_id": "u", "k": 2}).status_code == 200  # reads stay open
+
+
+def test_wrong_content_types_get_415(client):
+    calls = {
+        "/v1/recommend": {"history": ["B00O47ILVA"], "k": 2},
+        "/v1/recommend/batch": {"requests": [{"history": ["B00O47ILVA"], "k": 2}]},
+        "/v1/users/ctype-user/events": {"item_ids": ["B00O47ILVA"]},
+    }
+    for route, payload in calls.items():
+        body = json.dumps(payload)
+        for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+            err = _error(
+                client.post(route, content=body, headers={"content-type": media}), 415, "unsupported_media_type"
+            )
+            assert "application/json" in err["message"]
+        ok = client.post(route, content=body, headers={"content-type": "application/json; charset=utf-8"})
+        assert ok.status_code == 200, ok.text
+    item = json.dumps({"item_id": "ct-1", "text": "t"})
+    _error(client.post("/v1/items", content=item, headers={"content-type": ""}), 415, "unsupported_media_type")
+    _error(client.post("/v1/items", content=item, headers={"content-type": "multipart/form-data"}), 422)  # no boundary
+
+
+def test_json_ingest_rejects_non_images_bombs_and_truncated_photos(client, abo_dir):
+    import base64
+
+    def ingest(data: bytes):
+        return client.post(
+            "/v1/items", json={"item_id": "b64-bad", "text": "t", "image_base64": base64.b64encode(data).decode()}
+        )
+
+    err = _error(ingest(b"%PDF-1.4 not an image at all"), 422, "invalid_image")
+    assert "not a supported image" in err["message"]
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 Mpx in a few kB
+    err = _error(ingest(bomb.getvalue()), 422, "invalid_image")
+    assert "decompression bomb" in err["message"]
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(tiff, format="TIFF")  # a real image, but not an allowed format
+    assert "not a supported image" in _error(ingest(tiff.getvalue()), 422, "invalid_image")["message"]
+    photo = sorted(abo_dir.glob("*/*.jpg"))[0].read_bytes()  # a real ABO product photo, cut short
+    assert "corrupt or truncated" in _error(ingest(photo[: len(photo) // 2]), 422, "invalid_image")["message"]
+    assert client.get("/v1/items/b64-bad").status_code == 404  # nothing was stored
+
+
+def test_huge_histories_are_capped_or_refused(client):
+    import uuid
+
+    ids = [i for i in client.post("/v1/recommend", json={"history": [], "k": 1000}).json()["items"]]
+    ids = [i["item_id"] for i in ids]
+    user = f"huge-{uuid.uuid4().hex[:8]}"
+    r = client.post(f"/v1/users/{user}/events", json={"item_ids": ids})  # the most one call accepts
+    assert r.status_code == 200 and r.json()["appended"] == 1000 and r.json()["history_length"] == 50
+    assert client.get(f"/v1/users/{user}/history").json()["item_ids"] == ids[-50:]  # the newest 50, in order
+    explicit = client.post("/v1/recommend", json={"history": ids, "k": 5, "exclude_seen": False}).json()
+    by_user = client.post("/v1/recommend", json={"user_id": user, "k": 5, "exclude_seen": False}).json()
+    assert explicit["items"] == by_user["items"]  # a long explicit history is read like the stored one: its last 50
+    _error(client.post(f"/v1/users/{user}/events", json={"item_ids": ids + ids[:1]}), 422, "invalid_input")
+
+
+def test_k_bounds(client):
+    r = client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 1000})
+    assert r.status_code == 200 and len(r.json()["items"]) == 1000
+    for bad in ("1001", "0", "-1", "NaN", "Infinity", "-Infinity", "1e400", "null", '"many"', "[5]"):
+        body = '{"history": ["B00O47ILVA"], "k": ' + bad + "}"
+        _error(client.post("/v1/recommend", content=body, headers={"content-type": "application/json"}), 422)
+
+
+def test_limits_from_settings_are_enforced(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
+    """MISSREC_MAX_K and MISSREC_MAX_HISTORY lower the schema's bounds (they were accepted and then ignored)."""
+    app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, max_k=5, max_history=3, warmup=False)
+    history = ["B00O47ILVA", "B006ATU73A", "B00O47ILVA"]
+    with TestClient(app) as c:
+        assert len(c.post("/v1/recommend", json={"history": history, "k": 5}).json()["items"]) == 5
+        assert len(c.post("/v1/recommend", json={"history": history}).json()["items"]) == 5  # default 10 -> 5
+        err = _error(c.post("/v1/recommend", json={"history": history, "k": 6}), 422, "invalid_input")
+        assert err["details"] == {"k": 6, "max_k": 5}
+        err = _error(c.post("/v1/recommend", json={"history": [*history, "B006ATU73A"]}), 422, "invalid_input")
+        assert err["details"] == {"history_length": 4, "max_history": 3}
+        batch = c.post(
+            "/v1/recommend/batch", json={"requests": [{"history": history, "k": 2}, {"user_id": "u", "k": 9}]}
+        )
+        first, second = batch.json()["results"]
+        assert len(first["items"]) == 2 and second["error"]["code"] == "invalid_input"
+    with pytest.raises(ValueError, match="max_k"):
+        make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, max_k=1001)  # above the schema
+
+
+def test_odd_ids_round_trip(client):
+    """Ids are opaque strings: slashes, RTL marks, zero-width and astral characters work everywhere, and NFC / NFD
+    spellings are different ids (no silent normalisation). (No "%" here: TestClient unquotes paths twice.)"""
+    user = "tenant/42/usér-😀-\u200f"
+    assert client.post(f"/v1/users/{quote(user, safe='')}/events", json={"item_ids": ["B00O47ILVA"]}).status_code == 200
+    assert client.get(f"/v1/users/{quote(user, safe='')}/history").json()["item_ids"] == ["B00O47ILVA"]
+    assert client.post("/v1/recommend", json={"user_id": user, "k": 2}).json()["history_length"] == 1
+    nfc, nfd = "caf\u00e9/ü", "cafe\u0301/u\u0308"
+    r = client.post("/v1/items", json={"item_id": nfc, "text": "a unicode item"})
+    assert r.status_code == 201 and r.headers["location"] == f"/v1/items/{quote(nfc, safe='')}"
+    assert client.get(r.headers["location"]).json()["item_id"] == nfc
+    _error(client.get(f"/v1/items/{quote(nfd, safe='')}"), 404, "not_found")
+    body = client.post("/v1/recommend", json={"history": [nfc], "k": 3}).json()
+    assert body["history_length"] == 1 and nfc not in [i["item_id"] for i in body["items"]]
+    _error(client.post("/v1/recommend", json={"history": [nfd]}), 422, "unknown_items")

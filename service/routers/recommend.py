@@ -6,7 +6,7 @@ import asyncio
 
 from fastapi import APIRouter
 
-from service.deps import RuntimeDep
+from service.deps import JSONBody, RuntimeDep
 from service.engine import Recommendation
 from service.errors import ServiceError, error_body
 from service.schemas import (
@@ -37,14 +37,14 @@ def to_response(rec: Recommendation, history_length: int, version: str) -> Recom
     )
 
 
-@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
+@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[JSONBody])
 async def recommend(body: RecommendRequest, runtime: RuntimeDep) -> RecommendResponse:
     """Top-k items for a user id (history from Redis) or an explicit history of item ids (oldest first)."""
     rec, n = await runtime.recommend(body)
     return to_response(rec, n, runtime.engine.version)
 
 
-@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS)
+@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS, dependencies=[JSONBody])
 async def recommend_batch(body: BatchRecommendRequest, runtime: RuntimeDep) -> BatchRecommendResponse:
     """Many recommendations in one call; each result is a response or an error of the usual shape."""
     if len(body.requests) > runtime.settings.max_batch_requests:

@@ -5,16 +5,28 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path
+from starlette.convertors import PathConvertor, register_url_convertor
 
-from service.deps import RuntimeDep, WriteAccess
+from service.deps import JSONBody, RuntimeDep, WriteAccess
 from service.schemas import ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, Identifier
 
+
+class _AnyId(PathConvertor):
+    """Any characters, "/" and newlines included (or none), so every user id reaches validation (422 for an
+    empty id or control characters) instead of missing the route (``path``'s ``.*`` stops at a newline: 404)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anyid", _AnyId())
 router = APIRouter(prefix="/v1/users", tags=["users"])
 UserId = Annotated[Identifier, Path(description="External user id.")]
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 
 
-@router.post("/{user_id}/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WriteAccess])
+@router.post(
+    "/{user_id:anyid}/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WriteAccess, JSONBody]
+)
 async def append_events(
     user_id: UserId,
     body: EventsRequest,
@@ -33,7 +45,7 @@ async def append_events(
     )
 
 
-@router.get("/{user_id}/history", response_model=HistoryResponse, responses=ERRORS)
+@router.get("/{user_id:anyid}/history", response_model=HistoryResponse, responses=ERRORS)
 async def get_history(user_id: UserId, runtime: RuntimeDep) -> HistoryResponse:
     items, stamps = await runtime.history(user_id)
     return HistoryResponse(user_id=user_id, item_ids=items, timestamps=stamps)
