@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body, install_error_handlers
 from service.routers import health, items, recommend, users
-from service.runtime import Runtime
+from service.runtime import Runtime, StartupRefused
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,11 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await Runtime.start(settings)
+        try:
+            runtime = await Runtime.start(settings)
+        except StartupRefused as exc:  # one clear line (and a short traceback), not the loader's call stack
+            log.error("refusing to start: %s", exc)
+            raise StartupRefused(f"refusing to start: {exc}") from None
         app.state.runtime = runtime
         try:
             yield

@@ -9,6 +9,10 @@ only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` wit
 Recommendations from an explicit history need no Redis and keep working; by-user-id ones and writes do not.
 Redis down at start-up: the service starts unready (503 ``not_ready``; /readyz says why) and replays the stored
 items as soon as Redis answers, then turns ready by itself: no restart loop.
+
+Refusing to start (:class:`StartupRefused`, one clear line): a bundle that fails its checks (checksums, format
+version, shapes and dimensions, index size), or an item stored in Redis that the bundle cannot serve (CLIP
+features of another width): serving without it would silently drop a write that was acknowledged.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from index_builder.bundle import BundleError
 from service.batching import MicroBatcher
 from service.embedded_redis import EmbeddedRedis
-from service.engine import Engine, Query, Recommendation
+from service.engine import Engine, IncompatibleItem, Query, Recommendation
 from service.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
 from service.metrics import Metrics
 from service.schemas import RecommendRequest
@@ -43,6 +48,10 @@ from service.store import ItemRecord, Store
 log = logging.getLogger(__name__)
 
 STREAM_BLOCK_MS = 200
+
+
+class StartupRefused(RuntimeError):
+    """The service must not start: an invalid bundle, or items stored in Redis that this bundle cannot serve."""
 
 
 def redis_unavailable(exc: Exception) -> Unavailable:
@@ -62,6 +71,7 @@ class Runtime:
     encoder: Any = None
     encoder_error: str | None = None
     ready: bool = False
+    startup_error: str | None = None
     stream_healthy: bool = False
     _batcher: MicroBatcher[Query, Recommendation] | None = None
     _consumer: asyncio.Task[None] | None = None
@@ -72,8 +82,11 @@ class Runtime:
     async def start(cls, settings: Settings) -> Runtime:
         metrics = Metrics()
         if settings.bundle is None:
-            raise RuntimeError("no bundle configured: set MISSREC_BUNDLE (or use `missrec quickstart`)")
-        engine = await asyncio.to_thread(Engine.load, settings.bundle, settings, metrics)
+            raise StartupRefused("no bundle configured: set MISSREC_BUNDLE (or use `missrec quickstart`)")
+        try:
+            engine = await asyncio.to_thread(Engine.load, settings.bundle, settings, metrics)
+        except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
+            raise StartupRefused(f"invalid bundle {settings.bundle}: {exc}") from exc
         embedded = None
         url = settings.redis_url
         if not url:
@@ -110,6 +123,9 @@ class Runtime:
             await rt._replay_items()  # ready from here on
         except RedisError as exc:
             log.warning("Redis unreachable at start-up (%s): unready until it answers", type(exc).__name__)
+        except IncompatibleItem as exc:
+            await rt.close()
+            raise StartupRefused(rt._incompatible(exc)) from exc
         rt._consumer = asyncio.get_running_loop().create_task(rt._sync_items(), name="item-stream")
         return rt
 
@@ -164,7 +180,18 @@ class Runtime:
                 self.metrics.redis_errors.inc()
                 log.debug("replay: %s", exc)
                 await asyncio.sleep(0.2)
+            except IncompatibleItem as exc:  # found only now because Redis was down at start-up: stay unready
+                self.startup_error = self._incompatible(exc)
+                log.error("refusing to serve: %s", self.startup_error)
+                return
         await self._follow_stream()
+
+    def _incompatible(self, exc: IncompatibleItem) -> str:
+        return (
+            f"{exc}; bundle {self.engine.version} cannot serve the items stored under key prefix "
+            f"{self.settings.key_prefix!r} (serve the bundle that wrote them, use another key prefix, or delete "
+            "that item's key)"
+        )
 
     async def _follow_stream(self) -> None:
         while True:
@@ -318,7 +345,9 @@ class Runtime:
     async def readiness(self) -> dict[str, str]:
         checks = {
             "bundle": f"loaded {self.engine.version}",
-            "items": "replayed from Redis" if self.ready else "waiting for Redis to replay the stored items",
+            "items": "replayed from Redis"
+            if self.ready
+            else (self.startup_error or "waiting for Redis to replay the stored items"),
         }
         try:
             await asyncio.wait_for(self.store.ping(), self.settings.redis_timeout_seconds)
