@@ -54,8 +54,12 @@ class StartupRefused(RuntimeError):
     """The service must not start: an invalid bundle, or items stored in Redis that this bundle cannot serve."""
 
 
-def redis_unavailable(exc: Exception) -> Unavailable:
-    return Unavailable(f"Redis is unavailable: {type(exc).__name__}", code="redis_unavailable")
+def redis_unavailable(exc: Exception, retry_hint: str = "") -> Unavailable:
+    return Unavailable(f"Redis is unavailable: {type(exc).__name__}{retry_hint}", code="redis_unavailable")
+
+
+# A write that timed out may still run when Redis resumes (measured: a few per outage of a paused Redis).
+EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
 
 
 @dataclass
@@ -275,7 +279,7 @@ class Runtime:
             return await self.store.append_events(user_id, item_ids, timestamps, idempotency_key)
         except RedisError as exc:
             self.metrics.redis_errors.inc()
-            raise redis_unavailable(exc) from exc
+            raise redis_unavailable(exc, EVENTS_RETRY_HINT) from exc
 
     async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
         try:
