@@ -352,6 +352,9 @@ def run_outage(
         redis_server.pause()
     down = time.monotonic()
     time.sleep(outage_s)
+    # From here Redis may answer before `up` is stamped (start() polls PING every 20 ms): calls ending after this
+    # are not "during the outage" (measured: 8 of 2,878 by-user calls got a 200 in that gap once).
+    restarting = time.monotonic()
     if mode == "kill":
         redis_server.start()  # same port, same AOF: the data comes back
     else:
@@ -368,7 +371,7 @@ def run_outage(
     def outage_answer(c: Call) -> bool:
         return c.status == 503 and c.code == "redis_unavailable" and c.kind != "recommend_history"
 
-    during = [c for c in calls if c.start >= down and c.end <= up]
+    during = [c for c in calls if c.start >= down and c.end <= restarting]
     failed_after = [c for c in calls if c.start >= up and not ok(c)]
     acked = [c for c in calls if c.kind == "events" and c.status == 200]
     refused = [c for c in calls if c.kind == "events" and c.status == 503]
