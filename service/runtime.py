@@ -62,6 +62,20 @@ def redis_unavailable(exc: Exception, retry_hint: str = "") -> Unavailable:
 EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
 
 
+async def stop_task(task: asyncio.Task[Any], every_s: float = 0.5) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again while it runs on.
+
+    redis-py (8.1, Python 3.11) sometimes swallows a cancellation that lands inside a command: the item-stream
+    task then stays in its XREAD loop (measured: 1 to 6 lost in 100 to 150 cancels of such a loop), and a single
+    cancel-and-await waits for good (the likely cause of a shutdown that hung once in the fuzz test until
+    pytest-timeout, with the event loop idle)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("%s ended with %r", task.get_name(), task.exception())
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -80,6 +94,7 @@ class Runtime:
     _batcher: MicroBatcher[Query, Recommendation] | None = None
     _consumer: asyncio.Task[None] | None = None
     _last_event: str = "0-0"
+    _closing: bool = False
 
     # ----- lifecycle ----------------------------------------------------------------------------------------
     @classmethod
@@ -134,10 +149,9 @@ class Runtime:
         return rt
 
     async def close(self) -> None:
-        self.ready = False
+        self.ready, self._closing = False, True
         if self._consumer:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+            await stop_task(self._consumer)
         if self._batcher:
             await self._batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -177,7 +191,7 @@ class Runtime:
 
     async def _sync_items(self) -> None:
         """Replay first if start-up could not (retrying while Redis is down), then follow the item stream."""
-        while not self.ready:
+        while not self.ready and not self._closing:
             try:
                 await self._replay_items()
             except RedisError as exc:
@@ -188,7 +202,8 @@ class Runtime:
                 self.startup_error = self._incompatible(exc)
                 log.error("refusing to serve: %s", self.startup_error)
                 return
-        await self._follow_stream()
+        if not self._closing:
+            await self._follow_stream()
 
     def _incompatible(self, exc: IncompatibleItem) -> str:
         return (
@@ -198,7 +213,7 @@ class Runtime:
         )
 
     async def _follow_stream(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 events = await self.store.read_events(self._last_event, STREAM_BLOCK_MS)
                 self.stream_healthy = True

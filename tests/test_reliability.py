@@ -34,3 +34,32 @@ def test_redis_outage_under_load_fails_fast_and_recovers(mode, own_redis, scient
     assert report.failed_after_return == 0  # a stale pooled connection is retried once on a fresh one
     assert report.recovered_after_s < 1.0
     assert report.events_acknowledged > 10 and report.acknowledged_found == report.events_acknowledged
+
+
+def test_shutdown_survives_cancellations_that_redis_py_loses(
+    scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path
+):
+    """redis-py sometimes swallows a cancellation landing inside a command (a few in a hundred for the item-stream
+    XREAD loop, most often right after it starts); stopping the consumer must still end, every time."""
+    import asyncio
+    import random
+    import time
+
+    from service.runtime import stop_task
+
+    app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, warmup=False)
+    rng = random.Random(0)
+
+    async def scenario() -> int:
+        recancelled = 0
+        async with app.router.lifespan_context(app):  # leaving it closes the runtime: that must end too
+            rt = app.state.runtime
+            for _ in range(60):
+                await asyncio.sleep(rng.uniform(0, 0.05))
+                started = time.monotonic()
+                await asyncio.wait_for(stop_task(rt._consumer, every_s=0.3), 5)  # TimeoutError = a hang
+                recancelled += time.monotonic() - started > 0.3  # the first cancellation was lost
+                rt._consumer = asyncio.get_running_loop().create_task(rt._follow_stream())
+        return recancelled
+
+    print(f"stop_task had to cancel again {asyncio.run(scenario())} times in 60")
