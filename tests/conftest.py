@@ -72,15 +72,11 @@ def key_prefix(redis_url) -> Iterator[str]:
     """A fresh key prefix; every key under it is deleted after the test."""
     import uuid
 
-    import redis
+    from tests.helpers import drop_redis_keys
 
     prefix = f"missrec-test-{uuid.uuid4().hex[:10]}"
     yield prefix
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    drop_redis_keys(redis_url, prefix)
 
 
 # ----- artefacts built once per session from the REAL Scientific data ---------------------------------------------

@@ -20,3 +20,14 @@ def tiny_dataset(root: Path, modalities: tuple[str, ...] = ("text", "image"), **
 def tiny_missrec(ds: SeqDataset, mode: str = "inductive", seed: int = 0, **cfg) -> MISSRec:
     """A small MISSRec (hidden 32) for fast tests."""
     return build_missrec(ds, mode, seed, **({"hidden": 32, "ff_dim": 48, "dropout": 0.1} | cfg))
+
+
+def drop_redis_keys(redis_url: str, prefix: str) -> None:
+    """Delete every key under ``prefix:`` (test clean-up of a per-test or per-module key prefix)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()

@@ -13,6 +13,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.helpers import drop_redis_keys
 from tests.service_helpers import make_app
 
 KEY = f"key-{uuid.uuid4().hex}"
@@ -25,13 +26,7 @@ def keyed_app(scientific_bundle, redis_url, tiny_clip, tmp_path_factory):
     prefix = f"missrec-test-{uuid.uuid4().hex[:10]}"
     app = make_app(scientific_bundle, redis_url, prefix, tiny_clip, tmp_path_factory.mktemp("sec"), api_key=KEY)
     yield app
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    drop_redis_keys(redis_url, prefix)
 
 
 def _concrete(path: str) -> str:
