@@ -17,6 +17,8 @@ COPY pyproject.toml README.md ./
 COPY missrec ./missrec
 COPY model_export ./model_export
 COPY index_builder ./index_builder
+COPY serving_core ./serving_core
+COPY missrec_cli ./missrec_cli
 COPY service ./service
 COPY loadtest ./loadtest
 RUN python -m build --wheel --outdir /wheels

@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 
 from index_builder.build import apply_search_params, build_from_vectors, index_vectors
-from index_builder.bundle import Fusion
-from index_builder.fusion import deviation_bound, max_modality_gap
-from index_builder.retrieval import TopK, fused_topk
+from serving_core.bundle import MISSREC_FUSION, Scorer
+from serving_core.scoring import ItemScorer, measured_max_gap
+from serving_core.topk import SearchOptions, TopK, top_k
 
 log = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -177,11 +177,12 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     cat = synthetic_catalog(n, args.dim, seed=args.seed)
     users = synthetic_users(cat, args.queries, seed=args.seed + 1)
-    fusion = Fusion(("text", "image"), args.alpha, 0.07, False)
-    gap = max_modality_gap(cat.vectors, fusion)
+    scorer = Scorer(MISSREC_FUSION, ("text", "image"), args.alpha, 0.07)
+    gap = measured_max_gap(scorer, cat.vectors)
+    items = ItemScorer(scorer, cat.vectors, max_gap=gap)
     console.log(
         f"SYNTHETIC {n:,} x {args.dim}: generated in {time.perf_counter() - t0:.1f}s; alpha {args.alpha}, "
-        f"bound {fusion.bound:.3f}, max |t-v| {gap:.3f} -> tight bound {deviation_bound(fusion, gap):.3f}"
+        f"bound {scorer.fusion.bound:.3f}, max |t-v| {gap:.3f} -> tight bound {items.bound(1.0):.3f}"
     )
     rows: list[dict[str, Any]] = []
     specs = [AnnSpec("Flat")] + [AnnSpec.parse(s) for s in (args.ann or DEFAULT_ANN.get(n, DEFAULT_ANN[100_000]))]
@@ -202,14 +203,11 @@ def bench_size(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 
             for cap in caps:
                 search = partial(
-                    fused_topk,
+                    top_k,
                     k=args.k,
                     index=index,
-                    vectors=cat.vectors,
-                    fusion=fusion,
-                    exact_index=exact,
-                    max_candidates=cap,
-                    max_gap=gap,
+                    items=items,
+                    options=SearchOptions(exact_index=exact, max_candidates=cap),
                 )
                 timings, res = time_search(search, users, args.single, args.batch, args.warmup)
                 if ref is None:

@@ -1,9 +1,9 @@
-"""Build, store and load the FAISS index over the bundle's static retrieval vectors (inner product; CPU or GPU).
+"""Build and store the FAISS index over a bundle's static retrieval vectors (inner product; CPU or GPU).
 
 FAISS id = item table row = internal item id. Row 0 (padding) is stored as a zero vector so that ids stay equal
 to rows without an id map (appending a cold-start item is a plain ``index.add``); retrieval excludes row 0 always.
 Index types are named by index_factory strings ("Flat" = exact, "HNSW32", "IVF1024,Flat", "IVF4096,PQ30x8", ...).
-The stored index is always the CPU form; ``load_index(..., device="gpu")`` moves it to the GPU.
+The index is described once, in manifest.index; loading it for serving is serving_core.index.load_index.
 
     python -m index_builder.build BUNDLE [--factory HNSW32] [--device auto|cpu|gpu] [--param efSearch=128]
 """
@@ -11,6 +11,7 @@ The stored index is always the CPU form; ``load_index(..., device="gpu")`` moves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,70 +24,24 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from index_builder.bundle import (
+from serving_core.bundle import (
     INDEX_DIR,
-    BundleError,
-    Fusion,
+    INDEX_FILE,
+    BundleWriter,
+    IndexInfo,
+    Scorer,
     read_item_table,
     read_manifest,
+    static_vectors,
     verify_checksums,
 )
-from index_builder.bundle import finalize as finalize_manifest
-from index_builder.fusion import deviation_bound, max_modality_gap
-from index_builder.retrieval import fused_topk, is_exact_index
+from serving_core.index import DEVICES, apply_search_params, default_search_params, to_cpu, to_device
+from serving_core.scoring import ItemScorer, measured_max_gap
+from serving_core.topk import SearchOptions, is_exact_index, top_k
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = f"{INDEX_DIR}/index.faiss"
-INFO_FILE = f"{INDEX_DIR}/index.json"
-DEVICES = ("auto", "cpu", "gpu")
-DEFAULT_EF_SEARCH = 128
-_GPU: dict[str, Any] = {}  # one StandardGpuResources per process; GPU indexes must not outlive it
-
-
-class DeviceError(ValueError):
-    """The requested FAISS device is not available here."""
-
-
-# ----- device -----------------------------------------------------------------------------------------------
-def gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'gpu' when this FAISS build sees a GPU, else 'cpu'; 'gpu' without one -> DeviceError."""
-    if device not in DEVICES:
-        raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if device == "auto":
-        return "gpu" if gpu_available() else "cpu"
-    if device == "gpu" and not gpu_available():
-        build = "GPU build" if hasattr(faiss, "StandardGpuResources") else "CPU-only build (faiss-cpu)"
-        raise DeviceError(
-            f"device 'gpu' requested but FAISS {faiss.__version__} ({build}) sees {faiss.get_num_gpus()} GPUs; "
-            "install faiss-gpu on a CUDA machine or use --device cpu (or auto)"
-        )
-    return device
-
-
-def to_device(index: faiss.Index, device: str) -> faiss.Index:
-    """The CPU index itself for 'cpu'; a GPU copy for 'gpu' (DeviceError when FAISS has no GPU version of this
-    index type, e.g. HNSW); 'auto' falls back to the CPU index in that case."""
-    if resolve_device(device) == "cpu":
-        return index
-    if "res" not in _GPU:
-        _GPU["res"] = faiss.StandardGpuResources()
-    try:
-        return faiss.index_cpu_to_gpu(_GPU["res"], 0, index)
-    except RuntimeError as exc:
-        kind = type(faiss.downcast_index(index)).__name__
-        if device == "auto":
-            log.warning("%s has no FAISS GPU implementation; staying on CPU", kind)
-            return index
-        raise DeviceError(f"{kind} has no FAISS GPU implementation: {exc}") from None
-
-
-def to_cpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_gpu_to_cpu(index) if type(index).__name__.startswith("Gpu") else index
+__all__ = ["DEVICES", "build_from_vectors", "build_index", "index_vectors", "make_index", "recall_report"]
 
 
 # ----- index construction -----------------------------------------------------------------------------------
@@ -96,30 +51,6 @@ def make_index(dim: int, factory: str) -> faiss.Index:
         return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise ValueError(f"invalid FAISS index_factory string {factory!r} for dimension {dim}: {exc}") from None
-
-
-def default_search_params(index: faiss.Index) -> dict[str, int]:
-    """Search-time parameters for an index: efSearch for HNSW, nprobe for IVF (none for flat)."""
-    idx = faiss.downcast_index(to_cpu(index))
-    params: dict[str, int] = {}
-    if isinstance(idx, faiss.IndexHNSW):
-        params["efSearch"] = DEFAULT_EF_SEARCH
-    ivf = faiss.try_extract_index_ivf(idx)  # None for non-IVF (no C++ exception: that crashed GPU builds)
-    if ivf is not None:
-        params["nprobe"] = int(min(ivf.nlist, max(8, ivf.nlist // 16)))
-        if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
-            params["quantizer_efSearch"] = DEFAULT_EF_SEARCH
-    return params
-
-
-def apply_search_params(index: faiss.Index, params: Mapping[str, float]) -> None:
-    """Set search parameters by name (ParameterSpace names: efSearch, nprobe, quantizer_efSearch, ...)."""
-    space = faiss.GpuParameterSpace() if type(index).__name__.startswith("Gpu") else faiss.ParameterSpace()
-    for name, value in params.items():
-        try:
-            space.set_index_parameter(index, name, float(value))
-        except RuntimeError as exc:
-            raise ValueError(f"search parameter {name}={value} does not apply to this index: {exc}") from None
 
 
 def index_vectors(static: np.ndarray) -> np.ndarray:
@@ -195,19 +126,16 @@ def recall_report(
     index: faiss.Index,
     x: np.ndarray,
     queries: np.ndarray,
-    vectors: Mapping[str, np.ndarray],
-    fusion: Fusion,
+    items: ItemScorer,
     *,
-    id_vectors: np.ndarray | None = None,
     ks: tuple[int, ...] = (10, 100),
     fused_k: int = 10,
-    max_gap: float = 2.0,
     max_candidates: int | None = None,
 ) -> dict[str, Any]:
     """Recall of the index vs exact search, on queries (Q, D).
 
     static_recall@k: |ANN static top-k ∩ exact static top-k| / k (x (N, D) = the indexed vectors);
-    fused_recall@fused_k: |fused top-k from ANN candidates + exact re-scoring ∩ brute-force fused top-k| / k.
+    fused_recall@fused_k: |top-k from ANN candidates + exact re-scoring ∩ brute-force top-k| / k.
     """
     kmax = max(ks)
     _, exact_static = faiss.knn(queries, x, kmax, metric=faiss.METRIC_INNER_PRODUCT)
@@ -216,11 +144,8 @@ def recall_report(
     for k in ks:
         hits = [np.intersect1d(a[:k], e[:k]).shape[0] for a, e in zip(ann_static, exact_static, strict=True)]
         report[f"static_recall@{k}"] = round(float(np.mean(hits)) / k, 4)
-    common = {"id_vectors": id_vectors, "max_gap": max_gap}
-    exact = fused_topk(queries, fused_k, None, vectors, fusion, **common)
-    ann = fused_topk(
-        queries, fused_k, index, vectors, fusion, exact_index=False, max_candidates=max_candidates, **common
-    )
+    exact = top_k(queries, fused_k, None, items)
+    ann = top_k(queries, fused_k, index, items, options=SearchOptions(exact_index=False, max_candidates=max_candidates))
     hits = [np.intersect1d(ann.row(b)[0], exact.row(b)[0]).shape[0] for b in range(queries.shape[0])]
     report[f"fused_recall@{fused_k}"] = round(float(np.mean(hits)) / fused_k, 4)
     report["mean_candidates"] = round(float(ann.candidates.mean()), 1)
@@ -242,30 +167,27 @@ def build_index(
     chunk: int = 100_000,
     seed: int = 0,
     progress: bool | None = None,
-) -> dict[str, Any]:
-    """Build the index of a bundle, write index/index.faiss + index/index.json, re-finalize the manifest.
+) -> IndexInfo:
+    """Build the index of a bundle, write index/index.faiss and re-finalize the manifest with its description.
 
     Needs only manifest.json and items/ (not the ONNX towers). user_vectors (Q, D): real user vectors for the
     recall report; without them, item-based pseudo-queries (see :func:`pseudo_queries`). Flat needs no report.
-    Returns the index description, also stored as manifest.index.
     """
     root = Path(bundle_dir)
     manifest = verify_checksums(root, read_manifest(root))
     table = read_item_table(root, manifest)
-    fusion = manifest.fusion_params
-    x = index_vectors(table.static_vectors(fusion))
-    index, info = build_from_vectors(
+    scorer: Scorer = manifest.scorer
+    x = index_vectors(static_vectors(scorer, table.vectors, table.id_vectors))
+    index, built = build_from_vectors(
         x, factory, device, params=params, train_size=train_size, chunk=chunk, seed=seed, progress=progress
     )
-    gap = max_modality_gap(table.vectors, fusion)
-    info["retrieval"] = {
-        "rescore_weight": fusion.rescore_weight,
-        "bound": fusion.bound,
-        "max_gap": gap,
-        "tight_bound": deviation_bound(fusion, gap),
-    }
-    if info["exact"]:
-        info["recall_report"] = {"exact": True}
+    gap = measured_max_gap(scorer, table.vectors)
+    items = ItemScorer(scorer, table.vectors, table.id_vectors, gap)
+    details = {k: v for k, v in built.items() if k not in ("factory", "ntotal", "dim", "exact", "params", "metric")}
+    loose = ItemScorer(scorer, table.vectors, table.id_vectors)  # max_gap 2: valid for any unit vectors
+    details["retrieval"] = {"scorer": scorer.kind, "bound": loose.bound(1.0), "tight_bound": items.bound(1.0)}
+    if built["exact"]:
+        details["recall_report"] = {"exact": True}
     else:
         if user_vectors is not None:
             queries = np.ascontiguousarray(user_vectors[:recall_queries], dtype=np.float32)
@@ -274,44 +196,23 @@ def build_index(
             queries = pseudo_queries(x, recall_queries, seed)
             source = "item-based pseudo-queries"
         ks = tuple(k for k in recall_ks if k < x.shape[0]) or (min(recall_ks[0], x.shape[0] - 1),)
-        info["recall_report"] = {"source": source, "exact": False} | recall_report(
-            index, x, queries, table.vectors, fusion, id_vectors=table.id_vectors, ks=ks, max_gap=gap
-        )
+        details["recall_report"] = {"source": source, "exact": False} | recall_report(index, x, queries, items, ks=ks)
+    info = IndexInfo(
+        factory=factory,
+        ntotal=built["ntotal"],
+        dim=built["dim"],
+        exact=built["exact"],
+        params=built["params"],
+        max_gap=gap,
+        details=details,
+    )
     (root / INDEX_DIR).mkdir(exist_ok=True)
     tmp = root / (INDEX_FILE + ".tmp")
     faiss.write_index(to_cpu(index), str(tmp))
     os.replace(tmp, root / INDEX_FILE)
-    tmp = root / (INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, root / INFO_FILE)
-    manifest.index = info
-    finalize_manifest(root, manifest)
-    log.info("index %s: %d vectors, %s", factory, info["ntotal"], info["recall_report"])
+    BundleWriter(root).finalize(dataclasses.replace(manifest, index=info))
+    log.info("index %s: %d vectors, %s", factory, info.ntotal, details["recall_report"])
     return info
-
-
-def load_index(
-    bundle_dir: str | Path, device: str = "cpu", params: Mapping[str, float] | None = None
-) -> tuple[faiss.Index, dict[str, Any]]:
-    """Read index/index.faiss (+ its description), apply the recorded (or given) search params, move to device.
-
-    Checks that the index is listed in the manifest and agrees with it; checksums are the caller's start-up
-    check (index_builder.bundle.verify_checksums / load_validated).
-    """
-    root = Path(bundle_dir)
-    manifest = read_manifest(root)
-    if INDEX_FILE not in manifest.files or not (root / INDEX_FILE).is_file():
-        raise BundleError(f"bundle {root} has no {INDEX_FILE} (run python -m index_builder.build {root})")
-    info = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
-    index = faiss.read_index(str(root / INDEX_FILE))
-    if index.ntotal != manifest.num_items or index.d != manifest.dims["hidden"]:
-        raise BundleError(
-            f"{INDEX_FILE}: {index.ntotal} x {index.d} vectors, manifest says {manifest.num_items} x "
-            f"{manifest.dims['hidden']}"
-        )
-    index = to_device(index, device)
-    apply_search_params(index, info.get("params", {}) | dict(params or {}))
-    return index, info
 
 
 def _param(text: str) -> tuple[str, float]:
@@ -342,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         recall_queries=args.recall_queries,
         seed=args.seed,
     )
-    print(json.dumps(info, indent=2, sort_keys=True))
+    print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

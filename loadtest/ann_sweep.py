@@ -1,5 +1,5 @@
 """Recall and single-query latency of the service's ANN retrieval path on a bundle, for REAL users, per IVF nprobe
-and candidate cap (what the service does per query: index_builder.retrieval.fused_topk, widening until its stop rule).
+and candidate cap (what the service does per query: serving_core.topk.top_k, widening until its stop rule).
 
     OMP_NUM_THREADS=1 flock /tmp/missrec-cpu.lock .venv/bin/python -m loadtest.ann_sweep --bundle runs/bundle-1m \\
         --data ../shared/data/scientific --nprobe 16 32 64 --max-candidates 0 256 1024
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.build import apply_search_params, load_index
-from index_builder.retrieval import fused_topk
-from index_builder.towers import load_towers
+from serving_core.index import apply_search_params, load_index
+from serving_core.scoring import ItemScorer
+from serving_core.topk import SearchOptions, top_k
+from serving_core.towers import load_towers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,19 +41,17 @@ def main(argv: list[str] | None = None) -> None:
     from missrec.data import load_dataset
 
     towers = load_towers(args.bundle, "cpu", 1)
-    index, info = load_index(args.bundle, "cpu")
-    gap = float(info["retrieval"]["max_gap"])
+    index, info = load_index(args.bundle, towers.manifest, "cpu")
     ds = load_dataset(args.data)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(ds.test), size=min(args.users, len(ds.test)), replace=False)
     users = towers.user.encode([ds.test.histories[r, : ds.test.lengths[r]] for r in rows])
-    vectors, fusion = towers.table.vectors, towers.manifest.fusion_params
+    table = towers.table
+    items = ItemScorer(towers.manifest.scorer, table.vectors, table.id_vectors, info.max_gap)
     t0 = time.perf_counter()
-    exact = fused_topk(users, args.k, None, vectors, fusion, max_gap=gap)
+    exact = top_k(users, args.k, None, items)
     exact_s = (time.perf_counter() - t0) / users.shape[0]
-    print(
-        f"{info['factory']} over {index.ntotal} items, {users.shape[0]} real users; brute force {1e3 * exact_s:.1f} ms"
-    )
+    print(f"{info.factory} over {index.ntotal} items, {users.shape[0]} real users; brute force {1e3 * exact_s:.1f} ms")
     head = ("nprobe", 6), ("cap", 6), ("start", 5), ("recall@10", 9), ("mean cand", 9), ("p50 ms", 7), ("p99 ms", 7)
     print(" ".join(f"{h:>{w}}" for h, w in head), f"{'mean ms':>7}")
     results = []
@@ -61,13 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         runs = [(cap, None) for cap in args.max_candidates]
         runs += [(cap, cap) for cap in args.max_candidates if cap and args.one_search]
         for cap, start in runs:
-            kw = {"max_gap": gap, "exact_index": False, "max_candidates": cap or None, "initial_width": start}
+            opts = SearchOptions(exact_index=False, max_candidates=cap or None, initial_width=start)
             for b in range(5):  # warm-up
-                fused_topk(users[b : b + 1], args.k, index, vectors, fusion, **kw)
+                top_k(users[b : b + 1], args.k, index, items, options=opts)
             times, hits, cands = [], [], []
             for b in range(users.shape[0]):
                 s = time.perf_counter()
-                got = fused_topk(users[b : b + 1], args.k, index, vectors, fusion, **kw)
+                got = top_k(users[b : b + 1], args.k, index, items, options=opts)
                 times.append(time.perf_counter() - s)
                 hits.append(np.intersect1d(got.row(0)[0], exact.row(b)[0]).shape[0] / args.k)
                 cands.append(int(got.candidates[0]))
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['mean_candidates']:>9.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f} {row['mean_ms']:>7.2f}"
             )
     if args.json:
-        args.json.write_text(json.dumps({"index": info["factory"], "rows": results}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"index": info.factory, "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from index_builder.build import build_index
-from index_builder.bundle import (
-    ITEM_TOWER,
-    USER_TOWER,
-    ItemTable,
-    creation_info,
-    finalize,
-    load_validated,
-    write_centroids,
-    write_item_table,
-)
-from index_builder.towers import ItemArrays, ItemTower, UserTower, open_session
+from serving_core.bundle import BundleWriter, IndexInfo, ItemTable, creation_info, read_bundle
+from serving_core.towers import open_towers
 
 log = logging.getLogger("loadtest.scale_bundle")
 SYNTHETIC_PREFIX = "SYN"
@@ -73,7 +64,7 @@ def scale_bundle(
     seed: int = 0,
     recall_queries: int = 500,
     overwrite: bool = False,
-) -> dict:
+) -> IndexInfo:
     """Write the bundle ``out`` with ``items`` items (base items first) and its index; returns the index info."""
     from missrec.data import load_dataset
 
@@ -81,18 +72,20 @@ def scale_bundle(
         if not overwrite:
             raise FileExistsError(f"{out} exists (pass --overwrite)")
         shutil.rmtree(out)
-    manifest, table, centroids = load_validated(base)
+    bundle = read_bundle(base)
+    manifest, table, centroids = bundle.manifest, bundle.table, bundle.centroids
+    if manifest.scorer.transductive:
+        raise ValueError("transductive bundles have trained ID vectors: scale an inductive bundle")
     ds = load_dataset(data)
     if table.ids[1:] != list(ds.item_ids):
         raise ValueError(f"{data} is not the dataset of {base} (item ids differ)")
     n_real = table.num_items - 1
     if items <= n_real:
         raise ValueError(f"--items must exceed the {n_real} real items of the base bundle")
-    n_rows, dim = items + 1, manifest.dims["hidden"]
+    n_rows, dim = items + 1, manifest.dims.hidden
     modalities = manifest.modalities
-    tower = ItemTower(
-        open_session(base / ITEM_TOWER, "cpu"), {m: int(manifest.dims[f"{m}_feature"]) for m in modalities}
-    )
+    towers = open_towers(bundle, "cpu")
+    tower = towers.item
     tokens = np.empty((n_rows, dim), np.float32)
     vectors = {m: np.empty((n_rows, dim), np.float32) for m in modalities}
     clusters = {m: np.empty(n_rows, np.int64) for m in modalities}
@@ -123,14 +116,12 @@ def scale_bundle(
         id_vectors=None,
         texts=[*table.texts, *([""] * (items - n_real))] if table.texts is not None else None,
     )
-    if manifest.fusion["transductive"]:
-        raise ValueError("transductive bundles have trained ID vectors: scale an inductive bundle")
-    big.validate(dim, modalities, manifest.num_interests)
-    out.mkdir(parents=True)
-    write_item_table(out, big)
-    write_centroids(out, centroids)
-    for name in (USER_TOWER, ITEM_TOWER):
-        shutil.copyfile(base / name, out / name)
+    big.validate(manifest.dims, manifest.scorer, manifest.num_interests)
+    writer = BundleWriter(out)
+    writer.write_item_table(big)
+    writer.write_centroids(centroids)
+    for graph in manifest.graphs.values():
+        shutil.copyfile(base / graph.file, writer.path(graph.file))
     created = creation_info(
         "loadtest.scale_bundle",
         SYNTHETIC=f"{items - n_real} synthetic items (item tower over synthetic features) after {n_real} real ones",
@@ -139,11 +130,11 @@ def scale_bundle(
         noise=noise,
         seed=seed,
     )
-    finalize(out, dataclasses.replace(manifest, num_items=n_rows, files={}, index=None, digest="", created=created))
+    writer.finalize(dataclasses.replace(manifest, num_items=n_rows, index=None, created=created))
     log.info("item table of %d rows written in %.0f s", n_rows, time.perf_counter() - started)
 
     # real users' vectors for the recall report (histories of the test split; rows are the base bundle's)
-    user = UserTower(open_session(base / USER_TOWER, "cpu"), ItemArrays.from_table(table), centroids, manifest.max_len)
+    user = towers.user
     test = ds.test
     pick = rng.choice(len(test), size=min(recall_queries, len(test)), replace=False)
     users = user.encode([test.histories[r, : test.lengths[r]] for r in pick])
@@ -151,7 +142,7 @@ def scale_bundle(
     gc.collect()
     params = {"nprobe": nprobe} if nprobe else None
     info = build_index(out, factory, "cpu", params=params, user_vectors=users, recall_queries=len(users))
-    log.info("index %s built in %.0f s: %s", factory, info["build_seconds"], info.get("recall_report"))
+    log.info("index %s built in %.0f s: %s", factory, info.details["build_seconds"], info.details.get("recall_report"))
     return info
 
 
@@ -175,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         args.base, args.data, args.items, args.out, factory=args.factory, nprobe=nprobe, noise=args.noise,
         chunk=args.chunk, seed=args.seed, recall_queries=args.recall_queries, overwrite=args.overwrite,
     )  # fmt: skip
-    print(json.dumps({k: v for k, v in info.items() if k != "ids"}, indent=2))
+    print(json.dumps({k: v for k, v in dataclasses.asdict(info).items() if k != "ids"}, indent=2))
 
 
 if __name__ == "__main__":

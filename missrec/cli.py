@@ -1,4 +1,8 @@
-"""The ``missrec`` command line: train, evaluate, compare, pretrain, synth, prepare, quickstart."""
+"""The model commands of the ``missrec`` CLI: train, evaluate, compare, pretrain, synth, prepare.
+
+The serving commands (export, build-index, serve, quickstart) are added by missrec_cli, which composes this
+package with the serving ones: missrec itself imports nothing of serving.
+"""
 
 from __future__ import annotations
 
@@ -233,8 +237,3 @@ def prepare(
     except (PrepareError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     console.print_json(data=summary.to_dict())
-
-
-from service.cli import register  # noqa: E402  (serving commands live with the service)
-
-register(app)

@@ -1,7 +1,8 @@
-"""MISSRec dynamic fusion: the fused item score from the per-modality cosines (torch; numpy twin in index_builder).
+"""MISSRec dynamic fusion and the whole item score (torch; numpy twin in serving_core.fusion).
 
 For one user and item: w = softmax(alpha * [s_t, s_v]); s = w_t s_t + w_v s_v. The serving identity
 s = m + (d/2) tanh(alpha d / 2), m = (s_t + s_v)/2, d = s_t - s_v, is tested against this form.
+Item score (:func:`item_score`): s inductively, (u . e_i + 2 s) / 3 in transductive mode (e_i the unit ID vector).
 """
 
 from __future__ import annotations
@@ -43,3 +44,9 @@ def fuse_sims(sims: list[torch.Tensor], alpha: torch.Tensor) -> torch.Tensor:
 def fusion_weights(sims: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """The softmax weights (..., M) behind a fused score (for explanations)."""
     return torch.softmax(alpha * sims, dim=-1)
+
+
+def item_score(sims: list[torch.Tensor], alpha: torch.Tensor, id_sim: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole MISSRec item score from per-modality cosines (and, transductive, the ID cosine u . e_i)."""
+    s = fuse_sims(sims, alpha)
+    return s if id_sim is None else (id_sim + 2.0 * s) / 3.0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.config import MISSRecConfig
-from missrec.fusion import fuse_sims
+from missrec.fusion import item_score
 from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
 from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
 
@@ -31,6 +31,18 @@ class ItemTables:
     tokens: torch.Tensor
     normed: dict[str, torch.Tensor]
     ids: torch.Tensor | None
+
+
+@dataclass
+class ItemEncoding:
+    """The item tower's output for items given by their raw features (cold start: no ID embedding).
+
+    tokens (B, D): adapter sum; normed[m] (B, D): unit adapter outputs; clusters[m] (B,): nearest interest, 1..K.
+    """
+
+    tokens: torch.Tensor
+    normed: dict[str, torch.Tensor]
+    clusters: dict[str, torch.Tensor]
 
 
 def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -126,6 +138,25 @@ class MISSRec(nn.Module):
         normed = {m: F.normalize(a, dim=-1) for m, a in adapted.items()}
         return ItemTables(tokens=tokens, normed=normed, ids=ids)
 
+    def encode_items(self, features: dict[str, torch.Tensor]) -> ItemEncoding:
+        """The item tower: raw features (B, F_m) per modality -> token, unit vectors, nearest interest cluster.
+
+        Nearest = squared Euclidean in adapted space against centroids[1:], ties to the lowest id (the rule of
+        :func:`missrec.interests.assign_nearest`), in one (B, K) product so that the graph exports cleanly."""
+        adapted = {m: self.adapters[m](features[m]) for m in self.cfg.modalities}  # M x (B, D)
+        centroids = self.centroids[1:]  # (K, D)
+        c_sq = (centroids * centroids).sum(dim=1)  # (K,)
+
+        def nearest(x: torch.Tensor) -> torch.Tensor:
+            dist = (x * x).sum(dim=1, keepdim=True) - 2.0 * (x @ centroids.T) + c_sq[None, :]  # (B, K)
+            return dist.argmin(dim=1) + 1
+
+        return ItemEncoding(
+            tokens=torch.stack(list(adapted.values())).sum(dim=0),
+            normed={m: F.normalize(a, dim=-1) for m, a in adapted.items()},
+            clusters={m: nearest(a) for m, a in adapted.items()},
+        )
+
     # ----- interests ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def discover_interests(
@@ -209,15 +240,12 @@ class MISSRec(nn.Module):
 
         Inductive: s = fuse(cosines); transductive: (u . e_i + 2 s) / 3. Logits are scores / tau.
         """
-        sims = []
-        for m in self.cfg.modalities:
-            table = tables.normed[m]
-            sims.append(u @ table.T if items is None else torch.einsum("bd,bcd->bc", u, table[items]))
-        s = fuse_sims(sims, self.alpha)
-        if tables.ids is not None:
-            id_sim = u @ tables.ids.T if items is None else torch.einsum("bd,bcd->bc", u, tables.ids[items])
-            s = (id_sim + 2.0 * s) / 3.0
-        return s
+
+        def cosines(table: torch.Tensor) -> torch.Tensor:
+            return u @ table.T if items is None else torch.einsum("bd,bcd->bc", u, table[items])
+
+        sims = [cosines(tables.normed[m]) for m in self.cfg.modalities]
+        return item_score(sims, self.alpha, None if tables.ids is None else cosines(tables.ids))
 
     def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, N) fused scores over the whole catalogue, padding column set to -inf."""

@@ -7,7 +7,7 @@ For each history length (5, 20, 50) and batch size (1, 16) it times (after disca
           ``onnxruntime`` ``session.run``;
   encode: from item-id histories to user vectors, as each side would serve it: torch ``model.encode`` with the
           item tables computed once and cached (tensor gathers, interest ids, tower) vs
-          ``index_builder.towers.UserTower.encode`` (numpy gathers, interest ids, ONNX Runtime).
+          ``serving_core.towers.UserTower.encode`` (numpy gathers, interest ids, ONNX Runtime).
 Histories are real item ids of the dataset, sampled uniformly (lengths are exact). Prints a table with ms per
 call, ms per user and the eager / ORT ratio; ``--json`` writes the rows.
 """
@@ -28,9 +28,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from index_builder.towers import load_towers
 from missrec.checkpoint import attach_features, load_checkpoint
 from missrec.data import load_dataset
+from serving_core.towers import load_towers
 
 
 def _time(fn, repeats: int, warmup: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Export a trained MISSRec to a serving bundle: item table, centroids and the two towers as ONNX, parity-checked.
 
-Graphs (names are the contract read by ``index_builder.towers``)::
+Graphs (their names are written into manifest.graphs, which ``serving_core.towers`` reads)::
 
     user_tower.onnx  tokens (B, L, D) f32, lengths (B,) i64, interests (B, Q, D) f32, interest_lengths (B,) i64
                      -> user (B, D) f32, L2-normalised.  B, L (1..max_len) and Q are dynamic.
@@ -42,33 +42,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from index_builder.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    ITEM_TOWER,
-    USER_TOWER,
-    BundleError,
-    ItemTable,
-    Manifest,
-    creation_info,
-    finalize,
-    load_validated,
-    sha256_file,
-    write_centroids,
-    write_item_table,
-)
-from index_builder.towers import (
-    USER_INPUTS,
-    USER_OUTPUT,
-    ItemArrays,
-    UserTower,
-    feature_input,
-    item_tower_outputs,
-    open_session,
-)
 from missrec.baselines import item_popularity
 from missrec.checkpoint import CheckpointError, attach_features, load_checkpoint
 from missrec.data import DatasetError, SeqDataset, load_dataset
@@ -81,6 +56,32 @@ from model_export.parity import (
     check_item_parity,
     check_user_parity,
     stored_cluster_agreement,
+)
+from serving_core.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    ITEM_TOWER,
+    MISSREC_FUSION,
+    USER_TOWER,
+    BundleError,
+    BundleWriter,
+    Dims,
+    Graph,
+    ItemTable,
+    Manifest,
+    Scorer,
+    creation_info,
+    read_bundle,
+    sha256_file,
+)
+from serving_core.towers import (
+    USER_INPUTS,
+    USER_OUTPUT,
+    ItemArrays,
+    UserTower,
+    feature_input,
+    item_tower_outputs,
+    open_session,
 )
 
 log = logging.getLogger(__name__)
@@ -105,32 +106,20 @@ class UserTowerGraph(nn.Module):
 
 
 class ItemTowerGraph(nn.Module):
-    """Raw features of new items -> token, normalised modality vectors, nearest interest cluster per modality."""
+    """``model.encode_items`` as a graph: raw features of new items -> token, unit modality vectors, clusters."""
 
     def __init__(self, model: MISSRec) -> None:
         super().__init__()
-        self.modalities = model.cfg.modalities
-        self.adapters = model.adapters
-        centroids = model.centroids[1:].detach()  # (K, D), padding row dropped
-        # stored transposed so that one (D, K) constant serves every modality
-        self.register_buffer("centroids_t", centroids.T.contiguous())  # (D, K)
-        self.register_buffer("centroid_sq", (centroids * centroids).sum(dim=1))  # (K,)
-
-    def nearest(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, D) -> (B,) index of the nearest centroid, same formula as missrec.interests.assign_nearest."""
-        dist = (x * x).sum(dim=1, keepdim=True) - 2.0 * (x @ self.centroids_t) + self.centroid_sq[None, :]  # (B, K)
-        return dist.argmin(dim=1)
+        self.model = model
 
     def forward(
         self, text_features: torch.Tensor | None = None, image_features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, ...]:
         """Features (B, F_m) of the model's modalities (the graph has inputs for those only)."""
         given = {"text": text_features, "image": image_features}
-        adapted = [self.adapters[m](given[m]) for m in self.modalities]  # M x (B, D)
-        tokens = torch.stack(adapted).sum(dim=0)
-        normed = [F.normalize(a, dim=-1) for a in adapted]
-        clusters = [self.nearest(a) + 1 for a in adapted]
-        return (tokens, *normed, *clusters)
+        out = self.model.encode_items({m: given[m] for m in self.model.cfg.modalities})
+        mods = self.model.cfg.modalities
+        return (out.tokens, *(out.normed[m] for m in mods), *(out.clusters[m] for m in mods))
 
 
 @contextmanager
@@ -274,12 +263,14 @@ def write_bundle(
     k = int(model.centroids.shape[0]) - 1
     table = build_item_table(model, ds)
     centroids = model.centroids.numpy().astype(np.float32)
+    dims = Dims(hidden=cfg.hidden, token=cfg.hidden, features={m: cfg.feature_dim(m) for m in cfg.modalities})
     try:
-        table.validate(cfg.hidden, cfg.modalities, k)
+        table.validate(dims, Scorer(MISSREC_FUSION, tuple(cfg.modalities), transductive=cfg.mode == "transductive"), k)
     except BundleError as exc:
         raise ExportError(f"the model's item table is not servable: {exc}") from exc
-    write_item_table(root, table)
-    write_centroids(root, centroids)
+    writer = BundleWriter(root)
+    writer.write_item_table(table)
+    writer.write_centroids(centroids)
     parity: dict[str, float | int] = {}
 
     started = time.perf_counter()
@@ -303,22 +294,31 @@ def write_bundle(
     stored_is_nearest = stored_cluster_agreement(model, rows)
     log.info("item tower exported and checked in %.1fs: %s", time.perf_counter() - started, parity)
 
+    modalities = tuple(cfg.modalities)
     manifest = Manifest(
         format=FORMAT,
         format_version=FORMAT_VERSION,
+        model_kind="missrec",
         model=cfg.to_dict(),
-        dims={"hidden": cfg.hidden, "text_feature": cfg.text_dim, "image_feature": cfg.image_dim},
-        fusion={
-            "modalities": list(cfg.modalities),
-            "alpha": float(model.alpha.detach()),
-            "tau": cfg.tau,
-            "transductive": cfg.mode == "transductive",
-            "mode": "dynamic",
+        dims=Dims(hidden=cfg.hidden, token=cfg.hidden, features={m: cfg.feature_dim(m) for m in modalities}),
+        scorer=Scorer(
+            kind=MISSREC_FUSION,
+            modalities=modalities,
+            alpha=float(model.alpha.detach()),
+            tau=cfg.tau,
+            transductive=cfg.mode == "transductive",
+        ),
+        graphs={
+            "user": Graph(USER_TOWER, USER_INPUTS, (USER_OUTPUT,)),
+            "item": Graph(
+                ITEM_TOWER, tuple(feature_input(m) for m in modalities), tuple(item_tower_outputs(modalities))
+            ),
         },
         num_items=table.num_items,
         num_interests=k,
         max_len=cfg.max_len,
-        onnx={
+        export={
+            "mode": cfg.mode,
             "opset": OPSET,
             "exporter": exporter,
             "parity": parity,
@@ -326,8 +326,8 @@ def write_bundle(
         },
         created=created,
     )
-    finalize(root, manifest)
-    load_validated(root)  # read back what was written: the bundle must pass its own gate
+    manifest = writer.finalize(manifest)
+    read_bundle(root)  # read back what was written: the bundle must pass its own gate
     return manifest
 
 

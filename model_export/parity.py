@@ -1,7 +1,7 @@
 """Parity checks run as part of export: ONNX Runtime against the PyTorch model, failing with :class:`ExportError`.
 
 User tower at history lengths PARITY_LENGTHS x batches PARITY_BATCHES (random histories of real items, with their
-real tokens and interest centroids); :class:`index_builder.towers.UserTower` end to end (numpy interest ids + ONNX)
+real tokens and interest centroids); :class:`serving_core.towers.UserTower` end to end (numpy interest ids + ONNX)
 against ``model.encode`` on real histories; the item tower against the model's adapters and the nearest-centroid
 rule of :func:`missrec.interests.assign_nearest`. Every check returns the max abs difference it measured.
 """
@@ -13,7 +13,9 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from index_builder.towers import (
+from missrec.interests import assign_in_batches
+from missrec.model import MISSRec
+from serving_core.towers import (
     ITEM_TOKENS,
     USER_OUTPUT,
     UserTower,
@@ -21,8 +23,6 @@ from index_builder.towers import (
     feature_input,
     item_tower_outputs,
 )
-from missrec.interests import assign_in_batches
-from missrec.model import MISSRec
 
 PARITY_ATOL = 1e-4
 PARITY_LENGTHS = (1, 7, 50)

@@ -8,22 +8,23 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from service.errors import Unauthorized, Unavailable, UnsupportedMedia
-from service.runtime import Runtime
 from service.settings import Settings
+from service.state import ServiceState
 
 
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None or not runtime.ready:
+async def get_state(request: Request) -> ServiceState:
+    """The ready service state (async: FastAPI runs it on the event loop, no thread-pool hop)."""
+    state: ServiceState | None = getattr(request.app.state, "service", None)
+    if state is None or not state.ready:
         raise Unavailable("service is starting", code="not_ready")
-    return runtime
+    return state
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def require_api_key(
+async def require_api_key(
     request: Request, x_api_key: Annotated[str | None, Header(description="API key for write endpoints.")] = None
 ) -> None:
     """Write and admin endpoints need ``X-API-Key`` when MISSREC_API_KEY is set (constant-time comparison)."""
@@ -35,14 +36,14 @@ def require_api_key(
         raise Unauthorized("missing or wrong X-API-Key")
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 for a JSON-body route called with another content type (else: a misleading 'not an object' 422)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise UnsupportedMedia(f"send the body as application/json, not {media or 'no content type'}")
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 WriteAccess = Depends(require_api_key)
 JSONBody = Depends(require_json)

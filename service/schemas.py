@@ -8,9 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 # External ids: 1..256 characters, no control characters (unicode is fine).
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# The published limits (the OpenAPI schema); Settings may lower them, never raise them (refused at start-up).
 MAX_K = 1000
 MAX_HISTORY = 1000
 MAX_EXCLUDE = 1000
+MAX_BATCH_REQUESTS = 256
+MAX_EVENTS = 1000
+MAX_TEXT_CHARS = 4096
 
 
 class _Strict(BaseModel):
@@ -38,13 +42,13 @@ class RecommendRequest(_Strict):
 
 
 class BatchRecommendRequest(_Strict):
-    requests: list[RecommendRequest] = Field(min_length=1, max_length=256)
+    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
 
 
 class EventsRequest(_Strict):
     """Interactions to append to a user's history, oldest first."""
 
-    item_ids: list[Identifier] = Field(min_length=1, max_length=1000)
+    item_ids: list[Identifier] = Field(min_length=1, max_length=MAX_EVENTS)
     timestamps: list[Annotated[float, Field(ge=0, le=1e11)]] | None = Field(
         None, description="Unix seconds, one per item id (optional)."
     )
@@ -63,7 +67,7 @@ class ItemJSONRequest(_Strict):
     """Cold-start item as JSON; the image is base64 (never a URL: the service fetches nothing)."""
 
     item_id: Identifier
-    text: str = Field("", max_length=20_000)
+    text: str = Field("", max_length=MAX_TEXT_CHARS)
     image_base64: str | None = Field(None, description="Base64 image bytes (JPEG, PNG, WEBP, GIF, BMP).")
 
 
@@ -71,9 +75,11 @@ class ItemJSONRequest(_Strict):
 
 
 class Explanation(BaseModel):
-    text_weight: float
-    image_weight: float
-    interest: int = Field(description="Interest cluster of the modality that carries more weight.")
+    text_weight: float = Field(description="Share of the score from the text side (MISSRec: fusion weight).")
+    image_weight: float = Field(description="Share of the score from the image side.")
+    interest: int | None = Field(
+        None, description="Interest cluster of the modality that carries more weight (models with interests)."
+    )
 
 
 class RecommendedItem(BaseModel):

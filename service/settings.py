@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.schemas import MAX_HISTORY, MAX_K
+from service.schemas import MAX_BATCH_REQUESTS, MAX_EVENTS, MAX_HISTORY, MAX_K, MAX_TEXT_CHARS
 
 
 class Settings(BaseSettings):
@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         "openai", description="open_clip pretrained tag or a local checkpoint path; unset = ingestion disabled."
     )
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
-    max_text_chars: int = Field(4096, ge=1, description="Longest accepted item text.")
+    max_text_chars: int = Field(
+        MAX_TEXT_CHARS, ge=1, le=MAX_TEXT_CHARS, description="Longest accepted item text (413 above)."
+    )
 
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")
@@ -71,10 +73,26 @@ class Settings(BaseSettings):
         le=MAX_HISTORY,
         description="Longest explicit history accepted in a request (422 above); the model reads its last max_len.",
     )
-    max_batch_requests: int = Field(256, ge=1, description="Most recommendations in one batch call.")
-    max_events: int = Field(1000, ge=1, description="Most item ids in one events call.")
+    max_batch_requests: int = Field(
+        MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS, description="Most recommendations in one batch call."
+    )
+    max_events: int = Field(MAX_EVENTS, ge=1, le=MAX_EVENTS, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_concurrency: int = Field(512, ge=1, description="Requests in flight before new ones get 503.")
+
+    def check_limits(self) -> None:
+        """Refuse limits above what the published schema allows (settings built with overrides skip validation)."""
+        caps = {
+            "max_k": MAX_K,
+            "max_history": MAX_HISTORY,
+            "max_batch_requests": MAX_BATCH_REQUESTS,
+            "max_events": MAX_EVENTS,
+            "max_text_chars": MAX_TEXT_CHARS,
+        }
+        for name, cap in caps.items():
+            value = getattr(self, name)
+            if not 1 <= value <= cap:
+                raise ValueError(f"MISSREC_{name.upper()}={value} is outside 1..{cap}, the limit the API publishes")
 
     @field_validator("bundle", "data_dir", mode="before")
     @classmethod

@@ -46,8 +46,8 @@ def build_scientific_bundle(out: Path, data: Path | None = None, epochs: int = 2
 
 def script_artefacts(root: Path = ROOT / "var" / "reliability") -> tuple[Path, tuple[str, str]]:
     """(bundle, (clip model, checkpoint)) for the scripts: built once, reused while its checksums hold."""
-    from index_builder.bundle import BundleError, verify_checksums
     from missrec.clip_encoder import TINY_MODEL, save_random_init_checkpoint
+    from serving_core.bundle import BundleError, verify_checksums
 
     bundle = root / "bundle"
     try:

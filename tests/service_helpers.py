@@ -41,13 +41,12 @@ def abo_products(abo_dir: Path) -> list[dict]:
 
 def offline_topk(bundle: Path, history_rows: list[int], k: int, exclude: set[int]) -> tuple[list[int], np.ndarray]:
     """The bundle's own brute-force top-k: ONNX user tower + exact fused scores over every item."""
-    from index_builder.fusion import item_scores
-    from index_builder.towers import load_towers
+    from serving_core.scoring import ItemScorer
+    from serving_core.towers import load_towers
 
     towers = load_towers(bundle, "cpu")
     u = towers.user.encode([np.asarray(history_rows)])
-    fusion = towers.manifest.fusion_params
-    scores = item_scores(u, towers.table.vectors, fusion, id_vectors=towers.table.id_vectors)[0]
+    scores = ItemScorer(towers.manifest.scorer, towers.table.vectors, towers.table.id_vectors).exact(u)[0]
     scores[0] = -np.inf
     for r in exclude:
         scores[r] = -np.inf

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from index_builder.build import load_index
-from index_builder.bundle import verify_checksums
-from index_builder.retrieval import fused_topk
-from index_builder.towers import load_towers
 from missrec.checkpoint import attach_features, load_checkpoint
 from missrec.data import load_dataset
+from serving_core.bundle import verify_checksums
+from serving_core.index import load_index
+from serving_core.scoring import ItemScorer
+from serving_core.topk import top_k
+from serving_core.towers import load_towers
 
 N_USERS, K = 500, 50
 
@@ -24,7 +25,8 @@ def setup(scientific_run, scientific_bundle, scientific_dir):
     attach_features(ckpt.model, ds, ckpt.meta)
     rng = np.random.default_rng(0)
     users = np.sort(rng.choice(len(ds.test), size=N_USERS, replace=False))
-    return ds, ckpt.model.eval(), users, load_towers(scientific_bundle, "cpu"), load_index(scientific_bundle, "cpu")
+    towers = load_towers(scientific_bundle, "cpu")
+    return ds, ckpt.model.eval(), users, towers, load_index(scientific_bundle, towers.manifest, "cpu")
 
 
 def _torch_topk(model, ds, users, exclude_seen):
@@ -35,23 +37,17 @@ def _torch_topk(model, ds, users, exclude_seen):
     if exclude_seen:
         for b, u in enumerate(users):
             scores[b, ds.test.histories[u, : ds.test.lengths[u]]] = -np.inf
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :K]  # ties: lower id first, as in fused_topk
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :K]  # ties: lower id first, as in top_k
     return ids, np.take_along_axis(scores, ids, axis=1)
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
 def test_bundle_topk_equals_pytorch_full_ranking(setup, exclude_seen):
-    ds, model, users, towers, (index, _) = setup
+    ds, model, users, towers, (index, info) = setup
     histories = [ds.test.histories[u, : ds.test.lengths[u]] for u in users]
     u = towers.user.encode(histories)
-    found = fused_topk(
-        u,
-        K,
-        index,
-        towers.table.vectors,
-        towers.manifest.fusion_params,
-        exclude=[set(h.tolist()) for h in histories] if exclude_seen else None,
-    )
+    items = ItemScorer(towers.manifest.scorer, towers.table.vectors, towers.table.id_vectors, info.max_gap)
+    found = top_k(u, K, index, items, exclude=[set(h.tolist()) for h in histories] if exclude_seen else None)
     expected_ids, expected_scores = _torch_topk(model, ds, users, exclude_seen)
     assert found.exact and (found.counts == K).all()
     mismatched = [int(users[b]) for b in range(N_USERS) if not np.array_equal(found.ids[b], expected_ids[b])]
@@ -62,5 +58,6 @@ def test_bundle_topk_equals_pytorch_full_ranking(setup, exclude_seen):
 def test_bundle_from_real_data_validates(scientific_bundle):
     manifest = verify_checksums(scientific_bundle)
     assert manifest.num_items == 1586 and manifest.modalities == ("text", "image")
-    assert manifest.index is not None and manifest.index["factory"] == "Flat"
-    assert manifest.onnx["parity"] and max(v for v in manifest.onnx["parity"].values() if isinstance(v, float)) <= 1e-4
+    assert manifest.index is not None and manifest.index.factory == "Flat"
+    parity = manifest.export["parity"]
+    assert parity and max(v for v in parity.values() if isinstance(v, float)) <= 1e-4

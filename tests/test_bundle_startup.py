@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aredis
 from fastapi.testclient import TestClient
 
-from index_builder.bundle import FORMAT_VERSION, finalize, read_manifest
-from service.runtime import StartupRefused
+from service.replication import StartupRefused
 from service.store import ItemRecord, Store
+from serving_core.bundle import FORMAT_VERSION, BundleWriter, read_manifest
 from tests.reliability_helpers import ROOT, free_port
 from tests.service_helpers import make_app
 
@@ -31,7 +31,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 def _refinalize(root: Path) -> None:
     """Record the current files in the manifest, so the checksums pass and only the deeper checks can object."""
-    finalize(root, read_manifest(root))
+    BundleWriter(root).finalize(read_manifest(root))
 
 
 def test_serve_refuses_a_corrupted_bundle(scientific_bundle, redis_url, tmp_path):
@@ -82,7 +82,7 @@ def _vector_width(root: Path) -> str:
 
 def _index_dims(root: Path) -> str:
     manifest = read_manifest(root)
-    n, hidden = manifest.num_items, manifest.dims["hidden"]
+    n, hidden = manifest.num_items, manifest.dims.hidden
     index = faiss.IndexFlatIP(64)
     index.add(np.zeros((n, 64), dtype=np.float32))
     faiss.write_index(index, str(root / "index" / "index.faiss"))
@@ -112,7 +112,16 @@ def _no_manifest(root: Path) -> str:
     return "is not a bundle: manifest.json is missing"
 
 
-@pytest.mark.parametrize("damage", [_format_version, _vector_width, _index_dims, _pickled_npy, _no_manifest])
+def _older_format(root: Path) -> str:
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return "bundle format version 1 is older than the 2 this code reads; rebuild it with this version"
+
+
+@pytest.mark.parametrize(
+    "damage", [_format_version, _older_format, _vector_width, _index_dims, _pickled_npy, _no_manifest]
+)
 def test_app_refuses_a_mismatched_bundle(damage, scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
     root = _copy(scientific_bundle, tmp_path)
     expected = damage(root)

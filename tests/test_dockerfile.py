@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from missrec.cli import app as cli_app
+from missrec_cli.main import app as cli_app
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,3 +98,13 @@ def test_readme_settings_exist():
     names = set(re.findall(r"`MISSREC_([A-Z_]+)`", (ROOT / "README.md").read_text(encoding="utf-8")))
     names -= {"DATA"}  # MISSREC_DATA is read by `missrec quickstart`, not a service setting
     assert names and not sorted(n.lower() for n in names if n.lower() not in Settings.model_fields)
+
+
+def test_the_build_stage_copies_every_package(dockerfile):
+    """The wheel is built from the copied folders: a package left out would be missing from the image."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py") if any(p.parent.match(pat) for pat in include)}
+    copied = {args.split()[0] for _, word, args in dockerfile if word == "COPY" and "--from" not in args}
+    assert packages and packages <= copied, f"not copied into the build stage: {sorted(packages - copied)}"

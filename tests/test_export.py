@@ -12,9 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from index_builder import towers as towers_mod
-from index_builder.bundle import ITEM_TOWER, USER_TOWER, BundleError, load_validated, sha256_file
-from index_builder.towers import (
+from missrec.baselines import SASRec
+from missrec.checkpoint import save_checkpoint
+from missrec.config import SASRecConfig
+from missrec.train import TrainOptions, fit
+from model_export import onnx_export
+from model_export.onnx_export import OPSET, ExportError, UserTowerGraph, export_bundle
+from model_export.parity import check_user_parity, random_histories
+from serving_core import towers as towers_mod
+from serving_core.bundle import ITEM_TOWER, MISSREC_FUSION, USER_TOWER, BundleError, read_bundle, sha256_file
+from serving_core.towers import (
     CPU,
     CUDA,
     ItemArrays,
@@ -24,13 +31,6 @@ from index_builder.towers import (
     load_towers,
     open_session,
 )
-from missrec.baselines import SASRec
-from missrec.checkpoint import save_checkpoint
-from missrec.config import SASRecConfig
-from missrec.train import TrainOptions, fit
-from model_export import onnx_export
-from model_export.onnx_export import OPSET, ExportError, UserTowerGraph, export_bundle
-from model_export.parity import check_user_parity, random_histories
 from tests.helpers import tiny_dataset, tiny_missrec
 
 ONE_EPOCH = TrainOptions(epochs=1, batch_size=256, progress=False)
@@ -75,21 +75,21 @@ def _torch_feeds(model, items):
 # ----- the bundle -------------------------------------------------------------------------------------------------
 def test_bundle_validates_and_records_the_export(exported):
     ds, model, checkpoint, manifest, root = exported
-    loaded, table, centroids = load_validated(root)
+    bundle = read_bundle(root)
+    loaded, table, centroids = bundle.manifest, bundle.table, bundle.centroids
     assert loaded.files == manifest.files and USER_TOWER in manifest.files and ITEM_TOWER in manifest.files
-    assert manifest.onnx["opset"] == OPSET and manifest.onnx["exporter"] == onnx_export.EXPORTER
-    parity = manifest.onnx["parity"]
+    assert manifest.export["opset"] == OPSET and manifest.export["exporter"] == onnx_export.EXPORTER
+    parity = manifest.export["parity"]
     assert parity["user_max_abs_diff"] <= ATOL and parity["encode_max_abs_diff"] <= ATOL
     assert parity["item_max_abs_diff"] <= ATOL
-    assert manifest.onnx["stored_cluster_is_nearest"] == 1.0  # clusters were refreshed after training
-    assert manifest.dims == {"hidden": 32, "text_feature": 24, "image_feature": 40}
-    assert manifest.fusion == {
-        "modalities": ["text", "image"],
-        "alpha": pytest.approx(model.alpha.item()),
-        "tau": 0.07,
-        "transductive": False,
-        "mode": "dynamic",
-    }
+    assert manifest.export["stored_cluster_is_nearest"] == 1.0  # clusters were refreshed after training
+    assert manifest.dims.hidden == 32 and manifest.dims.token == 32
+    assert manifest.dims.features == {"text": 24, "image": 40}
+    s = manifest.scorer
+    assert (s.kind, s.modalities, s.tau, s.transductive) == (MISSREC_FUSION, ("text", "image"), 0.07, False)
+    assert s.alpha == pytest.approx(model.alpha.item()) and manifest.model_kind == "missrec"
+    assert manifest.graphs["user"].inputs == ("tokens", "lengths", "interests", "interest_lengths")
+    assert manifest.graphs["item"].outputs == ("tokens", "text", "image", "text_cluster", "image_cluster")
     assert manifest.num_items == ds.num_items and manifest.max_len == 50
     assert manifest.num_interests == model.centroids.shape[0] - 1
     assert manifest.created["dataset_fingerprint"] == ds.fingerprint
@@ -109,13 +109,13 @@ def test_bundle_validates_and_records_the_export(exported):
 
 def test_tampering_with_any_byte_is_detected(exported, tmp_path):
     root = exported[4]
-    for i, rel in enumerate(sorted(load_validated(root)[0].files)):
+    for i, rel in enumerate(sorted(read_bundle(root).manifest.files)):
         copy = shutil.copytree(root, tmp_path / str(i))
         data = bytearray((copy / rel).read_bytes())
         data[len(data) // 2] ^= 0x01
         (copy / rel).write_bytes(bytes(data))
         with pytest.raises(BundleError, match="checksum"):
-            load_validated(copy)
+            read_bundle(copy)
 
 
 def test_editing_the_manifest_is_detected(exported, tmp_path):
@@ -123,10 +123,10 @@ def test_editing_the_manifest_is_detected(exported, tmp_path):
 
     copy = shutil.copytree(exported[4], tmp_path / "edited")
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["fusion"]["alpha"] += 0.5  # a plausible hand edit: every file checksum still matches
+    manifest["scorer"]["alpha"] += 0.5  # a plausible hand edit: every file checksum still matches
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="manifest digest mismatch"):
-        load_validated(copy)
+        read_bundle(copy)
 
 
 def test_bundle_files_are_readable_by_others(exported):
@@ -289,7 +289,7 @@ def test_item_tower_matches_the_model(exported, towers):
 # ----- other model variants ---------------------------------------------------------------------------------------
 def test_transductive_model_exports_with_id_embeddings(tmp_path):
     ds, model, _, manifest, root = _train_and_export(tmp_path, mode="transductive", num_users=100)
-    assert manifest.fusion["transductive"] is True
+    assert manifest.scorer.transductive is True
     t = load_towers(root, providers="cpu")
     ids = model.item_id.weight.detach()
     np.testing.assert_allclose(t.table.id_vectors, F.normalize(ids, dim=-1).numpy(), atol=1e-6)
@@ -305,7 +305,7 @@ def test_transductive_model_exports_with_id_embeddings(tmp_path):
 
 def test_one_modality_model_exports(tmp_path):
     ds, model, _, manifest, root = _train_and_export(tmp_path, modalities=("text",), num_users=100)
-    assert manifest.fusion["modalities"] == ["text"] and manifest.dims["image_feature"] == 0
+    assert manifest.scorer.modalities == ("text",) and manifest.dims.feature("image") == 0
     assert not (root / "items" / "image.npy").exists()
     t = load_towers(root, providers="cpu")
     out = t.item.encode(ds.features["text"][1:6], None)

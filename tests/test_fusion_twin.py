@@ -1,13 +1,15 @@
-"""The numpy fusion twin (index_builder.fusion) agrees with missrec.fusion and MISSRec.score; the bound holds."""
+"""The numpy fusion twin (serving_core.fusion) agrees with missrec.fusion and MISSRec.score; the bound holds."""
 
 import numpy as np
 import pytest
 import torch
 
-from index_builder import fusion as nf
-from index_builder.bundle import Fusion, ItemTable
 from missrec import fusion as tf
+from serving_core import fusion as nf
+from serving_core.bundle import MISSREC_FUSION, Fusion, ItemTable, Scorer, static_vectors
 from tests.helpers import tiny_dataset, tiny_missrec
+
+pytestmark = pytest.mark.oracle
 
 ALPHAS = [0.0, 0.3, -1.7, 3.0, -3.0, 25.0, -80.0]
 
@@ -113,9 +115,9 @@ def test_score_minus_static_is_within_bound(transductive, alpha):
     fusion = Fusion(("text", "image"), alpha, 0.07, transductive)
     users = table.vectors["text"][:50] + rng.standard_normal((50, 16)).astype(np.float32) * 0.3
     users /= np.linalg.norm(users, axis=1, keepdims=True)
-    dev = np.abs(
-        nf.item_scores(users, table.vectors, fusion, table.id_vectors) - users @ table.static_vectors(fusion).T
-    )
+    scorer = Scorer(MISSREC_FUSION, fusion.modalities, alpha, 0.07, transductive)
+    static = static_vectors(scorer, table.vectors, table.id_vectors)
+    dev = np.abs(nf.item_scores(users, table.vectors, fusion, table.id_vectors) - users @ static.T)
     gap = nf.max_modality_gap(table.vectors, fusion)
     tight = nf.deviation_bound(fusion, gap)
     assert gap < 2.0 and tight <= fusion.bound + 1e-12

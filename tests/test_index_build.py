@@ -1,33 +1,31 @@
 """build_index / load_index on a small bundle (item table only, no ONNX towers): files, manifest, params, recall."""
 
-import json
-
 import faiss
 import numpy as np
 import pytest
 
-from index_builder.build import (
-    INDEX_FILE,
-    INFO_FILE,
-    DeviceError,
-    build_from_vectors,
-    build_index,
-    load_index,
-    resolve_device,
-)
-from index_builder.bundle import (
+from index_builder.build import build_from_vectors, build_index
+from serving_core import index as index_mod
+from serving_core.bundle import (
     FORMAT,
     FORMAT_VERSION,
+    INDEX_FILE,
+    MISSREC_FUSION,
     BundleError,
+    BundleWriter,
+    Dims,
+    Graph,
     ItemTable,
     Manifest,
+    Scorer,
     creation_info,
-    finalize,
     read_manifest,
+    static_vectors,
     verify_checksums,
-    write_centroids,
-    write_item_table,
 )
+from serving_core.index import DeviceError, resolve_device
+
+pytestmark = pytest.mark.oracle
 
 N, D, K = 800, 16, 6
 
@@ -55,37 +53,41 @@ def make_bundle(root, transductive=False, alpha=0.5):
     manifest = Manifest(
         format=FORMAT,
         format_version=FORMAT_VERSION,
+        model_kind="missrec",
         model={"mode": "transductive" if transductive else "inductive"},
-        dims={"hidden": D},
-        fusion={"modalities": ["text", "image"], "alpha": alpha, "tau": 0.07, "transductive": transductive},
+        dims=Dims(hidden=D, token=D, features={"text": 8, "image": 8}),
+        scorer=Scorer(MISSREC_FUSION, ("text", "image"), alpha, 0.07, transductive),
+        graphs={"user": Graph("user_tower.onnx", (), ()), "item": Graph("item_tower.onnx", (), ())},
         num_items=N,
         num_interests=K,
         max_len=50,
         created=creation_info("tests"),
     )
-    root.mkdir(parents=True, exist_ok=True)
-    write_item_table(root, table)
-    write_centroids(root, np.vstack([np.zeros((1, D)), centers[1:]]))
-    finalize(root, manifest)
+    writer = BundleWriter(root)
+    writer.write_item_table(table)
+    writer.write_centroids(np.vstack([np.zeros((1, D)), centers[1:]]))
+    writer.finalize(manifest)
     return root, table
+
+
+def load_index(root, device="cpu", params=None):
+    return index_mod.load_index(root, read_manifest(root), device, params)
 
 
 def test_flat_build_writes_index_and_refinalizes_manifest(tmp_path):
     root, table = make_bundle(tmp_path / "b")
     info = build_index(root, "Flat", "cpu", progress=False)
-    assert (root / INDEX_FILE).is_file() and (root / INFO_FILE).is_file()
-    manifest = verify_checksums(root)  # the manifest lists (and matches) the new files
-    assert INDEX_FILE in manifest.files and INFO_FILE in manifest.files
-    assert manifest.index == info == json.loads((root / INFO_FILE).read_text())
-    assert (
-        info["exact"] and info["ntotal"] == N and info["metric"] == "inner_product" and info["recall_report"]["exact"]
-    )
-    assert info["retrieval"]["bound"] == pytest.approx(np.tanh(0.5))
-    assert 0 < info["retrieval"]["tight_bound"] < info["retrieval"]["bound"]
+    assert (root / INDEX_FILE).is_file() and not (root / "index" / "index.json").exists()  # described once
+    manifest = verify_checksums(root)  # the manifest lists (and matches) the new file
+    assert INDEX_FILE in manifest.files and manifest.index == info
+    assert info.exact and info.ntotal == N and info.metric == "inner_product" and info.details["recall_report"]["exact"]
+    retrieval = info.details["retrieval"]
+    assert retrieval["bound"] == pytest.approx(np.tanh(0.5))
+    assert 0 < retrieval["tight_bound"] < retrieval["bound"] and 0 < info.max_gap < 2
     index, loaded = load_index(root, "cpu")
     assert loaded == info and index.ntotal == N
     # FAISS id = row; row 0 is a zero vector; the rest are the static vectors
-    static = table.static_vectors(read_manifest(root).fusion_params)
+    static = static_vectors(manifest.scorer, table.vectors, table.id_vectors)
     np.testing.assert_allclose(index.reconstruct(5), static[5], atol=1e-7)
     np.testing.assert_array_equal(index.reconstruct(0), 0.0)
 
@@ -97,15 +99,15 @@ def test_ann_factories_with_recall_report(tmp_path, factory, param):
     root, _ = make_bundle(tmp_path / "b", transductive=factory == "HNSW32")
     info = build_index(root, factory, "auto", recall_queries=50, progress=False)
     verify_checksums(root)
-    assert info["factory"] == factory and not info["exact"] and info["built_on"] == "cpu"
-    assert param in info["params"]
-    rec = info["recall_report"]
+    assert info.factory == factory and not info.exact and info.details["built_on"] == "cpu"
+    assert param in info.params
+    rec = info.details["recall_report"]
     assert rec["source"] == "item-based pseudo-queries" and rec["queries"] == 50
     assert {"static_recall@10", "static_recall@100", "fused_recall@10", "mean_candidates"} <= set(rec)
     if "PQ" not in factory:
         assert rec["static_recall@10"] >= 0.9 and rec["fused_recall@10"] >= 0.9
     if factory.startswith("IVF"):
-        assert info["train_points"] == N - 1
+        assert info.details["train_points"] == N - 1
     index, _ = load_index(root, "cpu")
     assert index.ntotal == N
 
@@ -113,7 +115,7 @@ def test_ann_factories_with_recall_report(tmp_path, factory, param):
 def test_search_params_are_settable_and_recorded(tmp_path):
     root, _ = make_bundle(tmp_path / "b")
     info = build_index(root, "IVF16,Flat", "cpu", params={"nprobe": 3}, recall_queries=20, progress=False)
-    assert info["params"] == {"nprobe": 3}
+    assert info.params == {"nprobe": 3}
     index, _ = load_index(root)
     assert faiss.extract_index_ivf(index).nprobe == 3
     index, _ = load_index(root, params={"nprobe": 7})
@@ -121,14 +123,15 @@ def test_search_params_are_settable_and_recorded(tmp_path):
     info = build_index(root, "HNSW16", "cpu", params={"efSearch": 40}, recall_queries=20, progress=False)
     index, _ = load_index(root)  # a rebuild replaces the index and keeps the manifest valid
     verify_checksums(root)
-    assert faiss.downcast_index(index).hnsw.efSearch == 40 and info["params"] == {"efSearch": 40}
+    assert faiss.downcast_index(index).hnsw.efSearch == 40 and info.params == {"efSearch": 40}
 
 
 def test_real_user_vectors_feed_the_recall_report(tmp_path):
     root, table = make_bundle(tmp_path / "b")
     users = _unit(table.vectors["text"][1:31] + 0.1)
     info = build_index(root, "HNSW32", "cpu", user_vectors=users, recall_queries=100, progress=False)
-    assert info["recall_report"]["source"] == "user vectors" and info["recall_report"]["queries"] == 30
+    report = info.details["recall_report"]
+    assert report["source"] == "user vectors" and report["queries"] == 30
 
 
 def test_device_errors_and_bad_factory(tmp_path):

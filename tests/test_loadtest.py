@@ -133,25 +133,26 @@ def test_bench_options_and_report(capsys):
 
 @pytest.mark.slow
 def test_scale_bundle_keeps_real_items_and_builds_the_index(scientific_bundle, scientific_dir, tmp_path):
-    from index_builder.bundle import load_validated
     from loadtest.scale_bundle import SYNTHETIC_PREFIX, scale_bundle
+    from serving_core.bundle import read_bundle
 
-    _, base_table, _ = load_validated(scientific_bundle)
+    base_table = read_bundle(scientific_bundle).table
     n_real = base_table.num_items - 1
     out = tmp_path / "big"
     info = scale_bundle(
         scientific_bundle, scientific_dir, n_real + 3000, out, factory="IVF32,Flat", nprobe=8, chunk=1000,
         recall_queries=50,
     )  # fmt: skip
-    manifest, table, _ = load_validated(out)  # checksums, shapes, cluster ranges
+    big = read_bundle(out)  # checksums, shapes, cluster ranges
+    manifest, table = big.manifest, big.table
     assert manifest.num_items == table.num_items == n_real + 3001 and "SYNTHETIC" in manifest.created
     assert table.ids[: n_real + 1] == base_table.ids and table.ids[-1].startswith(SYNTHETIC_PREFIX)
     np.testing.assert_array_equal(table.tokens[: n_real + 1], base_table.tokens)
     synthetic = table.vectors["text"][n_real + 1 :]
     assert np.allclose(np.linalg.norm(synthetic, axis=1), 1.0, atol=1e-4)  # through the item tower: unit vectors
     assert len({tuple(r) for r in np.round(synthetic[:200], 4)}) == 200  # distinct items, not copies
-    assert info["ntotal"] == table.num_items and info["recall_report"]["source"] == "user vectors"
-    assert manifest.index["factory"] == "IVF32,Flat" and manifest.index["params"]["nprobe"] == 8
+    assert info.ntotal == table.num_items and info.details["recall_report"]["source"] == "user vectors"
+    assert manifest.index.factory == "IVF32,Flat" and manifest.index.params["nprobe"] == 8
     assert (out / "user_tower.onnx").read_bytes() == (scientific_bundle / "user_tower.onnx").read_bytes()
 
 

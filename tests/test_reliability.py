@@ -45,21 +45,21 @@ def test_shutdown_survives_cancellations_that_redis_py_loses(
     import random
     import time
 
-    from service.runtime import stop_task
+    from service.replication import stop_task
 
     app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, warmup=False)
     rng = random.Random(0)
 
     async def scenario() -> int:
         recancelled = 0
-        async with app.router.lifespan_context(app):  # leaving it closes the runtime: that must end too
-            rt = app.state.runtime
+        async with app.router.lifespan_context(app):  # leaving it closes the service: that must end too
+            rep = app.state.service.replicator
             for _ in range(60):
                 await asyncio.sleep(rng.uniform(0, 0.05))
                 started = time.monotonic()
-                await asyncio.wait_for(stop_task(rt._consumer, every_s=0.3), 5)  # TimeoutError = a hang
+                await asyncio.wait_for(stop_task(rep._task, every_s=0.3), 5)  # TimeoutError = a hang
                 recancelled += time.monotonic() - started > 0.3  # the first cancellation was lost
-                rt._consumer = asyncio.get_running_loop().create_task(rt._follow_stream())
+                rep.start()
         return recancelled
 
     print(f"stop_task had to cancel again {asyncio.run(scenario())} times in 60")

@@ -1,13 +1,16 @@
-"""Oracle tests: fused_topk over a flat index equals brute-force fused scoring of the whole table."""
+"""Oracle tests: top_k over a flat index equals brute-force scoring of the whole table (fusion and inner product)."""
 
 import faiss
 import numpy as np
 import pytest
 
 from index_builder.build import index_vectors
-from index_builder.bundle import Fusion, ItemTable
-from index_builder.fusion import fusion_weights, item_scores, max_modality_gap, modality_sims
-from index_builder.retrieval import fused_topk, is_exact_index
+from serving_core.bundle import INNER_PRODUCT, MISSREC_FUSION, Block, Fusion, Scorer, static_vectors
+from serving_core.fusion import fusion_weights, item_scores, max_modality_gap, modality_sims
+from serving_core.scoring import ItemScorer
+from serving_core.topk import SearchOptions, is_exact_index, top_k
+
+pytestmark = pytest.mark.oracle
 
 N, D, CLUSTERS = 5000, 32, 40
 
@@ -38,16 +41,18 @@ def catalog():
     return vectors, ids, users
 
 
-def _table(vectors, ids):
-    zeros = np.zeros(N, np.int64)
-    return ItemTable(
-        [str(i) for i in range(N)],
-        vectors["text"],
-        dict(vectors),
-        {m: zeros for m in vectors},
-        np.zeros(N, np.float32),
-        ids,
-    )
+def fused_topk(users, k, index, vectors, fusion, *, id_vectors=None, max_gap=2.0, exclude=None, deleted=None,
+               explain=False, **options):  # fmt: skip
+    """top_k with a MISSRec fusion scorer over these arrays."""
+    scorer = Scorer(MISSREC_FUSION, fusion.modalities, fusion.alpha, fusion.tau, fusion.transductive)
+    items = ItemScorer(scorer, vectors, id_vectors, max_gap)
+    opts = SearchOptions(**options)
+    return top_k(users, k, index, items, exclude=exclude, deleted=deleted, explain=explain, options=opts)
+
+
+def _static(vectors, ids, fusion):
+    scorer = Scorer(MISSREC_FUSION, fusion.modalities, fusion.alpha, fusion.tau, fusion.transductive)
+    return static_vectors(scorer, vectors, ids if fusion.transductive else None)
 
 
 def _flat(static):
@@ -61,7 +66,7 @@ def _setup(catalog, alpha, modalities=("text", "image"), transductive=False):
     fusion = Fusion(modalities, alpha, 0.07, transductive)
     vecs = {m: vectors[m] for m in modalities}
     id_vectors = ids if transductive else None
-    static = _table(vectors, ids).static_vectors(fusion)
+    static = _static(vecs, ids, fusion)
     return fusion, vecs, id_vectors, static, users
 
 
@@ -119,7 +124,7 @@ def test_ties_are_broken_by_lower_id(catalog):
     vecs = {m: v.copy() for m, v in vectors.items()}
     for v in vecs.values():
         v[copies] = v[best]  # identical items: identical scores
-    static = _table(vecs, ids).static_vectors(fusion)
+    static = _static(vecs, ids, fusion)
     res = fused_topk(users[:1], 3, _flat(static), vecs, fusion)
     assert res.row(0)[0].tolist() == sorted([best, *copies])
     assert len(set(res.row(0)[1].tolist())) == 1
@@ -248,3 +253,41 @@ def test_hnsw_is_flagged_approximate_with_high_recall(catalog):
     oracle = brute_force(users, 10, vecs, fusion)
     recall = np.mean([len(set(res.row(b)[0].tolist()) & set(ids.tolist())) / 10 for b, (ids, _) in enumerate(oracle)])
     assert recall >= 0.95
+
+
+def test_inner_product_scorer_is_exact_with_exclusions_and_explains_by_blocks(catalog):
+    """An inner_product bundle (e.g. MSM4SR: concatenated text | image vectors): the index is exact (bound 0),
+    exclusions and tombstones still give exactly k results, and the block shares of each score sum to 1."""
+    vectors, _, users = catalog
+    x = np.concatenate([vectors["text"], vectors["image"]], axis=1) / np.sqrt(2)  # (N, 2D)
+    u = np.concatenate([users, users[::-1]], axis=1) / np.sqrt(2)  # (B, 2D)
+    scorer = Scorer(INNER_PRODUCT, ("text", "image"), blocks=(Block("text", 0, D), Block("image", D, 2 * D)))
+    items = ItemScorer(scorer, {"item": x.astype(np.float32)})
+    assert items.bound(1.0) == 0.0 and items.explained_by == ("text", "image")
+    index = faiss.IndexFlatIP(2 * D)
+    index.add(index_vectors(static_vectors(scorer, {"item": x.astype(np.float32)})))
+    rng = np.random.default_rng(3)
+    dead = rng.random(N) < 0.2
+    exact = u @ x.T
+    exclude = [set(np.argsort(-exact[b])[:40].tolist()) for b in range(u.shape[0])]
+    res = top_k(u, 10, index, items, exclude=exclude, deleted=dead, explain=True)
+    assert res.exact and (res.counts == 10).all()
+    for b in range(u.shape[0]):
+        ok = ~dead
+        ok[0] = False
+        ok[list(exclude[b])] = False
+        rows = np.flatnonzero(ok)
+        want = rows[np.lexsort((rows, -exact[b, rows]))[:10]]
+        np.testing.assert_array_equal(res.row(b)[0], want)
+        np.testing.assert_allclose(res.row(b)[1], exact[b, want], atol=1e-5)
+    parts = np.stack(
+        [(x[res.ids][..., :D] * u[:, None, :D]).sum(-1), (x[res.ids][..., D:] * u[:, None, D:]).sum(-1)], -1
+    )
+    np.testing.assert_allclose(res.weights, parts / parts.sum(-1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(res.weights.sum(-1), 1.0, atol=1e-5)
+
+
+def test_rescore_time_is_measured(catalog):
+    fusion, vecs, _, static, users = _setup(catalog, 0.4)
+    res = fused_topk(users, 10, _flat(static), vecs, fusion)
+    assert res.rescore_seconds > 0

@@ -188,19 +188,19 @@ def test_ann_bundle_takes_search_params_and_caps_candidates(scientific_bundle, t
     import faiss
 
     from index_builder.build import build_index
-    from index_builder.bundle import BundleError
-    from service.engine import Engine
-    from service.metrics import Metrics
+    from service.serving_model import ServingModel
     from service.settings import Settings
+    from serving_core.bundle import BundleError
 
     ivf = tmp_path / "ivf"
     shutil.copytree(scientific_bundle, ivf)
     build_index(ivf, "IVF16,Flat", "cpu", progress=False)
     settings = Settings(bundle=ivf, index_params={"nprobe": 5}, max_candidates=64)
-    engine = Engine.load(ivf, settings, Metrics())
-    assert not engine.index_exact and engine.max_candidates == 64 and engine.initial_width == 64  # IVF: one scan
-    assert faiss.extract_index_ivf(engine.index).nprobe == 5
-    exact = Engine.load(scientific_bundle, Settings(bundle=scientific_bundle, max_candidates=64), Metrics())
-    assert exact.index_exact and exact.max_candidates is None and exact.initial_width is None  # never capped
+    model = ServingModel.load(ivf, settings)
+    opts = model.options
+    assert not opts.exact_index and opts.max_candidates == 64 and opts.initial_width == 64  # IVF: one scan
+    assert faiss.extract_index_ivf(model.index).nprobe == 5
+    exact = ServingModel.load(scientific_bundle, Settings(bundle=scientific_bundle, max_candidates=64)).options
+    assert exact.exact_index and exact.max_candidates is None and exact.initial_width is None  # never capped
     with pytest.raises(BundleError, match="MISSREC_INDEX_PARAMS"):
-        Engine.load(ivf, Settings(bundle=ivf, index_params={"efSearch": 16}), Metrics())
+        ServingModel.load(ivf, Settings(bundle=ivf, index_params={"efSearch": 16}))

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import usecases
 from service.schemas import Health
 
 router = APIRouter(tags=["health"])
@@ -18,13 +19,13 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
 async def readyz(request: Request) -> JSONResponse:
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is None:
+    state = getattr(request.app.state, "service", None)
+    if state is None:
         return JSONResponse(
             status_code=503, content=Health(status="unready", checks={"bundle": "loading"}).model_dump()
         )
-    checks = await runtime.readiness()
-    ok = runtime.ready and checks.get("redis") == "ok"
+    checks = await usecases.readiness(state)
+    ok = state.ready and checks.get("redis") == "ok"
     return JSONResponse(
         status_code=200 if ok else 503, content=Health(status="ok" if ok else "unready", checks=checks).model_dump()
     )
@@ -32,6 +33,6 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    runtime = getattr(request.app.state, "runtime", None)
-    body = runtime.metrics.render() if runtime is not None else b""
+    state = getattr(request.app.state, "service", None)
+    body = state.metrics.render() if state is not None else b""
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

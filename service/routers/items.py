@@ -12,10 +12,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
-from service.deps import RuntimeDep, WriteAccess
+from service import usecases
+from service.deps import StateDep, WriteAccess
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.runtime import Runtime
-from service.schemas import ErrorResponse, Identifier, ItemCreated, ItemJSONRequest, ItemResponse
+from service.schemas import MAX_TEXT_CHARS, ErrorResponse, Identifier, ItemCreated, ItemJSONRequest, ItemResponse
+from service.state import ServiceState
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External item id.")]
@@ -27,7 +28,7 @@ _MULTIPART_SCHEMA = {
     "required": ["item_id"],
     "properties": {
         "item_id": {"type": "string", "minLength": 1, "maxLength": 256},
-        "text": {"type": "string", "maxLength": 20000},
+        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
         "image": {"type": "string", "format": "binary"},
     },
 }
@@ -36,15 +37,16 @@ _OPENAPI_BODY = {
         "required": True,
         "content": {
             "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            "application/json": {"schema": {"$ref": "#/components/schemas/ItemJSONRequest"}},
+            # inline (the route reads the body itself, so FastAPI would not add the model to components)
+            "application/json": {"schema": ItemJSONRequest.model_json_schema()},
         },
     }
 }
 
 
-async def _read_multipart(request: Request, runtime: Runtime) -> tuple[str, str, bytes | None]:
+async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, str, bytes | None]:
     try:
-        form = await request.form(max_files=1, max_fields=8, max_part_size=runtime.settings.max_image_bytes + 1)
+        form = await request.form(max_files=1, max_fields=8, max_part_size=state.settings.max_image_bytes + 1)
     except (MultiPartException, HTTPException) as exc:  # inside an app, Starlette re-raises parser errors as 400s
         message = str(getattr(exc, "detail", exc))
         if "exceeded" in message.lower() or "too large" in message.lower():
@@ -55,21 +57,21 @@ async def _read_multipart(request: Request, runtime: Runtime) -> tuple[str, str,
         raise InvalidInput("item_id and text must be form fields, not files")
     data = None
     if isinstance(image, UploadFile):
-        data = await image.read(runtime.settings.max_image_bytes + 1)
-        if len(data) > runtime.settings.max_image_bytes:
-            raise PayloadTooLarge(f"image is larger than {runtime.settings.max_image_bytes} bytes")
+        data = await image.read(state.settings.max_image_bytes + 1)
+        if len(data) > state.settings.max_image_bytes:
+            raise PayloadTooLarge(f"image is larger than {state.settings.max_image_bytes} bytes")
     elif image is not None and image != "":
         raise InvalidInput("image must be an uploaded file")
     return item_id, text, data
 
 
-async def _read_json(request: Request, runtime: Runtime) -> tuple[str, str, bytes | None]:
+async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, bytes | None]:
     try:
         body = ItemJSONRequest.model_validate_json(await request.body())
     except ValidationError as exc:
         problems = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
         raise InvalidInput("request does not match the schema", {"errors": problems}) from None
-    image = runtime.decode_base64_image(body.image_base64) if body.image_base64 else None
+    image = usecases.decode_base64_image(state, body.image_base64) if body.image_base64 else None
     return body.item_id, body.text, image
 
 
@@ -81,21 +83,21 @@ async def _read_json(request: Request, runtime: Runtime) -> tuple[str, str, byte
     dependencies=[WriteAccess],
     openapi_extra=_OPENAPI_BODY,
 )
-async def ingest_item(request: Request, runtime: RuntimeDep) -> JSONResponse:
+async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
     """Add (or replace) an item from its image and text: open_clip + item tower, interest clusters, live index.
     201 only after the item is durable in Redis; it is recommendable at once (and on other replicas within 1 s)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
-        item_id, text, image = await _read_multipart(request, runtime)
+        item_id, text, image = await _read_multipart(request, state)
     elif content_type == "application/json":
-        item_id, text, image = await _read_json(request, runtime)
+        item_id, text, image = await _read_json(request, state)
     else:
         raise UnsupportedMedia("send multipart/form-data (item_id, text, image file) or application/json")
     try:
         item_id = _ID.validate_python(item_id)
     except ValidationError:
         raise InvalidInput("item_id must be 1..256 characters without control characters") from None
-    record, replaced = await runtime.ingest(item_id, text, image)
+    record, replaced = await usecases.ingest(state, item_id, text, image)
     body = ItemCreated(
         item_id=item_id,
         version=record.version,
@@ -109,12 +111,12 @@ async def ingest_item(request: Request, runtime: RuntimeDep) -> JSONResponse:
 
 
 @router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS)
-async def get_item(item_id: ItemId, runtime: RuntimeDep) -> ItemResponse:
-    return ItemResponse(**runtime.item_info(item_id))
+async def get_item(item_id: ItemId, state: StateDep) -> ItemResponse:
+    return ItemResponse(**usecases.item_info(state, item_id))
 
 
 @router.delete("/{item_id:path}", status_code=204, responses=ERRORS, dependencies=[WriteAccess])
-async def delete_item(item_id: ItemId, runtime: RuntimeDep) -> Response:
+async def delete_item(item_id: ItemId, state: StateDep) -> Response:
     """Remove an item (bundle or ingested) from recommendations at once, on every replica."""
-    await runtime.delete_item(item_id)
+    await usecases.delete_item(state, item_id)
     return Response(status_code=204)

@@ -6,9 +6,10 @@ import asyncio
 
 from fastapi import APIRouter
 
-from service.deps import JSONBody, RuntimeDep
-from service.engine import Recommendation
+from service import usecases
+from service.deps import JSONBody, StateDep
 from service.errors import ServiceError, error_body
+from service.recommender import Recommendation
 from service.schemas import (
     BatchRecommendRequest,
     BatchRecommendResponse,
@@ -23,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["recommend"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
 
 
-def to_response(rec: Recommendation, history_length: int, version: str) -> RecommendResponse:
+def to_response(rec: Recommendation, history_length: int) -> RecommendResponse:
     items = [
         RecommendedItem(
             item_id=item.item_id,
@@ -33,25 +34,29 @@ def to_response(rec: Recommendation, history_length: int, version: str) -> Recom
         for item in rec.items
     ]
     return RecommendResponse(
-        items=items, model_version=version, fallback=rec.fallback, exact=rec.exact, history_length=history_length
+        items=items,
+        model_version=rec.model_version,
+        fallback=rec.fallback,
+        exact=rec.exact,
+        history_length=history_length,
     )
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[JSONBody])
-async def recommend(body: RecommendRequest, runtime: RuntimeDep) -> RecommendResponse:
+async def recommend(body: RecommendRequest, state: StateDep) -> RecommendResponse:
     """Top-k items for a user id (history from Redis) or an explicit history of item ids (oldest first)."""
-    rec, n = await runtime.recommend(body)
-    return to_response(rec, n, runtime.engine.version)
+    rec, n = await usecases.recommend(state, body)
+    return to_response(rec, n)
 
 
 @router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS, dependencies=[JSONBody])
-async def recommend_batch(body: BatchRecommendRequest, runtime: RuntimeDep) -> BatchRecommendResponse:
+async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> BatchRecommendResponse:
     """Many recommendations in one call; each result is a response or an error of the usual shape."""
-    if len(body.requests) > runtime.settings.max_batch_requests:
+    if len(body.requests) > state.settings.max_batch_requests:
         raise ServiceError(
-            f"at most {runtime.settings.max_batch_requests} requests per batch", code="too_many_requests_in_batch"
+            f"at most {state.settings.max_batch_requests} requests per batch", code="too_many_requests_in_batch"
         )
-    outcomes = await asyncio.gather(*(runtime.recommend(r) for r in body.requests), return_exceptions=True)
+    outcomes = await asyncio.gather(*(usecases.recommend(state, r) for r in body.requests), return_exceptions=True)
     results: list[RecommendResponse | ErrorResponse] = []
     for outcome in outcomes:
         if isinstance(outcome, ServiceError):
@@ -59,5 +64,5 @@ async def recommend_batch(body: BatchRecommendRequest, runtime: RuntimeDep) -> B
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
-            results.append(to_response(outcome[0], outcome[1], runtime.engine.version))
+            results.append(to_response(outcome[0], outcome[1]))
     return BatchRecommendResponse(results=results)

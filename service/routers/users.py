@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path
 from starlette.convertors import PathConvertor, register_url_convertor
 
-from service.deps import JSONBody, RuntimeDep, WriteAccess
+from service import usecases
+from service.deps import JSONBody, StateDep, WriteAccess
 from service.schemas import ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, Identifier
 
 
@@ -30,22 +31,22 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 5
 async def append_events(
     user_id: UserId,
     body: EventsRequest,
-    runtime: RuntimeDep,
+    state: StateDep,
     idempotency_key: Annotated[Identifier | None, Header(description="Apply retries of this call once.")] = None,
 ) -> EventsResponse:
     """Append interactions to the user's history (capped at the model's max length). 200 means durable."""
-    if len(body.item_ids) > runtime.settings.max_events:
+    if len(body.item_ids) > state.settings.max_events:
         from service.errors import PayloadTooLarge
 
-        raise PayloadTooLarge(f"at most {runtime.settings.max_events} item ids per call")
+        raise PayloadTooLarge(f"at most {state.settings.max_events} item ids per call")
     key = body.idempotency_key or idempotency_key
-    length, applied = await runtime.append_events(user_id, body.item_ids, body.timestamps, key)
+    length, applied = await usecases.append_events(state, user_id, body.item_ids, body.timestamps, key)
     return EventsResponse(
         user_id=user_id, history_length=length, appended=len(body.item_ids) if applied else 0, duplicate=not applied
     )
 
 
 @router.get("/{user_id:anyid}/history", response_model=HistoryResponse, responses=ERRORS)
-async def get_history(user_id: UserId, runtime: RuntimeDep) -> HistoryResponse:
-    items, stamps = await runtime.history(user_id)
+async def get_history(user_id: UserId, state: StateDep) -> HistoryResponse:
+    items, stamps = await usecases.history(state, user_id)
     return HistoryResponse(user_id=user_id, item_ids=items, timestamps=stamps)

@@ -1,10 +1,12 @@
-"""The two towers at serving time: ONNX Runtime sessions over a bundle's user_tower.onnx / item_tower.onnx (no torch).
+"""The two towers at serving time: ONNX Runtime sessions over a bundle's tower graphs (no torch).
 
-User tower: internal item-id histories -> unit user vectors (B, D). The numpy side does what ``MISSRec.encode`` does
-around the network: truncate to the last ``max_len`` items, gather item tokens, build the interest ids (sorted,
-de-duplicated union of the items' text and image cluster ids, 0 excluded) and gather their centroid rows; the graph
-does the rest. Item tower: raw modality features (B, F_m) -> token (B, D), normalised modality vectors (B, D) and
-interest cluster ids (B,), for items that arrive after the bundle was built (cold start).
+The graphs' input and output names are data in the manifest (``manifest.graphs``). User tower: internal item-id
+histories -> user vectors (B, D). The numpy side truncates to the last ``max_len`` items and gathers the item
+tokens (``tokens``, ``lengths``); a graph that also takes ``interests`` / ``interest_lengths`` (MISSRec) gets
+the interest ids as ``MISSRec.encode`` builds them (sorted, de-duplicated union of the items' cluster ids, 0
+excluded) and their centroid rows. Item tower: raw modality features (B, F_m) -> the graph's named outputs (the
+token the user tower gathers, the item vectors, MISSRec's cluster ids), for items that arrive after the bundle
+was built (cold start).
 
 The item arrays the user tower reads (tokens, cluster ids) can grow while serving: build a new :class:`ItemArrays`
 (for instance views of a larger preallocated buffer) and hand it to :meth:`UserTower.replace_items`. Each
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from index_builder.bundle import ITEM_TOWER, USER_TOWER, BundleError, ItemTable, Manifest, load_validated
+from serving_core.bundle import Bundle, BundleError, Graph, ItemTable, Manifest, read_bundle
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PROVIDER_PREFERENCES = ("auto", "cpu", "cuda")
 
-# The graph interfaces (model_export.onnx_export writes them; the names are part of the bundle contract).
+# MISSRec's graph interface (model_export writes these names into manifest.graphs; towers read them from there).
 USER_INPUTS = ("tokens", "lengths", "interests", "interest_lengths")
+PLAIN_USER_INPUTS = ("tokens", "lengths")  # a user tower without interest tokens (inner_product models)
 USER_OUTPUT = "user"
 ITEM_TOKENS = "tokens"
 
@@ -137,13 +140,28 @@ def interest_ids(items: np.ndarray, clusters: Sequence[np.ndarray]) -> np.ndarra
 class UserTower:
     """user_tower.onnx plus the item arrays and centroids it needs: id histories -> unit user vectors."""
 
-    def __init__(self, session: ort.InferenceSession, items: ItemArrays, centroids: np.ndarray, max_len: int) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        items: ItemArrays,
+        centroids: np.ndarray | None,
+        max_len: int,
+        graph: Graph | None = None,
+    ) -> None:
         names = tuple(i.name for i in session.get_inputs())
-        if set(names) != set(USER_INPUTS) or [o.name for o in session.get_outputs()] != [USER_OUTPUT]:
-            raise BundleError(f"user tower has inputs {names}, expected {USER_INPUTS} -> {USER_OUTPUT!r}")
-        if centroids.ndim != 2 or centroids.shape[1] != items.tokens.shape[1]:
-            raise ValueError(f"centroids {centroids.shape} do not match tokens {items.tokens.shape}")
+        outputs = tuple(o.name for o in session.get_outputs())
+        expected = graph or Graph("", USER_INPUTS, (USER_OUTPUT,))
+        if set(names) != set(expected.inputs) or outputs != expected.outputs or len(outputs) != 1:
+            raise BundleError(
+                f"user tower has {names} -> {outputs}, the manifest says {expected.inputs} -> {expected.outputs}"
+            )
+        self.interests = set(names) == set(USER_INPUTS)
+        if not self.interests and set(names) != set(PLAIN_USER_INPUTS):
+            raise BundleError(f"user tower inputs {names} are neither {USER_INPUTS} nor {PLAIN_USER_INPUTS}")
+        if self.interests and (centroids is None or centroids.ndim != 2 or centroids.shape[1] != items.tokens.shape[1]):
+            raise ValueError(f"a user tower with interests needs centroids (K + 1, {items.tokens.shape[1]})")
         self.session = session
+        self.output = outputs[0]
         self.centroids = centroids
         self.max_len = max_len
         self._items = items
@@ -153,19 +171,22 @@ class UserTower:
         return self._items
 
     @property
-    def dim(self) -> int:
-        return int(self.centroids.shape[1])
+    def token_dim(self) -> int:
+        return int(self._items.tokens.shape[1])
 
     def replace_items(self, items: ItemArrays) -> None:
         """Swap in grown item arrays (e.g. with cold-start items appended); the modalities must stay the same."""
-        if set(items.clusters) != set(self._items.clusters) or items.tokens.shape[1] != self.dim:
+        if set(items.clusters) != set(self._items.clusters) or items.tokens.shape[1] != self.token_dim:
             raise ValueError("replacement item arrays must keep the modalities and the token width")
         self._items = items
 
-    def inputs(self, histories: Sequence[np.ndarray | Sequence[int]]) -> dict[str, np.ndarray]:
+    def inputs(
+        self, histories: Sequence[np.ndarray | Sequence[int]], arrays: ItemArrays | None = None
+    ) -> dict[str, np.ndarray]:
         """The graph feeds for ``histories`` (internal ids, oldest first): left-aligned, padded to the batch's
-        longest history, each truncated to its last ``max_len`` items."""
-        items_now = self._items  # read once: a concurrent replace_items is seen entirely or not at all
+        longest history, each truncated to its last ``max_len`` items. ``arrays``: the item arrays to gather
+        from (a catalogue snapshot's), else the tower's own."""
+        items_now = arrays if arrays is not None else self._items
         if not histories:
             raise TowerError("no histories to encode")
         try:
@@ -181,20 +202,19 @@ class UserTower:
         real = items[np.arange(items.shape[1])[None, :] < lengths[:, None]]
         if real.min() < 1 or real.max() >= items_now.num_items:
             raise TowerError(f"item ids must be in 1..{items_now.num_items - 1}")
-        ids = interest_ids(items, list(items_now.clusters.values()))  # (B, Q)
-        return {
-            "tokens": items_now.tokens[items],  # (B, L, D)
-            "lengths": lengths,
-            "interests": self.centroids[ids],  # (B, Q, D)
-            "interest_lengths": np.maximum((ids > 0).sum(axis=1), 1).astype(np.int64),
-        }
+        feeds = {"tokens": items_now.tokens[items], "lengths": lengths}  # (B, L, T), (B,)
+        if self.interests:
+            ids = interest_ids(items, list(items_now.clusters.values()))  # (B, Q)
+            feeds["interests"] = self.centroids[ids]  # (B, Q, D)
+            feeds["interest_lengths"] = np.maximum((ids > 0).sum(axis=1), 1).astype(np.int64)
+        return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run([USER_OUTPUT], feeds)[0]
+        return self.session.run([self.output], feeds)[0]
 
-    def encode(self, histories: Sequence[np.ndarray | Sequence[int]]) -> np.ndarray:
-        """Internal item-id histories (oldest first, each non-empty) -> (B, D) float32 unit user vectors."""
-        return self.run(self.inputs(histories))
+    def encode(self, histories: Sequence[np.ndarray | Sequence[int]], arrays: ItemArrays | None = None) -> np.ndarray:
+        """Internal item-id histories (oldest first, each non-empty) -> (B, D) float32 user vectors."""
+        return self.run(self.inputs(histories, arrays))
 
     def warm_up(self, batch_size: int = 1) -> None:
         """Run one max-shape batch (full-length histories) so the first request does not pay for allocation."""
@@ -207,13 +227,15 @@ class UserTower:
 class ItemTower:
     """item_tower.onnx: raw modality features -> token, normalised vectors and cluster ids of new items."""
 
-    def __init__(self, session: ort.InferenceSession, feature_dims: dict[str, int]) -> None:
+    def __init__(self, session: ort.InferenceSession, feature_dims: dict[str, int], graph: Graph | None = None) -> None:
         names = {i.name for i in session.get_inputs()}
         if names != {feature_input(m) for m in feature_dims}:
             raise BundleError(f"item tower has inputs {sorted(names)}, expected one per modality {list(feature_dims)}")
         self.session = session
         self.feature_dims = dict(feature_dims)
         self.outputs = [o.name for o in session.get_outputs()]
+        if graph is not None and tuple(self.outputs) != graph.outputs:
+            raise BundleError(f"item tower outputs {self.outputs}, the manifest says {list(graph.outputs)}")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -221,8 +243,9 @@ class ItemTower:
 
     def encode(self, text_features: np.ndarray | None, image_features: np.ndarray | None) -> dict[str, np.ndarray]:
         """(B, F_m) float32 features per modality (None = missing: zero rows, as for a missing modality in the
-        data) -> {"tokens": (B, D), m: (B, D) unit vectors, "m_cluster": (B,) int64 in 1..K} for the model's
-        modalities. Features of a modality the model does not use are ignored."""
+        data) -> the graph's outputs by name (MISSRec: "tokens" (B, D), m: (B, D) unit vectors, "m_cluster" (B,)
+        int64 in 1..K; inner_product towers: "tokens" and "item"). Features of a modality the model does not use
+        are ignored."""
         given = {"text": text_features, "image": image_features}
         used = {m: given[m] for m in self.modalities if given[m] is not None}
         if not used:
@@ -248,30 +271,40 @@ class ItemTower:
 class Towers:
     """A validated bundle with both tower sessions open."""
 
-    manifest: Manifest
-    table: ItemTable
-    centroids: np.ndarray
+    bundle: Bundle
     user: UserTower
     item: ItemTower
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def table(self) -> ItemTable:
+        return self.bundle.table
+
+
+def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0) -> Towers:
+    """Open both tower sessions of a bundle read by :func:`serving_core.bundle.read_bundle`."""
+    m, root = bundle.manifest, bundle.root
+    graphs = m.graphs
+    user = UserTower(
+        open_session(root / graphs["user"].file, providers, intra_op_threads),
+        ItemArrays.from_table(bundle.table),
+        bundle.centroids,
+        m.max_len,
+        graphs["user"],
+    )
+    item = ItemTower(
+        open_session(root / graphs["item"].file, providers, intra_op_threads), m.dims.features, graphs["item"]
+    )
+    log.info(
+        "towers of bundle %s on %s: %d items, scorer %s", m.version, user.session.get_providers()[0], m.num_items,
+        m.scorer.kind,
+    )  # fmt: skip
+    return Towers(bundle, user, item)
 
 
 def load_towers(root: str | Path, providers: str = "auto", intra_op_threads: int = 0) -> Towers:
     """Validate the bundle at ``root`` (checksums, shapes) and open both towers."""
-    root = Path(root)
-    manifest, table, centroids = load_validated(root)
-    feature_dims = {m: int(manifest.dims[f"{m}_feature"]) for m in manifest.modalities}
-    user = UserTower(
-        open_session(root / USER_TOWER, providers, intra_op_threads),
-        ItemArrays.from_table(table),
-        centroids,
-        manifest.max_len,
-    )
-    item = ItemTower(open_session(root / ITEM_TOWER, providers, intra_op_threads), feature_dims)
-    log.info(
-        "towers of bundle %s on %s: %d items, %d interests",
-        manifest.version,
-        user.session.get_providers()[0],
-        manifest.num_items,
-        manifest.num_interests,
-    )
-    return Towers(manifest, table, centroids, user, item)
+    return open_towers(read_bundle(root), providers, intra_op_threads)

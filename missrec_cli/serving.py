@@ -1,4 +1,4 @@
-"""Serving commands of the ``missrec`` CLI: export, build-index, serve, quickstart (registered onto missrec.cli)."""
+"""Serving commands of the ``missrec`` CLI: export, build-index, serve, quickstart (registered onto the model CLI)."""
 
 from __future__ import annotations
 
@@ -29,19 +29,19 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
     """Export towers (ONNX, parity-checked), item table and manifest into a serving bundle."""
-    from index_builder.bundle import BundleError
     from missrec.checkpoint import CheckpointError
     from missrec.data import DatasetError
     from model_export.onnx_export import ExportError, export_bundle
+    from serving_core.bundle import BundleError
 
     try:
         manifest = export_bundle(checkpoint, data, out, overwrite=overwrite)
     except (ExportError, BundleError, CheckpointError, DatasetError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
-    parity = manifest.onnx.get("parity", {})
+    parity = manifest.export.get("parity", {})
     console.print(
-        f"exported {manifest.num_items - 1} items, K={manifest.num_interests}, "
-        f"alpha={manifest.fusion['alpha']:.4f}; parity {parity}; bundle {manifest.version} at {out}"
+        f"exported {manifest.num_items - 1} items, K={manifest.num_interests}, scorer {manifest.scorer.kind}, "
+        f"alpha={manifest.scorer.alpha:.4f}; parity {parity}; bundle {manifest.version} at {out}"
     )
 
 
@@ -52,7 +52,7 @@ def build_index(
 ) -> None:
     """Build the FAISS index over the bundle's static item vectors (with a recall report vs exact)."""
     from index_builder.build import build_index as run_build
-    from index_builder.bundle import BundleError
+    from serving_core.bundle import BundleError
 
     if device not in ("auto", "cpu", "gpu"):
         raise _fail("--device must be auto, cpu or gpu")
@@ -94,13 +94,9 @@ def _demo_clip(root: Path) -> tuple[str, str]:
 
 
 def _quickstart_bundle(root: Path, epochs: int) -> Path:
-    from index_builder.build import build_index as run_build
-    from index_builder.bundle import BundleError, verify_checksums
-    from missrec.data import load_dataset
-    from missrec.runs import save_run, train_missrec
     from missrec.synthetic import generate_synthetic
-    from missrec.train import TrainOptions
-    from model_export.onnx_export import export_bundle
+    from missrec_cli.pipeline import train_export_index
+    from serving_core.bundle import BundleError, verify_checksums
 
     bundle = root / "bundle"
     data_env = os.environ.get("MISSREC_DATA")
@@ -121,12 +117,10 @@ def _quickstart_bundle(root: Path, epochs: int) -> Path:
             console.print("generating a SYNTHETIC dataset (set MISSREC_DATA to train on your own data)")
             # small enough to train in about a minute on a laptop CPU
             generate_synthetic(data, num_users=1200, num_items=800, max_seq_len=15, seed=0)
-    ds = load_dataset(data)
-    run = train_missrec(ds, TrainOptions(epochs=epochs, patience=3), "inductive")
-    save_run(run, ds, root / "run", {"mode": "inductive", "quickstart": True})
-    console.print(f"trained: test {run.metrics['test']}")
-    export_bundle(root / "run" / "checkpoint.pt", data, bundle, overwrite=True)
-    run_build(bundle, factory="Flat", device="auto")
+    bundle, _, metrics = train_export_index(
+        data, root, epochs=epochs, patience=3, device="auto", meta={"quickstart": True}
+    )
+    console.print(f"trained: test {metrics['test']}")
     return bundle
 
 
@@ -156,7 +150,7 @@ def quickstart(
     if no_serve:
         console.print(f"bundle ready at {bundle}")
         return
-    from index_builder.bundle import read_manifest
+    from serving_core.bundle import read_manifest
 
     manifest = read_manifest(bundle)
     ids = __import__("json").loads((bundle / "items/ids.json").read_text())

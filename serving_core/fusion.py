@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from index_builder.bundle import Fusion
+from serving_core.bundle import Fusion
 
 
 def _f32(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.micro_batch import MicroBatcher
 
 
 class Recorder:

@@ -24,7 +24,8 @@ R = TypeVar("R")
 
 class MicroBatcher(Generic[T, R]):
     """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in ``executor`` and returns one result (or an
-    Exception instance, raised to that caller alone) per input, in order."""
+    Exception instance, raised to that caller alone) per input, in order. ``on_batch(size)`` sees every batch,
+    ``on_wait(seconds)`` every request's queue wait (submit -> its batch starts)."""
 
     def __init__(
         self,
@@ -33,10 +34,11 @@ class MicroBatcher(Generic[T, R]):
         max_wait_s: float,
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
-        self.executor, self.on_batch = executor, on_batch
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] = asyncio.Queue()
+        self.executor, self.on_batch, self.on_wait = executor, on_batch, on_wait
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -50,18 +52,19 @@ class MicroBatcher(Generic[T, R]):
                 await self._task
             self._task = None
         while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
+            _, fut, _ = self._queue.get_nowait()
             if not fut.done():
                 fut.set_exception(RuntimeError("service is shutting down"))
 
     async def submit(self, item: T) -> R:
         if self._task is None:
             raise RuntimeError("micro-batcher is not running")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._queue.put((item, fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        await self._queue.put((item, fut, loop.time()))
         return await fut
 
-    async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
+    async def _collect(self) -> list[tuple[T, asyncio.Future[R], float]]:
         batch = [await self._queue.get()]
         while len(batch) < self.max_batch and not self._queue.empty():  # everything queued meanwhile, no waiting
             batch.append(self._queue.get_nowait())
@@ -86,11 +89,16 @@ class MicroBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            live = [(x, f) for x, f in batch if not f.cancelled()]
+            now = loop.time()
+            live = [(x, f) for x, f, _ in batch if not f.cancelled()]
             if not live:
                 continue
             if self.on_batch:
                 self.on_batch(len(live))
+            if self.on_wait:
+                for _, f, queued in batch:
+                    if not f.cancelled():
+                        self.on_wait(now - queued)
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, [x for x, _ in live])
             except Exception as exc:  # the whole batch failed: every caller gets the error

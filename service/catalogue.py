@@ -1,0 +1,264 @@
+"""The live catalogue: immutable snapshots of the servable items, published by a single writer.
+
+Readers (the event loop's id lookups, the micro-batch thread's searches) take ``catalogue.current`` and never
+lock: a :class:`Snapshot` never changes. Writers (ingest, delete, item-stream events, a model swap) serialise on
+one lock, build the next snapshot and swap the reference.
+
+Rows: the bundle's rows first, then cold-start items appended in order. Re-ingesting an id appends a new row and
+tombstones the old one; deleting tombstones the row. Row r is the FAISS id and the internal item id. Item arrays
+are append-only segments: a snapshot holds views of rows [0, n), which later appends never touch (a grown buffer
+is a new buffer; the old views keep the old one alive). The deleted mask and the id overlay are copied per write.
+The FAISS index is never mutated: rows past ``index_rows`` (the tail) are scored exactly for every query, and a
+tail longer than ``compact_rows`` is folded into a copy of the index, published with the next snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.serving_model import IncompatibleItem, ServingModel
+from service.store import ItemRecord
+from serving_core.bundle import static_vectors
+from serving_core.index import to_cpu, to_device
+from serving_core.scoring import ItemScorer, measured_max_gap
+from serving_core.towers import ItemArrays
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPACT_ROWS = 4096
+
+
+class Segment:
+    """An append-only array along axis 0 (amortised O(1)); ``view(n)`` of rows [0, n) never changes later."""
+
+    def __init__(self, initial: np.ndarray) -> None:
+        self._data = initial
+        self.n = initial.shape[0]
+
+    def append(self, rows: np.ndarray) -> None:
+        need = self.n + rows.shape[0]
+        if need > self._data.shape[0]:
+            grown = np.empty((max(need, 2 * self.n, 16), *self._data.shape[1:]), dtype=self._data.dtype)
+            grown[: self.n] = self._data[: self.n]
+            self._data = grown
+        self._data[self.n : need] = rows
+        self.n = need
+
+    def view(self, n: int | None = None) -> np.ndarray:
+        return self._data[: self.n if n is None else n]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One immutable state of the catalogue over one :class:`ServingModel`."""
+
+    model: ServingModel
+    seq: int  # catalogue version: +1 per published change
+    n: int  # rows, padding and tombstones included
+    ids: list[str]  # shared, append-only: only ids[:n] belong to this snapshot
+    texts: list[str]  # shared, append-only, like ids
+    overlay: dict[str, int]  # ingested id -> row (own copy); bundle ids resolve through the bundle's table
+    deleted: np.ndarray  # (n,) bool, own copy; row 0 (padding) is always deleted
+    ingested: dict[str, ItemRecord]  # live ingested items (own copy)
+    tokens: np.ndarray  # (n, T) what the user tower gathers
+    vectors: dict[str, np.ndarray]  # name -> (n, D)
+    clusters: dict[str, np.ndarray]  # modality -> (n,) (MISSRec)
+    id_vectors: np.ndarray | None  # (n, D), transductive MISSRec (cold items: zero rows)
+    index: Any  # FAISS index over rows [0, index_rows)
+    index_rows: int
+    max_gap: float
+
+    # ----- ids --------------------------------------------------------------------------------------------
+    def row(self, item_id: str) -> int | None:
+        """The live row of an external id, or None (unknown or deleted)."""
+        r = self.overlay.get(item_id)
+        if r is None:
+            r = self.model.bundle_rows.get(item_id)
+        return None if r is None or self.deleted[r] else r
+
+    def rows_for(self, item_ids: Iterable[str]) -> tuple[list[int], list[str]]:
+        """Live rows of external ids, and the ids that are unknown or deleted."""
+        rows, unknown = [], []
+        for item in item_ids:
+            r = self.row(item)
+            if r is None:
+                unknown.append(item)
+            else:
+                rows.append(r)
+        return rows, unknown
+
+    @property
+    def live_count(self) -> int:
+        return int(self.n - self.deleted.sum())
+
+    @property
+    def num_ingested(self) -> int:
+        return len(self.ingested)
+
+    @property
+    def num_deleted(self) -> int:
+        return int(self.deleted[1 : self.model.bundle.table.num_items].sum())
+
+    # ----- what the search reads -----------------------------------------------------------------------------
+    def item_arrays(self) -> ItemArrays:
+        return ItemArrays(tokens=self.tokens, clusters=self.clusters)
+
+    def scorer(self) -> ItemScorer:
+        return ItemScorer(self.model.manifest.scorer, self.vectors, self.id_vectors, self.max_gap)
+
+    def item_info(self, item_id: str) -> dict[str, Any] | None:
+        row = self.row(item_id)
+        if row is None:
+            return None
+        record = self.ingested.get(item_id)
+        return {
+            "item_id": item_id,
+            "source": "ingested" if record else "bundle",
+            "text": self.texts[row],
+            "version": record.version if record else None,
+            "text_cluster": int(self.clusters["text"][row]) if "text" in self.clusters else None,
+            "image_cluster": int(self.clusters["image"][row]) if "image" in self.clusters else None,
+            "created_at": record.created_at if record else None,
+        }
+
+
+class Catalogue:
+    """The single writer of snapshots. ``current`` is safe to read from any thread at any time."""
+
+    def __init__(self, model: ServingModel, compact_rows: int = DEFAULT_COMPACT_ROWS) -> None:
+        self._lock = threading.Lock()
+        self.compact_rows = compact_rows
+        self.versions: dict[str, int] = {}  # item id -> version of the latest change applied here
+        self._current = self._fresh(model)
+
+    def _fresh(self, model: ServingModel) -> Snapshot:
+        table = model.bundle.table
+        n = table.num_items
+        self._ids, self._texts = list(table.ids), list(table.texts) if table.texts is not None else [""] * n
+        self._tokens = Segment(table.tokens)
+        self._vectors = {name: Segment(v) for name, v in table.vectors.items()}
+        self._clusters = {m: Segment(c) for m, c in table.clusters.items()}
+        self._id_vectors = Segment(table.id_vectors) if table.id_vectors is not None else None
+        deleted = np.zeros(n, dtype=bool)
+        deleted[0] = True  # padding is never recommended
+        index_info = model.manifest.index
+        gap = index_info.max_gap if index_info is not None else 2.0
+        return self._publish(model, 0, deleted, {}, {}, model.index, n, gap)
+
+    def _publish(
+        self,
+        model: ServingModel,
+        seq: int,
+        deleted: np.ndarray,
+        overlay: dict[str, int],
+        ingested: dict[str, ItemRecord],
+        index: Any,
+        index_rows: int,
+        max_gap: float,
+    ) -> Snapshot:
+        n = self._tokens.n
+        snap = Snapshot(
+            model=model,
+            seq=seq,
+            n=n,
+            ids=self._ids,
+            texts=self._texts,
+            overlay=overlay,
+            deleted=deleted,
+            ingested=ingested,
+            tokens=self._tokens.view(n),
+            vectors={k: s.view(n) for k, s in self._vectors.items()},
+            clusters={k: s.view(n) for k, s in self._clusters.items()},
+            id_vectors=self._id_vectors.view(n) if self._id_vectors is not None else None,
+            index=index,
+            index_rows=index_rows,
+            max_gap=max_gap,
+        )
+        self._current = snap  # one reference assignment: readers see the old or the new snapshot, whole
+        return snap
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def is_newer(self, item_id: str, version: int) -> bool:
+        return version > self.versions.get(item_id, 0)
+
+    def apply(self, records: list[ItemRecord]) -> int:
+        """Apply stored item changes (ingest or delete) newer than what this replica has; returns how many.
+
+        Raises :class:`IncompatibleItem` (and applies none of ``records``) when one cannot be served."""
+        with self._lock:
+            snap = self._current
+            model = snap.model
+            for record in records:
+                if problem := model.record_problem(record):
+                    raise IncompatibleItem(problem)
+            fresh = [r for r in sorted(records, key=lambda r: r.version) if self.is_newer(r.item_id, r.version)]
+            if not fresh:
+                return 0
+            vectors = [None if r.deleted else model.vectors_of(r) for r in fresh]  # before any state changes
+            deleted_rows: list[int] = []
+            overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
+            for record, vec in zip(fresh, vectors, strict=True):
+                self.versions[record.item_id] = record.version
+                old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
+                if old is not None:
+                    deleted_rows.append(old)
+                if vec is None:
+                    ingested.pop(record.item_id, None)
+                    overlay.pop(record.item_id, None)
+                    continue
+                overlay[record.item_id] = self._append(record, vec)
+                ingested[record.item_id] = record
+                gap = self._widened_gap(model, vec, gap)
+            deleted = np.zeros(self._tokens.n, dtype=bool)
+            deleted[: snap.n] = snap.deleted
+            deleted[deleted_rows] = True
+            index, index_rows = snap.index, snap.index_rows
+            if self._tokens.n - index_rows > self.compact_rows:
+                index, index_rows = self._compacted(snap, index_rows)
+            self._publish(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
+            return len(fresh)
+
+    def _append(self, record: ItemRecord, vec: dict[str, np.ndarray]) -> int:
+        row = self._tokens.n
+        self._tokens.append(vec["tokens"][None])
+        for name, seg in self._vectors.items():
+            seg.append(vec[name][None])
+        for m, seg in self._clusters.items():
+            seg.append(np.array([vec[f"{m}_cluster"]], dtype=np.int64))
+        if self._id_vectors is not None:  # a cold item has no trained ID: ID-less scoring
+            self._id_vectors.append(np.zeros((1, self._id_vectors.view().shape[1]), dtype=np.float32))
+        self._ids.append(record.item_id)
+        self._texts.append(record.text)
+        return row
+
+    @staticmethod
+    def _widened_gap(model: ServingModel, vec: dict[str, np.ndarray], gap: float) -> float:
+        """Keep the retrieval bound valid for a new item: max_gap covers every row, cold ones included."""
+        scorer = model.manifest.scorer
+        if len(scorer.modalities) != 2 or scorer.kind != "missrec_fusion":
+            return gap
+        new = measured_max_gap(scorer, {m: vec[m][None] for m in scorer.modalities})
+        return max(gap, min(new * (1 + 1e-6), 2.0))
+
+    def _compacted(self, snap: Snapshot, index_rows: int) -> tuple[Any, int]:
+        """A copy of the index with the tail rows added (readers keep searching the old one meanwhile)."""
+        import faiss
+
+        n = self._tokens.n
+        scorer = snap.model.manifest.scorer
+        vectors = {k: s.view(n)[index_rows:n] for k, s in self._vectors.items()}
+        ids = self._id_vectors.view(n)[index_rows:n] if self._id_vectors is not None else None
+        cpu = faiss.clone_index(to_cpu(snap.index))
+        cpu.add(np.ascontiguousarray(static_vectors(scorer, vectors, ids), dtype=np.float32))
+        gpu = type(snap.index).__name__.startswith("Gpu")
+        log.info("folded %d ingested rows into the index (%d rows)", n - index_rows, n)
+        return (to_device(cpu, "gpu") if gpu else cpu), n

@@ -1,0 +1,112 @@
+"""ASGI middleware at the edge: body size limit (413), concurrency limit (fast 503), request metrics."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_body
+from service.metrics import Metrics
+
+UNLIMITED = ("/healthz", "/readyz", "/metrics")  # probes are never refused for load
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps(error_body(code, message)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """413 for bodies above ``limit`` bytes, by Content-Length or while streaming (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_error(send, 413, "payload_too_large", f"request body is larger than {self.limit} bytes")
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_error(send, 413, "payload_too_large", f"request body is larger than {self.limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ConcurrencyLimit:
+    """503 at once when more than ``limit`` requests are in flight (bounded queueing, fast failure)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.in_flight = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in UNLIMITED:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            await _send_error(send, 503, "overloaded", f"more than {self.limit} requests in flight; retry")
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class RequestMetrics:
+    """``missrec_requests_total{route,status}`` for every HTTP request (route = the matched route's path
+    template, so ids never become label values; ``unmatched`` when no route matched)."""
+
+    def __init__(self, app: ASGIApp, metrics_of: object) -> None:
+        self.app, self.metrics_of = app, metrics_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            metrics: Metrics | None = self.metrics_of()  # type: ignore[operator]
+            if metrics is not None:
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                metrics.requests.labels(route, str(status)).inc()

@@ -1,0 +1,124 @@
+"""The recommend path: plain functions over one catalogue snapshot (ONNX Runtime + FAISS + numpy; no torch).
+
+One micro-batch runs :func:`recommend_batch` in a worker thread against the snapshot that was current when the
+batch started; nothing here locks or mutates shared state.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.catalogue import Snapshot
+from service.metrics import Metrics
+from serving_core.topk import top_k
+
+
+@dataclass
+class Query:
+    history: np.ndarray  # (L,) internal ids, oldest first; empty = no history
+    k: int
+    exclude: set[int] = field(default_factory=set)
+    explain: bool = False
+
+
+@dataclass
+class RecommendedRow:
+    item_id: str
+    score: float
+    explanation: dict[str, Any] | None = None
+
+
+@dataclass
+class Recommendation:
+    items: list[RecommendedRow]
+    exact: bool
+    model_version: str
+    fallback: str | None = None
+
+
+def recommend_batch(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
+    """One micro-batch: popularity for empty histories, user tower + exact top-k for the others."""
+    results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
+    personal = [i for i, q in enumerate(queries) if q.history.size]
+    for i, q in enumerate(queries):
+        if not q.history.size:
+            results[i] = popular(snap, q)
+    if not personal:
+        return results
+    with metrics.timed("user_tower"):
+        users = snap.model.towers.user.encode([queries[i].history for i in personal], snap.item_arrays())
+    by_k: dict[int, list[int]] = {}
+    for j, i in enumerate(personal):
+        by_k.setdefault(queries[i].k, []).append(j)
+    for k, members in by_k.items():
+        slots = [personal[j] for j in members]
+        for slot, rec in zip(slots, search(snap, users[members], k, [queries[s] for s in slots], metrics), strict=True):
+            results[slot] = rec
+    return results
+
+
+def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics) -> list[Recommendation]:
+    """Exact top-k of users (G, D) with one k, each with its query's exclusions."""
+    scorer = snap.scorer()
+    index = snap.index if snap.index_rows else None
+    with metrics.timed("search"):
+        found = top_k(
+            users,
+            k,
+            index,
+            scorer,
+            exclude=[q.exclude for q in queries],
+            deleted=snap.deleted,
+            explain=any(q.explain for q in queries),
+            options=snap.model.options,
+        )
+    metrics.stage.labels("rescore").observe(found.rescore_seconds)
+    names = scorer.explained_by
+    out = []
+    for b, q in enumerate(queries):
+        rows, scores = found.row(b)
+        notes: list[dict[str, Any] | None] = [None] * len(rows)
+        if q.explain and found.weights is not None:
+            notes = [explanation(snap, int(r), names, found.weights[b, c]) for c, r in enumerate(rows)]
+        items = [RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(rows, scores, notes, strict=True)]
+        out.append(Recommendation(items=items, exact=bool(found.user_exact[b]), model_version=snap.model.version))
+    return out
+
+
+def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:
+    """Text/image weights of an item for this user and the interest cluster of the leading modality (MISSRec)."""
+    w = {name: float(weights[j]) for j, name in enumerate(names)}
+    lead = max(w, key=lambda m: w[m])
+    cluster = snap.clusters.get(lead)
+    return {
+        "text_weight": w.get("text", 0.0),
+        "image_weight": w.get("image", 0.0),
+        "interest": int(cluster[row]) if cluster is not None else None,
+    }
+
+
+def popular(snap: Snapshot, q: Query) -> Recommendation:
+    """Fallback for an empty history: the most popular live items (bundle popularity), then ingested ones."""
+    model = snap.model
+    n_bundle = model.bundle.table.num_items
+    picked: list[int] = []
+    for r in itertools.chain(model.popular_order, range(n_bundle, snap.n)):
+        if not snap.deleted[r] and r not in q.exclude:
+            picked.append(int(r))
+            if len(picked) == q.k:
+                break
+    pop = model.bundle.table.popularity
+    items = [RecommendedRow(snap.ids[r], float(pop[r]) if r < n_bundle else 0.0) for r in picked]
+    return Recommendation(items=items, exact=True, model_version=model.version, fallback="popular")
+
+
+def warmup(snap: Snapshot, batch_size: int, metrics: Metrics) -> None:
+    """A max-shape batch through the user tower and the search before traffic."""
+    snap.model.towers.user.warm_up(batch_size)
+    n = snap.n
+    history = (np.arange(snap.model.max_len) % (n - 1) + 1).astype(np.int64)
+    recommend_batch(snap, [Query(history=history, k=min(100, n - 1)) for _ in range(min(batch_size, 8))], metrics)

@@ -1,0 +1,146 @@
+"""The loaded model: one bundle's towers, FAISS index and scorer, frozen after loading (no torch).
+
+A :class:`ServingModel` never changes once built; the live catalogue (service.catalogue) builds its snapshots
+over one, and a model swap is a new ServingModel in a new snapshot. It also turns raw item features into the
+vectors of a stored item record (cold start) and says whether a stored record can be served by this bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.settings import Settings
+from service.store import ItemRecord
+from serving_core.bundle import MISSREC_FUSION, Bundle, BundleError, Manifest, read_bundle
+from serving_core.index import is_ivf, load_index
+from serving_core.topk import SearchOptions, is_exact_index
+from serving_core.towers import Towers, open_towers
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleItem(ValueError):
+    """An item stored in Redis that this bundle cannot serve (vector sizes of another model, or corrupt)."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    bundle: Bundle
+    towers: Towers
+    index: Any  # FAISS index over the bundle rows' static vectors; never mutated once loaded
+    options: SearchOptions
+    popular_order: np.ndarray  # bundle rows by training popularity, most popular first (row 0 last)
+    bundle_rows: dict[str, int]  # external id -> row of the bundle's items (row 0, padding, excluded)
+    version: str
+
+    @classmethod
+    def load(cls, root: Path, settings: Settings) -> ServingModel:
+        """Read and check the bundle (checksums, shapes, index), open the towers and the index."""
+        bundle = read_bundle(root)
+        towers = open_towers(bundle, settings.onnx_provider, settings.onnx_threads)
+        try:
+            index, info = load_index(root, bundle.manifest, settings.faiss_device, settings.index_params)
+        except ValueError as exc:  # a search parameter that does not apply to this index
+            if isinstance(exc, BundleError):
+                raise
+            raise BundleError(f"MISSREC_INDEX_PARAMS: {exc}") from None
+        exact = is_exact_index(index)
+        cap = None if exact else settings.max_candidates
+        # An IVF search scans the same nprobe lists whatever the width: one search of the whole cap beats widening
+        # 32 -> 128 -> 512 -> 1024 (4 scans; measured in docs/benchmarks.md). HNSW's cost grows with the width.
+        width = cap if cap and is_ivf(index) else None
+        popularity = bundle.table.popularity.astype(np.float64).copy()
+        popularity[0] = -np.inf
+        log.info("loaded bundle %s: %d items, index %s", root, bundle.table.num_items, info.factory)
+        return cls(
+            bundle=bundle,
+            towers=towers,
+            index=index,
+            options=SearchOptions(exact_index=exact, max_candidates=cap, initial_width=width),
+            popular_order=np.argsort(-popularity, kind="stable"),
+            bundle_rows={item: r for r, item in enumerate(bundle.table.ids) if r > 0},
+            version=bundle.manifest.version,
+        )
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
+    @property
+    def max_len(self) -> int:
+        return self.manifest.max_len
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.model_kind
+
+    def feature_dim_expected(self) -> int:
+        """The raw feature width every modality of the item tower takes (-1 when they differ)."""
+        dims = {self.manifest.dims.feature(m) for m in self.manifest.modalities}
+        return dims.pop() if len(dims) == 1 else -1
+
+    # ----- cold-start items ----------------------------------------------------------------------------------
+    def embed(self, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
+        """open_clip features -> item tower -> an ItemRecord ready to persist (runs in a worker thread)."""
+        feats = encoder.encode_item(text or None, image)
+        mods = self.manifest.modalities
+        out = self._item_tower({m: feats[m][None] for m in mods})
+        arrays = {f"feature_{m}": feats[m].astype(np.float32).tobytes() for m in mods}
+        arrays["tokens"] = out["tokens"][0].astype(np.float32).tobytes()
+        for name in self.manifest.scorer.vector_names:
+            arrays[f"vector_{name}"] = out[name][0].astype(np.float32).tobytes()
+        ints = {f"{m}_cluster": int(out[f"{m}_cluster"][0]) for m in self._clustered}
+        return ItemRecord(
+            item_id=item_id, text=text, created_at=time.time(), bundle_version=self.version, arrays=arrays, ints=ints
+        )
+
+    @property
+    def _clustered(self) -> tuple[str, ...]:
+        return self.manifest.modalities if self.manifest.scorer.kind == MISSREC_FUSION else ()
+
+    def _item_tower(self, feats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.towers.item.encode(feats.get("text"), feats.get("image"))
+
+    def vectors_of(self, record: ItemRecord) -> dict[str, np.ndarray]:
+        """Token, vectors and clusters of a record; recomputed from its raw features if another bundle made it."""
+        mods, names = self.manifest.modalities, self.manifest.scorer.vector_names
+        if record.bundle_version != self.version:
+            feats = {m: np.frombuffer(record.arrays[f"feature_{m}"], dtype=np.float32)[None] for m in mods}
+            out = self._item_tower(feats)
+            vec = {"tokens": out["tokens"][0], **{n: out[n][0] for n in names}}
+            return vec | {f"{m}_cluster": np.int64(out[f"{m}_cluster"][0]) for m in self._clustered}
+        dims = self.manifest.dims
+        vec = {"tokens": np.frombuffer(record.arrays["tokens"], dtype=np.float32).reshape(dims.token)}
+        for n in names:
+            vec[n] = np.frombuffer(record.arrays[f"vector_{n}"], dtype=np.float32).reshape(dims.hidden)
+        return vec | {f"{m}_cluster": np.int64(record.ints[f"{m}_cluster"]) for m in self._clustered}
+
+    def record_problem(self, record: ItemRecord) -> str | None:
+        """Why a stored item cannot be served by this bundle (wrong or missing vector sizes), or None.
+
+        Records written by another bundle are re-encoded from their raw features, so only those must match;
+        records of this bundle must also carry the token and vectors of this bundle's sizes."""
+        if record.deleted:
+            return None
+        dims = self.manifest.dims
+        need = {f"feature_{m}": dims.feature(m) for m in self.manifest.modalities}
+        if record.bundle_version == self.version:
+            need |= {"tokens": dims.token} | {f"vector_{n}": dims.hidden for n in self.manifest.scorer.vector_names}
+            missing = [f"{m}_cluster" for m in self._clustered if f"{m}_cluster" not in record.ints]
+            if missing:
+                return f"stored item {record.item_id!r} has no {', '.join(missing)}"
+        for name, size in need.items():
+            raw = record.arrays.get(name)
+            if raw is None or len(raw) != 4 * size:
+                got = "missing" if raw is None else f"{len(raw) / 4:g}-d"
+                return (
+                    f"stored item {record.item_id!r} (written by bundle {record.bundle_version or '?'}): {name} is "
+                    f"{got}, bundle {self.version} expects {size}-d"
+                )
+        return None

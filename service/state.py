@@ -1,0 +1,159 @@
+"""Wiring: everything one app instance holds, built in the lifespan (:meth:`ServiceState.start`) and closed there.
+
+The bundle (a :class:`~service.serving_model.ServingModel`) inside the live :class:`~service.catalogue.Catalogue`,
+Redis (external or embedded) behind the :class:`~service.store.Store`, the :class:`~service.replication.Replicator`
+that follows the item stream, the micro-batcher of the recommend path and the cold-start encoder. The use cases
+(service.usecases) take this object; they hold no state of their own.
+
+Redis outages: every Redis call has a bounded timeout and at most one immediate retry (on a broken connection
+only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` within ``redis_timeout_seconds``.
+
+Refusing to start (:class:`~service.replication.StartupRefused`, one clear line): a bundle that fails its checks
+(checksums, format version, shapes, index size), or an item stored in Redis that the bundle cannot serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from service.catalogue import Catalogue
+from service.embedded_redis import EmbeddedRedis
+from service.metrics import Metrics
+from service.micro_batch import MicroBatcher
+from service.recommender import Query, Recommendation, recommend_batch, warmup
+from service.replication import Replicator, StartupRefused
+from service.serving_model import IncompatibleItem, ServingModel
+from service.settings import Settings
+from service.store import Store
+from serving_core.bundle import BundleError
+
+log = logging.getLogger(__name__)
+
+
+def connect_redis(url: str, settings: Settings) -> Any:
+    """A client with bounded calls: fail fast, no hangs. redis-py's default retries 10 times with backoff; retry
+    once, at once, and only on a broken connection (a stale pooled one after Redis restarted)."""
+    timeout = settings.redis_timeout_seconds
+    retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+    common = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=retry)
+    return RedisCluster.from_url(url, **common) if settings.redis_cluster else aredis.Redis.from_url(url, **common)
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    catalogue: Catalogue
+    store: Store
+    redis: Any
+    metrics: Metrics
+    replicator: Replicator
+    batcher: MicroBatcher[Query, Recommendation]
+    embedded: EmbeddedRedis | None = None
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
+    encoder: Any = None
+    encoder_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def ready(self) -> bool:
+        return self.replicator.ready
+
+    @classmethod
+    async def start(cls, settings: Settings) -> ServiceState:
+        metrics = Metrics()
+        if settings.bundle is None:
+            raise StartupRefused("no bundle configured: set MISSREC_BUNDLE (or use `missrec quickstart`)")
+        try:
+            model = await asyncio.to_thread(ServingModel.load, settings.bundle, settings)
+        except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
+            raise StartupRefused(f"invalid bundle {settings.bundle}: {exc}") from exc
+        catalogue = Catalogue(model)
+        embedded, url = None, settings.redis_url
+        if not url:
+            embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
+            url = await asyncio.to_thread(embedded.start)
+        client = connect_redis(url, settings)
+        store = Store(
+            client,
+            prefix=settings.key_prefix,
+            max_len=model.max_len,
+            ttl_seconds=settings.history_ttl_seconds,
+            stream_max_len=settings.stream_max_len,
+        )
+        replicator = Replicator(store, catalogue, metrics, settings.key_prefix)
+        executor = ThreadPoolExecutor(2, "missrec-cpu")
+        batcher: MicroBatcher[Query, Recommendation] = MicroBatcher(
+            lambda queries: recommend_batch(catalogue.current, queries, metrics),
+            settings.max_batch_size,
+            settings.max_wait_ms / 1000.0,
+            executor,
+            on_batch=metrics.batch_size.observe,
+            on_wait=metrics.stage.labels("queue").observe,
+        )
+        state = cls(
+            settings=settings,
+            catalogue=catalogue,
+            store=store,
+            redis=client,
+            metrics=metrics,
+            replicator=replicator,
+            batcher=batcher,
+            embedded=embedded,
+            executor=executor,
+        )
+        batcher.start()
+        await asyncio.to_thread(state._load_encoder)
+        if settings.warmup:
+            await asyncio.to_thread(warmup, catalogue.current, settings.max_batch_size, metrics)
+        try:
+            await replicator.replay()  # ready from here on
+        except RedisError as exc:
+            log.warning("Redis unreachable at start-up (%s): unready until it answers", type(exc).__name__)
+        except IncompatibleItem as exc:
+            await state.close()
+            raise StartupRefused(replicator.incompatible(exc)) from exc
+        metrics.live_items.set(catalogue.current.live_count)
+        replicator.start()
+        log.info("replica %s started", state.replica_id)
+        return state
+
+    async def close(self) -> None:
+        await self.replicator.stop()
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        await self.redis.aclose()
+        if self.embedded:
+            await asyncio.to_thread(self.embedded.stop)
+
+    def _load_encoder(self) -> None:
+        """The open_clip encoder for ingestion (imports torch; never used on the recommend path)."""
+        s = self.settings
+        if not s.clip_pretrained:
+            self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
+            return
+        try:
+            from missrec.clip_encoder import ClipEncoder
+
+            self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
+            expected = self.catalogue.current.model.feature_dim_expected()
+            if self.encoder.dim != expected:
+                raise ValueError(
+                    f"CLIP {s.clip_model} gives {self.encoder.dim}-d features, the bundle expects {expected}"
+                )
+        except Exception as exc:  # ingestion is optional: serve recommendations anyway, say why in /readyz
+            self.encoder, self.encoder_error = None, f"ingestion unavailable: {exc}"
+            log.warning(self.encoder_error)

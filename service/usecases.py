@@ -1,0 +1,171 @@
+"""The service's use cases: what each route does, between parsing (routers) and the wire (errors).
+
+Each function takes the :class:`~service.state.ServiceState` and plain values, reads the current catalogue
+snapshot (never a lock), talks to Redis through the store and raises domain errors (service.errors).
+Recommendations from an explicit history need no Redis and keep working during an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from service.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
+from service.recommender import Query, Recommendation
+from service.schemas import RecommendRequest
+from service.state import ServiceState
+from service.store import ItemRecord
+
+# A write that timed out may still run when Redis resumes (measured: a few per outage of a paused Redis).
+EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
+
+
+def redis_unavailable(exc: Exception, retry_hint: str = "") -> Unavailable:
+    return Unavailable(f"Redis is unavailable: {type(exc).__name__}{retry_hint}", code="redis_unavailable")
+
+
+async def _redis(state: ServiceState, call: Any, hint: str = "") -> Any:
+    try:
+        return await call
+    except RedisError as exc:
+        state.metrics.redis_errors.inc()
+        raise redis_unavailable(exc, hint) from exc
+
+
+# ----- recommendations --------------------------------------------------------------------------------------
+async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recommendation, int]:
+    started = time.perf_counter()
+    limits = state.settings
+    if req.k > limits.max_k:
+        if "k" in req.model_fields_set:
+            raise InvalidInput(f"k is {req.k}, at most {limits.max_k}", {"k": req.k, "max_k": limits.max_k})
+        req = req.model_copy(update={"k": limits.max_k})  # the default k never exceeds the configured cap
+    if req.history is not None and len(req.history) > limits.max_history:
+        raise InvalidInput(
+            f"history has {len(req.history)} items, at most {limits.max_history}",
+            {"history_length": len(req.history), "max_history": limits.max_history},
+        )
+    if req.user_id is not None:
+        with state.metrics.timed("history_read"):
+            history, _ = await _redis(state, state.store.history(req.user_id))
+        snap = state.catalogue.current
+        rows = snap.rows_for(history)[0]  # items deleted since they were seen are skipped
+    else:
+        snap = state.catalogue.current
+        rows, unknown = snap.rows_for(req.history or [])
+        if unknown:
+            raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
+    exclude, unknown = snap.rows_for(req.exclude)
+    if unknown:
+        raise UnknownItems(f"{len(unknown)} unknown item id(s) in exclude", {"item_ids": unknown[:50]})
+    query = Query(
+        history=np.asarray(rows[-snap.model.max_len :], dtype=np.int64),
+        k=req.k,
+        exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
+        explain=req.explain,
+    )
+    result = await state.batcher.submit(query)
+    state.metrics.stage.labels("request").observe(time.perf_counter() - started)
+    if result.fallback:
+        state.metrics.fallback.inc()
+    return result, len(rows)
+
+
+# ----- users ----------------------------------------------------------------------------------------------------
+async def append_events(
+    state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
+) -> tuple[int, bool]:
+    _, unknown = state.catalogue.current.rows_for(item_ids)
+    if unknown:
+        raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
+    return await _redis(state, state.store.append_events(user_id, item_ids, timestamps, key), EVENTS_RETRY_HINT)
+
+
+async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[float | None]]:
+    return await _redis(state, state.store.history(user_id))
+
+
+# ----- items ------------------------------------------------------------------------------------------------------
+def decode_base64_image(state: ServiceState, data: str) -> bytes:
+    limit = state.settings.max_image_bytes
+    if len(data) > (limit * 4) // 3 + 8:
+        raise PayloadTooLarge(f"image is larger than {limit} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("image_base64 is not valid base64") from None
+
+
+async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
+    """Embed a new item (open_clip + item tower), persist it (durable before we answer), serve it at once."""
+    limits = state.settings
+    if state.encoder is None:
+        raise Unavailable(state.encoder_error or "ingestion unavailable", code="ingestion_unavailable")
+    if image is not None and len(image) > limits.max_image_bytes:
+        raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
+    if len(text) > limits.max_text_chars:
+        raise PayloadTooLarge(f"text is longer than {limits.max_text_chars} characters")
+    if not text.strip() and image is None:
+        raise InvalidInput("an item needs a text, an image, or both")
+    from missrec.clip_encoder import ImageDecodeError
+
+    model = state.catalogue.current.model
+    with state.metrics.timed("ingest_encode"):
+        try:
+            record = await asyncio.to_thread(model.embed, state.encoder, item_id, text, image)
+        except ImageDecodeError as exc:
+            state.metrics.ingest.labels("failed").inc()
+            raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
+    replaced = state.catalogue.current.row(item_id) is not None
+    try:
+        await state.store.put_item(record, origin=state.replica_id)
+    except RedisError as exc:
+        state.metrics.redis_errors.inc()
+        state.metrics.ingest.labels("failed").inc()
+        raise redis_unavailable(exc) from exc
+    await asyncio.to_thread(state.catalogue.apply, [record])
+    state.metrics.item_events.labels("upsert", "local").inc()
+    state.metrics.ingest.labels("replaced" if replaced else "created").inc()
+    state.metrics.live_items.set(state.catalogue.current.live_count)
+    return record, replaced
+
+
+async def delete_item(state: ServiceState, item_id: str) -> None:
+    snap = state.catalogue.current
+    if snap.row(item_id) is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    record = ItemRecord(item_id=item_id, deleted=True, created_at=time.time(), bundle_version=snap.model.version)
+    await _redis(state, state.store.put_item(record, origin=state.replica_id, op="delete"))
+    await asyncio.to_thread(state.catalogue.apply, [record])
+    state.metrics.item_events.labels("delete", "local").inc()
+    state.metrics.live_items.set(state.catalogue.current.live_count)
+
+
+def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:
+    info = state.catalogue.current.item_info(item_id)
+    if info is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    return info
+
+
+# ----- health ---------------------------------------------------------------------------------------------------
+async def readiness(state: ServiceState) -> dict[str, str]:
+    snap = state.catalogue.current
+    rep = state.replicator
+    checks = {
+        "bundle": f"loaded {snap.model.version} ({snap.model.kind}, {snap.model.manifest.scorer.kind})",
+        "items": "replayed from Redis" if rep.ready else (rep.error or "waiting for Redis to replay the stored items"),
+    }
+    try:
+        await asyncio.wait_for(state.store.ping(), state.settings.redis_timeout_seconds)
+        checks["redis"] = "ok"
+    except (RedisError, TimeoutError, OSError) as exc:
+        checks["redis"] = f"unavailable: {type(exc).__name__}"
+    checks["ingestion"] = "ok" if state.encoder is not None else (state.encoder_error or "unavailable")
+    return checks

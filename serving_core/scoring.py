@@ -1,0 +1,88 @@
+"""Item scoring for a bundle's scorer: exact scores, the static-score bound and explanations, over item arrays.
+
+:class:`ItemScorer` is what the top-k search needs to know about the items: ``exact`` scores of item rows for
+user vectors, ``bound`` (how far the exact score can be from the static score u . static_i that the index ranks
+by) and ``explain``. ``missrec_fusion`` delegates to the numpy fusion twin (serving_core.fusion);
+``inner_product`` scores are the static scores themselves (bound 0), explained by their named blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving_core.bundle import INNER_PRODUCT, ITEM_VECTOR, Scorer
+from serving_core.fusion import deviation_bound, explanation_weights, item_scores, max_modality_gap
+
+
+def _dots(users: np.ndarray, table: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """users (B, D) . table rows: every row -> (B, N); rows (B, C) -> (B, C)."""
+    if rows is None:
+        return users @ table.T
+    return (table[rows] @ users[:, :, None])[..., 0]
+
+
+@dataclass(frozen=True)
+class ItemScorer:
+    """A scorer over item arrays. vectors[name]: (N, D) for name in scorer.vector_names; id_vectors (N, D) for
+    transductive MISSRec; max_gap: max_i ||t_i - v_i|| (tightens the fusion bound; 2.0 is always valid)."""
+
+    scorer: Scorer
+    vectors: Mapping[str, np.ndarray]
+    id_vectors: np.ndarray | None = None
+    max_gap: float = 2.0
+
+    @property
+    def num_items(self) -> int:
+        return int(self.vectors[self.scorer.vector_names[0]].shape[0])
+
+    @property
+    def explained_by(self) -> tuple[str, ...]:
+        """Names of the explanation weights (modalities, or inner-product blocks); empty: nothing to explain."""
+        if self.scorer.kind == INNER_PRODUCT:
+            return tuple(b.name for b in self.scorer.blocks)
+        return self.scorer.modalities
+
+    def sliced(self, start: int, stop: int) -> ItemScorer:
+        """The same scorer over rows [start, stop) (chunked full scans)."""
+        ids = None if self.id_vectors is None else self.id_vectors[start:stop]
+        return ItemScorer(self.scorer, {m: v[start:stop] for m, v in self.vectors.items()}, ids, self.max_gap)
+
+    def exact(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Exact float32 scores of users (B, D): against every row (B, N), or rows (B, C) -> (B, C)."""
+        if self.scorer.kind == INNER_PRODUCT:
+            return _dots(np.asarray(users, np.float32), self.vectors[ITEM_VECTOR], rows).astype(np.float32)
+        return item_scores(users, self.vectors, self.scorer.fusion, self.id_vectors, rows)
+
+    def bound(self, user_norm: float) -> float:
+        """Largest |exact - u . static| for a user vector of norm ``user_norm`` (0 for inner_product)."""
+        if self.scorer.kind == INNER_PRODUCT:
+            return 0.0
+        return deviation_bound(self.scorer.fusion, self.max_gap, user_norm)
+
+    def explain(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+        """(B, C, M) weights behind the scores of rows (B, C), M = len(explained_by); None when nothing explains.
+
+        missrec_fusion: the dynamic-fusion softmax weights per modality. inner_product: each block's share of the
+        score, u_b . x_b / u . x (partial inner products; they sum to 1, and may be negative)."""
+        if self.scorer.kind != INNER_PRODUCT:
+            return explanation_weights(users, self.vectors, self.scorer.fusion, rows)
+        if not self.scorer.blocks:
+            return None
+        x = self.vectors[ITEM_VECTOR][rows]  # (B, C, D)
+        u = np.asarray(users, np.float32)[:, None, :]  # (B, 1, D)
+        parts = np.stack(
+            [(x[..., b.start : b.stop] * u[..., b.start : b.stop]).sum(-1) for b in self.scorer.blocks], -1
+        )
+        total = parts.sum(-1, keepdims=True)
+        safe = np.where(np.abs(total) < 1e-12, 1.0, total)
+        return (parts / safe).astype(np.float32)
+
+
+def measured_max_gap(scorer: Scorer, vectors: Mapping[str, np.ndarray]) -> float:
+    """max_i ||t_i - v_i|| for a two-modality missrec_fusion table; 2.0 (unused) otherwise."""
+    if scorer.kind == INNER_PRODUCT:
+        return 2.0
+    return max_modality_gap(vectors, scorer.fusion)

@@ -1,0 +1,346 @@
+"""Exact top-k: ANN/flat candidates by static score, exact re-scoring, widening until the scorer's bound proves it.
+
+For a user u, score_i = u . static_i + r_i with |r_i| <= bound (serving_core.bundle: the missrec_fusion bound, 0
+for inner_product). The index ranks items by u . static_i; exact re-scoring of the retrieved candidates plus the
+bound tells when no item outside the candidates can enter the top-k. One entry point, :func:`top_k`, over three
+small strategies: a one-pass scan of a CPU flat index, widening searches of any index, a brute-force full scan.
+Pure functions over arrays passed in (the item table may grow between calls: nothing about sizes is cached).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serving_core.scoring import ItemScorer
+
+DEFAULT_TOL = 1e-4  # > float32 rounding of two 300-d unit inner products (static via FAISS, exact via numpy)
+GPU_MAX_K = 2048  # FAISS GPU indexes refuse larger k
+_GATHER_BUDGET = 1 << 16  # candidate rows gathered per re-scoring chunk (x D x 4 bytes per modality)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Result of :func:`top_k` for B users.
+
+    ids: (B, k) int64 item rows (= internal ids = FAISS ids), best first, -1 padding when fewer valid items exist;
+    scores: (B, k) float32 exact fused scores, descending (ties: lower id first), -inf padding;
+    counts: (B,) number of real results; candidates: (B,) items exactly scored in the final round per user
+    (the whole table for a full scan); user_exact: (B,) True when the result is proven equal to brute force;
+    weights: (B, k, M) explanation weights (ItemScorer.explained_by order), NaN padding, or None.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    counts: np.ndarray
+    candidates: np.ndarray
+    user_exact: np.ndarray
+    weights: np.ndarray | None = None
+    rescore_seconds: float = 0.0  # time spent in exact re-scoring (candidates and full scans)
+
+    @property
+    def exact(self) -> bool:
+        """True when every user's top-k is proven identical to brute-force scoring of the whole table."""
+        return bool(self.user_exact.all())
+
+    def row(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of user b without padding."""
+        n = int(self.counts[b])
+        return self.ids[b, :n], self.scores[b, :n]
+
+
+def is_exact_index(index: Any) -> bool:
+    """True for indexes whose search returns the true top-k by inner product (flat, CPU or GPU); None = no index."""
+    if index is None:
+        return True
+    import faiss
+
+    idx = faiss.downcast_index(index)
+    flat: tuple[type, ...] = (faiss.IndexFlat,)
+    if hasattr(faiss, "GpuIndexFlat"):
+        flat += (faiss.GpuIndexFlat,)
+    return isinstance(idx, flat) and idx.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+def _search_limit(index: Any) -> int:
+    """Largest k one search may ask for."""
+    return GPU_MAX_K if type(index).__name__.startswith("Gpu") else int(index.ntotal)
+
+
+def _flat_matrix(index: Any) -> np.ndarray | None:
+    """(ntotal, D) zero-copy view of a CPU flat index's vectors (valid until the index changes), else None."""
+    import faiss
+
+    idx = faiss.downcast_index(index)
+    if not isinstance(idx, faiss.IndexFlat) or idx.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return None
+    return faiss.rev_swig_ptr(idx.get_xb(), idx.ntotal * idx.d).reshape(idx.ntotal, idx.d)
+
+
+def _exclusions(exclude: Sequence[Iterable[int] | np.ndarray | None] | None, batch: int) -> list[np.ndarray]:
+    if exclude is None:
+        return [np.empty(0, np.int64)] * batch
+    if len(exclude) != batch:
+        raise ValueError(f"exclude has {len(exclude)} entries for {batch} users")
+    out = []
+    for e in exclude:
+        if e is None:
+            out.append(np.empty(0, np.int64))
+        elif isinstance(e, np.ndarray):
+            out.append(np.unique(e.astype(np.int64, copy=False)))
+        else:
+            out.append(np.unique(np.fromiter(e, dtype=np.int64)))
+    return out
+
+
+def _dead_mask(deleted: np.ndarray | Iterable[int] | None, n_items: int) -> np.ndarray:
+    """(n_items,) bool: tombstoned rows and row 0 (padding). A shorter mask leaves newer rows alive."""
+    dead = np.zeros(n_items, dtype=bool)
+    if deleted is not None:
+        if isinstance(deleted, np.ndarray) and deleted.dtype == bool:
+            m = min(n_items, deleted.shape[0])
+            dead[:m] = deleted[:m]
+        else:
+            rows = np.fromiter(deleted, dtype=np.int64) if not isinstance(deleted, np.ndarray) else deleted
+            rows = rows.astype(np.int64, copy=False)
+            dead[rows[(rows >= 0) & (rows < n_items)]] = True
+    dead[0] = True
+    return dead
+
+
+def _top_sorted(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of 1-d (ids, scores) by score desc, then id asc (inputs already filtered to valid items)."""
+    if ids.shape[0] > 4 * k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        kth = scores[part].min()
+        keep = scores >= kth  # keep every tie at the k-th score so the id tie-break is applied to all of them
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return ids[order], scores[order]
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How the search looks for candidates (see :func:`top_k`); the defaults suit every index.
+
+    exact_index: None = inferred from the index type; initial_width: first search width (default max(2k, 32));
+    growth: width multiplier per round (default 16 for exact indexes, 4 for ANN ones); max_candidates: cap on the
+    width (users that hit it are not proven; a cap below full_scan_fraction * ntotal disables the full scan);
+    tol: slack above float32 rounding of the two inner products; full_scan_fraction: width at which scoring every
+    row is cheaper; one_pass: use the one-pass strategy on CPU flat indexes."""
+
+    exact_index: bool | None = None
+    initial_width: int | None = None
+    growth: int | None = None
+    max_candidates: int | None = None
+    tol: float = DEFAULT_TOL
+    full_scan_fraction: float = 0.25
+    one_pass: bool = True
+
+
+@dataclass
+class _Search:
+    """One call's inputs and outputs, shared by the strategies."""
+
+    users: np.ndarray  # (B, D)
+    k: int
+    items: ItemScorer
+    excl: list[np.ndarray]  # per user, sorted unique rows
+    dead: np.ndarray  # (N,) bool
+    tol: float
+    bounds: np.ndarray = field(init=False)  # (B,) per-user bound on |exact - static|
+    ids: np.ndarray = field(init=False)
+    scores: np.ndarray = field(init=False)
+    counts: np.ndarray = field(init=False)
+    candidates: np.ndarray = field(init=False)
+    proven: np.ndarray = field(init=False)
+    rescore_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        batch = self.users.shape[0]
+        norms = np.linalg.norm(self.users, axis=1)
+        self.bounds = np.array([self.items.bound(float(n)) for n in norms], dtype=np.float64)
+        self.ids = np.full((batch, self.k), -1, dtype=np.int64)
+        self.scores = np.full((batch, self.k), -np.inf, dtype=np.float32)
+        self.counts = np.zeros(batch, dtype=np.int64)
+        self.candidates = np.zeros(batch, dtype=np.int64)
+        self.proven = np.zeros(batch, dtype=bool)
+
+    def finish(self, b: int, ids: np.ndarray, scores: np.ndarray, candidates: int, proven: bool) -> None:
+        self.counts[b], self.candidates[b], self.proven[b] = ids.shape[0], candidates, proven
+        self.ids[b, : ids.shape[0]] = ids
+        self.scores[b, : ids.shape[0]] = scores
+
+    def best_valid(self, b: int, cand: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
+        return _top_sorted(cand[ok], scores[ok], self.k)
+
+    def rescore(self, users: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        """Exact scores (G, C) of candidates cand (G, C) (-1 entries scored as row 0), chunked over users."""
+        started = time.perf_counter()
+        safe = np.where(cand < 0, 0, cand)
+        out = np.empty(cand.shape, dtype=np.float32)
+        step = max(1, _GATHER_BUDGET // max(1, cand.shape[1]))
+        for s in range(0, cand.shape[0], step):
+            out[s : s + step] = self.items.exact(users[s : s + step], safe[s : s + step])
+        self.rescore_s += time.perf_counter() - started
+        return out
+
+    def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
+
+
+def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, full_at: int) -> list[int]:
+    """CPU flat index: one matrix product gives every static score; after re-scoring the top-w, the rows with
+    static >= S_k - bound - tol are exactly the ones the proof needs, so they are re-scored at once. Returns the
+    users that need a full scan instead."""
+    ntotal = xb.shape[0]
+    scan: list[int] = []
+    step = max(1, (1 << 24) // ntotal)
+    for start in range(0, s.users.shape[0], step):
+        static = s.users[start : start + step] @ xb.T  # (G, ntotal)
+        for j, b in enumerate(range(start, min(s.users.shape[0], start + step))):
+            w = width[b]
+            top = np.argpartition(-static[j], w - 1)[:w] if w < ntotal else np.arange(ntotal)
+            ids, sc = s.rescore_one(b, np.concatenate([top, tail]))
+            if ids.shape[0] < s.k:
+                scan.append(b)
+                continue
+            cand = np.flatnonzero(static[j] >= float(sc[-1]) - s.bounds[b] - s.tol)
+            if cand.shape[0] >= full_at:
+                scan.append(b)
+                continue
+            ids, sc = s.rescore_one(b, np.concatenate([cand, tail]))
+            s.finish(b, ids, sc, cand.shape[0] + tail.shape[0], True)
+    return scan
+
+
+def _widening(
+    s: _Search, index: Any, width: list[int], tail: np.ndarray, full_at: int, growth: int, opts: SearchOptions
+) -> list[int]:
+    """Any index: search the top-w rows by static score, re-score them exactly, stop when the k-th best exact score
+    >= the smallest static score retrieved + bound + tol, else widen w by ``growth``. Users widen independently.
+    Returns the users that reached ``full_at`` (or every user without an index): they need a full scan."""
+    exact_index, cap = bool(opts.exact_index), opts.max_candidates
+    scan: list[int] = []
+    pending = set(range(s.users.shape[0]))
+    prev_returned = dict.fromkeys(pending, 0)
+    while pending:
+        move = [b for b in pending if index is None or width[b] >= full_at]
+        scan += move
+        pending -= set(move)
+        for w in sorted({width[b] for b in pending}):
+            group = sorted(b for b in pending if width[b] == w)
+            static, found = index.search(s.users[group], w)  # (G, w) each, static desc
+            cand = np.concatenate([found, np.broadcast_to(tail, (len(group), tail.shape[0]))], axis=1)
+            rescored = s.rescore(s.users[group], cand)
+            for j, b in enumerate(group):
+                ids, sc = s.best_valid(b, cand[j], rescored[j])
+                returned = int((found[j] >= 0).sum())
+                # the index has nothing more to give: a flat index returned everything; an ANN index (HNSW may
+                # return fewer than w) gave no more rows than at the previous width
+                exhausted = returned < w and (exact_index or returned <= prev_returned[b])
+                prev_returned[b] = returned
+                last_static = float(static[j, returned - 1]) if returned and not exhausted else -np.inf
+                proven = exhausted or (ids.shape[0] == s.k and float(sc[-1]) >= last_static + s.bounds[b] + s.tol)
+                if proven or (cap is not None and w >= cap):
+                    s.finish(b, ids, sc, returned + tail.shape[0], bool(proven and exact_index))
+                    pending.discard(b)
+                else:
+                    width[b] = min(w * growth, cap or w * growth)
+    return scan
+
+
+def _full_scan(s: _Search, scan: list[int]) -> None:
+    """Brute-force exact top-k over every row for the users ``scan``, in item chunks."""
+    started = time.perf_counter()
+    order = sorted(scan)
+    users = s.users[order]
+    n_items = s.dead.shape[0]
+    chunk = max(4096, (1 << 22) // max(1, users.shape[0]))
+    best = [(np.empty(0, np.int64), np.empty(0, np.float32))] * len(order)
+    for start in range(0, n_items, chunk):
+        stop = min(n_items, start + chunk)
+        scores = s.items.sliced(start, stop).exact(users)  # (G, chunk)
+        alive = ~s.dead[start:stop]
+        rows = np.arange(start, stop, dtype=np.int64)
+        for g, b in enumerate(order):
+            ok = alive.copy()
+            e = s.excl[b]
+            ok[e[(e >= start) & (e < stop)] - start] = False
+            ids = np.concatenate([best[g][0], rows[ok]])
+            sc = np.concatenate([best[g][1], scores[g][ok]])
+            best[g] = _top_sorted(ids, sc, s.k) if ids.shape[0] else (ids, sc)
+    for g, b in enumerate(order):
+        s.finish(b, best[g][0], best[g][1], n_items, True)
+    s.rescore_s += time.perf_counter() - started
+
+
+def top_k(
+    user_vectors: np.ndarray,
+    k: int,
+    index: Any,
+    items: ItemScorer,
+    *,
+    exclude: Sequence[Iterable[int] | np.ndarray | None] | None = None,
+    deleted: np.ndarray | Iterable[int] | None = None,
+    explain: bool = False,
+    options: SearchOptions | None = None,
+) -> TopK:
+    """Top-k items by exact score for each user, excluding row 0, deleted rows and per-user excludes.
+
+    user_vectors: (B, D) float32; index: FAISS inner-product index over the static vectors with FAISS id = item
+    row (row 0 included and never returned), or None (brute force); items: the scorer over the item arrays, with
+    N >= index.ntotal rows: rows past index.ntotal (appended since the index was built) are always re-scored;
+    exclude: one collection of item rows per user or None; deleted: (N',) bool mask (rows past N' alive) or rows.
+
+    Guarantee (exact index: flat, CPU or GPU). When the stop rule holds, every valid item j outside the candidates
+    has u . static_j <= L (the smallest static score retrieved: the index returns the true static top-w), hence
+    score_j <= L + bound <= S_k - tol, where S_k is the k-th returned exact score. So no item outside the
+    candidates beats the k-th returned one, and the candidates are ranked by their exact scores: the result is that
+    of brute-force scoring of every valid row, up to ties and float32 rounding below tol. Exactly min(k, #valid)
+    items are returned; user_exact[b] is True when the proof held or the user was fully scanned. With an
+    approximate index (HNSW, IVF, PQ) the same rule is a heuristic that buys recall: user_exact is False unless the
+    user was fully scanned.
+    """
+    opts = options or SearchOptions()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    users = np.ascontiguousarray(user_vectors, dtype=np.float32)
+    if users.ndim != 2:
+        raise ValueError(f"user_vectors must be (B, D), got shape {users.shape}")
+    batch, n_items = users.shape[0], items.num_items
+    ntotal = 0 if index is None else int(index.ntotal)
+    if ntotal > n_items:
+        raise ValueError(f"index holds {ntotal} vectors but the item table has only {n_items} rows")
+    exact_index = is_exact_index(index) if opts.exact_index is None else opts.exact_index
+    opts = SearchOptions(**{**opts.__dict__, "exact_index": exact_index})
+    growth = opts.growth if opts.growth is not None else (16 if exact_index else 4)
+    if growth < 2:
+        raise ValueError(f"growth must be >= 2, got {growth}")
+    s = _Search(users, k, items, _exclusions(exclude, batch), _dead_mask(deleted, n_items), opts.tol)
+    tail = np.arange(ntotal, n_items, dtype=np.int64)  # not in the index yet: always candidates
+    full_at = min(0 if index is None else _search_limit(index), max(1, int(opts.full_scan_fraction * ntotal)))
+    w0 = opts.initial_width if opts.initial_width is not None else max(2 * k, 32)
+    cap = opts.max_candidates or ntotal
+    width = [min(1 << int(np.ceil(np.log2(max(1, w0 + e.shape[0])))), cap) for e in s.excl]
+
+    xb = _flat_matrix(index) if opts.one_pass and exact_index and ntotal and opts.max_candidates is None else None
+    if xb is not None:
+        scan = _one_pass(s, xb, width, tail, full_at)
+    else:
+        scan = _widening(s, index, width, tail, full_at, growth, opts)
+    if scan:
+        _full_scan(s, scan)
+
+    weights = None
+    if explain:
+        safe = np.where(s.ids < 0, 0, s.ids)
+        weights = items.explain(users, safe)
+        if weights is not None:
+            weights[s.ids < 0] = np.nan
+    return TopK(s.ids, s.scores, s.counts, s.candidates, s.proven, weights, s.rescore_s)
