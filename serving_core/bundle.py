@@ -77,6 +77,7 @@ __all__ = [  # the contract's names, importable from here (the typed manifest li
     "read_centroids", "read_item_table", "read_manifest", "sha256_file", "static_vectors", "verify_checksums",
 ]  # fmt: skip
 
+
 # ----- the item table ----------------------------------------------------------------------------------------------
 @dataclass
 class ItemTable:
