@@ -25,7 +25,11 @@ Design notes:
   any pixel is decoded, Pillow's ``DecompressionBombWarning`` turned into an error, ``verify()`` then a full
   decode of a fresh handle (truncated files fail), conversion to RGB. Every failure is an
   :class:`ImageDecodeError`. Nothing here fetches URLs. EXIF orientation is not applied and alpha is dropped
-  by ``convert("RGB")``, as in open_clip's own transform.
+  by ``convert("RGB")``, as in open_clip's own transform; 16-bit greyscale is scaled to 8 bits (Pillow's
+  ``convert`` would clip it to white); animated images give their first frame.
+- Bounded preprocessing (:func:`bound_for_clip`): images longer than ``MAX_UNCROPPED_ASPECT`` : 1 are cropped
+  to their centre before open_clip's transform, whose short-side resize would otherwise allocate
+  224 x (224 x aspect) pixels (11.7 GB for a 177-byte 1 x 50,000 PNG).
 - Determinism: eval mode, no gradients, float32; the same input gives the same output for a fixed torch
   thread count on the same machine.
 """
@@ -52,6 +56,10 @@ DEFAULT_PRETRAINED = "openai"
 TINY_MODEL = "missrec-tiny-512"
 
 MAX_IMAGE_PIXELS = 40_000_000  # ~6300 x 6300; product photos are far smaller
+# open_clip's transform resizes the SHORT side to 224 before its centre crop, so a 1 x 50,000 PNG of 177 bytes
+# became 224 x 11,200,000 pixels (11.7 GB). Images longer than this ratio are cropped to their centre first
+# (:func:`bound_for_clip`); up to it (real product photos reach ~5) the transform is open_clip's, exactly.
+MAX_UNCROPPED_ASPECT = 8
 ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # Local checkpoint suffixes that open_clip loads with torch.load(weights_only=True) or safetensors.
 # (.npz/.npy would go to open_clip's big_vision converter instead: not accepted here.)
@@ -84,17 +92,20 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
-def decode_image(data: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def decode_image(
+    data: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = None
+) -> Image.Image:
     """Decode untrusted image bytes into a fully loaded RGB ``PIL.Image``; raise :class:`ImageDecodeError`.
 
     An already decoded ``PIL.Image`` is only size-checked and converted to RGB. The explicit ``max_pixels``
     check on the header is the primary, thread-safe guard; the warnings filter is a second one (before
     Python 3.14 ``warnings.catch_warnings`` is process-wide, so under threads it may briefly apply to other
-    threads, which is harmless). Bound the upload size (bytes) at the service edge as well.
+    threads, which is harmless). Bound the upload size (bytes) at the service edge as well. ``max_aspect``:
+    crop to the centre first (:func:`bound_for_clip`), before the conversion to RGB triples the pixels' bytes.
     """
     if isinstance(data, Image.Image):
         _check_pixels(data.size, max_pixels)
-        return data.convert("RGB")
+        return _to_rgb(bound_for_clip(data, max_aspect) if max_aspect else data)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected image bytes or a PIL.Image, got {type(data).__name__}")
     raw = bytes(data)
@@ -111,7 +122,7 @@ def decode_image(data: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
             # verify() leaves the handle unusable: decode a fresh one fully (truncated data fails here).
             with Image.open(io.BytesIO(raw), formats=[image_format]) as image:
                 image.load()
-                return image.convert("RGB")
+                return _to_rgb(bound_for_clip(image, max_aspect) if max_aspect else image)
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -120,6 +131,35 @@ def decode_image(data: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Ima
         raise ImageDecodeError(f"image too large (possible decompression bomb): {exc}") from None
     except Exception as exc:  # any Pillow failure on untrusted bytes means "not a valid image"
         raise ImageDecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
+
+
+def _from_16_bit(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) greyscale -> 8-bit "L", scaled; Pillow's convert clips every value above 255."""
+    values = np.asarray(image, dtype=np.int64).clip(0, 65535)
+    return Image.fromarray((values * 255 // 65535).astype(np.uint8), mode="L")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit PNG greyscale
+        image = _from_16_bit(image)
+    return image.convert("RGB")
+
+
+def bound_for_clip(image: Image.Image, max_aspect: float = MAX_UNCROPPED_ASPECT) -> Image.Image:
+    """Crop an image longer than ``max_aspect`` : 1 to its centre at that ratio, so preprocessing stays bounded.
+
+    open_clip's eval transform (resize the short side to S, then centre-crop S x S) keeps only the central
+    square of the image, so the crop keeps that square with a margin of (max_aspect - 1) / 2 squares each side;
+    after it the resize allocates at most S x (max_aspect * S) pixels whatever the upload.
+    Images within the ratio are returned as they are (their features are exactly open_clip's)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long <= max_aspect * short:
+        return image
+    keep = max(1, round(max_aspect * short))
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+    return image.crop(box)
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | Path) -> tuple[str, bool]:
@@ -263,7 +303,8 @@ class ClipEncoder:
     @torch.inference_mode()
     def encode_image(self, image: ImageInput) -> np.ndarray:
         """Image bytes (untrusted: see :func:`decode_image`) or a PIL image -> raw embedding (D,) float32."""
-        pixels = self.preprocess(decode_image(image, max_pixels=self.max_image_pixels))  # (3, H, W)
+        decoded = decode_image(image, max_pixels=self.max_image_pixels, max_aspect=MAX_UNCROPPED_ASPECT)
+        pixels = self.preprocess(decoded)  # (3, H, W)
         features = self.model.encode_image(pixels.unsqueeze(0).to(self.device), normalize=False)  # (1, D)
         return features[0].to("cpu", torch.float32).numpy().copy()
 

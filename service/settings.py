@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(
         MAX_TEXT_CHARS, ge=1, le=MAX_TEXT_CHARS, description="Longest accepted item text (413 above)."
     )
+    ingest_concurrency: int = Field(
+        1, ge=1, le=64, description="Images encoded at once (each is CPU-heavy; recommendations share the cores)."
+    )
+    ingest_queue: int = Field(8, ge=0, le=10_000, description="Ingests waiting for an encoder before new ones get 503.")
 
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")

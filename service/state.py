@@ -52,6 +52,39 @@ def connect_redis(url: str, settings: Settings) -> Any:
     return RedisCluster.from_url(url, **common) if settings.redis_cluster else aredis.Redis.from_url(url, **common)
 
 
+class IngestGate:
+    """At most ``slots`` encodes (open_clip + item tower) at once; 503 ``overloaded`` when ``queue`` already wait
+    (each encode holds its decoded image in memory). A slot is freed when its encode ends, not when a client that
+    went away cancels its request."""
+
+    def __init__(self, slots: int, queue: int) -> None:
+        self.slots, self.queue = slots, queue
+        self._sem: asyncio.Semaphore | None = None  # created on the event loop
+        self.waiting = 0
+
+    async def run(self, fn: Any, *args: Any, observe: Any = None) -> Any:
+        """``fn(*args)`` in a worker thread once a slot is free; ``observe(seconds)`` gets the encode time."""
+        from service.errors import Unavailable
+
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.slots)
+        if self._sem.locked() and self.waiting >= self.queue:
+            raise Unavailable(f"{self.slots} ingests encoding and {self.waiting} waiting; retry", code="overloaded")
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        started = time.perf_counter()
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        work.add_done_callback(lambda _: self._sem.release())
+        try:
+            return await asyncio.shield(work)
+        finally:
+            if observe is not None:
+                observe(time.perf_counter() - started)
+
+
 @dataclass
 class ServiceState:
     settings: Settings
@@ -66,6 +99,7 @@ class ServiceState:
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
     encoder: Any = None
     encoder_error: str | None = None
+    ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -114,6 +148,7 @@ class ServiceState:
             batcher=batcher,
             embedded=embedded,
             executor=executor,
+            ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
         )
         batcher.start()
         await asyncio.to_thread(state._load_encoder)

@@ -116,12 +116,12 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     from missrec.clip_encoder import ImageDecodeError
 
     model = state.catalogue.current.model
-    with state.metrics.timed("ingest_encode"):
-        try:
-            record = await asyncio.to_thread(model.embed, state.encoder, item_id, text, image)
-        except ImageDecodeError as exc:
-            state.metrics.ingest.labels("failed").inc()
-            raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
+    try:
+        observe = state.metrics.stage.labels("ingest_encode").observe
+        record = await state.ingest_gate.run(model.embed, state.encoder, item_id, text, image, observe=observe)
+    except ImageDecodeError as exc:
+        state.metrics.ingest.labels("failed").inc()
+        raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
     replaced = state.catalogue.current.row(item_id) is not None
     try:
         await state.store.put_item(record, origin=state.replica_id)

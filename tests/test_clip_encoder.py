@@ -21,6 +21,7 @@ from PIL import Image
 
 from missrec.clip_encoder import (
     MAX_IMAGE_PIXELS,
+    MAX_UNCROPPED_ASPECT,
     TINY_MODEL,
     ClipEncoder,
     ImageDecodeError,
@@ -297,3 +298,53 @@ def test_vit_b_32_random_init_round_trip(tmp_path: Path, abo_dir: Path) -> None:
     assert all(v.shape == (DIM,) and np.isfinite(v).all() and v.any() for v in features.values())
     state = torch.load(path, weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in loaded.model.state_dict().items())
+
+
+# ----- adversarial images: bounded preprocessing ----------------------------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def _peak_delta_mib(fn) -> float:
+    """Peak RSS growth (MiB) while ``fn`` runs: the kernel's high-water mark is reset first (Linux clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+@pytest.mark.parametrize(
+    "size", [(1, 8_000), (8_000, 1), (1, 50_000), (50_000, 1), (7, 5_000_000)], ids=lambda s: f"{s[0]}x{s[1]}"
+)
+def test_extreme_aspect_ratios_do_not_blow_up_preprocessing(encoder: ClipEncoder, size: tuple[int, int]) -> None:
+    """A 93-byte 1 x 8,000 PNG passes the pixel check, but open_clip resizes its short side to 224 first:
+    224 x 1,792,000 pixels (1.2 GB, 9 s); 1 x 50,000 took 11.7 GB. The guard crops such images to their centre
+    (what open_clip's centre crop keeps, with a margin) before the transform."""
+    data = _encoded(Image.new("L", size, 128), "PNG")
+    assert len(data) < 100_000
+    out: list[np.ndarray] = []
+    peak = _peak_delta_mib(lambda: out.append(encoder.encode_image(data)))
+    assert peak < 100, f"{size}: preprocessing grew RSS by {peak:.0f} MiB"
+    assert out[0].shape == (DIM,) and np.isfinite(out[0]).all()
+
+
+def test_moderate_aspect_ratios_keep_open_clips_exact_transform(encoder: ClipEncoder) -> None:
+    """Only extreme images are cropped first: up to MAX_UNCROPPED_ASPECT the features are exactly open_clip's."""
+    image = Image.new("RGB", (MAX_UNCROPPED_ASPECT * 40, 40), "white")
+    image.paste((200, 10, 10), (0, 0, 60, 40))
+    pixels = encoder.preprocess(image).unsqueeze(0)
+    with torch.no_grad():
+        raw = encoder.model.encode_image(pixels, normalize=False)[0].numpy()
+    assert np.array_equal(encoder.encode_image(_encoded(image, "PNG")), raw)
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped() -> None:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    image = decode_image(_encoded(Image.fromarray(ramp), "PNG"))
+    assert image.mode == "RGB"
+    grey = np.asarray(image)[..., 0].astype(int)
+    assert np.abs(grey - ramp.astype(int) * 255 // 65535).max() <= 1  # Pillow's own convert makes it all 255

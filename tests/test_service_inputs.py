@@ -314,3 +314,37 @@ def test_odd_ids_round_trip(client):
     body = client.post("/v1/recommend", json={"history": [nfc], "k": 3}).json()
     assert body["history_length"] == 1 and nfc not in [i["item_id"] for i in body["items"]]
     _error(client.post("/v1/recommend", json={"history": [nfd]}), 422, "unknown_items")
+
+
+def test_concurrent_encodes_are_bounded(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, abo_dir):
+    """One encoder slot and no queue: of 8 simultaneous ingests, those that find the encoder busy get 503
+    ``overloaded`` at once (each encode holds a decoded image; unbounded, a burst of uploads exhausts memory)."""
+    import threading
+
+    photo = sorted(abo_dir.glob("*/*.jpg"))[0].read_bytes()
+    app = make_app(
+        scientific_bundle,
+        redis_url,
+        key_prefix,
+        tiny_clip,
+        tmp_path,
+        ingest_concurrency=1,
+        ingest_queue=0,
+        warmup=False,
+    )
+    statuses: list[tuple[int, str | None]] = []
+    with TestClient(app) as c:
+        start = threading.Barrier(8)
+
+        def ingest(n: int) -> None:
+            start.wait()
+            r = c.post("/v1/items", data={"item_id": f"burst-{n}", "text": "t"}, files={"image": ("p.jpg", photo)})
+            statuses.append((r.status_code, r.json().get("error", {}).get("code") if r.status_code >= 400 else None))
+
+        threads = [threading.Thread(target=ingest, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert set(statuses) <= {(201, None), (503, "overloaded")}, statuses
+    assert (503, "overloaded") in statuses and (201, None) in statuses, statuses
