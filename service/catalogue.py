@@ -187,6 +187,15 @@ class Catalogue:
     def current(self) -> Snapshot:
         return self._current
 
+    def reset(self) -> Snapshot:
+        """Back to the bundle alone (Redis lost item state: the caller replays what Redis holds now)."""
+        with self._lock:
+            self.versions = {}
+            seq = self._current.seq
+            snap = self._fresh(self._current.model)
+            snap = self._publish(snap.model, seq + 1, snap.deleted, {}, {}, snap.index, snap.index_rows, snap.max_gap)
+            return snap
+
     def is_newer(self, item_id: str, version: int) -> bool:
         return version > self.versions.get(item_id, 0)
 

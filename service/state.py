@@ -128,7 +128,8 @@ class ServiceState:
             ttl_seconds=settings.history_ttl_seconds,
             stream_max_len=settings.stream_max_len,
         )
-        replicator = Replicator(store, catalogue, metrics, settings.key_prefix)
+        replica_id = uuid.uuid4().hex[:12]
+        replicator = Replicator(store, catalogue, metrics, settings.key_prefix, replica_id)
         executor = ThreadPoolExecutor(2, "missrec-cpu")
         batcher: MicroBatcher[Query, Recommendation] = MicroBatcher(
             lambda queries: recommend_batch(catalogue.current, queries, metrics),
@@ -147,6 +148,7 @@ class ServiceState:
             replicator=replicator,
             batcher=batcher,
             embedded=embedded,
+            replica_id=replica_id,
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
         )

@@ -8,7 +8,13 @@ through a hash tag, so the service works unchanged against Redis Cluster:
     P:{items}:item:<id>     hash: an ingested item (raw features, vectors, clusters, text) or a deletion tombstone
     P:{items}:ids           sorted set: item id -> version of its latest change (for replay at start-up)
     P:{items}:version       counter giving every item change a version
-    P:{items}:events        stream of item changes (op, item_id, version, origin) read by every replica
+    P:{items}:epoch         random id of the counter's lifetime: a Redis that lost the counter (FLUSHDB, a
+                            restart without AOF) gets a new one with its next write or replay
+    P:{items}:events        stream of item changes (op, item_id, version, epoch, origin) read by every replica
+
+Replicas apply an item change only if its version is above the one they hold, so a counter that goes back
+would make acknowledged writes silently not apply: every change carries the epoch, and a replica that sees
+another epoch, or a version not above one it has seen in this epoch, rebuilds from Redis (runtime).
 
 Item ids never contain control characters (the API rejects them), so \\x1f is a safe separator.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,16 +45,52 @@ if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return {1, redis.call('LLEN', KEYS[1])}
 """
 
-# KEYS: item hash, ids zset, version counter, stream. ARGV: item_id, op, origin, stream maxlen, field/value pairs...
+# KEYS: item hash, ids zset, version counter, stream, epoch.
+# ARGV: item_id, op, origin, stream maxlen, a fresh epoch (used if none is stored), field/value pairs...
+# Returns {version, epoch, the item's previous 'deleted' field ('' when it had no record)}.
 _CHANGE_ITEM = """
+redis.call('SET', KEYS[5], ARGV[5], 'NX')
+local epoch = redis.call('GET', KEYS[5])
 local version = redis.call('INCR', KEYS[3])
+local previous = redis.call('HGET', KEYS[1], 'deleted') or ''
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], 'version', version, unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], version, ARGV[1])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
-           'op', ARGV[2], 'item_id', ARGV[1], 'version', version, 'origin', ARGV[3])
-return version
+           'op', ARGV[2], 'item_id', ARGV[1], 'version', version, 'epoch', epoch, 'origin', ARGV[3])
+return {version, epoch, previous}
 """
+
+# KEYS: epoch, version counter, stream. ARGV: a fresh epoch. Returns {epoch, counter, last event id or ''}:
+# read together, so every event after that id has a version above that counter, in that epoch.
+_SNAPSHOT = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+return {redis.call('GET', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0'), last[1] and last[1][1] or ''}
+"""
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class ItemChange:
+    """What Redis answered to an item change: its version, the counter's epoch, and whether the item had a
+    live record before (``None``: no record at all, e.g. a bundle item never changed)."""
+
+    version: int
+    epoch: str
+    had_live_record: bool | None
+
+
+@dataclass(frozen=True)
+class ItemsSnapshot:
+    """Where the item state in Redis stands: epoch, version counter, and the last event id of the stream."""
+
+    epoch: str
+    counter: int
+    last_event: str
 
 
 @dataclass
@@ -120,8 +163,10 @@ class Store:
         self.stream_max_len = stream_max_len
         self._append = redis.register_script(_APPEND)
         self._change = redis.register_script(_CHANGE_ITEM)
+        self._snapshot = redis.register_script(_SNAPSHOT)
         items = f"{prefix}:{{items}}"
         self.ids_key, self.version_key, self.stream_key = f"{items}:ids", f"{items}:version", f"{items}:events"
+        self.epoch_key = f"{items}:epoch"
         self._item_prefix = f"{items}:item:"
 
     # ----- users ------------------------------------------------------------------------------------------
@@ -154,14 +199,27 @@ class Store:
         return items, stamps
 
     # ----- items ------------------------------------------------------------------------------------------
-    async def put_item(self, record: ItemRecord, origin: str, op: str = "upsert") -> int:
-        """Store an item change atomically (hash + id index + stream event); returns its version."""
-        version = await self._change(
-            keys=[self._item_prefix + record.item_id, self.ids_key, self.version_key, self.stream_key],
-            args=[record.item_id, op, origin, self.stream_max_len, *record.to_fields()],
+    async def put_item(self, record: ItemRecord, origin: str, op: str = "upsert") -> ItemChange:
+        """Store an item change atomically (hash + id index + stream event); sets ``record.version``."""
+        version, epoch, previous = await self._change(
+            keys=[self._item_prefix + record.item_id, self.ids_key, self.version_key, self.stream_key, self.epoch_key],
+            args=[record.item_id, op, origin, self.stream_max_len, new_epoch(), *record.to_fields()],
         )
         record.version = int(version)
-        return record.version
+        had = None if previous in (b"", "") else previous in (b"0", "0")
+        return ItemChange(record.version, epoch.decode() if isinstance(epoch, bytes) else str(epoch), had)
+
+    async def snapshot(self) -> ItemsSnapshot:
+        """The epoch (created if Redis has none), the version counter and the last event id, atomically."""
+        epoch, counter, last = await self._snapshot(
+            keys=[self.epoch_key, self.version_key, self.stream_key], args=[new_epoch()]
+        )
+        text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+        return ItemsSnapshot(text(epoch), int(counter), text(last) or "0-0")
+
+    async def epoch(self) -> str | None:
+        raw = await self.redis.get(self.epoch_key)
+        return raw.decode() if raw is not None else None
 
     async def get_item(self, item_id: str) -> ItemRecord | None:
         data = await self.redis.hgetall(self._item_prefix + item_id)

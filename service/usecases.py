@@ -124,15 +124,13 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
         raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
     replaced = state.catalogue.current.row(item_id) is not None
     try:
-        await state.store.put_item(record, origin=state.replica_id)
+        await state.replicator.store_change(record, "upsert")
     except RedisError as exc:
         state.metrics.redis_errors.inc()
         state.metrics.ingest.labels("failed").inc()
         raise redis_unavailable(exc) from exc
-    await asyncio.to_thread(state.catalogue.apply, [record])
     state.metrics.item_events.labels("upsert", "local").inc()
     state.metrics.ingest.labels("replaced" if replaced else "created").inc()
-    state.metrics.live_items.set(state.catalogue.current.live_count)
     return record, replaced
 
 
@@ -141,10 +139,8 @@ async def delete_item(state: ServiceState, item_id: str) -> None:
     if snap.row(item_id) is None:
         raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
     record = ItemRecord(item_id=item_id, deleted=True, created_at=time.time(), bundle_version=snap.model.version)
-    await _redis(state, state.store.put_item(record, origin=state.replica_id, op="delete"))
-    await asyncio.to_thread(state.catalogue.apply, [record])
+    await _redis(state, state.replicator.store_change(record, "delete"))
     state.metrics.item_events.labels("delete", "local").inc()
-    state.metrics.live_items.set(state.catalogue.current.live_count)
 
 
 def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:

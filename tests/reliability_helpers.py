@@ -155,15 +155,16 @@ def is_error_body(body: object) -> bool:
 # ----- a redis-server of the test's own ------------------------------------------------------------------------------
 class RedisServer:
     """A real redis-server on a TCP port with AOF (``appendfsync always``) in ``data_dir``, which a test may kill,
-    restart (same port, same data), pause (SIGSTOP) and resume.
+    restart (same port, same data), pause (SIGSTOP) and resume; ``aof=False``: no persistence (restarts empty).
 
     Started with a plain ``subprocess.Popen`` (vfork/posix_spawn): a fork() with Python code in the child would
     run OpenBLAS's at-fork handler, which hangs a matrix product running at that moment in another thread of the
     test process (measured: the in-process service froze on its first recommend after a restart)."""
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, aof: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
+        self.aof = aof
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -177,7 +178,8 @@ class RedisServer:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", "redis.log"]
+        args += ["--appendonly", "yes" if self.aof else "no", "--appendfsync", "always", "--save", ""]
+        args += ["--logfile", "redis.log"]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
