@@ -80,26 +80,55 @@ def key_prefix(redis_url) -> Iterator[str]:
 
 
 # ----- artefacts built once per session from the REAL Scientific data ---------------------------------------------
+def _source_key(*packages: str) -> str:
+    """sha256 of the sources of ``packages``: a cached artefact is reused only by the code that made it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def scientific_run(scientific_dir, tmp_path_factory) -> Path:
-    """A MISSRec (inductive) trained for 2 epochs on real Scientific data: RUN_DIR with checkpoint.pt."""
+    """A MISSRec (inductive) trained for 2 epochs on real Scientific data: RUN_DIR with checkpoint.pt.
+
+    MISSREC_TEST_CACHE=DIR (inner loop only; CI never sets it) keeps the run between sessions, keyed by the
+    sources of missrec/, so a change to the model code trains again."""
     from missrec.data import load_dataset
     from missrec.runs import save_run, train_missrec
     from missrec.train import TrainOptions
 
+    cache = os.environ.get("MISSREC_TEST_CACHE")
+    target = Path(cache) / f"scientific-run-{_source_key('missrec')}" if cache else None
+    if target is not None and (target / "checkpoint.pt").is_file():
+        return target
     ds = load_dataset(scientific_dir)
     run = train_missrec(ds, TrainOptions(epochs=2, progress=False), "inductive")
-    return save_run(run, ds, tmp_path_factory.mktemp("scientific-run"))
+    return save_run(run, ds, target or tmp_path_factory.mktemp("scientific-run"))
 
 
 @pytest.fixture(scope="session")
 def scientific_bundle(scientific_run, scientific_dir, tmp_path_factory) -> Path:
-    """Serving bundle (ONNX towers + item table + exact Flat index) of ``scientific_run``."""
+    """Serving bundle (ONNX towers + item table + exact Flat index) of ``scientific_run`` (cached like it)."""
     from index_builder.build import build_index
     from model_export.onnx_export import export_bundle
+    from serving_core.bundle import BundleError, verify_checksums
 
-    bundle = tmp_path_factory.mktemp("bundles") / "scientific"
-    export_bundle(scientific_run / "checkpoint.pt", scientific_dir, bundle)
+    cache = os.environ.get("MISSREC_TEST_CACHE")
+    if cache:
+        key = _source_key("missrec", "model_export", "serving_core", "index_builder")
+        bundle = Path(cache) / f"scientific-bundle-{key}"
+        try:
+            if verify_checksums(bundle).index is not None:
+                return bundle
+        except BundleError:
+            pass
+    else:
+        bundle = tmp_path_factory.mktemp("bundles") / "scientific"
+    export_bundle(scientific_run / "checkpoint.pt", scientific_dir, bundle, overwrite=True)
     build_index(bundle, factory="Flat", device="cpu")
     return bundle
 
