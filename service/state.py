@@ -30,17 +30,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from service.catalogue import Catalogue
-from service.embedded_redis import EmbeddedRedis
+from service.embedded_redis import EmbeddedRedis, Supervisor
 from service.metrics import Metrics
 from service.micro_batch import MicroBatcher
 from service.recommender import Query, Recommendation, recommend_batch, warmup
-from service.replication import Replicator, StartupRefused
+from service.replication import Replicator, StartupRefused, stop_task
 from service.serving_model import IncompatibleItem, ServingModel
 from service.settings import Settings
 from service.store import Store
 from serving_core.bundle import BundleError
 
 log = logging.getLogger(__name__)
+
+SUPERVISE_EVERY_S = 0.2  # how often the embedded Redis is checked (and restarted when it died)
+EMBEDDED_DOWN_UNHEALTHY_S = 30.0  # /healthz fails when the embedded Redis stays down this long (restart the pod)
 
 
 def connect_redis(url: str, settings: Settings) -> Any:
@@ -101,6 +104,9 @@ class ServiceState:
     encoder_error: str | None = None
     ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
     started_at: float = field(default_factory=time.time)
+    supervisor: Supervisor | None = None
+    _supervising: asyncio.Task[None] | None = None
+    _closing: bool = False
 
     @property
     def ready(self) -> bool:
@@ -165,10 +171,29 @@ class ServiceState:
             raise StartupRefused(replicator.incompatible(exc)) from exc
         metrics.live_items.set(catalogue.current.live_count)
         replicator.start()
+        if embedded is not None:
+            state.supervisor = Supervisor(embedded)
+            state._supervising = asyncio.get_running_loop().create_task(state._supervise(), name="embedded-redis")
         log.info("replica %s started", state.replica_id)
         return state
 
+    async def _supervise(self) -> None:
+        """Restart the embedded Redis when it dies (same AOF: nothing acknowledged is lost)."""
+        while not self._closing:
+            await asyncio.to_thread(self.supervisor.check)
+            await asyncio.sleep(SUPERVISE_EVERY_S)
+
+    def alive(self) -> tuple[bool, str]:
+        """Liveness: False when the embedded Redis has stayed down too long for restarts to fix it."""
+        down = self.supervisor.down_for() if self.supervisor else 0.0
+        if down > EMBEDDED_DOWN_UNHEALTHY_S:
+            return False, f"embedded Redis down for {down:.0f} s and not restartable"
+        return True, "ok"
+
     async def close(self) -> None:
+        self._closing = True
+        if self._supervising:
+            await stop_task(self._supervising)
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

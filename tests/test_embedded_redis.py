@@ -57,3 +57,30 @@ def test_server_dies_with_a_killed_service_and_is_not_started_twice(tmp_path):
     second = EmbeddedRedis(tmp_path)
     assert second.start() == owner.url and second.process is None
     owner.stop()
+
+
+def test_service_restarts_a_killed_embedded_redis(scientific_bundle, tiny_clip, tmp_path):
+    """SIGKILL the embedded redis-server under a running service: it comes back by itself on the same AOF (before:
+    /readyz 503 and writes 503 for good, /healthz 200, the child a zombie), and no acknowledged write is lost."""
+    from fastapi.testclient import TestClient
+
+    from tests.service_helpers import make_app
+
+    app = make_app(scientific_bundle, None, "embedded", tiny_clip, tmp_path, warmup=False)
+    with TestClient(app) as c:
+        item = c.post("/v1/recommend", json={"history": [], "k": 1}).json()["items"][0]["item_id"]
+        for n in range(5):
+            assert c.post(f"/v1/users/u{n}/events", json={"item_ids": [item]}).status_code == 200
+        killed = app.state.runtime.embedded.process.pid
+        os.kill(killed, signal.SIGKILL)
+        down = time.monotonic()
+        while c.get("/readyz").status_code == 200 and time.monotonic() - down < 5:
+            time.sleep(0.01)
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() - down < 15, "the service did not bring its embedded Redis back in 15 s"
+            time.sleep(0.05)
+        assert c.get("/healthz").status_code == 200
+        assert not _alive(killed) and not os.path.exists(f"/proc/{killed}"), "the killed child was not reaped"
+        for n in range(5):
+            assert c.get(f"/v1/users/u{n}/history").json()["item_ids"] == [item]
+        assert c.post("/v1/users/u-after/events", json={"item_ids": [item]}).status_code == 200

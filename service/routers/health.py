@@ -1,4 +1,4 @@
-"""GET /healthz (process up), /readyz (bundle loaded, Redis reachable), /metrics (Prometheus)."""
+"""GET /healthz (process up and able to recover), /readyz (bundle loaded, Redis reachable), /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from service.schemas import Health
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
-async def healthz() -> Health:
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+async def healthz(request: Request) -> Health | JSONResponse:
+    """Process up; 503 only when it cannot recover by itself (its embedded Redis stays down): restart it."""
+    state = getattr(request.app.state, "service", None)
+    alive, why = state.alive() if state is not None else (True, "ok")
+    if not alive:
+        return JSONResponse(status_code=503, content=Health(status="unready", checks={"redis": why}).model_dump())
     return Health(status="ok")
 
 
