@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
@@ -44,7 +45,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -60,8 +61,12 @@ class BodyLimit:
                 await _send_error(send, 413, "payload_too_large", f"request body is larger than {self.limit} bytes")
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """Raised inside ``receive``: an HTTPException because FastAPI re-raises those from body parsing (any other
+    exception there becomes 400 "error parsing the body"), and the error handlers map it to the error shape."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body is larger than {limit} bytes")
 
 
 class ConcurrencyLimit:

@@ -348,3 +348,23 @@ def test_concurrent_encodes_are_bounded(scientific_bundle, redis_url, key_prefix
             t.join(60)
     assert set(statuses) <= {(201, None), (503, "overloaded")}, statuses
     assert (503, "overloaded") in statuses and (201, None) in statuses, statuses
+
+
+def test_chunked_bodies_over_the_limit_get_413(client):
+    """No Content-Length (chunked upload): the limit trips while the body streams in (before: FastAPI turned the
+    middleware's exception into 400 "There was an error parsing the body")."""
+
+    def chunks(first: bytes, fill: bytes = b" "):
+        yield first
+        for _ in range(12):
+            yield fill * 100_000
+
+    for route, media, first in (
+        ("/v1/recommend", "application/json", b'{"history": ["B00O47ILVA"], "k": 2'),
+        ("/v1/items", "application/json", b'{"item_id": "chunked", "text": "'),
+        ("/v1/users/chunky/events", "application/json", b'{"item_ids": ["B00O47ILVA"]'),
+        ("/v1/items", "multipart/form-data; boundary=b", b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'),
+    ):
+        r = client.post(route, content=chunks(first), headers={"content-type": media})
+        _error(r, 413, "payload_too_large")
+    assert client.get("/v1/items/chunked").status_code == 404

@@ -49,7 +49,8 @@ async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, s
         form = await request.form(max_files=1, max_fields=8, max_part_size=state.settings.max_image_bytes + 1)
     except (MultiPartException, HTTPException) as exc:  # inside an app, Starlette re-raises parser errors as 400s
         message = str(getattr(exc, "detail", exc))
-        if "exceeded" in message.lower() or "too large" in message.lower():
+        too_large = getattr(exc, "status_code", None) == 413  # the body limit, tripped while streaming
+        if too_large or "exceeded" in message.lower() or "too large" in message.lower():
             raise PayloadTooLarge(f"multipart part too large: {message}") from None
         raise InvalidInput(f"malformed form body: {message}") from None
     item_id, text, image = form.get("item_id"), form.get("text", ""), form.get("image")
