@@ -63,7 +63,8 @@ class Snapshot:
     n: int  # rows, padding and tombstones included
     ids: list[str]  # shared, append-only: only ids[:n] belong to this snapshot
     texts: list[str]  # shared, append-only, like ids
-    overlay: dict[str, int]  # ingested id -> row (own copy); bundle ids resolve through the bundle's table
+    overlay: dict[str, int]  # ingested or deleted id -> row (own copy; 0 for a tombstone without a row); other
+    # bundle ids resolve through the bundle's table
     deleted: np.ndarray  # (n,) bool, own copy; row 0 (padding) is always deleted
     ingested: dict[str, ItemRecord]  # live ingested items (own copy)
     tokens: np.ndarray  # (n, T) what the user tower gathers
@@ -81,6 +82,13 @@ class Snapshot:
         if r is None:
             r = self.model.bundle_rows.get(item_id)
         return None if r is None or self.deleted[r] else r
+
+    def was_deleted(self, item_id: str) -> bool:
+        """True for an id this snapshot knows was deleted (its row is tombstoned, or a tombstone without a row)."""
+        r = self.overlay.get(item_id)
+        if r is None:
+            r = self.model.bundle_rows.get(item_id)
+        return r is not None and bool(self.deleted[r])
 
     def rows_for(self, item_ids: Iterable[str]) -> tuple[list[int], list[str]]:
         """Live rows of external ids, and the ids that are unknown or deleted."""
@@ -220,9 +228,9 @@ class Catalogue:
                 old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
                 if old is not None:
                     deleted_rows.append(old)
-                if vec is None:
+                if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
                     ingested.pop(record.item_id, None)
-                    overlay.pop(record.item_id, None)
+                    overlay[record.item_id] = old if old is not None else 0
                     continue
                 overlay[record.item_id] = self._append(record, vec)
                 ingested[record.item_id] = record

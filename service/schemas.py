@@ -94,6 +94,10 @@ class RecommendResponse(BaseModel):
     fallback: Literal["popular"] | None = Field(None, description="'popular' when there was no history to use.")
     exact: bool = Field(description="True when the top-k is provably the model's exact full-catalogue top-k.")
     history_length: int
+    skipped_item_ids: list[str] = Field(
+        default_factory=list,
+        description="History ids left out because the items were deleted (and, in a stored history, unknown ids).",
+    )
 
 
 class ErrorDetail(BaseModel):

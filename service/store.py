@@ -182,11 +182,24 @@ class Store:
         stamps = timestamps or [now] * len(item_ids)
         entries = [f"{float(ts)!r}{SEP}{item}" for ts, item in zip(stamps, item_ids, strict=True)]
         user = self._user(user_id)
-        idem = f"{user}:idem:{hashlib.sha1(idempotency_key.encode()).hexdigest()}" if idempotency_key else ""
+        idem = self._idem(user, idempotency_key) if idempotency_key else ""
         applied, length = await self._append(
             keys=[f"{user}:hist", idem], args=[self.max_len, self.ttl, IDEMPOTENCY_TTL_SECONDS, *entries]
         )
         return int(length), bool(applied)
+
+    @staticmethod
+    def _idem(user: str, idempotency_key: str) -> str:
+        return f"{user}:idem:{hashlib.sha1(idempotency_key.encode()).hexdigest()}"
+
+    async def applied_length(self, user_id: str, idempotency_key: str) -> int | None:
+        """The history length if an events call with this key was applied already, else None."""
+        user = self._user(user_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self._idem(user, idempotency_key))
+            pipe.llen(f"{user}:hist")
+            seen, length = await pipe.execute()
+        return int(length) if seen else None
 
     async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
         """(item ids, timestamps), oldest first."""

@@ -39,7 +39,8 @@ async def _redis(state: ServiceState, call: Any, hint: str = "") -> Any:
 
 
 # ----- recommendations --------------------------------------------------------------------------------------
-async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recommendation, int]:
+async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recommendation, int, list[str]]:
+    """(recommendation, history items used, history ids skipped because they are deleted)."""
     started = time.perf_counter()
     limits = state.settings
     if req.k > limits.max_k:
@@ -55,15 +56,16 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         with state.metrics.timed("history_read"):
             history, _ = await _redis(state, state.store.history(req.user_id))
         snap = state.catalogue.current
-        rows = snap.rows_for(history)[0]  # items deleted since they were seen are skipped
+        rows, skipped = snap.rows_for(history)  # items deleted since they were seen are skipped
     else:
+        # Deleted items are skipped as in a stored history (a client keeping its own history cannot know of the
+        # delete); ids that never existed are an error: a typo must not silently change the results.
         snap = state.catalogue.current
-        rows, unknown = snap.rows_for(req.history or [])
+        rows, skipped = snap.rows_for(req.history or [])
+        unknown = [i for i in skipped if not snap.was_deleted(i)]
         if unknown:
             raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
-    exclude, unknown = snap.rows_for(req.exclude)
-    if unknown:
-        raise UnknownItems(f"{len(unknown)} unknown item id(s) in exclude", {"item_ids": unknown[:50]})
+    exclude, _ = snap.rows_for(req.exclude)  # deleted or unknown ids are never recommended anyway
     query = Query(
         history=np.asarray(rows[-snap.model.max_len :], dtype=np.int64),
         k=req.k,
@@ -74,13 +76,15 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
     if result.fallback:
         state.metrics.fallback.inc()
-    return result, len(rows)
+    return result, len(rows), list(dict.fromkeys(skipped))
 
 
 # ----- users ----------------------------------------------------------------------------------------------------
 async def append_events(
     state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
 ) -> tuple[int, bool]:
+    if key and (length := await _redis(state, state.store.applied_length(user_id, key), EVENTS_RETRY_HINT)) is not None:
+        return length, False  # a retry of an applied call: its items may have been deleted since
     _, unknown = state.catalogue.current.rows_for(item_ids)
     if unknown:
         raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})

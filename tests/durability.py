@@ -308,8 +308,8 @@ def _verify(
         for item in gone:
             if client.get(f"/v1/items/{item}").status_code != 404:
                 report.deleted_served.append(item)
-            r = client.post("/v1/recommend", json={"history": [item], "k": 1})
-            if r.status_code != 422:
+            r = client.post("/v1/recommend", json={"history": [item], "k": 1})  # a deleted item is skipped
+            if r.status_code != 200 or r.json()["skipped_item_ids"] != [item] or r.json()["history_length"]:
                 report.deleted_served.append(item)
 
 

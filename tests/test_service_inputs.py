@@ -72,7 +72,8 @@ def test_unknown_ids_are_named(client):
     assert err["details"]["item_ids"] == ["nope-1", "nope-2"]
     err = _error(client.post("/v1/users/u1/events", json={"item_ids": ["B00O47ILVA", "zzz"]}), 422, "unknown_items")
     assert err["details"]["item_ids"] == ["zzz"]
-    _error(client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "exclude": ["zzz"]}), 422, "unknown_items")
+    # exclude: an unknown or deleted id can never be recommended, so it is ignored (issue 12: it failed the call)
+    assert client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "exclude": ["zzz"]}).status_code == 200
 
 
 def test_nan_and_inf_are_rejected(client):
@@ -368,3 +369,44 @@ def test_chunked_bodies_over_the_limit_get_413(client):
         r = client.post(route, content=chunks(first), headers={"content-type": media})
         _error(r, 413, "payload_too_large")
     assert client.get("/v1/items/chunked").status_code == 404
+
+
+def test_unknown_and_repeated_form_fields_get_422(client):
+    """A misnamed file field (``photo``) made a text-only item with 201; a repeated ``item_id`` kept the last."""
+    png = _png()
+    err = _error(
+        client.post("/v1/items", data={"item_id": "form-1", "text": "t"}, files={"photo": ("a.png", png)}), 422
+    )
+    assert err["details"]["unknown_fields"] == ["photo"]
+    err = _error(client.post("/v1/items", data={"item_id": ["form-2", "form-3"], "text": "t"}), 422)
+    assert err["details"]["repeated_fields"] == ["item_id"]
+    err = _error(
+        client.post(
+            "/v1/items", data={"item_id": "form-4"}, files=[("image", ("a.png", png)), ("image", ("b.png", png))]
+        ),
+        422,
+    )
+    for item in ("form-1", "form-2", "form-3", "form-4"):
+        assert client.get(f"/v1/items/{item}").status_code == 404
+
+
+def test_deleted_items_in_client_histories_and_exclude_are_skipped(client):
+    """A deleted id in an explicit history is skipped (as in a stored history) and named in the response; in
+    ``exclude`` it is ignored; a retried events call whose item was deleted since is still a duplicate."""
+    ids = [i["item_id"] for i in client.post("/v1/recommend", json={"history": [], "k": 3}).json()["items"]]
+    assert client.post("/v1/items", json={"item_id": "gone-1", "text": "soon deleted"}).status_code == 201
+    user = f"del-{ids[0]}"
+    first = client.post(f"/v1/users/{user}/events", json={"item_ids": ["gone-1"], "idempotency_key": "k1"})
+    assert first.status_code == 200 and first.json()["appended"] == 1
+    assert client.delete("/v1/items/gone-1").status_code == 204
+    r = client.post("/v1/recommend", json={"history": [ids[0], "gone-1"], "exclude": ["gone-1", ids[1]], "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["history_length"] == 1 and body["skipped_item_ids"] == ["gone-1"]
+    assert {"gone-1", ids[1]}.isdisjoint(i["item_id"] for i in body["items"])
+    assert client.post("/v1/recommend", json={"user_id": user, "k": 2}).json()["skipped_item_ids"] == ["gone-1"]
+    retry = client.post(f"/v1/users/{user}/events", json={"item_ids": ["gone-1"], "idempotency_key": "k1"})
+    assert retry.status_code == 200 and retry.json()["duplicate"] is True, retry.text
+    # ids that never existed are still an error (a typo must not silently give other recommendations)
+    _error(client.post("/v1/recommend", json={"history": [ids[0], "never-was"]}), 422, "unknown_items")
+    _error(client.post(f"/v1/users/{user}/events", json={"item_ids": ["gone-1"]}), 422, "unknown_items")

@@ -23,6 +23,7 @@ ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External
 _ID = TypeAdapter(Identifier)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
 
+_FORM_FIELDS = ("item_id", "text", "image")
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["item_id"],
@@ -53,6 +54,14 @@ async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, s
         if too_large or "exceeded" in message.lower() or "too large" in message.lower():
             raise PayloadTooLarge(f"multipart part too large: {message}") from None
         raise InvalidInput(f"malformed form body: {message}") from None
+    names = [name for name, _ in form.multi_items()]
+    if unknown := sorted(set(names) - set(_FORM_FIELDS)):
+        raise InvalidInput(
+            f"unknown form field(s) {', '.join(unknown)}; the fields are {', '.join(_FORM_FIELDS)}",
+            {"unknown_fields": unknown},
+        )
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise InvalidInput(f"form field(s) {', '.join(repeated)} given more than once", {"repeated_fields": repeated})
     item_id, text, image = form.get("item_id"), form.get("text", ""), form.get("image")
     if not isinstance(item_id, str) or not isinstance(text, str):
         raise InvalidInput("item_id and text must be form fields, not files")

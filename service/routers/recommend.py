@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1", tags=["recommend"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
 
 
-def to_response(rec: Recommendation, history_length: int) -> RecommendResponse:
+def to_response(rec: Recommendation, history_length: int, skipped: list[str]) -> RecommendResponse:
     items = [
         RecommendedItem(
             item_id=item.item_id,
@@ -39,14 +39,14 @@ def to_response(rec: Recommendation, history_length: int) -> RecommendResponse:
         fallback=rec.fallback,
         exact=rec.exact,
         history_length=history_length,
+        skipped_item_ids=skipped,
     )
 
 
 @router.post("/recommend", response_model=RecommendResponse, responses=ERRORS, dependencies=[JSONBody])
 async def recommend(body: RecommendRequest, state: StateDep) -> RecommendResponse:
     """Top-k items for a user id (history from Redis) or an explicit history of item ids (oldest first)."""
-    rec, n = await usecases.recommend(state, body)
-    return to_response(rec, n)
+    return to_response(*await usecases.recommend(state, body))
 
 
 @router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS, dependencies=[JSONBody])
@@ -64,5 +64,5 @@ async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> Batch
         elif isinstance(outcome, BaseException):
             raise outcome
         else:
-            results.append(to_response(outcome[0], outcome[1]))
+            results.append(to_response(*outcome))
     return BatchRecommendResponse(results=results)
