@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 # External ids: 1..256 characters, no control characters (unicode is fine).
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -41,8 +51,26 @@ class RecommendRequest(_Strict):
         return self
 
 
+@dataclass(frozen=True)
+class InvalidSubRequest:
+    """A batch entry that does not match RecommendRequest: answered with a per-item error, not a failed batch."""
+
+    errors: list[dict[str, Any]]
+
+
+def _per_item(value: Any, handler: ValidatorFunctionWrapHandler) -> RecommendRequest | InvalidSubRequest:
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        return InvalidSubRequest(
+            [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        )
+
+
 class BatchRecommendRequest(_Strict):
-    requests: list[RecommendRequest] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
+    requests: list[Annotated[RecommendRequest, WrapValidator(_per_item)]] = Field(
+        min_length=1, max_length=MAX_BATCH_REQUESTS
+    )
 
 
 class EventsRequest(_Strict):

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     max_batch_requests: int = Field(
         MAX_BATCH_REQUESTS, ge=1, le=MAX_BATCH_REQUESTS, description="Most recommendations in one batch call."
     )
+    max_batch_total_k: int = Field(
+        20_000, ge=1, description="Most items one batch call may ask for (the sum of its k; bounds its work)."
+    )
     max_events: int = Field(MAX_EVENTS, ge=1, le=MAX_EVENTS, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_concurrency: int = Field(512, ge=1, description="Requests in flight before new ones get 503.")

@@ -410,3 +410,26 @@ def test_deleted_items_in_client_histories_and_exclude_are_skipped(client):
     # ids that never existed are still an error (a typo must not silently give other recommendations)
     _error(client.post("/v1/recommend", json={"history": [ids[0], "never-was"]}), 422, "unknown_items")
     _error(client.post(f"/v1/users/{user}/events", json={"item_ids": ["gone-1"]}), 422, "unknown_items")
+
+
+def test_batch_total_work_is_bounded(client):
+    """256 requests x k=1000 (each within limits) took 5.4 s and stalled /healthz for 2.8 s: the sum of k of a
+    batch is bounded (MISSREC_MAX_BATCH_TOTAL_K)."""
+    big = {"requests": [{"history": ["B00O47ILVA"], "k": 1000}] * 256}
+    err = _error(client.post("/v1/recommend/batch", json=big), 422, "batch_too_large")
+    assert err["details"] == {"total_k": 256_000, "max_batch_total_k": 20_000}
+    ok = client.post("/v1/recommend/batch", json={"requests": [{"history": ["B00O47ILVA"], "k": 1000}] * 20})
+    assert ok.status_code == 200 and [len(r["items"]) for r in ok.json()["results"]] == [1000] * 20
+
+
+def test_schema_invalid_sub_requests_get_per_item_errors(client):
+    r = client.post(
+        "/v1/recommend/batch",
+        json={"requests": [{"history": ["B00O47ILVA"], "k": 2}, {"history": ["B00O47ILVA"], "k": 0}, {"k": 3}]},
+    )
+    assert r.status_code == 200, r.text
+    first, second, third = r.json()["results"]
+    assert len(first["items"]) == 2
+    assert second["error"]["code"] == third["error"]["code"] == "invalid_input"
+    assert second["error"]["details"]["errors"][0]["loc"] == ["k"]
+    _error(client.post("/v1/recommend/batch", json={"requests": []}), 422, "invalid_input")  # the envelope still

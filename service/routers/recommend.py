@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from service import usecases
 from service.deps import JSONBody, StateDep
-from service.errors import ServiceError, error_body
+from service.errors import InvalidInput, ServiceError, error_body
 from service.recommender import Recommendation
 from service.schemas import (
     BatchRecommendRequest,
     BatchRecommendResponse,
     ErrorResponse,
     Explanation,
+    InvalidSubRequest,
     RecommendedItem,
     RecommendRequest,
     RecommendResponse,
@@ -49,20 +51,38 @@ async def recommend(body: RecommendRequest, state: StateDep) -> RecommendRespons
     return to_response(*await usecases.recommend(state, body))
 
 
-@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS, dependencies=[JSONBody])
-async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> BatchRecommendResponse:
-    """Many recommendations in one call; each result is a response or an error of the usual shape."""
-    if len(body.requests) > state.settings.max_batch_requests:
-        raise ServiceError(
-            f"at most {state.settings.max_batch_requests} requests per batch", code="too_many_requests_in_batch"
-        )
-    outcomes = await asyncio.gather(*(usecases.recommend(state, r) for r in body.requests), return_exceptions=True)
+async def _invalid(sub: InvalidSubRequest) -> Any:
+    raise InvalidInput("request does not match the schema", {"errors": sub.errors})
+
+
+def _render_batch(outcomes: list[Any]) -> bytes:
+    """Response models and JSON of a batch (up to max_batch_total_k items): run in a worker thread."""
     results: list[RecommendResponse | ErrorResponse] = []
     for outcome in outcomes:
         if isinstance(outcome, ServiceError):
             results.append(ErrorResponse.model_validate(error_body(outcome.code, outcome.message, outcome.details)))
-        elif isinstance(outcome, BaseException):
-            raise outcome
         else:
             results.append(to_response(*outcome))
-    return BatchRecommendResponse(results=results)
+    return BatchRecommendResponse(results=results).model_dump_json().encode()
+
+
+@router.post("/recommend/batch", response_model=BatchRecommendResponse, responses=ERRORS, dependencies=[JSONBody])
+async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> Response:
+    """Many recommendations in one call; each result is a response or an error of the usual shape (a
+    schema-invalid entry included). The sum of k is bounded by MISSREC_MAX_BATCH_TOTAL_K."""
+    limits = state.settings
+    if len(body.requests) > limits.max_batch_requests:
+        raise ServiceError(f"at most {limits.max_batch_requests} requests per batch", code="too_many_requests_in_batch")
+    total_k = sum(min(r.k, limits.max_k) for r in body.requests if isinstance(r, RecommendRequest))
+    if total_k > limits.max_batch_total_k:
+        raise InvalidInput(
+            f"the batch asks for {total_k} items in all (sum of k), at most {limits.max_batch_total_k}",
+            {"total_k": total_k, "max_batch_total_k": limits.max_batch_total_k},
+            code="batch_too_large",
+        )
+    calls = [usecases.recommend(state, r) if isinstance(r, RecommendRequest) else _invalid(r) for r in body.requests]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
+            raise outcome
+    return Response(await asyncio.to_thread(_render_batch, outcomes), media_type="application/json")
