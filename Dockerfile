@@ -21,6 +21,7 @@ COPY serving_core ./serving_core
 COPY missrec_cli ./missrec_cli
 COPY service ./service
 COPY loadtest ./loadtest
+COPY harness ./harness
 RUN python -m build --wheel --outdir /wheels
 
 # ---------------------------------------------------------------------------------------------------------------

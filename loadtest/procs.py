@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,12 @@ from pathlib import Path
 import httpx
 import psutil
 
+from harness.launch import free_port
+
+__all__ = ["free_port"]  # re-exported: the load tests' launchers use the harness's
+
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_cpus(text: str | None) -> list[int] | None:

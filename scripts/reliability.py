@@ -12,7 +12,6 @@ var/reliability/), a redis-server of its own (AOF, appendfsync always), the real
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import uuid
@@ -21,18 +20,8 @@ from typing import Annotated
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the scenario code lives next to the tests that run it CI-sized
-
-from tests.reliability_helpers import (  # noqa: E402
-    SHARED,
-    RedisServer,
-    ServiceProcess,
-    bundle_ids,
-    run_outage,
-    script_artefacts,
-    service_env,
-)
+from harness.launch import ROOT, SHARED, RedisServer, ServiceProcess, bundle_ids, script_artefacts, service_env
+from harness.outage import run_outage
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Reliability scenarios at full size: fuzz, outage, durability."
@@ -52,8 +41,8 @@ def fuzz(
     failures: Annotated[int, typer.Option(help="How many findings to print in full.")] = 10,
 ) -> None:
     """Schemathesis over every operation of the OpenAPI schema, positive and negative cases."""
-    from tests.fuzzing import run_fuzz
-    from tests.service_helpers import make_app
+    from harness.fuzz import run_fuzz
+    from harness.launch import make_app
 
     bundle, clip = script_artefacts()
     work = _workdir("fuzz")
@@ -118,7 +107,7 @@ def durability(
     stream: Annotated[float, typer.Option(help="Seconds of writes before each SIGKILL (at least).")] = 5.0,
 ) -> None:
     """SIGKILL the service (and, every other round, Redis) during a stream of writes; restart; check every write."""
-    from tests.durability import run_durability
+    from harness.durability import run_durability
 
     bundle, clip = script_artefacts()
     modes = tuple("service" if r % 2 == 0 else "service+redis" for r in range(rounds))

@@ -35,14 +35,6 @@ def abo_dir() -> Path:
 
 
 # ----- Redis: the machine's server when one answers on 127.0.0.1:6379, else an embedded one we start -------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
     """URL of a real Redis server. Tests isolate themselves with unique key prefixes (never FLUSHALL)."""
@@ -57,9 +49,10 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         return
     except (redis.ConnectionError, redis.TimeoutError):
         pass
+    from harness.launch import free_port
     from service.embedded_redis import EmbeddedRedis
 
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=_free_port())
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port())
     server.start()
     try:
         yield server.url

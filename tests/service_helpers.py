@@ -1,42 +1,14 @@
-"""Helpers for service tests: app construction and ABO sample products."""
+"""Helpers for service tests: the harness's app and ABO products, and the bundle's own brute-force top-k."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import numpy as np
 
-from service.app import create_app
-from service.settings import Settings
+from harness.launch import abo_products, make_app
 
-
-def make_app(bundle: Path, redis_url: str, key_prefix: str, tiny_clip: tuple[str, str], tmp: Path, **extra):
-    settings = Settings(
-        bundle=bundle,
-        redis_url=redis_url,
-        key_prefix=key_prefix,
-        clip_model=tiny_clip[0],
-        clip_pretrained=tiny_clip[1],
-        data_dir=tmp,
-        **({"max_wait_ms": 1.0} | extra),
-    )
-    return create_app(settings)
-
-
-def abo_products(abo_dir: Path) -> list[dict]:
-    """The real ABO sample products: id (ASIN folder), text ("name. style. brand."), sorted photo paths."""
-    products = []
-    for folder in sorted(p for p in abo_dir.iterdir() if p.is_dir()):
-        meta = ast.literal_eval((folder / "metadata.txt").read_text(encoding="utf-8"))
-
-        def first(field: str, meta: dict = meta) -> str:
-            raw = meta.get(field, "")
-            return raw.split("value=", 1)[1].split("}", 1)[0] if "value=" in raw else ""
-
-        text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
-        products.append({"id": folder.name, "text": text + ".", "images": sorted(folder.glob("*.jpg"))})
-    return products
+__all__ = ["abo_products", "make_app", "offline_topk"]
 
 
 def offline_topk(bundle: Path, history_rows: list[int], k: int, exclude: set[int]) -> tuple[list[int], np.ndarray]:

@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aredis
 from fastapi.testclient import TestClient
 
+from harness.launch import ROOT, free_port
 from service.replication import StartupRefused
 from service.store import ItemRecord, Store
 from serving_core.bundle import FORMAT_VERSION, BundleWriter, read_manifest
-from tests.reliability_helpers import ROOT, free_port
 from tests.service_helpers import make_app
 
 

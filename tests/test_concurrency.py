@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.reliability_helpers import InProcessServer, bundle_ids
+from harness.launch import InProcessServer, bundle_ids
 from tests.service_helpers import abo_products, make_app
 
 TASKS, CALLS, PER_CALL = 8, 10, 3

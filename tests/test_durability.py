@@ -5,7 +5,7 @@ nothing, and the restarted index matches Redis. (CI-sized: `scripts/reliability.
 
 from __future__ import annotations
 
-from tests.durability import run_durability
+from harness.durability import run_durability
 
 KINDS = ("events", "ingest", "delete")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
+from harness.fuzz import run_fuzz
+from harness.launch import bundle_ids
 from service.schemas import ErrorResponse
-from tests.fuzzing import run_fuzz
-from tests.reliability_helpers import bundle_ids
 from tests.service_helpers import make_app
 
 EXAMPLES = 25  # per operation and generation mode: about 400 requests

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("missrec", "missrec_cli", "model_export", "index_builder", "serving_core", "service", "loadtest")
+PACKAGES = ("missrec", "missrec_cli", "model_export", "index_builder", "serving_core", "service", "loadtest", "harness")
 SERVING = ("service", "serving_core", "index_builder", "model_export", "missrec_cli")
 
 pytestmark = pytest.mark.oracle

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability_helpers import InProcessServer, RedisServer, bundle_ids, run_outage
+from harness.launch import InProcessServer, RedisServer, bundle_ids
+from harness.outage import run_outage
 from tests.service_helpers import make_app
 
 

@@ -10,7 +10,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.reliability_helpers import RedisServer
+from harness.launch import RedisServer
 from tests.service_helpers import make_app
 
 WAIT_S = 15.0

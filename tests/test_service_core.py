@@ -13,11 +13,11 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 import service.metrics
+from harness.launch import InProcessServer, bundle_ids, free_port
 from service.embedded_redis import EmbeddedRedis
 from service.serving_model import ServingModel
 from service.settings import Settings
 from service.store import ItemRecord
-from tests.reliability_helpers import InProcessServer, bundle_ids, free_port
 from tests.service_helpers import abo_products, make_app
 
 

@@ -24,7 +24,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from tests.reliability_helpers import is_error_body
+from harness.launch import is_error_body
 
 CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance]
 ID_FIELDS = ("history", "item_ids", "exclude")

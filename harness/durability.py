@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aredis
 
+from harness.launch import RedisServer, ServiceProcess, abo_products, bundle_ids, service_env
 from service.store import Store
-from tests.reliability_helpers import RedisServer, ServiceProcess, bundle_ids, service_env
 
 API_KEY = "durability-" + uuid.uuid4().hex
 
@@ -91,7 +91,6 @@ class DurabilityReport:
 
 
 def _photos(abo_dir: Path) -> list[tuple[str, bytes]]:
-    from tests.service_helpers import abo_products
 
     return [(p["text"], image.read_bytes()) for p in abo_products(abo_dir) for image in p["images"]]
 
