@@ -234,8 +234,6 @@ class InProcessServer:
         self.thread.join(30)
 
 
-
-
 # ----- the service in this process --------------------------------------------------------------------------------
 def make_app(bundle: Path, redis_url: str, key_prefix: str, tiny_clip: tuple[str, str], tmp: Path, **extra: Any):
     """The service app on ``bundle`` (ingestion with the given open_clip model and checkpoint), 1 ms linger."""

@@ -23,7 +23,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving_core.bundle import Bundle, BundleError, Graph, ItemTable, Manifest, read_bundle
+from serving_core.bundle import (
+    ITEM_TOWER,
+    ITEM_VECTOR,
+    USER_TOWER,
+    Bundle,
+    BundleError,
+    Graph,
+    ItemTable,
+    Manifest,
+    read_bundle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,21 @@ def cluster_output(modality: str) -> str:
 def item_tower_outputs(modalities: tuple[str, ...]) -> list[str]:
     """Item-tower output names, in graph order, for a model with ``modalities``."""
     return [ITEM_TOKENS, *modalities, *(cluster_output(m) for m in modalities)]
+
+
+def tower_graphs(modalities: tuple[str, ...], inner_product: bool = False) -> dict[str, Graph]:
+    """manifest.graphs of a bundle: MISSRec's interface, or an inner_product tower's (user tower on tokens and
+    lengths only; item tower -> the token and the item vector ``item``)."""
+    inputs = tuple(feature_input(m) for m in modalities)
+    if inner_product:
+        return {
+            "user": Graph(USER_TOWER, PLAIN_USER_INPUTS, (USER_OUTPUT,)),
+            "item": Graph(ITEM_TOWER, inputs, (ITEM_TOKENS, ITEM_VECTOR)),
+        }
+    return {
+        "user": Graph(USER_TOWER, USER_INPUTS, (USER_OUTPUT,)),
+        "item": Graph(ITEM_TOWER, inputs, tuple(item_tower_outputs(modalities))),
+    }
 
 
 class TowerError(ValueError):

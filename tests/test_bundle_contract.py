@@ -15,7 +15,6 @@ from serving_core.bundle import (
     BundleError,
     BundleWriter,
     Dims,
-    Graph,
     ItemTable,
     Manifest,
     Scorer,
@@ -23,6 +22,7 @@ from serving_core.bundle import (
     read_manifest,
     static_vectors,
 )
+from serving_core.towers import tower_graphs
 
 pytestmark = pytest.mark.oracle
 
@@ -47,10 +47,7 @@ def _inner_product_bundle(root, blocks=BLOCKS):
         model={"hidden": D},
         dims=Dims(hidden=D, token=T, features={"text": 6, "image": 5}),
         scorer=Scorer(INNER_PRODUCT, ("text", "image"), blocks=blocks),
-        graphs={
-            "user": Graph("user_tower.onnx", ("tokens", "lengths"), ("user",)),
-            "item": Graph("item_tower.onnx", ("text_features", "image_features"), ("tokens", "item")),
-        },
+        graphs=tower_graphs(("text", "image"), inner_product=True),
         num_items=N,
         num_interests=0,
         max_len=20,

@@ -20,12 +20,12 @@ from serving_core.bundle import (
     Block,
     BundleWriter,
     Dims,
-    Graph,
     ItemTable,
     Manifest,
     Scorer,
     creation_info,
 )
+from serving_core.towers import tower_graphs
 from tests.service_helpers import abo_products, make_app
 
 # the legacy exporter is enough for these two small graphs (no attention: nothing length-specific to bake in; the
@@ -101,10 +101,7 @@ def bundle(tmp_path_factory):
             model={"token": T, "hidden": 2 * D},
             dims=Dims(hidden=2 * D, token=T, features={"text": F_DIM, "image": F_DIM}),
             scorer=Scorer(INNER_PRODUCT, ("text", "image"), blocks=(Block("text", 0, D), Block("image", D, 2 * D))),
-            graphs={
-                "user": Graph("user_tower.onnx", ("tokens", "lengths"), ("user",)),
-                "item": Graph("item_tower.onnx", ("text_features", "image_features"), ("tokens", "item")),
-            },
+            graphs=tower_graphs(("text", "image"), inner_product=True),
             num_items=N,
             num_interests=0,
             max_len=20,
