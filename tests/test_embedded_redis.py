@@ -71,7 +71,7 @@ def test_service_restarts_a_killed_embedded_redis(scientific_bundle, tiny_clip, 
         item = c.post("/v1/recommend", json={"history": [], "k": 1}).json()["items"][0]["item_id"]
         for n in range(5):
             assert c.post(f"/v1/users/u{n}/events", json={"item_ids": [item]}).status_code == 200
-        killed = app.state.runtime.embedded.process.pid
+        killed = app.state.service.embedded.process.pid
         os.kill(killed, signal.SIGKILL)
         down = time.monotonic()
         while c.get("/readyz").status_code == 200 and time.monotonic() - down < 5:
