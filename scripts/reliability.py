@@ -4,6 +4,7 @@ test_durability.py); their figures are in docs/reliability.md.
     flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py fuzz [--examples 60] [--random]
     flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py outage [--mode kill|stop|both] [--outage 10]
     flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py durability [--rounds 4] [--threads 6]
+    flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py images [--vit] [--seconds 15]
 
 Every scenario uses real components: a bundle trained on the real Scientific data (built once under
 var/reliability/), a redis-server of its own (AOF, appendfsync always), the real ABO photos through open_clip
@@ -24,7 +25,9 @@ from harness.launch import ROOT, SHARED, RedisServer, ServiceProcess, bundle_ids
 from harness.outage import run_outage
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Reliability scenarios at full size: fuzz, outage, durability."
+    add_completion=False,
+    no_args_is_help=True,
+    help="Reliability scenarios at full size: fuzz, outage, durability, images.",
 )
 WORK = ROOT / "var" / "reliability"
 
@@ -123,6 +126,187 @@ def durability(
         raise typer.Exit(1)
     if report.live_items_index != report.live_items_redis:
         raise typer.Exit(1)
+
+
+# ----- adversarial images ----------------------------------------------------------------------------------------
+def _png(image, **kw) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def adversarial_images(abo: Path) -> list[tuple[str, bytes]]:
+    """(name, bytes): extreme aspect ratios, 1-bit / palette / 16-bit, animated, EXIF-rotated, huge and tiny."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    photo = sorted(abo.glob("*/*.jpg"))[0]
+    ramp = np.linspace(0, 255, 4096, dtype=np.float32)
+    images = [
+        ("real ABO photo (898x1024 JPEG)", photo.read_bytes()),
+        ("1 x 50,000 PNG", _png(Image.new("L", (1, 50_000), 128))),
+        ("50,000 x 1 PNG", _png(Image.new("L", (50_000, 1), 128))),
+        ("7 x 5,000,000 PNG (35 Mpx)", _png(Image.new("L", (7, 5_000_000), 90))),
+        ("1-bit 6,000 x 6,000 PNG", _png(Image.new("1", (6_000, 6_000), 1))),
+        ("palette + transparency 4,000 x 4,000 PNG", _png(Image.new("P", (4_000, 4_000), 3), transparency=3)),
+        (
+            "16-bit grey 4,096 x 4,096 PNG",
+            _png(Image.fromarray(np.outer(ramp, ramp).astype(np.uint16))),
+        ),
+    ]
+    frames = [Image.new("P", (512, 512), n % 200) for n in range(200)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=10, loop=0)
+    images.append(("animated GIF, 200 frames 512 x 512", gif.getvalue()))
+    with Image.open(photo) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6  # orientation: rotate 90 degrees
+        jpeg = io.BytesIO()
+        im.save(jpeg, format="JPEG", exif=exif.tobytes())
+    images.append(("EXIF-rotated JPEG (orientation 6)", jpeg.getvalue()))
+    grad = np.linspace(0, 255, 6_300, dtype=np.uint8)
+    rgba = np.dstack([np.broadcast_to(grad, (6_300, 6_300))] * 3 + [np.full((6_300, 6_300), 200, np.uint8)])
+    images.append(("huge RGBA PNG 6,300 x 6,300 (39.7 Mpx)", _png(Image.fromarray(rgba, mode="RGBA"))))
+    big = io.BytesIO()
+    Image.fromarray(rgba[..., :3]).save(big, format="JPEG", quality=80)
+    images.append(("huge JPEG 6,300 x 6,300", big.getvalue()))
+    images.append(("tiny 1 x 1 PNG", _png(Image.new("RGB", (1, 1), "red"))))
+    images.append(("bomb: 1-bit 20,000 x 20,000 PNG", _png(Image.new("1", (20_000, 20_000)))))
+    return images
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def measure_encode(encoder, data: bytes) -> tuple[float, float, str]:
+    """(peak RSS growth MiB, seconds, outcome) of one encode; the kernel's peak is reset first (clear_refs)."""
+    from missrec.clip_encoder import ImageDecodeError
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _kib("VmRSS")
+    started = time.perf_counter()
+    try:
+        encoder.encode_image(data)
+        outcome = "encoded"
+    except ImageDecodeError as exc:
+        outcome = f"rejected: {str(exc)[:60]}"
+    seconds = time.perf_counter() - started
+    return (_kib("VmHWM") - before) / 1024, seconds, outcome
+
+
+def _latencies(url: str, ids: list[str], seconds: float, threads: int = 2) -> list[float]:
+    import threading
+
+    import httpx
+
+    out: list[float] = []
+    stop = time.monotonic() + seconds
+
+    def worker(w: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            n = w
+            while time.monotonic() < stop:
+                history = [ids[(n + j) % len(ids)] for j in range(5)]
+                started = time.perf_counter()
+                r = client.post("/v1/recommend", json={"history": history, "k": 10})
+                out.append(time.perf_counter() - started)
+                assert r.status_code == 200, r.text
+                n += threads
+
+    pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return out
+
+
+def _ingest_loop(url: str, images: list[tuple[str, bytes]], stop, counts: dict[int, int], w: int) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        n = 0
+        while not stop.is_set():
+            name, data = images[(n + w) % len(images)]
+            r = client.post("/v1/items", data={"item_id": f"adv-{w}-{n}", "text": name}, files={"image": ("x", data)})
+            counts[r.status_code] = counts.get(r.status_code, 0) + 1
+            n += 1
+
+
+@app.command()
+def images(
+    vit: Annotated[bool, typer.Option(help="Also measure ViT-B-32 (random init, the same open_clip path).")] = False,
+    seconds: Annotated[float, typer.Option(help="Seconds of recommend load per phase.")] = 15.0,
+    ingesters: Annotated[int, typer.Option(help="Concurrent adversarial ingest clients.")] = 4,
+) -> None:
+    """Adversarial images: peak RSS growth and encode time each; recommend p99 alone and under adversarial ingests."""
+    import statistics
+    import threading
+
+    from missrec.clip_encoder import TINY_MODEL, ClipEncoder
+
+    abo = SHARED / "data" / "abo-samples"
+    adversarial = adversarial_images(abo)
+    models = [TINY_MODEL] + (["ViT-B-32"] if vit else [])
+    encoders = {m: ClipEncoder.random_init(m, seed=0) for m in models}
+    header = "| image | bytes | " + " | ".join(f"{m}: peak RSS +MiB, s" for m in models) + " | outcome |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    worst = {m: (0.0, 0.0) for m in models}
+    for name, data in adversarial:
+        cells, outcome = [], ""
+        for m in models:
+            measure_encode(encoders[m], data)  # first call warms caches; report the second
+            peak, secs, outcome = measure_encode(encoders[m], data)
+            worst[m] = (max(worst[m][0], peak), max(worst[m][1], secs))
+            cells.append(f"{peak:.0f}, {secs:.3f}")
+        print(f"| {name} | {len(data):,} | " + " | ".join(cells) + f" | {outcome} |", flush=True)
+    for m in models:
+        print(f"worst {m}: peak RSS +{worst[m][0]:.0f} MiB, {worst[m][1]:.3f} s")
+    del encoders
+
+    bundle, clip = script_artefacts()
+    ids = bundle_ids(bundle)[1:200]
+    work = _workdir("images")
+    redis_server = RedisServer(work / "redis").start()
+    service = ServiceProcess(
+        service_env(bundle, redis_server.url, f"img-{uuid.uuid4().hex[:6]}", clip, work), log_path=work / "service.log"
+    )
+    try:
+        print(f"service ready in {service.start():.1f} s", flush=True)
+        _latencies(service.url, ids, 3.0)  # warm-up
+        alone = _latencies(service.url, ids, seconds)
+        stop, counts = threading.Event(), {}
+        pool = [
+            threading.Thread(target=_ingest_loop, args=(service.url, adversarial[1:], stop, counts, w))
+            for w in range(ingesters)
+        ]
+        for t in pool:
+            t.start()
+        loaded = _latencies(service.url, ids, seconds)
+        stop.set()
+        for t in pool:
+            t.join(120)
+        again = _latencies(service.url, ids, seconds)
+    finally:
+        service.stop()
+        redis_server.stop()
+
+    def q(xs: list[float], p: float) -> float:
+        return statistics.quantiles(xs, n=100)[p - 1] * 1000 if len(xs) >= 100 else max(xs) * 1000
+
+    print("| recommend (2 client threads) | requests | p50 ms | p99 ms |\n|---|---|---|---|")
+    phases = (("alone", alone), (f"with {ingesters} adversarial ingest clients", loaded), ("alone again", again))
+    for label, xs in phases:
+        print(f"| {label} | {len(xs)} | {q(xs, 50):.1f} | {q(xs, 99):.1f} |")
+    print(f"adversarial ingest answers: {dict(sorted(counts.items()))}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hmac
 from typing import Annotated
+from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, Header, Request
 
-from service.errors import Unauthorized, Unavailable, UnsupportedMedia
+from service.errors import InvalidInput, Unauthorized, Unavailable, UnsupportedMedia
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -43,7 +44,18 @@ async def require_json(request: Request) -> None:
         raise UnsupportedMedia(f"send the body as application/json, not {media or 'no content type'}")
 
 
+async def require_utf8_path(request: Request) -> None:
+    """422 for a path whose percent-escapes are not UTF-8 (``%FF``): the server decodes them to U+FFFD, so
+    different ids would silently become one."""
+    raw = request.scope.get("raw_path") or request.url.path.encode()
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the id in the path is not valid UTF-8 after percent-decoding") from None
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 WriteAccess = Depends(require_api_key)
 JSONBody = Depends(require_json)
+PathUTF8 = Depends(require_utf8_path)

@@ -44,6 +44,16 @@ class UnsupportedMedia(ServiceError):
     status, code = 415, "unsupported_media_type"
 
 
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
+
+
+class Disabled(ServiceError):
+    """A feature this deployment does not offer (a permanent state: no Retry-After)."""
+
+    status, code = 501, "not_implemented"
+
+
 class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
@@ -80,6 +90,7 @@ _STATUS_CODES = {
     415: "unsupported_media_type",
     422: "invalid_input",
     429: "too_many_requests",
+    501: "not_implemented",
     503: "unavailable",
 }
 

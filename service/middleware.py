@@ -1,4 +1,4 @@
-"""ASGI middleware at the edge: body size limit (413), concurrency limit (fast 503), request metrics."""
+"""ASGI middleware at the edge: body size (413), compressed bodies (415), concurrency (fast 503), request metrics."""
 
 from __future__ import annotations
 
@@ -67,6 +67,23 @@ class _TooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+class ContentEncoding:
+    """415 for a compressed request body (``Content-Encoding`` other than identity): not decoded here, and
+    parsing it as JSON would only give a misleading 400/422."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            encoding = dict(scope.get("headers", [])).get(b"content-encoding", b"").strip().lower()
+            if encoding not in (b"", b"identity"):
+                message = f"Content-Encoding {encoding.decode('latin-1')} is not supported: send the body uncompressed"
+                await _send_error(send, 415, "unsupported_media_type", message)
+                return
+        await self.app(scope, receive, send)
 
 
 class ConcurrencyLimit:

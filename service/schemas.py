@@ -16,8 +16,15 @@ from pydantic import (
     model_validator,
 )
 
-# External ids: 1..256 characters, no control characters (unicode is fine).
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# External ids: 1..256 characters, no C0 or C1 control characters, not only blanks (unicode is fine).
+Identifier = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$",
+    ),
+]
 # The published limits (the OpenAPI schema); Settings may lower them, never raise them (refused at start-up).
 MAX_K = 1000
 MAX_HISTORY = 1000
@@ -39,10 +46,12 @@ class RecommendRequest(_Strict):
 
     user_id: Identifier | None = Field(None, examples=["u1"])
     history: list[Identifier] | None = Field(None, max_length=MAX_HISTORY, examples=[["i1", "i2"]])
-    k: int = Field(10, ge=1, le=MAX_K)
-    exclude_seen: bool = Field(True, description="Leave out the items of the history.")
+    k: int = Field(10, ge=1, le=MAX_K, strict=True)  # strict: "5" and true are errors, not 5 and 1
+    exclude_seen: bool = Field(True, strict=True, description="Leave out the items of the history.")
     exclude: list[Identifier] = Field(default_factory=list, max_length=MAX_EXCLUDE)
-    explain: bool = Field(False, description="Add text/image fusion weights and the interest cluster per item.")
+    explain: bool = Field(
+        False, strict=True, description="Add text/image fusion weights and the interest cluster per item."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RecommendRequest:
@@ -78,7 +87,9 @@ class EventsRequest(_Strict):
 
     item_ids: list[Identifier] = Field(min_length=1, max_length=MAX_EVENTS)
     timestamps: list[Annotated[float, Field(ge=0, le=1e11)]] | None = Field(
-        None, description="Unix seconds, one per item id (optional)."
+        None,
+        description="Unix seconds, one per item id (optional), stored as given. The history keeps arrival "
+        "order: a back-filled older event still counts as the most recent.",
     )
     idempotency_key: Identifier | None = Field(
         None, description="Retries with the same key are applied once (also accepted as the Idempotency-Key header)."

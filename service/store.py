@@ -32,14 +32,18 @@ from redis.asyncio import Redis
 SEP = "\x1f"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 
-# KEYS: hist, idem (or "" when no key). ARGV: max_len, ttl (0 = none), entries...
+# KEYS: hist, idem (or "" when no key). ARGV: max_len, ttl (0 = none), idem ttl, payload hash, entries...
+# Returns {1: applied now | 0: applied before | -1: the key was used for another payload, history length}.
+# (A marker of "1" was written before payload hashes were stored: it matches any payload.)
 _APPEND = """
 if KEYS[2] ~= '' then
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
-    return {0, redis.call('LLEN', KEYS[1])}
+  if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', ARGV[3]) then
+    local stored = redis.call('GET', KEYS[2])
+    local same = (stored == ARGV[4] or stored == '1') and 0 or -1
+    return {same, redis.call('LLEN', KEYS[1])}
   end
 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 4))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
 if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return {1, redis.call('LLEN', KEYS[1])}
@@ -145,6 +149,15 @@ class ItemRecord:
         return rec
 
 
+class IdempotencyConflict(Exception):
+    """An idempotency key already applied to another payload (other item ids or timestamps)."""
+
+
+def payload_hash(item_ids: list[str], timestamps: list[float] | None) -> str:
+    raw = SEP.join(item_ids) + "\x1e" + ("" if timestamps is None else ",".join(repr(float(t)) for t in timestamps))
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:32]
+
+
 class Store:
     """Async access to everything the service keeps in Redis."""
 
@@ -177,29 +190,40 @@ class Store:
     async def append_events(
         self, user_id: str, item_ids: list[str], timestamps: list[float] | None, idempotency_key: str | None = None
     ) -> tuple[int, bool]:
-        """Append interactions (oldest first) in one round trip. Returns (history length, applied now?)."""
+        """Append interactions (oldest first) in one round trip. Returns (history length, applied now?); raises
+        :class:`IdempotencyConflict` when the key was applied to another payload."""
         now = time.time()
         stamps = timestamps or [now] * len(item_ids)
         entries = [f"{float(ts)!r}{SEP}{item}" for ts, item in zip(stamps, item_ids, strict=True)]
         user = self._user(user_id)
         idem = self._idem(user, idempotency_key) if idempotency_key else ""
         applied, length = await self._append(
-            keys=[f"{user}:hist", idem], args=[self.max_len, self.ttl, IDEMPOTENCY_TTL_SECONDS, *entries]
+            keys=[f"{user}:hist", idem],
+            args=[self.max_len, self.ttl, IDEMPOTENCY_TTL_SECONDS, payload_hash(item_ids, timestamps), *entries],
         )
+        if int(applied) < 0:
+            raise IdempotencyConflict(idempotency_key)
         return int(length), bool(applied)
 
     @staticmethod
     def _idem(user: str, idempotency_key: str) -> str:
         return f"{user}:idem:{hashlib.sha1(idempotency_key.encode()).hexdigest()}"
 
-    async def applied_length(self, user_id: str, idempotency_key: str) -> int | None:
-        """The history length if an events call with this key was applied already, else None."""
+    async def applied_length(
+        self, user_id: str, idempotency_key: str, item_ids: list[str], timestamps: list[float] | None
+    ) -> int | None:
+        """The history length if an events call with this key and payload was applied already, else None;
+        :class:`IdempotencyConflict` if the key was applied to another payload."""
         user = self._user(user_id)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(self._idem(user, idempotency_key))
+            pipe.get(self._idem(user, idempotency_key))
             pipe.llen(f"{user}:hist")
-            seen, length = await pipe.execute()
-        return int(length) if seen else None
+            stored, length = await pipe.execute()
+        if stored is None:
+            return None
+        if stored not in (b"1", payload_hash(item_ids, timestamps).encode()):
+            raise IdempotencyConflict(idempotency_key)
+        return int(length)
 
     async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
         """(item ids, timestamps), oldest first."""

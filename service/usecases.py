@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 from redis.exceptions import RedisError
 
-from service.errors import InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
+from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
 from service.recommender import Query, Recommendation
 from service.schemas import RecommendRequest
 from service.state import ServiceState
-from service.store import ItemRecord
+from service.store import IdempotencyConflict, ItemRecord
 
 # A write that timed out may still run when Redis resumes (measured: a few per outage of a paused Redis).
 EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
@@ -83,12 +83,23 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
 async def append_events(
     state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
 ) -> tuple[int, bool]:
-    if key and (length := await _redis(state, state.store.applied_length(user_id, key), EVENTS_RETRY_HINT)) is not None:
-        return length, False  # a retry of an applied call: its items may have been deleted since
-    _, unknown = state.catalogue.current.rows_for(item_ids)
-    if unknown:
-        raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
-    return await _redis(state, state.store.append_events(user_id, item_ids, timestamps, key), EVENTS_RETRY_HINT)
+    store = state.store
+    try:
+        if key and (length := await store.applied_length(user_id, key, item_ids, timestamps)) is not None:
+            return length, False  # a retry of an applied call: its items may have been deleted since
+        _, unknown = state.catalogue.current.rows_for(item_ids)
+        if unknown:
+            raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
+        return await store.append_events(user_id, item_ids, timestamps, key)
+    except IdempotencyConflict:
+        raise Conflict(
+            "this idempotency key was already used for other item ids or timestamps; use a new key",
+            {"idempotency_key": key},
+            code="idempotency_key_reused",
+        ) from None
+    except RedisError as exc:
+        state.metrics.redis_errors.inc()
+        raise redis_unavailable(exc, EVENTS_RETRY_HINT) from exc
 
 
 async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[float | None]]:
@@ -109,13 +120,15 @@ def decode_base64_image(state: ServiceState, data: str) -> bytes:
 async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
     """Embed a new item (open_clip + item tower), persist it (durable before we answer), serve it at once."""
     limits = state.settings
-    if state.encoder is None:
-        raise Unavailable(state.encoder_error or "ingestion unavailable", code="ingestion_unavailable")
+    if state.encoder is None:  # permanent until restarted with other settings: 501, no Retry-After
+        raise Disabled(state.encoder_error or "ingestion unavailable", code="ingestion_disabled")
     if image is not None and len(image) > limits.max_image_bytes:
         raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
     if len(text) > limits.max_text_chars:
         raise PayloadTooLarge(f"text is longer than {limits.max_text_chars} characters")
-    if not text.strip() and image is None:
+    if not any(ch.isprintable() and not ch.isspace() for ch in text):
+        text = ""  # only NUL, controls or blanks: no text (it would be encoded as one)
+    if not text and image is None:
         raise InvalidInput("an item needs a text, an image, or both")
     from missrec.clip_encoder import ImageDecodeError
 
@@ -126,13 +139,14 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     except ImageDecodeError as exc:
         state.metrics.ingest.labels("failed").inc()
         raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
-    replaced = state.catalogue.current.row(item_id) is not None
     try:
-        await state.replicator.store_change(record, "upsert")
+        change = await state.replicator.store_change(record, "upsert")
     except RedisError as exc:
         state.metrics.redis_errors.inc()
         state.metrics.ingest.labels("failed").inc()
         raise redis_unavailable(exc) from exc
+    # Redis says whether this write found a live record: exact under concurrent writes of one id
+    replaced = change.had_live_record if change.had_live_record is not None else item_id in model.bundle_rows
     state.metrics.item_events.labels("upsert", "local").inc()
     state.metrics.ingest.labels("replaced" if replaced else "created").inc()
     return record, replaced

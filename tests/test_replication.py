@@ -16,13 +16,14 @@ from tests.service_helpers import make_app
 WAIT_S = 15.0
 
 
-def _agree(replicas: list[TestClient], check) -> None:
+def _agree(replicas: list[TestClient], check) -> float:
     """Wait until every replica is ready and ``check(client)`` holds on each (unready meanwhile is fine)."""
-    deadline = time.monotonic() + WAIT_S
+    started = time.monotonic()
+    deadline = started + WAIT_S
     while True:
         failing = [i for i, c in enumerate(replicas) if c.get("/readyz").status_code != 200 or not check(c)]
         if not failing:
-            return
+            return time.monotonic() - started
         if time.monotonic() > deadline:
             pytest.fail(f"replicas {failing} still ready-and-wrong or unready after {WAIT_S} s")
         time.sleep(0.1)
@@ -81,7 +82,8 @@ def test_acknowledged_writes_apply_after_the_version_counter_goes_back(loss, sci
                     and not _served(c, bundle_ids[0])
                 )
 
-            _agree(replicas, consistent)
+            took = _agree(replicas, consistent)
+            print(f"{loss}: both replicas ready and serving every acknowledged write {took:.2f} s after the writes")
             # and recommendations agree with it: the deleted items are never recommended
             for c in replicas:
                 items = c.post("/v1/recommend", json={"history": [], "k": 50}).json()["items"]

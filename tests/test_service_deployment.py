@@ -155,7 +155,7 @@ print(json.dumps({{"torch": "torch" in sys.modules, "a": len(a["items"]), "b": l
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"torch": False, "a": 5, "b": 5, "ingest": 503, "code": "ingestion_unavailable"}
+    assert result == {"torch": False, "a": 5, "b": 5, "ingest": 501, "code": "ingestion_disabled"}
 
 
 def test_concurrent_requests_are_micro_batched(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):

@@ -433,3 +433,80 @@ def test_schema_invalid_sub_requests_get_per_item_errors(client):
     assert second["error"]["code"] == third["error"]["code"] == "invalid_input"
     assert second["error"]["details"]["errors"][0]["loc"] == ["k"]
     _error(client.post("/v1/recommend/batch", json={"requests": []}), 422, "invalid_input")  # the envelope still
+
+
+# ----- issue 12, item 8: the smaller defects ------------------------------------------------------------------
+def test_concurrent_first_ingests_of_one_id_say_replaced_once(client):
+    import threading
+    import uuid
+
+    item = f"first-{uuid.uuid4().hex[:6]}"
+    answers: list[bool] = []
+    start = threading.Barrier(6)
+
+    def ingest() -> None:
+        start.wait()
+        r = client.post("/v1/items", json={"item_id": item, "text": "same id, six writers"})
+        assert r.status_code == 201, r.text
+        answers.append(r.json()["replaced"])
+
+    threads = [threading.Thread(target=ingest) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(answers) == [False] + [True] * 5  # Redis says which write found the id already there
+    assert client.post("/v1/items", json={"item_id": "B00O47ILVA", "text": "a bundle item"}).json()["replaced"]
+
+
+def test_idempotency_key_reused_with_another_payload_is_a_conflict(client):
+    body = {"item_ids": ["B00O47ILVA"], "idempotency_key": "reuse-1"}
+    assert client.post("/v1/users/idem-user/events", json=body).json()["appended"] == 1
+    assert client.post("/v1/users/idem-user/events", json=body).json()["duplicate"] is True
+    other = {"item_ids": ["B006ATU73A"], "idempotency_key": "reuse-1"}
+    _error(client.post("/v1/users/idem-user/events", json=other), 409, "idempotency_key_reused")
+    assert client.get("/v1/users/idem-user/history").json()["item_ids"] == ["B00O47ILVA"]
+
+
+def test_invalid_utf8_in_path_ids_is_refused(client):
+    for raw in ("%FF", "%FE", "a%C3"):
+        _error(client.post(f"/v1/users/{raw}/events", json={"item_ids": ["B00O47ILVA"]}), 422, "invalid_input")
+        _error(client.get(f"/v1/items/{raw}"), 422, "invalid_input")
+    assert client.get("/v1/users/%EF%BF%BD/history").status_code == 200  # a real U+FFFD is a valid id
+
+
+def test_location_of_dot_ids_can_be_followed(client):
+    for item in (".", ".."):
+        r = client.post("/v1/items", json={"item_id": item, "text": "a dot id"})
+        assert r.status_code == 201, r.text
+        assert r.headers["location"] == "/v1/items/" + "%2E" * len(item)
+        assert client.get(r.headers["location"]).json()["item_id"] == item
+
+
+def test_request_numbers_and_flags_are_not_coerced(client):
+    for field, value in (("k", True), ("k", "5"), ("exclude_seen", "yes"), ("explain", 1)):
+        _error(client.post("/v1/recommend", json={"history": ["B00O47ILVA"], field: value}), 422, "invalid_input")
+
+
+def test_blank_texts_and_ids_are_refused(client):
+    _error(client.post("/v1/items", json={"item_id": "nul-text", "text": "\x00\x00\x00"}), 422, "invalid_input")
+    for item in (" ", "\t", "\u00a0", "a\u0085b", "\u009f"):
+        _error(client.post("/v1/items", json={"item_id": item, "text": "t"}), 422, "invalid_input")
+
+
+def test_compressed_bodies_get_415(client):
+    import gzip
+
+    body = gzip.compress(json.dumps({"history": ["B00O47ILVA"]}).encode())
+    r = client.post(
+        "/v1/recommend", content=body, headers={"content-type": "application/json", "content-encoding": "gzip"}
+    )
+    _error(r, 415, "unsupported_media_type")
+
+
+def test_disabled_ingestion_is_501_without_retry_after(scientific_bundle, redis_url, key_prefix, tmp_path):
+    app = make_app(scientific_bundle, redis_url, key_prefix, ("ViT-B-32", None), tmp_path, warmup=False)
+    with TestClient(app) as c:
+        r = c.post("/v1/items", json={"item_id": "x", "text": "t"})
+        _error(r, 501, "ingestion_disabled")
+        assert "retry-after" not in r.headers

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service import usecases
-from service.deps import StateDep, WriteAccess
+from service.deps import PathUTF8, StateDep, WriteAccess
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.schemas import MAX_TEXT_CHARS, ErrorResponse, Identifier, ItemCreated, ItemJSONRequest, ItemResponse
 from service.state import ServiceState
@@ -21,7 +21,7 @@ from service.state import ServiceState
 router = APIRouter(prefix="/v1/items", tags=["items"])
 ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External item id.")]
 _ID = TypeAdapter(Identifier)
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 501, 503)}
 
 _FORM_FIELDS = ("item_id", "text", "image")
 _MULTIPART_SCHEMA = {
@@ -117,15 +117,17 @@ async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
     )
     # Headers are latin-1: percent-encode the id (unicode ids are valid; the raw id made a 500 after the write).
     location = f"/v1/items/{quote(item_id, safe='')}"
+    if item_id in (".", ".."):  # a literal dot segment would be removed by clients resolving the URL
+        location = "/v1/items/" + "%2E" * len(item_id)
     return JSONResponse(status_code=201, content=body.model_dump(), headers={"Location": location})
 
 
-@router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS)
+@router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS, dependencies=[PathUTF8])
 async def get_item(item_id: ItemId, state: StateDep) -> ItemResponse:
     return ItemResponse(**usecases.item_info(state, item_id))
 
 
-@router.delete("/{item_id:path}", status_code=204, responses=ERRORS, dependencies=[WriteAccess])
+@router.delete("/{item_id:path}", status_code=204, responses=ERRORS, dependencies=[WriteAccess, PathUTF8])
 async def delete_item(item_id: ItemId, state: StateDep) -> Response:
     """Remove an item (bundle or ingested) from recommendations at once, on every replica."""
     await usecases.delete_item(state, item_id)

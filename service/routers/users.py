@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Path
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from service import usecases
-from service.deps import JSONBody, StateDep, WriteAccess
+from service.deps import JSONBody, PathUTF8, StateDep, WriteAccess
 from service.schemas import ErrorResponse, EventsRequest, EventsResponse, HistoryResponse, Identifier
 
 
@@ -22,11 +22,14 @@ class _AnyId(PathConvertor):
 register_url_convertor("anyid", _AnyId())
 router = APIRouter(prefix="/v1/users", tags=["users"])
 UserId = Annotated[Identifier, Path(description="External user id.")]
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 409, 413, 415, 422, 503)}
 
 
 @router.post(
-    "/{user_id:anyid}/events", response_model=EventsResponse, responses=ERRORS, dependencies=[WriteAccess, JSONBody]
+    "/{user_id:anyid}/events",
+    response_model=EventsResponse,
+    responses=ERRORS,
+    dependencies=[WriteAccess, JSONBody, PathUTF8],
 )
 async def append_events(
     user_id: UserId,
@@ -46,7 +49,7 @@ async def append_events(
     )
 
 
-@router.get("/{user_id:anyid}/history", response_model=HistoryResponse, responses=ERRORS)
+@router.get("/{user_id:anyid}/history", response_model=HistoryResponse, responses=ERRORS, dependencies=[PathUTF8])
 async def get_history(user_id: UserId, state: StateDep) -> HistoryResponse:
     items, stamps = await usecases.history(state, user_id)
     return HistoryResponse(user_id=user_id, item_ids=items, timestamps=stamps)
