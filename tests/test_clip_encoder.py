@@ -318,7 +318,7 @@ def _peak_delta_mib(fn) -> float:
 
 
 @pytest.mark.parametrize(
-    "size", [(1, 8_000), (8_000, 1), (1, 50_000), (50_000, 1), (7, 5_000_000)], ids=lambda s: f"{s[0]}x{s[1]}"
+    "size", [(1, 8_000), (8_000, 1), (1, 50_000), (50_000, 1), (6, 5_000_000)], ids=lambda s: f"{s[0]}x{s[1]}"
 )
 def test_extreme_aspect_ratios_do_not_blow_up_preprocessing(encoder: ClipEncoder, size: tuple[int, int]) -> None:
     """A 93-byte 1 x 8,000 PNG passes the pixel check, but open_clip resizes its short side to 224 first:
