@@ -29,6 +29,16 @@ def _agree(replicas: list[TestClient], check) -> float:
         time.sleep(0.1)
 
 
+def _write(c: TestClient, method: str, path: str, **kw):
+    """A write, retried while the replica answers 503 ``not_ready`` (rebuilding: nothing acknowledged)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        r = c.request(method, path, **kw)
+        if r.status_code != 503 or r.json()["error"]["code"] != "not_ready" or time.monotonic() > deadline:
+            return r
+        time.sleep(0.05)
+
+
 def _served(c: TestClient, item_id: str) -> bool:
     return c.get(f"/v1/items/{item_id}").status_code == 200
 
@@ -65,15 +75,15 @@ def test_acknowledged_writes_apply_after_the_version_counter_goes_back(loss, sci
 
             # writes right after the loss: the counter restarts at 1, below what the replicas hold
             acked = {}
-            deleted = b.delete("/v1/items/x")  # 204, or 404 when b has already noticed that Redis lost x
+            deleted = _write(b, "DELETE", "/v1/items/x")  # 204, or 404 when b has already noticed that Redis lost x
             assert deleted.status_code in (204, 404), deleted.text
-            r = b.post("/v1/items", json={"item_id": "y", "text": "y new"})
+            r = _write(b, "POST", "/v1/items", json={"item_id": "y", "text": "y new"})
             assert r.status_code == 201, r.text
             acked["y"] = "y new"
-            r = a.post("/v1/items", json={"item_id": "z", "text": "z new"})
+            r = _write(a, "POST", "/v1/items", json={"item_id": "z", "text": "z new"})
             assert r.status_code == 201, r.text
             acked["z"] = "z new"
-            assert a.delete(f"/v1/items/{bundle_ids[0]}").status_code == 204
+            assert _write(a, "DELETE", f"/v1/items/{bundle_ids[0]}").status_code == 204
 
             def consistent(c: TestClient) -> bool:
                 return (
