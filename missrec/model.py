@@ -17,6 +17,7 @@ from missrec.config import MISSRecConfig
 from missrec.fusion import fuse_sims
 from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
 from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
+from missrec.protocol import softmax_loss
 
 
 @dataclass
@@ -227,6 +228,16 @@ class MISSRec(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
+    def training_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, gamma: float = 1e-4
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine-tuning objective parts: full-softmax logits over all items (B, N) = fused scores / tau, and
+        gamma * R (the interest-diversity regulariser, a sum over rows). The training loop masks and reduces."""
+        tables = self.item_tables()
+        u, xi, interest_pad = self.encode(items, lengths, tables)
+        logits = self.score(u, tables) / self.cfg.tau
+        return logits, gamma * interest_diversity(xi, interest_pad, self.interest_slots)
+
     def loss(
         self,
         items: torch.Tensor,
@@ -240,12 +251,8 @@ class MISSRec(nn.Module):
         The cross-entropy is averaged over ``batch_size`` rows (default: these rows) and R is a sum over rows,
         so the losses of the chunks of one batch add up to the loss of the whole batch.
         """
-        tables = self.item_tables()
-        u, xi, interest_pad = self.encode(items, lengths, tables)
-        logits = self.score(u, tables) / self.cfg.tau
-        logits[:, 0] = float("-inf")
-        ce = F.cross_entropy(logits, targets, reduction="sum") / (batch_size or targets.shape[0])
-        return ce + gamma * interest_diversity(xi, interest_pad, self.interest_slots)
+        logits, regulariser = self.training_logits(items, lengths, gamma)
+        return softmax_loss(logits, targets, batch_size) + regulariser
 
     @torch.no_grad()
     def batch_sort_keys(self, histories: torch.Tensor, chunk: int = 65536) -> torch.Tensor:

@@ -56,16 +56,20 @@ def test_training_commands_end_to_end(tmp_path):
     )
 
     out_json = tmp_path / "cmp.json"
-    _ok(["compare", "--data", str(data), "--out", str(out_json), "--epochs", "1", "--plot", str(tmp_path / "c.png")])
+    models = "missrec_inductive,sasrec,popularity,missrec_inductive_cold"
+    args = ["--data", str(data), "--out", str(out_json), "--epochs", "1", "--plot", str(tmp_path / "c.png")]
+    out = _ok(["compare", *args, "--seeds", "0", "1", "--models", models])
+    assert "vs SASRec" in out and "±" in out
     compared = json.loads(out_json.read_text())
-    assert set(compared) == {
-        "missrec_inductive",
-        "missrec_transductive",
-        "sasrec",
-        "popularity",
-        "missrec_inductive_cold",
-    }
-    assert {"test_cold", "test_warm"} <= set(compared["missrec_inductive_cold"])
+    assert compared["seeds"] == [0, 1] and compared["protocol"] == "history_excluded"
+    assert set(compared["summary"]) == {"missrec_inductive", "sasrec", "popularity", "missrec_inductive_cold"}
+    assert {"test_cold", "test_warm", "test_few", "test_history_ranked"} <= set(
+        compared["summary"]["missrec_inductive_cold"]
+    )
+    ndcg = compared["summary"]["sasrec"]["test"]["ndcg@10"]
+    assert len(ndcg["values"]) == 2 and ndcg["mean"] == sum(ndcg["values"]) / 2
+    assert set(compared["versus_sasrec"]) == {"missrec_inductive", "popularity"}
+    assert compared["versus_sasrec"]["popularity"]["verdict"] in ("ahead", "behind", "not distinguishable")
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 

@@ -1,0 +1,57 @@
+"""What the shared training loop and evaluator hide from every model: withheld items and each user's history.
+
+Two deployment rules, applied here once for every model (a model only supplies scores or logits over all items):
+
+- **Withheld (cold) items do not exist while training and validating**: they are masked out of the training
+  softmax (so no step pushes them down as negatives, and they receive no gradient) and out of the validation
+  candidates; at test time they are ranked with every other item, as an item ingested after training is.
+- **Evaluate as served**: the service leaves each user's history out of every recommendation by default
+  (``exclude_seen``), so the headline protocol removes the history items from the ranking (a target that is in
+  its own history is then a miss). ``exclude_history=False`` gives the ranked-history protocol of most papers.
+
+The padding item 0 is always banned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PROTOCOLS: tuple[str, ...] = ("history_excluded", "history_ranked")
+
+
+def banned_items(num_items: int, withheld: np.ndarray | None = None) -> torch.Tensor:
+    """(N,) bool: padding and the withheld items, the columns no model may score while training/validating."""
+    banned = torch.zeros(num_items, dtype=torch.bool)
+    if withheld is not None:
+        banned |= torch.as_tensor(np.asarray(withheld, dtype=bool))
+    banned[0] = True
+    return banned
+
+
+def mask_items(scores: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """scores (B, N) with the ``banned`` (N,) columns set to -inf (a new tensor; gradients do not reach them)."""
+    if banned is None:
+        return scores
+    return scores.masked_fill(banned.to(scores.device)[None, :], float("-inf"))
+
+
+def mask_history(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """scores (B, N) with each row's history items (B, L) (0 = padding, banned anyway) set to -inf."""
+    return scores.scatter(1, items.to(scores.device), float("-inf"))
+
+
+def softmax_loss(
+    logits: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None, banned: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full-softmax cross-entropy over the catalogue, banned columns (padding, withheld items) left out.
+
+    logits (B, N); targets (B,). Summed over rows and divided by ``batch_size`` (default: these rows), so the
+    losses of the chunks of one batch add up to the loss of the whole batch.
+    """
+    if banned is None:
+        banned = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        banned[0] = True
+    ce = F.cross_entropy(mask_items(logits, banned), targets, reduction="sum")
+    return ce / (batch_size or targets.shape[0])
