@@ -30,6 +30,13 @@ RankedHistory = Annotated[
     ),
 ]
 Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
+TrainExcludeHistory = Annotated[
+    bool,
+    typer.Option(
+        "--train-exclude-history",
+        help="Lever: leave each row's history items out of the training softmax too (default: the paper's loss).",
+    ),
+]
 ConfigFiles = Annotated[
     list[Path] | None, typer.Option("--config", help="Config JSON from `missrec tune` (repeat: one per model).")
 ]
@@ -97,6 +104,7 @@ def train(
     device: Device = "cpu",
     ranked_history: RankedHistory = False,
     config: ConfigFiles = None,
+    train_exclude_history: TrainExcludeHistory = False,
 ) -> None:
     """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
     from missrec.runs import save_run, train_missrec
@@ -115,6 +123,7 @@ def train(
         patience=patience,
         device=device,
         exclude_history=not ranked_history,
+        train_exclude_history=train_exclude_history,
         **(tuned.training if tuned else {}),
     )
     try:
@@ -138,6 +147,8 @@ def train(
             "pretrained": str(pretrained) if pretrained else None,
             "cold_fraction": cold_fraction,
             "config": tuned.to_dict() if tuned else None,
+            "protocol": "history_ranked" if ranked_history else "history_excluded",
+            "train_exclude_history": train_exclude_history,
         },
     )
     _print_metrics(
@@ -206,6 +217,7 @@ def compare(
     device: Device = "cpu",
     ranked_history: RankedHistory = False,
     config: ConfigFiles = None,
+    train_exclude_history: TrainExcludeHistory = False,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.compare import MODELS, run_compare, write_outputs
@@ -221,7 +233,14 @@ def compare(
         raise _fail(f"unknown models {sorted(set(chosen) - set(MODELS))}; choose from {', '.join(MODELS)}")
     configs = _load_configs(config)
     ds = _load(data)
-    opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, device=device, exclude_history=not ranked_history)
+    opts = TrainOptions(
+        epochs=epochs,
+        seed=seed,
+        patience=patience,
+        device=device,
+        exclude_history=not ranked_history,
+        train_exclude_history=train_exclude_history,
+    )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)
     title = f"{ds.name}: full ranking, {cmp.protocol}, seeds {' '.join(map(str, cmp.seeds))} (mean ± std)"

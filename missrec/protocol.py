@@ -37,21 +37,34 @@ def mask_items(scores: torch.Tensor, banned: torch.Tensor | None) -> torch.Tenso
     return scores.masked_fill(banned.to(scores.device)[None, :], float("-inf"))
 
 
-def mask_history(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """scores (B, N) with each row's history items (B, L) (0 = padding, banned anyway) set to -inf."""
-    return scores.scatter(1, items.to(scores.device), float("-inf"))
+def mask_history(scores: torch.Tensor, items: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """scores (B, N) with each row's history items (B, L) (0 = padding, banned anyway) set to -inf.
+
+    keep: optional (B,) item per row left unmasked (training as served: a repeated target stays learnable)."""
+    banned = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, items.to(scores.device), True)
+    if keep is not None:
+        banned.scatter_(1, keep.to(scores.device)[:, None], False)
+    return scores.masked_fill(banned, float("-inf"))
 
 
 def softmax_loss(
-    logits: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None, banned: torch.Tensor | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int | None = None,
+    banned: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-softmax cross-entropy over the catalogue, banned columns (padding, withheld items) left out.
 
-    logits (B, N); targets (B,). Summed over rows and divided by ``batch_size`` (default: these rows), so the
-    losses of the chunks of one batch add up to the loss of the whole batch.
+    logits (B, N); targets (B,). history (B, L): also leave each row's history items out of its softmax (the
+    target excepted), i.e. train as served; None = the paper's loss. Summed over rows and divided by
+    ``batch_size`` (default: these rows), so the losses of the chunks of one batch add up to the batch loss.
     """
     if banned is None:
         banned = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         banned[0] = True
-    ce = F.cross_entropy(mask_items(logits, banned), targets, reduction="sum")
+    logits = mask_items(logits, banned)
+    if history is not None:
+        logits = mask_history(logits, history, keep=targets)
+    ce = F.cross_entropy(logits, targets, reduction="sum")
     return ce / (batch_size or targets.shape[0])

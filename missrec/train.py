@@ -62,6 +62,7 @@ class TrainOptions:
     progress: bool = True
     weight_decay: float = 0.0  # Adam's L2 term; 0 = the spec
     exclude_history: bool = True  # validation (early stopping) as served; False = ranked-history protocol
+    train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
 
 
 @dataclass
@@ -85,15 +86,18 @@ def training_loss(
     targets: torch.Tensor,
     batch_size: int,
     banned: torch.Tensor | None,
+    exclude_history: bool = False,
 ) -> torch.Tensor:
-    """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out."""
+    """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
+    (and each row's history items, target excepted, when ``exclude_history``)."""
     if hasattr(model, "training_logits"):
         logits, regulariser = model.training_logits(items, lengths)
-        return softmax_loss(logits, targets, batch_size, banned) + regulariser
-    if banned is not None and bool(banned[1:].any()):
+        history = items if exclude_history else None
+        return softmax_loss(logits, targets, batch_size, banned, history) + regulariser
+    if exclude_history or (banned is not None and bool(banned[1:].any())):
         raise TypeError(
             f"{type(model).__name__} has no training_logits(): the loop cannot mask withheld items out of its "
-            "softmax, so it cannot be trained under the cold-item protocol"
+            "softmax, so it cannot be trained under the cold-item protocol (or with train_exclude_history)"
         )
     return model.loss(items, lengths, targets, batch_size=batch_size)
 
@@ -173,7 +177,13 @@ def _fit(
             batch_loss = 0.0
             for _, items, lengths, targets in chunks_of(train, batch, keys, opts.chunk_tokens):
                 loss = training_loss(
-                    model, items.to(device), lengths.to(device), targets.to(device), len(batch), banned
+                    model,
+                    items.to(device),
+                    lengths.to(device),
+                    targets.to(device),
+                    len(batch),
+                    banned,
+                    opts.train_exclude_history,
                 )
                 loss.backward()
                 batch_loss += float(loss.detach())

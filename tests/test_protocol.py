@@ -9,7 +9,7 @@ from missrec.cold import withhold_items
 from missrec.config import SASRecConfig
 from missrec.data import Interactions
 from missrec.evaluate import MISS_RANK, compute_ranks, evaluate
-from missrec.protocol import banned_items
+from missrec.protocol import banned_items, softmax_loss
 from missrec.runs import TrainingData, evaluate_run, training_data
 from missrec.train import TrainOptions, fit, training_loss
 from tests.helpers import tiny_dataset, tiny_missrec
@@ -126,3 +126,14 @@ def test_run_report_has_both_protocols_and_the_cold_views(ds):
     repeat = (ds.test.histories == ds.test.targets[:, None]).any(axis=1)
     assert (ranks["history_excluded"][repeat] == MISS_RANK).all()
     assert (ranks["history_excluded"][~repeat] <= ranks["history_ranked"][~repeat]).all()
+
+
+def test_training_as_served_leaves_history_out_of_the_softmax_but_keeps_a_repeated_target():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, 0.5], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    history = torch.tensor([[1, 3], [4, 0]])
+    targets = torch.tensor([2, 4])  # row 1 repeats its history item 4: it stays a learnable target
+    loss = softmax_loss(logits, targets, history=history)
+    row0 = -torch.log_softmax(torch.tensor([1.0, 0.5]), 0)[0]  # items 2, 4 remain
+    row1 = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0)[3]  # items 1..4 (4 kept as the target)
+    assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-6)
+    assert softmax_loss(logits, targets).item() > 0
