@@ -37,6 +37,10 @@ TrainExcludeHistory = Annotated[
         help="Lever: leave each row's history items out of the training softmax too (default: the paper's loss).",
     ),
 ]
+LrScales = Annotated[
+    list[str] | None,
+    typer.Option("--lr-scale", help="Lever: PREFIX=MULT, lr x MULT for parameters named PREFIX* (e.g. alpha=100)."),
+]
 ConfigFiles = Annotated[
     list[Path] | None, typer.Option("--config", help="Config JSON from `missrec tune` (repeat: one per model).")
 ]
@@ -59,6 +63,17 @@ def _load(data: Path):
         return load_dataset(data)
     except DatasetError as exc:
         raise _fail(str(exc)) from None
+
+
+def _lr_scales(specs: list[str] | None) -> tuple[tuple[str, float], ...]:
+    out = []
+    for spec in specs or []:
+        prefix, _, mult = spec.partition("=")
+        try:
+            out.append((prefix, float(mult)))
+        except ValueError:
+            raise _fail(f"--lr-scale wants PREFIX=MULTIPLIER, got {spec!r}") from None
+    return tuple(out)
 
 
 def _load_configs(paths: list[Path] | None) -> dict:
@@ -105,6 +120,7 @@ def train(
     ranked_history: RankedHistory = False,
     config: ConfigFiles = None,
     train_exclude_history: TrainExcludeHistory = False,
+    lr_scale: LrScales = None,
 ) -> None:
     """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
     from missrec.runs import save_run, train_missrec
@@ -124,6 +140,7 @@ def train(
         device=device,
         exclude_history=not ranked_history,
         train_exclude_history=train_exclude_history,
+        lr_scales=_lr_scales(lr_scale),
         **(tuned.training if tuned else {}),
     )
     try:
@@ -149,6 +166,7 @@ def train(
             "config": tuned.to_dict() if tuned else None,
             "protocol": "history_ranked" if ranked_history else "history_excluded",
             "train_exclude_history": train_exclude_history,
+            "lr_scales": [list(x) for x in _lr_scales(lr_scale)],
         },
     )
     _print_metrics(
@@ -218,6 +236,7 @@ def compare(
     ranked_history: RankedHistory = False,
     config: ConfigFiles = None,
     train_exclude_history: TrainExcludeHistory = False,
+    lr_scale: LrScales = None,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.compare import MODELS, run_compare, write_outputs
@@ -240,6 +259,7 @@ def compare(
         device=device,
         exclude_history=not ranked_history,
         train_exclude_history=train_exclude_history,
+        lr_scales=_lr_scales(lr_scale),
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

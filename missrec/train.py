@@ -63,6 +63,7 @@ class TrainOptions:
     weight_decay: float = 0.0  # Adam's L2 term; 0 = the spec
     exclude_history: bool = True  # validation (early stopping) as served; False = ranked-history protocol
     train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
+    lr_scales: tuple[tuple[str, float], ...] = ()  # lever: (parameter-name prefix, lr multiplier); () = paper
 
 
 @dataclass
@@ -77,6 +78,27 @@ class FitResult:
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
+    """Adam parameter groups: ``params`` at ``opts.lr``, those whose name starts with a prefix in
+    ``opts.lr_scales`` at lr * multiplier (e.g. ("alpha", 100.0): the fusion scalar learns 100x faster)."""
+    if not opts.lr_scales:
+        return [{"params": params}]
+    chosen = {id(p) for p in params}
+    scaled: dict[float, list[torch.nn.Parameter]] = {}
+    rest = []
+    for name, p in model.named_parameters():
+        if id(p) not in chosen:
+            continue
+        scale = next((m for prefix, m in opts.lr_scales if name.startswith(prefix)), None)
+        (scaled.setdefault(scale, []) if scale is not None else rest).append(p)
+    unmatched = [
+        prefix for prefix, _ in opts.lr_scales if not any(n.startswith(prefix) for n, _ in model.named_parameters())
+    ]
+    if unmatched:  # a compare trains several models: a prefix may belong to only some of them
+        log.warning("lr_scales prefixes match no parameter of %s: %s", type(model).__name__, unmatched)
+    return [{"params": rest}] + [{"params": ps, "lr": opts.lr * m} for m, ps in scaled.items()]
 
 
 def training_loss(
@@ -152,7 +174,7 @@ def _fit(
     device = torch.device(opts.device)
     model.to(device)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    optimizer = torch.optim.Adam(param_groups(model, params, opts), lr=opts.lr, weight_decay=opts.weight_decay)
     # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     rng = np.random.default_rng(opts.seed)

@@ -137,3 +137,14 @@ def test_training_as_served_leaves_history_out_of_the_softmax_but_keeps_a_repeat
     row1 = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0, 4.0]), 0)[3]  # items 1..4 (4 kept as the target)
     assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-6)
     assert softmax_loss(logits, targets).item() > 0
+
+
+def test_lr_scales_put_matching_parameters_in_their_own_group(ds):
+    from missrec.train import param_groups
+
+    model = tiny_missrec(ds)
+    params = list(model.parameters())
+    groups = param_groups(model, params, TrainOptions(lr=1e-3, lr_scales=(("alpha", 100.0),)))
+    assert len(groups) == 2 and groups[1]["params"] == [model.alpha] and groups[1]["lr"] == pytest.approx(0.1)
+    assert sum(len(g["params"]) for g in groups) == len(params)
+    assert param_groups(model, params, TrainOptions()) == [{"params": params}]
