@@ -41,6 +41,9 @@ LrScales = Annotated[
     list[str] | None,
     typer.Option("--lr-scale", help="Lever: PREFIX=MULT, lr x MULT for parameters named PREFIX* (e.g. alpha=100)."),
 ]
+FeatureNorm = Annotated[
+    str, typer.Option(help="Lever: none (the paper), center or standardize the frozen features while training.")
+]
 ConfigFiles = Annotated[
     list[Path] | None, typer.Option("--config", help="Config JSON from `missrec tune` (repeat: one per model).")
 ]
@@ -121,6 +124,7 @@ def train(
     config: ConfigFiles = None,
     train_exclude_history: TrainExcludeHistory = False,
     lr_scale: LrScales = None,
+    feature_norm: FeatureNorm = "none",
 ) -> None:
     """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
     from missrec.runs import save_run, train_missrec
@@ -133,16 +137,17 @@ def train(
         raise _fail("`train` trains MISSRec: pass a missrec config (`missrec tune --model missrec`)")
     tuned = configs.get("missrec")
     ds = _load(data)
-    opts = TrainOptions(
-        epochs=epochs,
-        seed=seed,
-        patience=patience,
-        device=device,
-        exclude_history=not ranked_history,
-        train_exclude_history=train_exclude_history,
-        lr_scales=_lr_scales(lr_scale),
-        **(tuned.training if tuned else {}),
-    )
+    run_options = {
+        "epochs": epochs,
+        "seed": seed,
+        "patience": patience,
+        "device": device,
+        "exclude_history": not ranked_history,
+        "train_exclude_history": train_exclude_history,
+        "lr_scales": _lr_scales(lr_scale),
+        "feature_norm": feature_norm,
+    }
+    opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
     try:
         run = train_missrec(
             ds,
@@ -167,6 +172,7 @@ def train(
             "protocol": "history_ranked" if ranked_history else "history_excluded",
             "train_exclude_history": train_exclude_history,
             "lr_scales": [list(x) for x in _lr_scales(lr_scale)],
+            "feature_norm": feature_norm,
         },
     )
     _print_metrics(
@@ -237,6 +243,7 @@ def compare(
     config: ConfigFiles = None,
     train_exclude_history: TrainExcludeHistory = False,
     lr_scale: LrScales = None,
+    feature_norm: FeatureNorm = "none",
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.compare import MODELS, run_compare, write_outputs
@@ -260,6 +267,7 @@ def compare(
         exclude_history=not ranked_history,
         train_exclude_history=train_exclude_history,
         lr_scales=_lr_scales(lr_scale),
+        feature_norm=feature_norm,
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

@@ -18,6 +18,7 @@ from missrec.cold import withhold_items
 from missrec.config import MISSRecConfig, Mode, SASRecConfig
 from missrec.data import Interactions, SeqDataset
 from missrec.evaluate import compute_ranks, metrics_from_ranks, protocol_name
+from missrec.levers import feature_stats, fold_into_adapters, normalised
 from missrec.model import MISSRec
 from missrec.protocol import banned_items
 from missrec.train import FitResult, TrainOptions, fit
@@ -177,14 +178,21 @@ def train_missrec(
 ) -> RunResult:
     """Fine-tune MISSRec on ``ds`` and evaluate it (see :func:`evaluate_run`; ``cold_fraction``: cold protocol).
 
-    config: architecture overrides (MISSRecConfig fields, e.g. from ``missrec tune``)."""
+    config: architecture overrides (MISSRecConfig fields, e.g. from ``missrec tune``); ``opts.feature_norm``:
+    the feature-normalisation lever of :mod:`missrec.levers` ("none" = the paper)."""
     if cold_fraction and mode != "inductive":
         raise ValueError("the cold-item protocol needs inductive mode (transductive items need a trained ID)")
     require_features(ds, f"MISSRec ({mode})")
     model = build_missrec(ds, mode, opts.seed, **(config or {}))
     params = load_pretrained(model, pretrained) if pretrained else None
     data = training_data(ds, cold_fraction, opts.seed)
+    stats = feature_stats(ds.features, None if data.known is None else data.known.numpy(), opts.feature_norm)
+    if stats is not None:
+        model.set_item_features(normalised({m: ds.features[m] for m in model.cfg.modalities}, stats))
     result = fit(model, data.train, data.valid, opts, known_items=data.known, parameters=params, name=name or mode)
+    if stats is not None:
+        fold_into_adapters(model, stats)  # back to the spec's format: adapters over raw features
+        attach_features(model, ds)
     return _finish(model, ds, data, opts, result)
 
 

@@ -64,6 +64,7 @@ class TrainOptions:
     exclude_history: bool = True  # validation (early stopping) as served; False = ranked-history protocol
     train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
     lr_scales: tuple[tuple[str, float], ...] = ()  # lever: (parameter-name prefix, lr multiplier); () = paper
+    feature_norm: str = "none"  # lever for feature-based models (missrec.levers): none (paper), center, standardize
 
 
 @dataclass

@@ -39,9 +39,9 @@ def test_tuned_config_refuses_unknown_and_dataset_sized_keys():
 
 def test_tune_writes_a_config_that_train_and_compare_accept(tmp_path):
     data = tmp_path / "data"
-    _ok(["synth", "--out", str(data), "--users", "120", "--items", "50", "--topics", "4"])
+    _ok(["synth", "--out", str(data), "--users", "80", "--items", "40", "--topics", "4"])
     cfg = tmp_path / "missrec.json"
-    out = _ok(["tune", "--model", "missrec", "--data", str(data), "--out", str(cfg), "--trials", "3", "--epochs", "2"])
+    out = _ok(["tune", "--model", "missrec", "--data", str(data), "--out", str(cfg), "--trials", "3", "--epochs", "1"])
     assert "valid ndcg@10" in out and "paper defaults" in out
     written = json.loads(cfg.read_text())
     assert written["model"] == "missrec" and written["notes"]["trials"] == 3
@@ -50,7 +50,7 @@ def test_tune_writes_a_config_that_train_and_compare_accept(tmp_path):
     _ok(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--config", str(cfg)])
     assert json.loads((run / "metrics.json").read_text())["test"]["ndcg@10"] >= 0
     sas = tmp_path / "sasrec.json"
-    _ok(["tune", "--model", "sasrec", "--data", str(data), "--out", str(sas), "--time-budget", "5", "--epochs", "2"])
+    _ok(["tune", "--model", "sasrec", "--data", str(data), "--out", str(sas), "--time-budget", "3", "--epochs", "1"])
     cmp = tmp_path / "cmp.json"
     args = ["--config", str(cfg), "--config", str(sas), "--models", "missrec_inductive,sasrec"]
     _ok(["compare", "--data", str(data), "--out", str(cmp), "--epochs", "1", *args])
