@@ -10,7 +10,7 @@ from missrec.config import SASRecConfig
 from missrec.data import Interactions
 from missrec.layers import ByteDropout, EncoderLayer, TransformerStack, key_mask
 from missrec.model import lengths_to_padding
-from missrec.protocol import softmax_loss
+from missrec.protocol import TrainingLogits, softmax_loss
 
 
 class SASRec(nn.Module):
@@ -48,15 +48,16 @@ class SASRec(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
-    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-softmax logits (B, N) and no regulariser."""
-        return self.encode(items, lengths) @ self.item_emb.weight.T, torch.zeros((), device=items.device)
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+        """Full-softmax logits (B, N) for the next items, no regulariser."""
+        return TrainingLogits(self.encode(items, lengths) @ self.item_emb.weight.T, targets)
 
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
     ) -> torch.Tensor:
         """Full-softmax cross-entropy averaged over ``batch_size`` rows (default: these rows)."""
-        return softmax_loss(self.training_logits(items, lengths)[0], targets, batch_size)
+        out = self.training_logits(items, lengths, targets)
+        return softmax_loss(out.logits, out.labels, batch_size)
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """SASRec has no per-epoch work."""

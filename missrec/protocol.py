@@ -14,11 +14,29 @@ The padding item 0 is always banned.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 PROTOCOLS: tuple[str, ...] = ("history_excluded", "history_ranked")
+
+
+@dataclass(frozen=True)
+class TrainingLogits:
+    """What a model hands the training loop for one chunk of rows; the loop masks and reduces.
+
+    logits (P, N): full-softmax logits over the catalogue, one row per prediction (P = B for next-item models;
+    masked-item models may predict several slots per row); labels (P,): the item each row should predict;
+    rows (P,) or None: the batch row each prediction belongs to (None: row p is batch row p), used to mask
+    that row's history; regulariser: a scalar already summed over the rows (0 if none).
+    """
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    regulariser: torch.Tensor | float = 0.0
+    rows: torch.Tensor | None = None
 
 
 def banned_items(num_items: int, withheld: np.ndarray | None = None) -> torch.Tensor:

@@ -3,8 +3,8 @@
 The loop, not the model, applies the deployment protocol (:mod:`missrec.protocol`): withheld items are masked out
 of the training softmax and of the validation candidates, and validation ranks as served (history excluded,
 unless ``TrainOptions.exclude_history`` is False). A model supplies ``training_logits`` (full-softmax logits over
-all items and a regulariser) and ``full_scores``; a model that only has ``loss`` still trains, but not under the
-cold protocol (the loop could not mask its softmax).
+all items, their labels and a regulariser: :class:`missrec.protocol.TrainingLogits`) and ``full_scores``; a
+model that only has ``loss`` still trains, but not under the cold protocol (the loop could not mask its softmax).
 
 Batches are bucketed: rows are shuffled, then stably sorted by a cost key (history length; for MISSRec the number
 of interest tokens), cut into batches, and the batch order is shuffled. Each batch is trimmed to its longest
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from missrec.batching import chunks_of, epoch_order, row_costs
 from missrec.data import Interactions
 from missrec.evaluate import evaluate
-from missrec.protocol import banned_items, softmax_loss
+from missrec.protocol import TrainingLogits, banned_items, softmax_loss
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 class Trainable(Protocol):
     training: bool
 
-    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) ids, (B,) lengths -> (B, N) full-softmax logits and a scalar regulariser summed over the rows."""
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+        """(B, L) ids, (B,) lengths, (B,) next items -> logits over all items, labels, regulariser."""
         ...
 
     def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
@@ -114,9 +114,11 @@ def training_loss(
     """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
     (and each row's history items, target excepted, when ``exclude_history``)."""
     if hasattr(model, "training_logits"):
-        logits, regulariser = model.training_logits(items, lengths)
-        history = items if exclude_history else None
-        return softmax_loss(logits, targets, batch_size, banned, history) + regulariser
+        out: TrainingLogits = model.training_logits(items, lengths, targets)
+        history = None
+        if exclude_history:
+            history = items if out.rows is None else items[out.rows]
+        return softmax_loss(out.logits, out.labels, batch_size, banned, history) + out.regulariser
     if exclude_history or (banned is not None and bool(banned[1:].any())):
         raise TypeError(
             f"{type(model).__name__} has no training_logits(): the loop cannot mask withheld items out of its "
