@@ -271,32 +271,7 @@ def compare(
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)
-    title = f"{ds.name}: full ranking, {cmp.protocol}, seeds {' '.join(map(str, cmp.seeds))} (mean ± std)"
-    _print_metrics(cmp.summary(), title)
-    versus = cmp.versus_reference()
-    if versus:
-        table = Table(title="test NDCG@10 vs SASRec: paired bootstrap over users (seed-averaged), 95%")
-        for col in ("model", "ndcg@10", "sasrec", "ratio", "mean diff", "95% interval", "verdict"):
-            table.add_column(col)
-        for model, v in versus.items():
-            table.add_row(
-                model,
-                f"{v['ndcg@10']:.4f}",
-                f"{v['reference_ndcg@10']:.4f}",
-                f"{v['ratio']:.3f}x",
-                f"{v['mean_diff']:+.4f}",
-                f"[{v['low']:+.4f}, {v['high']:+.4f}]",
-                v["verdict"],
-            )
-        console.print(table)
-    for s, per_model in cmp.details.items():
-        for name, d in per_model.items():
-            console.print(
-                f"seed {s} {name}: best epoch {d.get('best_epoch', '-')}, epochs run {d.get('epochs_run', '-')}, "
-                f"{d['wall_seconds']} s"
-            )
-    for name, reason in cmp.skipped.items():
-        console.print(f"[yellow]skipped {name}:[/] {reason}")
+    _print_comparison(cmp, ds.name)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -346,6 +321,52 @@ def tune(
         f"best valid ndcg@10 {result.best_value:.4f} (paper defaults, trial 0: {default}); "
         f"{len(result.trials)} trials in {result.seconds:.0f} s; wrote {out}"
     )
+
+
+def _print_comparison(cmp, name: str) -> None:
+    title = f"{name}: full ranking, {cmp.protocol}, seeds {' '.join(map(str, cmp.seeds))} (mean ± std)"
+    _print_metrics(cmp.summary(), title)
+    versus = cmp.versus_reference()
+    if versus:
+        table = Table(title="test NDCG@10 vs SASRec: paired bootstrap over users (seed-averaged), 95%")
+        for col in ("model", "ndcg@10", "sasrec", "ratio", "mean diff", "95% interval", "verdict"):
+            table.add_column(col)
+        for model, v in versus.items():
+            table.add_row(
+                model,
+                f"{v['ndcg@10']:.4f}",
+                f"{v['reference_ndcg@10']:.4f}",
+                f"{v['ratio']:.3f}x",
+                f"{v['mean_diff']:+.4f}",
+                f"[{v['low']:+.4f}, {v['high']:+.4f}]",
+                v["verdict"],
+            )
+        console.print(table)
+    for s, per_model in cmp.details.items():
+        for model, d in per_model.items():
+            console.print(
+                f"seed {s} {model}: best epoch {d.get('best_epoch', '-')}, epochs run {d.get('epochs_run', '-')}, "
+                f"{d['wall_seconds']} s"
+            )
+    for model, reason in cmp.skipped.items():
+        console.print(f"[yellow]skipped {model}:[/] {reason}")
+
+
+@app.command("merge-compare")
+def merge_compare(
+    parts: Annotated[list[Path], typer.Argument(help="compare outputs (FILE.json, next to FILE.details.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Merged metrics JSON (+ .details.json).")],
+) -> None:
+    """Merge `compare` runs of different seeds (e.g. run in parallel) into one table with paired intervals."""
+    from missrec.compare import load_comparison, merge_comparisons, write_outputs
+
+    try:
+        cmp = merge_comparisons([load_comparison(p) for p in parts])
+    except (OSError, KeyError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    written = write_outputs(out, cmp)
+    _print_comparison(cmp, "merged")
+    console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()

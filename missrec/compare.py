@@ -129,6 +129,35 @@ def run_compare(
     return result
 
 
+def load_comparison(path: Path) -> Comparison:
+    """Read back what :func:`write_outputs` wrote (FILE.json + FILE.details.json)."""
+    payload = json.loads(path.read_text())
+    details = json.loads(path.with_suffix(".details.json").read_text())
+    seeds = [int(s) for s in payload["seeds"]]
+    cmp = Comparison(protocol=payload["protocol"], seeds=seeds, skipped=dict(payload.get("skipped", {})))
+    cmp.per_seed = {int(s): m for s, m in payload["per_seed"].items()}
+    cmp.details = {int(s): d for s, d in details["per_seed"].items()}
+    cmp.test_ndcg10 = {m: [np.asarray(v) for v in vs] for m, vs in details["per_user_test_ndcg@10"].items()}
+    return cmp
+
+
+def merge_comparisons(parts: list[Comparison]) -> Comparison:
+    """One comparison from runs of different seeds (same protocol, same models, no seed twice)."""
+    first = parts[0]
+    merged = Comparison(protocol=first.protocol, seeds=[], skipped=dict(first.skipped))
+    for part in parts:
+        if part.protocol != first.protocol or set(part.models) != set(first.models):
+            raise ValueError("only comparisons of the same protocol and models can be merged")
+        if set(part.seeds) & set(merged.seeds):
+            raise ValueError(f"seed(s) {sorted(set(part.seeds) & set(merged.seeds))} appear twice")
+        merged.seeds += part.seeds
+        merged.per_seed |= part.per_seed
+        merged.details |= part.details
+        for model, vectors in part.test_ndcg10.items():
+            merged.test_ndcg10.setdefault(model, []).extend(vectors)
+    return merged
+
+
 def format_table(metrics: dict[str, Any]) -> list[list[str]]:
     """Rows [model, split, metric values...] for printing: plain values, or {"mean", "std"} as mean ± std."""
     rows = []
@@ -156,7 +185,14 @@ def write_outputs(out: Path, cmp: Comparison, plot: Path | None = None) -> list[
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     details_path = out.with_suffix(".details.json")
-    details_path.write_text(json.dumps({str(s): d for s, d in cmp.details.items()}, indent=2) + "\n")
+    details = {
+        "per_seed": {str(s): d for s, d in cmp.details.items()},
+        # what the paired intervals are computed from, so runs of separate seeds can be merged exactly
+        "per_user_test_ndcg@10": {
+            model: [np.round(v, 6).tolist() for v in per_seed] for model, per_seed in cmp.test_ndcg10.items()
+        },
+    }
+    details_path.write_text(json.dumps(details) + "\n")
     written = [out, details_path]
     if plot is not None and cmp.seeds:
         written.append(plot_curves(cmp.details[cmp.seeds[0]], plot))

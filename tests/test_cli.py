@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -71,6 +72,22 @@ def test_training_commands_end_to_end(tmp_path):
     assert set(compared["versus_sasrec"]) == {"missrec_inductive", "popularity"}
     assert compared["versus_sasrec"]["popularity"]["verdict"] in ("ahead", "behind", "not distinguishable")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+    # seeds run separately (e.g. in parallel) merge into the same table and intervals
+    from missrec.compare import Comparison, load_comparison, write_outputs
+
+    whole = load_comparison(out_json)
+    for s in whole.seeds:
+        part = Comparison(whole.protocol, [s], {s: whole.per_seed[s]}, {s: whole.details[s]})
+        part.test_ndcg10 = {m: [v[whole.seeds.index(s)]] for m, v in whole.test_ndcg10.items()}
+        write_outputs(tmp_path / f"seed{s}.json", part)
+    merged = tmp_path / "merged.json"
+    _ok(["merge-compare", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"), "--out", str(merged)])
+    again = json.loads(merged.read_text())
+    assert again["summary"] == compared["summary"] and again["seeds"] == [0, 1]
+    for model, v in compared["versus_sasrec"].items():  # per-user values are stored to 6 decimals
+        assert again["versus_sasrec"][model]["verdict"] == v["verdict"]
+        assert again["versus_sasrec"][model]["mean_diff"] == pytest.approx(v["mean_diff"], abs=1e-5)
 
 
 def test_cli_errors_are_clear(tmp_path):
