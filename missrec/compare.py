@@ -142,19 +142,33 @@ def load_comparison(path: Path) -> Comparison:
 
 
 def merge_comparisons(parts: list[Comparison]) -> Comparison:
-    """One comparison from runs of different seeds (same protocol, same models, no seed twice)."""
+    """One comparison from runs of different seeds and/or different models (run as separate processes).
+
+    Parts with the same seeds but different models are joined first; then every seed must hold the same models.
+    """
     first = parts[0]
-    merged = Comparison(protocol=first.protocol, seeds=[], skipped=dict(first.skipped))
+    merged = Comparison(protocol=first.protocol, seeds=[])
+    vectors: dict[str, dict[int, np.ndarray]] = {}
     for part in parts:
-        if part.protocol != first.protocol or set(part.models) != set(first.models):
-            raise ValueError("only comparisons of the same protocol and models can be merged")
-        if set(part.seeds) & set(merged.seeds):
-            raise ValueError(f"seed(s) {sorted(set(part.seeds) & set(merged.seeds))} appear twice")
-        merged.seeds += part.seeds
-        merged.per_seed |= part.per_seed
-        merged.details |= part.details
-        for model, vectors in part.test_ndcg10.items():
-            merged.test_ndcg10.setdefault(model, []).extend(vectors)
+        if part.protocol != first.protocol:
+            raise ValueError("only comparisons of the same protocol can be merged")
+        for seed in part.seeds:
+            have = merged.per_seed.setdefault(seed, {})
+            twice = set(have) & set(part.per_seed[seed])
+            if twice:
+                raise ValueError(f"seed {seed}: model(s) {sorted(twice)} appear twice")
+            have |= part.per_seed[seed]
+            merged.details.setdefault(seed, {}).update(part.details[seed])
+            for model in part.per_seed[seed]:
+                if model in part.test_ndcg10:
+                    vectors.setdefault(model, {})[seed] = part.test_ndcg10[model][part.seeds.index(seed)]
+        merged.skipped |= part.skipped
+    merged.seeds = sorted(merged.per_seed)
+    models = [set(merged.per_seed[s]) for s in merged.seeds]
+    if any(m != models[0] for m in models):
+        raise ValueError(f"the seeds hold different models: {[sorted(m) for m in models]}")
+    merged.per_seed = {s: merged.per_seed[s] for s in merged.seeds}
+    merged.test_ndcg10 = {m: [per[s] for s in merged.seeds] for m, per in vectors.items()}
     return merged
 
 
