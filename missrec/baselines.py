@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from missrec.config import SASRecConfig
 from missrec.data import Interactions
 from missrec.layers import ByteDropout, EncoderLayer, TransformerStack, key_mask
 from missrec.model import lengths_to_padding
+from missrec.protocol import TrainingLogits, softmax_loss
 
 
 class SASRec(nn.Module):
@@ -48,12 +48,16 @@ class SASRec(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+        """Full-softmax logits (B, N) for the next items, no regulariser."""
+        return TrainingLogits(self.encode(items, lengths) @ self.item_emb.weight.T, targets)
+
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
     ) -> torch.Tensor:
         """Full-softmax cross-entropy averaged over ``batch_size`` rows (default: these rows)."""
-        ce = F.cross_entropy(self.full_scores(items, lengths), targets, reduction="sum")
-        return ce / (batch_size or targets.shape[0])
+        out = self.training_logits(items, lengths, targets)
+        return softmax_loss(out.logits, out.labels, batch_size)
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """SASRec has no per-epoch work."""

@@ -26,6 +26,31 @@ DataDir = Annotated[Path, typer.Option("--data", help="Dataset directory in the 
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (training is deterministic for a seed).")]
 Epochs = Annotated[int, typer.Option("--epochs", help="Maximum epochs (early stopping on valid NDCG@10).")]
 Device = Annotated[str, typer.Option("--device", help="torch device: cpu, cuda, cuda:0 ...")]
+RankedHistory = Annotated[
+    bool,
+    typer.Option(
+        "--ranked-history",
+        help="Rank the user's history items too (papers' protocol). Default: excluded, as the service serves.",
+    ),
+]
+Patience = Annotated[int, typer.Option(help="Early-stopping patience in epochs.")]
+TrainExcludeHistory = Annotated[
+    bool,
+    typer.Option(
+        "--train-exclude-history",
+        help="Lever: leave each row's history items out of the training softmax too (default: the paper's loss).",
+    ),
+]
+LrScales = Annotated[
+    list[str] | None,
+    typer.Option("--lr-scale", help="Lever: PREFIX=MULT, lr x MULT for parameters named PREFIX* (e.g. alpha=100)."),
+]
+FeatureNorm = Annotated[
+    str, typer.Option(help="Lever: none (the paper), center or standardize the frozen features while training.")
+]
+ConfigFiles = Annotated[
+    list[Path] | None, typer.Option("--config", help="Config JSON from `missrec tune` (repeat: one per model).")
+]
 
 
 @app.callback()
@@ -45,6 +70,33 @@ def _load(data: Path):
         return load_dataset(data)
     except DatasetError as exc:
         raise _fail(str(exc)) from None
+
+
+def _lr_scales(specs: list[str] | None) -> tuple[tuple[str, float], ...]:
+    out = []
+    for spec in specs or []:
+        prefix, _, mult = spec.partition("=")
+        try:
+            out.append((prefix, float(mult)))
+        except ValueError:
+            raise _fail(f"--lr-scale wants PREFIX=MULTIPLIER, got {spec!r}") from None
+    return tuple(out)
+
+
+def _load_configs(paths: list[Path] | None) -> dict:
+    """family -> TunedConfig from ``--config`` files (one per model family)."""
+    from missrec.config import TunedConfig
+
+    configs = {}
+    for path in paths or []:
+        try:
+            cfg = TunedConfig.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise _fail(f"{path}: {exc}") from None
+        if cfg.model in configs:
+            raise _fail(f"two --config files for {cfg.model}")
+        configs[cfg.model] = cfg
+    return configs
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -70,8 +122,13 @@ def train(
     cold_fraction: Annotated[
         float | None, typer.Option(help="Withhold this fraction of items (cold protocol).")
     ] = None,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 10,
+    patience: Patience = 10,
     device: Device = "cpu",
+    ranked_history: RankedHistory = False,
+    config: ConfigFiles = None,
+    train_exclude_history: TrainExcludeHistory = False,
+    lr_scale: LrScales = None,
+    feature_norm: FeatureNorm = "none",
 ) -> None:
     """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
     from missrec.runs import save_run, train_missrec
@@ -79,10 +136,31 @@ def train(
 
     if mode not in ("inductive", "transductive"):
         raise _fail(f"--mode must be inductive or transductive, not {mode!r}")
+    configs = _load_configs(config)
+    if set(configs) - {"missrec"}:
+        raise _fail("`train` trains MISSRec: pass a missrec config (`missrec tune --model missrec`)")
+    tuned = configs.get("missrec")
     ds = _load(data)
-    opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, device=device)
+    run_options = {
+        "epochs": epochs,
+        "seed": seed,
+        "patience": patience,
+        "device": device,
+        "exclude_history": not ranked_history,
+        "train_exclude_history": train_exclude_history,
+        "lr_scales": _lr_scales(lr_scale),
+        "feature_norm": feature_norm,
+    }
+    opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
     try:
-        run = train_missrec(ds, opts, mode, pretrained=pretrained, cold_fraction=cold_fraction)  # type: ignore[arg-type]
+        run = train_missrec(
+            ds,
+            opts,
+            mode,  # type: ignore[arg-type]
+            pretrained=pretrained,
+            cold_fraction=cold_fraction,
+            config=tuned.architecture if tuned else None,
+        )
     except ValueError as exc:
         raise _fail(str(exc)) from None
     save_run(
@@ -94,9 +172,17 @@ def train(
             "seed": seed,
             "pretrained": str(pretrained) if pretrained else None,
             "cold_fraction": cold_fraction,
+            "config": tuned.to_dict() if tuned else None,
+            "protocol": "history_ranked" if ranked_history else "history_excluded",
+            "train_exclude_history": train_exclude_history,
+            "lr_scales": [list(x) for x in _lr_scales(lr_scale)],
+            "feature_norm": feature_norm,
         },
     )
-    _print_metrics({f"missrec_{mode}": run.metrics}, f"{ds.name}: best epoch {run.info['best_epoch']}")
+    _print_metrics(
+        {f"missrec_{mode}": run.metrics},
+        f"{ds.name}: {run.info['protocol']}, best epoch {run.info['best_epoch']}",
+    )
     console.print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
 
 
@@ -106,13 +192,14 @@ def evaluate(
     data: DataDir,
     out: Annotated[Path | None, typer.Option(help="Where to write the metrics JSON.")] = None,
     device: Device = "cpu",
+    ranked_history: RankedHistory = False,
 ) -> None:
-    """Evaluate a checkpoint on the valid and test splits (full ranking); cold/warm split if it was cold-trained."""
+    """Evaluate a checkpoint on the valid and test splits (full ranking, both protocols; cold/warm/few groups)."""
     import numpy as np
 
     from missrec.checkpoint import CheckpointError, attach_features, load_checkpoint
-    from missrec.evaluate import evaluate as run_eval
-    from missrec.runs import METRIC_KEYS
+    from missrec.runs import TrainingData, evaluate_run, training_data
+    from missrec.train import TrainOptions
 
     ds = _load(data)
     try:
@@ -121,48 +208,168 @@ def evaluate(
     except CheckpointError as exc:
         raise _fail(str(exc)) from None
     model = ckpt.model.to(device)
-    metrics: dict[str, dict[str, float]] = {}
+    training = ckpt.meta.get("training", {})
     cold_items = ckpt.meta.get("cold_items")
-    for split in ("valid", "test"):
-        rows = ds.split(split)
-        groups = None
-        if cold_items:
-            cold = np.zeros(ds.num_items, dtype=bool)
-            cold[cold_items] = True
-            groups = {"cold": cold[rows.targets], "warm": ~cold[rows.targets]}
-        result = run_eval(model, rows, device=device, groups=groups)
-        metrics[split] = {k: result["all"][k] for k in METRIC_KEYS}
-        if split == "test" and groups:
-            metrics["test_cold"] = {k: result["cold"][k] for k in METRIC_KEYS}
-            metrics["test_warm"] = {k: result["warm"][k] for k in METRIC_KEYS}
-    _print_metrics({ckpt.model_type: metrics}, f"{checkpoint} on {ds.name}")
+    if cold_items:  # the rows it was trained and validated on (the split is seeded)
+        split = training_data(ds, training.get("cold_fraction"), int(training.get("seed", 0)))
+        withheld = np.zeros(ds.num_items, dtype=bool)
+        withheld[cold_items] = True
+        if not np.array_equal(withheld, split.withheld):
+            raise _fail("the checkpoint's withheld items differ from the seeded cold split of this dataset")
+        data_used = split
+    else:
+        data_used = TrainingData(ds.train, ds.valid)
+    opts = TrainOptions(device=device, exclude_history=not ranked_history)
+    metrics, info, _ = evaluate_run(model, ds, data_used, opts)
+    _print_metrics({ckpt.model_type: metrics}, f"{checkpoint} on {ds.name} ({info['protocol']})")
     target = out or checkpoint.parent / "eval_metrics.json"
-    target.write_text(json.dumps(metrics, indent=2) + "\n")
+    target.write_text(json.dumps({**metrics, "info": info}, indent=2) + "\n")
     console.print(f"wrote {target}")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def compare(
+    ctx: typer.Context,
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", help="Metrics JSON; FILE.details.json gets curves and timings.")],
     epochs: Epochs = 300,
     seed: Seed = 0,
+    seeds: Annotated[
+        list[int] | None, typer.Option("--seeds", help="Several seeds: --seeds 0 1 2 (mean ± std, paired intervals).")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of the models (default: all that can run).")
+    ] = None,
+    patience: Patience = 10,
     plot: Annotated[Path | None, typer.Option(help="PNG of validation NDCG@10 per epoch, MISSRec vs SASRec.")] = None,
     device: Device = "cpu",
+    ranked_history: RankedHistory = False,
+    config: ConfigFiles = None,
+    train_exclude_history: TrainExcludeHistory = False,
+    lr_scale: LrScales = None,
+    feature_norm: FeatureNorm = "none",
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
-    from missrec.compare import run_compare, write_outputs
+    from missrec.compare import MODELS, run_compare, write_outputs
     from missrec.train import TrainOptions
 
+    seed_list = list(seeds or [])
+    for extra in ctx.args:  # `--seeds 0 1 2`: click hands the values after the first over as extra arguments
+        if not seeds or not extra.lstrip("-").isdigit():
+            raise _fail(f"unexpected argument {extra!r}")
+        seed_list.append(int(extra))
+    chosen = tuple(m.strip() for m in models.split(",")) if models else MODELS
+    if set(chosen) - set(MODELS):
+        raise _fail(f"unknown models {sorted(set(chosen) - set(MODELS))}; choose from {', '.join(MODELS)}")
+    configs = _load_configs(config)
     ds = _load(data)
-    metrics, details = run_compare(ds, TrainOptions(epochs=epochs, seed=seed, device=device))
-    written = write_outputs(out, metrics, details, plot)
-    _print_metrics(metrics, f"{ds.name}: full-ranking metrics (seed {seed})")
-    for name, d in details.items():
-        console.print(
-            f"{name}: best epoch {d.get('best_epoch', '-')}, epochs run {d.get('epochs_run', '-')}, "
-            f"{d['wall_seconds']} s"
-        )
+    opts = TrainOptions(
+        epochs=epochs,
+        seed=seed,
+        patience=patience,
+        device=device,
+        exclude_history=not ranked_history,
+        train_exclude_history=train_exclude_history,
+        lr_scales=_lr_scales(lr_scale),
+        feature_norm=feature_norm,
+    )
+    cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
+    written = write_outputs(out, cmp, plot)
+    _print_comparison(cmp, ds.name)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def tune(
+    model: Annotated[str, typer.Option("--model", help="missrec or sasrec.")],
+    data: DataDir,
+    out: Annotated[Path, typer.Option("--out", help="Config JSON to write (for `train` / `compare --config`).")],
+    trials: Annotated[int | None, typer.Option(help="Number of trials.")] = None,
+    time_budget: Annotated[float | None, typer.Option(help="Wall-clock budget in seconds.")] = None,
+    mode: Annotated[str, typer.Option(help="MISSRec mode: inductive or transductive.")] = "inductive",
+    epochs: Epochs = 300,
+    patience: Patience = 10,
+    seed: Seed = 0,
+    device: Device = "cpu",
+    ranked_history: RankedHistory = False,
+) -> None:
+    """Search hyper-parameters with Optuna (TPE, pruning on validation NDCG@10 per epoch); write a config JSON."""
+    from missrec.runs import MissingFeatures
+    from missrec.train import TrainOptions
+    from missrec.tune import tune as run_tune
+
+    if mode not in ("inductive", "transductive"):
+        raise _fail(f"--mode must be inductive or transductive, not {mode!r}")
+    if trials is None and time_budget is None:
+        raise _fail("give --trials N or --time-budget SECONDS")
+    ds = _load(data)
+    opts = TrainOptions(
+        epochs=epochs, seed=seed, patience=patience, device=device, exclude_history=not ranked_history, progress=False
+    )
+    try:
+        result = run_tune(ds, model, opts, trials, time_budget, mode)  # type: ignore[arg-type]
+    except (MissingFeatures, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"{model} on {ds.name}: validation NDCG@10 ({result.config.notes['protocol']})")
+    for col in ("trial", "state", "valid ndcg@10", "epochs", "s", "params"):
+        table.add_column(col)
+    for row in result.trials:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items())
+        value = f"{row.value:.4f}" if row.value is not None else "-"
+        table.add_row(str(row.number), row.state, value, str(row.epochs), f"{row.seconds:.0f}", params)
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result.config.to_dict(), indent=2) + "\n")
+    default = f"{result.default_value:.4f}" if result.default_value is not None else "pruned/cut"
+    console.print(
+        f"best valid ndcg@10 {result.best_value:.4f} (paper defaults, trial 0: {default}); "
+        f"{len(result.trials)} trials in {result.seconds:.0f} s; wrote {out}"
+    )
+
+
+def _print_comparison(cmp, name: str) -> None:
+    title = f"{name}: full ranking, {cmp.protocol}, seeds {' '.join(map(str, cmp.seeds))} (mean ± std)"
+    _print_metrics(cmp.summary(), title)
+    versus = cmp.versus_reference()
+    if versus:
+        table = Table(title="test NDCG@10 vs SASRec: paired bootstrap over users (seed-averaged), 95%")
+        for col in ("model", "ndcg@10", "sasrec", "ratio", "mean diff", "95% interval", "verdict"):
+            table.add_column(col)
+        for model, v in versus.items():
+            table.add_row(
+                model,
+                f"{v['ndcg@10']:.4f}",
+                f"{v['reference_ndcg@10']:.4f}",
+                f"{v['ratio']:.3f}x",
+                f"{v['mean_diff']:+.4f}",
+                f"[{v['low']:+.4f}, {v['high']:+.4f}]",
+                v["verdict"],
+            )
+        console.print(table)
+    for s, per_model in cmp.details.items():
+        for model, d in per_model.items():
+            console.print(
+                f"seed {s} {model}: best epoch {d.get('best_epoch', '-')}, epochs run {d.get('epochs_run', '-')}, "
+                f"{d['wall_seconds']} s"
+            )
+    for model, reason in cmp.skipped.items():
+        console.print(f"[yellow]skipped {model}:[/] {reason}")
+
+
+@app.command("merge-compare")
+def merge_compare(
+    parts: Annotated[list[Path], typer.Argument(help="compare outputs (FILE.json, next to FILE.details.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Merged metrics JSON (+ .details.json).")],
+) -> None:
+    """Merge `compare` runs of different seeds (e.g. run in parallel) into one table with paired intervals."""
+    from missrec.compare import load_comparison, merge_comparisons, write_outputs
+
+    try:
+        cmp = merge_comparisons([load_comparison(p) for p in parts])
+    except (OSError, KeyError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    written = write_outputs(out, cmp)
+    _print_comparison(cmp, "merged")
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -237,3 +444,7 @@ def prepare(
     except (PrepareError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     console.print_json(data=summary.to_dict())
+
+
+if __name__ == "__main__":  # python -m missrec.cli: the model commands (all of them: python -m missrec_cli.main)
+    app()

@@ -37,8 +37,8 @@ class MISSRecConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.text_dim < 0 or self.image_dim < 0:
             raise ValueError("feature widths must be >= 0")
-        if self.mode == "inductive" and not self.modalities:
-            raise ValueError("inductive MISSRec needs at least one modality (text_dim or image_dim > 0)")
+        if not self.modalities:
+            raise ValueError(f"{self.mode} MISSRec needs at least one modality (text_dim or image_dim > 0)")
         if self.num_items < 2:
             raise ValueError("num_items counts the padding row and must be >= 2")
         if self.hidden % self.n_heads:
@@ -82,3 +82,84 @@ class SASRecConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SASRecConfig:
         return cls(**data)
+
+
+# ----- tuned configurations and search spaces (``missrec tune`` writes, ``train`` / ``compare`` read) -------------
+FAMILIES: tuple[str, ...] = ("missrec", "sasrec")
+# TrainOptions fields a config file may set
+TRAINING_KEYS: tuple[str, ...] = ("lr", "weight_decay", "batch_size", "train_exclude_history", "feature_norm")
+DATA_KEYS: tuple[str, ...] = ("num_items", "text_dim", "image_dim", "max_len", "mode")  # sized from the dataset
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable hyper-parameter: a float range (log-scaled or not) or a list of choices.
+
+    where: "architecture" (a field of the model's config) or "training" (a TrainOptions field)."""
+
+    name: str
+    where: Literal["architecture", "training"]
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+
+# Ranges around the spec's values (lr 1e-3, dropout 0.5, tau 0.07, interest ratio 0.5, d 300, no weight decay).
+SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
+    "missrec": (
+        Param("lr", "training", 2e-4, 5e-3, log=True),
+        Param("weight_decay", "training", choices=(0.0, 1e-6, 1e-5, 1e-4)),
+        Param("dropout", "architecture", 0.1, 0.6),
+        Param("tau", "architecture", 0.03, 0.2, log=True),
+        Param("interest_ratio", "architecture", 0.02, 0.5, log=True),
+        Param("hidden", "architecture", choices=(128, 200, 300)),
+    ),
+    "sasrec": (
+        Param("lr", "training", 2e-4, 5e-3, log=True),
+        Param("weight_decay", "training", choices=(0.0, 1e-6, 1e-5, 1e-4)),
+        Param("dropout", "architecture", 0.1, 0.6),
+        Param("hidden", "architecture", choices=(64, 128, 300)),
+        Param("n_layers", "architecture", choices=(1, 2)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TunedConfig:
+    """A model family's architecture overrides and training hyper-parameters, as a JSON file.
+
+    ``{"model": "missrec", "architecture": {"tau": 0.05, ...}, "training": {"lr": 0.002, ...}}``; unknown keys
+    and dataset-sized fields (item count, feature widths, mode) are refused."""
+
+    model: str
+    architecture: dict[str, Any]
+    training: dict[str, Any]
+    notes: dict[str, Any] | None = None  # free-form provenance (trials, valid NDCG@10, budget)
+
+    def __post_init__(self) -> None:
+        if self.model not in FAMILIES:
+            raise ValueError(f"config model must be one of {FAMILIES}, got {self.model!r}")
+        arch_cls = MISSRecConfig if self.model == "missrec" else SASRecConfig
+        allowed = {f.name for f in fields(arch_cls)} - set(DATA_KEYS)
+        bad = set(self.architecture) - allowed
+        if bad:
+            raise ValueError(f"unknown or dataset-sized {self.model} architecture keys: {sorted(bad)}")
+        bad = set(self.training) - set(TRAINING_KEYS)
+        if bad:
+            raise ValueError(f"unknown training keys {sorted(bad)}; allowed: {TRAINING_KEYS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TunedConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(
+            model=data.get("model", ""),
+            architecture=dict(data.get("architecture", {})),
+            training=dict(data.get("training", {})),
+            notes=data.get("notes"),
+        )

@@ -17,6 +17,7 @@ from missrec.config import MISSRecConfig
 from missrec.fusion import item_score
 from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
 from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
+from missrec.protocol import TrainingLogits, softmax_loss
 
 
 @dataclass
@@ -255,6 +256,16 @@ class MISSRec(nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
+    def training_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, gamma: float = 1e-4
+    ) -> TrainingLogits:
+        """Fine-tuning objective parts: full-softmax logits over all items (B, N) = fused scores / tau, the
+        targets, and gamma * R (the interest-diversity regulariser, a sum over rows). The loop masks and reduces."""
+        tables = self.item_tables()
+        u, xi, interest_pad = self.encode(items, lengths, tables)
+        logits = self.score(u, tables) / self.cfg.tau
+        return TrainingLogits(logits, targets, gamma * interest_diversity(xi, interest_pad, self.interest_slots))
+
     def loss(
         self,
         items: torch.Tensor,
@@ -268,12 +279,8 @@ class MISSRec(nn.Module):
         The cross-entropy is averaged over ``batch_size`` rows (default: these rows) and R is a sum over rows,
         so the losses of the chunks of one batch add up to the loss of the whole batch.
         """
-        tables = self.item_tables()
-        u, xi, interest_pad = self.encode(items, lengths, tables)
-        logits = self.score(u, tables) / self.cfg.tau
-        logits[:, 0] = float("-inf")
-        ce = F.cross_entropy(logits, targets, reduction="sum") / (batch_size or targets.shape[0])
-        return ce + gamma * interest_diversity(xi, interest_pad, self.interest_slots)
+        out = self.training_logits(items, lengths, targets, gamma)
+        return softmax_loss(out.logits, out.labels, batch_size) + out.regulariser
 
     @torch.no_grad()
     def batch_sort_keys(self, histories: torch.Tensor, chunk: int = 65536) -> torch.Tensor:

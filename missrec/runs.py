@@ -16,14 +16,17 @@ from missrec.baselines import Popularity, SASRec, item_popularity
 from missrec.checkpoint import attach_features, dataset_info, load_checkpoint, save_checkpoint
 from missrec.cold import withhold_items
 from missrec.config import MISSRecConfig, Mode, SASRecConfig
-from missrec.data import SeqDataset
-from missrec.evaluate import evaluate
+from missrec.data import Interactions, SeqDataset
+from missrec.evaluate import compute_ranks, metrics_from_ranks, protocol_name
+from missrec.levers import feature_stats, fold_into_adapters, normalised
 from missrec.model import MISSRec
+from missrec.protocol import banned_items
 from missrec.train import FitResult, TrainOptions, fit
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
+FEW_INTERACTIONS = 2  # the few-interaction cold view: targets with 1..2 training interactions
 # Weights that transfer from pre-training; the rest (ID embeddings, clusters) are domain-specific.
 FROZEN_AFTER_PRETRAINING = ("position.", "encoder.", "decoder.")
 
@@ -35,10 +38,84 @@ class RunResult:
     fit: FitResult | None = None
     cold_items: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    test_ranks: dict[str, np.ndarray] = field(default_factory=dict)  # protocol -> (R,) test target ranks
+
+
+class MissingFeatures(ValueError):
+    """A model that needs item features was asked to train on a dataset without them."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What a model may see while training and validating (the cold protocol removes the withheld items).
+
+    withheld: (N,) bool or None; train/valid: rows without withheld items (valid: warm targets only).
+    """
+
+    train: Interactions
+    valid: Interactions
+    withheld: np.ndarray | None = None
+
+    @property
+    def known(self) -> torch.Tensor | None:
+        """(N,) bool: items that exist while training (padding excluded); None = every item."""
+        if self.withheld is None:
+            return None
+        known = ~self.withheld
+        known[0] = False
+        return torch.from_numpy(known)
+
+
+def training_data(ds: SeqDataset, cold_fraction: float | None, seed: int) -> TrainingData:
+    """The full training data, or the cold-protocol split (``cold_fraction`` of the items withheld)."""
+    if not cold_fraction:
+        return TrainingData(ds.train, ds.valid)
+    split = withhold_items(ds, cold_fraction, seed)
+    log.info(
+        "cold protocol: %d withheld items, %d/%d training rows kept, %d/%d valid rows kept",
+        split.cold.sum(),
+        len(split.train),
+        len(ds.train),
+        len(split.valid),
+        len(ds.valid),
+    )
+    return TrainingData(split.train, split.valid, split.cold)
 
 
 def _metrics_only(m: dict[str, float]) -> dict[str, float]:
     return {k: m[k] for k in METRIC_KEYS}
+
+
+def evaluate_run(
+    model: Any, ds: SeqDataset, data: TrainingData, opts: TrainOptions
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, np.ndarray]]:
+    """The same report for every model: (metrics by split, group sizes, test ranks by protocol).
+
+    valid: the validation rows the model was early-stopped on, withheld items banned from the candidates;
+    test: every item ranked (withheld ones included); both under the headline protocol (``opts``), plus
+    test under the other protocol. Target groups on test: test_few (a warm target with 1 or 2 interactions
+    in the training rows used), and under the cold protocol test_cold (withheld target) / test_warm (the rest).
+    """
+    headline = protocol_name(opts.exclude_history)
+    other = protocol_name(not opts.exclude_history)
+    banned = banned_items(ds.num_items, data.withheld) if data.withheld is not None else None
+    valid_ranks = compute_ranks(model, data.valid, opts.eval_batch_size, opts.device, banned)[headline]
+    test_ranks = compute_ranks(model, ds.test, opts.eval_batch_size, opts.device)
+    metrics = {
+        "valid": metrics_from_ranks(valid_ranks),
+        "test": metrics_from_ranks(test_ranks[headline]),
+        f"test_{other}": metrics_from_ranks(test_ranks[other]),
+    }
+    counts = item_popularity(data.train, ds.num_items)[ds.test.targets]
+    warm = np.ones(len(ds.test), dtype=bool) if data.withheld is None else ~data.withheld[ds.test.targets]
+    groups = {"few": warm & (counts >= 1) & (counts <= FEW_INTERACTIONS)}
+    if data.withheld is not None:
+        groups |= {"cold": ~warm, "warm": warm}
+    info: dict[str, Any] = {"protocol": headline, "valid_rows": len(data.valid)}
+    for group, mask in groups.items():
+        metrics[f"test_{group}"] = metrics_from_ranks(test_ranks[headline][mask])
+        info[f"test_{group}_users"] = int(mask.sum())
+    return {k: _metrics_only(v) for k, v in metrics.items()}, info, test_ranks
 
 
 def missrec_config(ds: SeqDataset, mode: Mode = "inductive", **overrides: Any) -> MISSRecConfig:
@@ -97,63 +174,59 @@ def train_missrec(
     pretrained: str | Path | None = None,
     cold_fraction: float | None = None,
     name: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Fine-tune MISSRec on ``ds`` and evaluate it (valid + test; + test_cold/test_warm under the cold protocol)."""
+    """Fine-tune MISSRec on ``ds`` and evaluate it (see :func:`evaluate_run`; ``cold_fraction``: cold protocol).
+
+    config: architecture overrides (MISSRecConfig fields, e.g. from ``missrec tune``); ``opts.feature_norm``:
+    the feature-normalisation lever of :mod:`missrec.levers` ("none" = the paper)."""
     if cold_fraction and mode != "inductive":
         raise ValueError("the cold-item protocol needs inductive mode (transductive items need a trained ID)")
-    model = build_missrec(ds, mode, opts.seed)
+    require_features(ds, f"MISSRec ({mode})")
+    model = build_missrec(ds, mode, opts.seed, **(config or {}))
     params = load_pretrained(model, pretrained) if pretrained else None
-    train_rows, valid_rows, known, cold = ds.train, ds.valid, None, None
-    if cold_fraction:
-        split = withhold_items(ds, cold_fraction, opts.seed)
-        train_rows, valid_rows, cold = split.train, split.valid, split.cold
-        known = torch.from_numpy(split.known)
-        log.info(
-            "cold protocol: %d cold items, %d/%d training rows kept, %d/%d valid rows with warm targets",
-            cold.sum(),
-            len(train_rows),
-            len(ds.train),
-            len(valid_rows),
-            len(ds.valid),
-        )
-    result = fit(model, train_rows, valid_rows, opts, known_items=known, parameters=params, name=name or mode)
-    metrics = {
-        "valid": _metrics_only(evaluate(model, valid_rows, opts.eval_batch_size, opts.device)["all"]),
-    }
-    if cold is not None:
-        groups = {"cold": cold[ds.test.targets], "warm": ~cold[ds.test.targets]}
-        test = evaluate(model, ds.test, opts.eval_batch_size, opts.device, groups)
-        metrics["test"] = _metrics_only(test["all"])
-        metrics["test_cold"] = _metrics_only(test["cold"])
-        metrics["test_warm"] = _metrics_only(test["warm"])
-        info = {"test_cold_users": test["cold"]["n"], "test_warm_users": test["warm"]["n"]}
-    else:
-        metrics["test"] = _metrics_only(evaluate(model, ds.test, opts.eval_batch_size, opts.device)["all"])
-        info = {}
-    info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), seconds=round(result.seconds, 1))
-    return RunResult(model=model, metrics=metrics, fit=result, cold_items=cold, info=info)
+    data = training_data(ds, cold_fraction, opts.seed)
+    stats = feature_stats(ds.features, None if data.known is None else data.known.numpy(), opts.feature_norm)
+    if stats is not None:
+        model.set_item_features(normalised({m: ds.features[m] for m in model.cfg.modalities}, stats))
+    result = fit(model, data.train, data.valid, opts, known_items=data.known, parameters=params, name=name or mode)
+    if stats is not None:
+        fold_into_adapters(model, stats)  # back to the spec's format: adapters over raw features
+        attach_features(model, ds)
+    return _finish(model, ds, data, opts, result)
 
 
-def train_sasrec(ds: SeqDataset, opts: TrainOptions) -> RunResult:
+def train_sasrec(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None = None) -> RunResult:
+    """Train the ID-only SASRec baseline (config: SASRecConfig overrides)."""
     torch.manual_seed(opts.seed)
-    model = SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len))
-    result = fit(model, ds.train, ds.valid, opts, name="sasrec")
-    metrics = {
-        split: _metrics_only(evaluate(model, ds.split(split), opts.eval_batch_size, opts.device)["all"])
-        for split in ("valid", "test")
-    }
-    info = {
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "seconds": round(result.seconds, 1),
-    }
-    return RunResult(model=model, metrics=metrics, fit=result, info=info)
+    model = SASRec(SASRecConfig(**({"num_items": ds.num_items, "max_len": ds.max_len} | (config or {}))))
+    data = training_data(ds, None, opts.seed)
+    result = fit(model, data.train, data.valid, opts, name="sasrec")
+    return _finish(model, ds, data, opts, result)
 
 
-def popularity(ds: SeqDataset) -> RunResult:
-    model = Popularity(item_popularity(ds.train, ds.num_items))
-    metrics = {split: _metrics_only(evaluate(model, ds.split(split))["all"]) for split in ("valid", "test")}
-    return RunResult(model=model, metrics=metrics)
+def popularity(ds: SeqDataset, opts: TrainOptions | None = None) -> RunResult:
+    """Training interaction counts, evaluated like every other model."""
+    opts = opts or TrainOptions()
+    data = training_data(ds, None, opts.seed)
+    model = Popularity(item_popularity(data.train, ds.num_items))
+    return _finish(model, ds, data, opts, None)
+
+
+def _finish(model: Any, ds: SeqDataset, data: TrainingData, opts: TrainOptions, result: FitResult | None) -> RunResult:
+    metrics, info, ranks = evaluate_run(model, ds, data, opts)
+    if result is not None:
+        info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), seconds=round(result.seconds, 1))
+    return RunResult(model=model, metrics=metrics, fit=result, cold_items=data.withheld, info=info, test_ranks=ranks)
+
+
+def require_features(ds: SeqDataset, model: str) -> None:
+    """Raise :class:`MissingFeatures` when ``ds`` has no item features (ID-only data)."""
+    if not ds.features:
+        raise MissingFeatures(
+            f"{model} needs item features (text or image: {ds.name}.feat1CLS / .feat3CLS), and dataset "
+            f"{ds.name} has none; ID-only data can train SASRec and popularity"
+        )
 
 
 def save_run(run: RunResult, ds: SeqDataset, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:

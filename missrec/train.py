@@ -1,4 +1,10 @@
-"""Fine-tuning loop shared by MISSRec and SASRec: full-softmax loss, early stopping on validation NDCG@10.
+"""Fine-tuning loop shared by every model: full-softmax loss, early stopping on validation NDCG@10.
+
+The loop, not the model, applies the deployment protocol (:mod:`missrec.protocol`): withheld items are masked out
+of the training softmax and of the validation candidates, and validation ranks as served (history excluded,
+unless ``TrainOptions.exclude_history`` is False). A model supplies ``training_logits`` (full-softmax logits over
+all items, their labels and a regulariser: :class:`missrec.protocol.TrainingLogits`) and ``full_scores``; a
+model that only has ``loss`` still trains, but not under the cold protocol (the loop could not mask its softmax).
 
 Batches are bucketed: rows are shuffled, then stably sorted by a cost key (history length; for MISSRec the number
 of interest tokens), cut into batches, and the batch order is shuffled. Each batch is trimmed to its longest
@@ -11,7 +17,7 @@ import copy
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -23,6 +29,7 @@ from tqdm.auto import tqdm
 from missrec.batching import chunks_of, epoch_order, row_costs
 from missrec.data import Interactions
 from missrec.evaluate import evaluate
+from missrec.protocol import TrainingLogits, banned_items, softmax_loss
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +37,9 @@ log = logging.getLogger(__name__)
 class Trainable(Protocol):
     training: bool
 
-    def loss(
-        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
-    ) -> torch.Tensor: ...
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+        """(B, L) ids, (B,) lengths, (B,) next items -> logits over all items, labels, regulariser."""
+        ...
 
     def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor: ...
 
@@ -53,6 +60,11 @@ class TrainOptions:
     bucket_by_length: bool = True
     chunk_tokens: int = 8192
     progress: bool = True
+    weight_decay: float = 0.0  # Adam's L2 term; 0 = the spec
+    exclude_history: bool = True  # validation (early stopping) as served; False = ranked-history protocol
+    train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
+    lr_scales: tuple[tuple[str, float], ...] = ()  # lever: (parameter-name prefix, lr multiplier); () = paper
+    feature_norm: str = "none"  # lever for feature-based models (missrec.levers): none (paper), center, standardize
 
 
 @dataclass
@@ -64,6 +76,55 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def param_groups(model: torch.nn.Module, params: list[torch.nn.Parameter], opts: TrainOptions) -> list[dict]:
+    """Adam parameter groups: ``params`` at ``opts.lr``, those whose name starts with a prefix in
+    ``opts.lr_scales`` at lr * multiplier (e.g. ("alpha", 100.0): the fusion scalar learns 100x faster)."""
+    if not opts.lr_scales:
+        return [{"params": params}]
+    chosen = {id(p) for p in params}
+    scaled: dict[float, list[torch.nn.Parameter]] = {}
+    rest = []
+    for name, p in model.named_parameters():
+        if id(p) not in chosen:
+            continue
+        scale = next((m for prefix, m in opts.lr_scales if name.startswith(prefix)), None)
+        (scaled.setdefault(scale, []) if scale is not None else rest).append(p)
+    unmatched = [
+        prefix for prefix, _ in opts.lr_scales if not any(n.startswith(prefix) for n, _ in model.named_parameters())
+    ]
+    if unmatched:  # a compare trains several models: a prefix may belong to only some of them
+        log.warning("lr_scales prefixes match no parameter of %s: %s", type(model).__name__, unmatched)
+    return [{"params": rest}] + [{"params": ps, "lr": opts.lr * m} for m, ps in scaled.items()]
+
+
+def training_loss(
+    model: Any,
+    items: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    banned: torch.Tensor | None,
+    exclude_history: bool = False,
+) -> torch.Tensor:
+    """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
+    (and each row's history items, target excepted, when ``exclude_history``)."""
+    if hasattr(model, "training_logits"):
+        out: TrainingLogits = model.training_logits(items, lengths, targets)
+        history = None
+        if exclude_history:
+            history = items if out.rows is None else items[out.rows]
+        return softmax_loss(out.logits, out.labels, batch_size, banned, history) + out.regulariser
+    if exclude_history or (banned is not None and bool(banned[1:].any())):
+        raise TypeError(
+            f"{type(model).__name__} has no training_logits(): the loop cannot mask withheld items out of its "
+            "softmax, so it cannot be trained under the cold-item protocol (or with train_exclude_history)"
+        )
+    return model.loss(items, lengths, targets, batch_size=batch_size)
 
 
 @contextmanager
@@ -89,15 +150,18 @@ def fit(
     known_items: torch.Tensor | None = None,
     parameters: list[torch.nn.Parameter] | None = None,
     name: str = "model",
+    on_epoch_end: EpochCallback | None = None,
 ) -> FitResult:
     """Train ``model`` (a :class:`Trainable`) in place; on return it holds the weights of the best epoch.
     Deterministic for a given seed (see :func:`deterministic`).
 
-    known_items: (N,) bool, items allowed to shape interest clusters (cold-item protocol); None = all.
-    parameters: what to optimise (default: everything that requires grad).
+    known_items: (N,) bool, the items that exist at training time (cold-item protocol: every other real item is
+    withheld: masked out of the softmax and the validation candidates, and kept out of the interest clusters);
+    None = all. parameters: what to optimise (default: everything that requires grad).
+    on_epoch_end(epoch, validation metrics): called after each epoch (tuning reports and prunes there).
     """
     with deterministic():
-        return _fit(model, train, valid, opts, known_items, parameters, name)
+        return _fit(model, train, valid, opts, known_items, parameters, name, on_epoch_end)
 
 
 def _fit(
@@ -108,11 +172,14 @@ def _fit(
     known_items: torch.Tensor | None,
     parameters: list[torch.nn.Parameter] | None,
     name: str,
+    on_epoch_end: EpochCallback | None,
 ) -> FitResult:
     device = torch.device(opts.device)
     model.to(device)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=opts.lr)
+    optimizer = torch.optim.Adam(param_groups(model, params, opts), lr=opts.lr, weight_decay=opts.weight_decay)
+    # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
+    banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     result = FitResult(best_epoch=-1, best_valid={})
@@ -134,16 +201,28 @@ def _fit(
             optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
             for _, items, lengths, targets in chunks_of(train, batch, keys, opts.chunk_tokens):
-                loss = model.loss(items.to(device), lengths.to(device), targets.to(device), batch_size=len(batch))
+                loss = training_loss(
+                    model,
+                    items.to(device),
+                    lengths.to(device),
+                    targets.to(device),
+                    len(batch),
+                    banned,
+                    opts.train_exclude_history,
+                )
                 loss.backward()
                 batch_loss += float(loss.detach())
             optimizer.step()
             total += batch_loss * len(batch)
             count += len(batch)
-        valid_metrics = evaluate(model, valid, opts.eval_batch_size, opts.device)["all"]
+        valid_metrics = evaluate(
+            model, valid, opts.eval_batch_size, opts.device, banned=banned, exclude_history=opts.exclude_history
+        )["all"]
         ndcg = valid_metrics["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": total / max(count, 1), **valid_metrics})
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}", ndcg10=f"{ndcg:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, valid_metrics)
         log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f", name, epoch, total / max(count, 1), ndcg)
         if ndcg > best_ndcg:
             best_ndcg, stale = ndcg, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -56,17 +57,37 @@ def test_training_commands_end_to_end(tmp_path):
     )
 
     out_json = tmp_path / "cmp.json"
-    _ok(["compare", "--data", str(data), "--out", str(out_json), "--epochs", "1", "--plot", str(tmp_path / "c.png")])
+    models = "missrec_inductive,sasrec,popularity,missrec_inductive_cold"
+    args = ["--data", str(data), "--out", str(out_json), "--epochs", "1", "--plot", str(tmp_path / "c.png")]
+    out = _ok(["compare", *args, "--seeds", "0", "1", "--models", models])
+    assert "vs SASRec" in out and "±" in out
     compared = json.loads(out_json.read_text())
-    assert set(compared) == {
-        "missrec_inductive",
-        "missrec_transductive",
-        "sasrec",
-        "popularity",
-        "missrec_inductive_cold",
-    }
-    assert {"test_cold", "test_warm"} <= set(compared["missrec_inductive_cold"])
+    assert compared["seeds"] == [0, 1] and compared["protocol"] == "history_excluded"
+    assert set(compared["summary"]) == {"missrec_inductive", "sasrec", "popularity", "missrec_inductive_cold"}
+    assert {"test_cold", "test_warm", "test_few", "test_history_ranked"} <= set(
+        compared["summary"]["missrec_inductive_cold"]
+    )
+    ndcg = compared["summary"]["sasrec"]["test"]["ndcg@10"]
+    assert len(ndcg["values"]) == 2 and ndcg["mean"] == sum(ndcg["values"]) / 2
+    assert set(compared["versus_sasrec"]) == {"missrec_inductive", "popularity"}
+    assert compared["versus_sasrec"]["popularity"]["verdict"] in ("ahead", "behind", "not distinguishable")
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+    # seeds run separately (e.g. in parallel) merge into the same table and intervals
+    from missrec.compare import Comparison, load_comparison, write_outputs
+
+    whole = load_comparison(out_json)
+    for s in whole.seeds:
+        part = Comparison(whole.protocol, [s], {s: whole.per_seed[s]}, {s: whole.details[s]})
+        part.test_ndcg10 = {m: [v[whole.seeds.index(s)]] for m, v in whole.test_ndcg10.items()}
+        write_outputs(tmp_path / f"seed{s}.json", part)
+    merged = tmp_path / "merged.json"
+    _ok(["merge-compare", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"), "--out", str(merged)])
+    again = json.loads(merged.read_text())
+    assert again["summary"] == compared["summary"] and again["seeds"] == [0, 1]
+    for model, v in compared["versus_sasrec"].items():  # per-user values are stored to 6 decimals
+        assert again["versus_sasrec"][model]["verdict"] == v["verdict"]
+        assert again["versus_sasrec"][model]["mean_diff"] == pytest.approx(v["mean_diff"], abs=1e-5)
 
 
 def test_cli_errors_are_clear(tmp_path):
