@@ -51,6 +51,8 @@ def build_index(
     device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
 ) -> None:
     """Build the FAISS index over the bundle's static item vectors (with a recall report vs exact)."""
+    import dataclasses
+
     from index_builder.build import build_index as run_build
     from serving_core.bundle import BundleError
 
@@ -60,9 +62,11 @@ def build_index(
         info = run_build(bundle, factory=factory, device=device)
     except (BundleError, RuntimeError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    console.print_json(data={k: v for k, v in info.items() if k != "recall_report"})
-    if info.get("recall_report"):
-        console.print_json(data=info["recall_report"])
+    summary = dataclasses.asdict(info)
+    report = summary["details"].pop("recall_report", None)
+    console.print_json(data=summary)
+    if report:
+        console.print_json(data=report)
 
 
 def serve(

@@ -1,0 +1,46 @@
+"""The serving commands of the ``missrec`` CLI (missrec_cli): export then build-index on a tiny SYNTHETIC model,
+the errors they print, and that the model CLI alone (missrec.cli) has none of them."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from missrec.checkpoint import save_checkpoint
+from missrec.train import TrainOptions, fit
+from missrec_cli.main import app
+from serving_core.bundle import read_bundle
+from tests.helpers import tiny_dataset, tiny_missrec
+
+
+def test_export_then_build_index(tmp_path):
+    ds = tiny_dataset(tmp_path / "data")
+    model = tiny_missrec(ds)
+    fit(model, ds.train, ds.valid, TrainOptions(epochs=1, batch_size=256, progress=False))
+    model.discover_interests(generator=torch.Generator().manual_seed(0))
+    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint.pt", model, dataset={"fingerprint": ds.fingerprint})
+    runner = CliRunner()
+    out = tmp_path / "bundle"
+    r = runner.invoke(
+        app, ["export", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "scorer missrec_fusion" in r.output
+    r = runner.invoke(app, ["build-index", "--bundle", str(out), "--factory", "IVF4,Flat", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.output[: r.output.index("}\n{") + 1])  # the index description, then the recall report
+    assert printed["factory"] == "IVF4,Flat" and printed["exact"] is False and "recall_report" not in printed["details"]
+    assert read_bundle(out).manifest.index.factory == "IVF4,Flat"
+    again = runner.invoke(
+        app, ["export", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--out", str(out)]
+    )
+    assert again.exit_code == 2 and "already exists" in again.output
+    bad = runner.invoke(app, ["build-index", "--bundle", str(out), "--device", "tpu"])
+    assert bad.exit_code == 2 and "--device must be" in bad.output
+
+
+def test_the_model_cli_has_no_serving_commands():
+    from missrec.cli import app as model_app
+
+    names = {c.name or c.callback.__name__ for c in model_app.registered_commands}
+    assert "train" in names and not names & {"export", "build-index", "serve", "quickstart"}
