@@ -37,10 +37,15 @@ async def require_api_key(
         raise Unauthorized("missing or wrong X-API-Key")
 
 
+def is_json_media(media: str) -> bool:
+    """application/json or a structured-syntax JSON type (application/*+json)."""
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def require_json(request: Request) -> None:
     """415 for a JSON-body route called with another content type (else: a misleading 'not an object' 422)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+    if not is_json_media(media):
         raise UnsupportedMedia(f"send the body as application/json, not {media or 'no content type'}")
 
 

@@ -1,4 +1,4 @@
-"""ASGI middleware at the edge: body size (413), compressed bodies (415), concurrency (fast 503), request metrics."""
+"""ASGI middleware at the edge: body size (413), compressed bodies (415), HEAD, concurrency (fast 503), metrics."""
 
 from __future__ import annotations
 
@@ -67,6 +67,28 @@ class _TooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+class HeadAsGet:
+    """HEAD on any route is its GET without the body (RFC 9110), as Starlette's own routes do; FastAPI's routes
+    would answer 405. The OpenAPI schema stays as it is (HEAD is implied by GET)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 class ContentEncoding:

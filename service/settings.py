@@ -67,6 +67,9 @@ class Settings(BaseSettings):
         1, ge=1, le=64, description="Images encoded at once (each is CPU-heavy; recommendations share the cores)."
     )
     ingest_queue: int = Field(8, ge=0, le=10_000, description="Ingests waiting for an encoder before new ones get 503.")
+    ingest_threads: int = Field(
+        1, ge=1, le=256, description="torch threads of an encode (1 leaves the other cores to recommendations)."
+    )
 
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")

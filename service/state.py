@@ -211,6 +211,9 @@ class ServiceState:
             from missrec.clip_encoder import ClipEncoder
 
             self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
+            import torch
+
+            torch.set_num_threads(s.ingest_threads)  # an encode must not take every core from the recommend path
             expected = self.catalogue.current.model.feature_dim_expected()
             if self.encoder.dim != expected:
                 raise ValueError(

@@ -510,3 +510,32 @@ def test_disabled_ingestion_is_501_without_retry_after(scientific_bundle, redis_
         r = c.post("/v1/items", json={"item_id": "x", "text": "t"})
         _error(r, 501, "ingestion_disabled")
         assert "retry-after" not in r.headers
+
+
+def test_head_on_get_routes_is_get_without_a_body(client):
+    for path in ("/healthz", "/readyz", "/v1/items/B00O47ILVA", "/v1/users/someone/history"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-length"] == got.headers["content-length"]
+    missing = client.head("/v1/items/does-not-exist")
+    assert missing.status_code == 404 and missing.content == b""
+    assert client.head("/v1/recommend").status_code == 405  # a POST route has no GET to answer with
+
+
+def test_json_ingest_reads_its_body_like_the_other_json_routes(client):
+    """+json media types and a UTF-8 BOM are accepted as on the other JSON routes, and errors have their shape."""
+    body = json.dumps({"item_id": "bom-item", "text": "blue circle"}).encode()
+    r = client.post("/v1/items", content=b"\xef\xbb\xbf" + body, headers={"content-type": "application/json"})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/items", content=body, headers={"content-type": "application/vnd.item+json"})
+    assert r.status_code == 201, r.text
+    recommend_bom = client.post(
+        "/v1/recommend", content=b"\xef\xbb\xbf" + json.dumps({"history": ["bom-item"]}).encode(),
+        headers={"content-type": "application/json"},
+    )  # fmt: skip
+    assert recommend_bom.status_code == 200, recommend_bom.text
+    ingest = _error(client.post("/v1/items", json={"item_id": "x", "text": 5}), 422, "invalid_input")
+    other = _error(client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": "x"}), 422, "invalid_input")
+    assert ingest["message"] == other["message"]
+    (i,), (o,) = ingest["details"]["errors"], other["details"]["errors"]
+    assert set(i) == set(o) == {"loc", "msg", "type"} and i["loc"][0] == o["loc"][0] == "body"

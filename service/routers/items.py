@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Annotated
 from urllib.parse import quote
 
@@ -13,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service import usecases
-from service.deps import PathUTF8, StateDep, WriteAccess
+from service.deps import PathUTF8, StateDep, WriteAccess, is_json_media
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.schemas import MAX_TEXT_CHARS, ErrorResponse, Identifier, ItemCreated, ItemJSONRequest, ItemResponse
 from service.state import ServiceState
@@ -76,10 +77,14 @@ async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, s
 
 
 async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, bytes | None]:
+    """As the other JSON routes read theirs: a UTF-8 BOM is accepted, errors have the same shape."""
+    raw = await request.body()
     try:
-        body = ItemJSONRequest.model_validate_json(await request.body())
+        body = ItemJSONRequest.model_validate_json(raw.removeprefix(codecs.BOM_UTF8))
     except ValidationError as exc:
-        problems = [{"loc": [str(p) for p in e["loc"]], "msg": e["msg"]} for e in exc.errors()]
+        problems = [
+            {"loc": ["body", *(str(p) for p in e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
+        ]
         raise InvalidInput("request does not match the schema", {"errors": problems}) from None
     image = usecases.decode_base64_image(state, body.image_base64) if body.image_base64 else None
     return body.item_id, body.text, image
@@ -99,7 +104,7 @@ async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
         item_id, text, image = await _read_multipart(request, state)
-    elif content_type == "application/json":
+    elif is_json_media(content_type):
         item_id, text, image = await _read_json(request, state)
     else:
         raise UnsupportedMedia("send multipart/form-data (item_id, text, image file) or application/json")
