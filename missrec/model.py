@@ -16,7 +16,7 @@ from torch import nn
 from missrec.config import MISSRecConfig
 from missrec.fusion import fuse_sims
 from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
-from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
+from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
 
 
 @dataclass
@@ -31,12 +31,6 @@ class ItemTables:
     tokens: torch.Tensor
     normed: dict[str, torch.Tensor]
     ids: torch.Tensor | None
-
-
-def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool mask, True at padded positions (left-aligned sequences)."""
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions[None, :] >= lengths[:, None]
 
 
 def interest_diversity(xi: torch.Tensor, interest_pad: torch.Tensor, n_slots: int) -> torch.Tensor:

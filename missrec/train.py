@@ -53,6 +53,10 @@ class TrainOptions:
     bucket_by_length: bool = True
     chunk_tokens: int = 8192
     progress: bool = True
+    # Optimiser details some models' recipes set (MSM4SR: clip 5; MMSRec: AdamW, weight decay 0.01, clip 1).
+    weight_decay: float = 0.0
+    decoupled_weight_decay: bool = False  # True: AdamW
+    grad_clip: float | None = None  # max global gradient norm
 
 
 @dataclass
@@ -112,7 +116,11 @@ def _fit(
     device = torch.device(opts.device)
     model.to(device)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=opts.lr)
+    optimizer: torch.optim.Optimizer
+    if opts.decoupled_weight_decay:
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=opts.lr, weight_decay=opts.weight_decay)
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     result = FitResult(best_epoch=-1, best_valid={})
@@ -137,6 +145,8 @@ def _fit(
                 loss = model.loss(items.to(device), lengths.to(device), targets.to(device), batch_size=len(batch))
                 loss.backward()
                 batch_loss += float(loss.detach())
+            if opts.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             optimizer.step()
             total += batch_loss * len(batch)
             count += len(batch)
