@@ -1,4 +1,5 @@
-"""The ``missrec`` command line: train, evaluate, compare, pretrain, synth, prepare, quickstart."""
+"""The ``missrec`` command line: train (missrec, msm4sr, mmsrec, sasrec), evaluate, compare, pretrain, synth,
+prepare, quickstart."""
 
 from __future__ import annotations
 
@@ -55,30 +56,58 @@ def _print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
 
 
+MODEL_CHOICES = ("missrec", "msm4sr", "mmsrec", "sasrec")
+
+
 @app.command()
 def train(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoint.pt and metrics.json.")],
-    mode: Annotated[str, typer.Option(help="inductive (no IDs) or transductive (IDs).")] = "inductive",
+    model: Annotated[str, typer.Option(help="missrec, msm4sr, mmsrec or sasrec.")] = "missrec",
+    mode: Annotated[
+        str, typer.Option(help="inductive (no IDs) or transductive (IDs); missrec and msm4sr only.")
+    ] = "inductive",
     epochs: Epochs = 300,
+    pretrain_epochs: Annotated[
+        int | None,
+        typer.Option(help="msm4sr / mmsrec pre-training epochs before fine-tuning (0: none; default 20 / 0)."),
+    ] = None,
     seed: Seed = 0,
-    pretrained: Annotated[Path | None, typer.Option(help="Pre-trained checkpoint to fine-tune from.")] = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Pre-trained MISSRec checkpoint to fine-tune from.")] = None,
     cold_fraction: Annotated[
         float | None, typer.Option(help="Withhold this fraction of items (cold protocol).")
     ] = None,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 10,
     device: Device = "cpu",
 ) -> None:
-    """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
-    from missrec.runs import save_run, train_missrec
+    """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
+    NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
+    from missrec.runs import save_run, train_missrec, train_sasrec
+    from missrec.seed_runs import train_mmsrec, train_msm4sr
     from missrec.train import TrainOptions
 
+    if model not in MODEL_CHOICES:
+        raise _fail(f"--model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
     if mode not in ("inductive", "transductive"):
         raise _fail(f"--mode must be inductive or transductive, not {mode!r}")
+    if mode != "inductive" and model not in ("missrec", "msm4sr"):
+        raise _fail(f"--mode {mode} applies to missrec and msm4sr only")
+    if pretrained and model != "missrec":
+        raise _fail("--pretrained is a MISSRec checkpoint; msm4sr and mmsrec pre-train with --pretrain-epochs")
+    if cold_fraction and model == "sasrec":
+        raise _fail("the cold-item protocol needs a model that scores items from features (not sasrec)")
     ds = _load(data)
     opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, device=device)
     try:
-        run = train_missrec(ds, opts, mode, pretrained=pretrained, cold_fraction=cold_fraction)  # type: ignore[arg-type]
+        if model == "missrec":
+            run = train_missrec(ds, opts, mode, pretrained=pretrained, cold_fraction=cold_fraction)  # type: ignore[arg-type]
+        elif model == "msm4sr":
+            pre = 20 if pretrain_epochs is None else pretrain_epochs
+            run = train_msm4sr(ds, opts, mode, pre, cold_fraction)  # type: ignore[arg-type]
+        elif model == "mmsrec":
+            run = train_mmsrec(ds, opts, pretrain_epochs or 0, cold_fraction)
+        else:
+            run = train_sasrec(ds, opts)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     save_run(
@@ -86,13 +115,16 @@ def train(
         ds,
         out,
         {
+            "model": model,
             "mode": mode,
             "seed": seed,
             "pretrained": str(pretrained) if pretrained else None,
+            "pretrain_epochs": pretrain_epochs,
             "cold_fraction": cold_fraction,
         },
     )
-    _print_metrics({f"missrec_{mode}": run.metrics}, f"{ds.name}: best epoch {run.info['best_epoch']}")
+    label = model if model in ("sasrec", "mmsrec") else f"{model}_{mode}"
+    _print_metrics({label: run.metrics}, f"{ds.name}: best epoch {run.info['best_epoch']}")
     console.print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
 
 
@@ -238,3 +270,7 @@ def prepare(
 from service.cli import register  # noqa: E402  (serving commands live with the service)
 
 register(app)
+
+
+if __name__ == "__main__":
+    app()

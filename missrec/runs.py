@@ -1,9 +1,11 @@
-"""Training recipes used by the CLI: fine-tune MISSRec (optionally from a pre-trained checkpoint, optionally
-under the cold-item protocol), train SASRec, score popularity, and the side-by-side comparison."""
+"""Training recipes used by the CLI: one path (:func:`train_model`) that pre-trains where the model has it,
+fine-tunes, and evaluates any model, optionally under the cold-item protocol; MISSRec (optionally from a pre-trained
+checkpoint) and SASRec recipes, popularity, and saving a run. MSM4SR and MMSRec recipes: :mod:`missrec.seed_runs`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from missrec.baselines import Popularity, SASRec, item_popularity
 from missrec.checkpoint import attach_features, dataset_info, load_checkpoint, save_checkpoint
 from missrec.cold import withhold_items
 from missrec.config import MISSRecConfig, Mode, SASRecConfig
-from missrec.data import SeqDataset
+from missrec.data import Interactions, SeqDataset
 from missrec.evaluate import evaluate
 from missrec.model import MISSRec
 from missrec.train import FitResult, TrainOptions, fit
@@ -90,19 +92,21 @@ def load_pretrained(model: MISSRec, path: str | Path) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def train_missrec(
+PretrainHook = Callable[[nn.Module, Interactions, Interactions, torch.Tensor | None], dict[str, Any]]
+
+
+def train_model(
     ds: SeqDataset,
+    model: nn.Module,
     opts: TrainOptions,
-    mode: Mode = "inductive",
-    pretrained: str | Path | None = None,
+    name: str,
     cold_fraction: float | None = None,
-    name: str | None = None,
+    parameters: list[nn.Parameter] | None = None,
+    pretrain: PretrainHook | None = None,
 ) -> RunResult:
-    """Fine-tune MISSRec on ``ds`` and evaluate it (valid + test; + test_cold/test_warm under the cold protocol)."""
-    if cold_fraction and mode != "inductive":
-        raise ValueError("the cold-item protocol needs inductive mode (transductive items need a trained ID)")
-    model = build_missrec(ds, mode, opts.seed)
-    params = load_pretrained(model, pretrained) if pretrained else None
+    """The one training and evaluation path of every model: optional pre-training (on the same training rows),
+    fine-tuning with early stopping on validation NDCG@10, then valid + test metrics (+ test_cold/test_warm under
+    the cold-item protocol, which withholds ``cold_fraction`` of the items from every stage of training)."""
     train_rows, valid_rows, known, cold = ds.train, ds.valid, None, None
     if cold_fraction:
         split = withhold_items(ds, cold_fraction, opts.seed)
@@ -116,7 +120,10 @@ def train_missrec(
             len(valid_rows),
             len(ds.valid),
         )
-    result = fit(model, train_rows, valid_rows, opts, known_items=known, parameters=params, name=name or mode)
+    info: dict[str, Any] = {}
+    if pretrain is not None:
+        info["pretraining"] = pretrain(model, train_rows, valid_rows, known)
+    result = fit(model, train_rows, valid_rows, opts, known_items=known, parameters=parameters, name=name)
     metrics = {
         "valid": _metrics_only(evaluate(model, valid_rows, opts.eval_batch_size, opts.device)["all"]),
     }
@@ -126,28 +133,33 @@ def train_missrec(
         metrics["test"] = _metrics_only(test["all"])
         metrics["test_cold"] = _metrics_only(test["cold"])
         metrics["test_warm"] = _metrics_only(test["warm"])
-        info = {"test_cold_users": test["cold"]["n"], "test_warm_users": test["warm"]["n"]}
+        info.update(test_cold_users=test["cold"]["n"], test_warm_users=test["warm"]["n"])
     else:
         metrics["test"] = _metrics_only(evaluate(model, ds.test, opts.eval_batch_size, opts.device)["all"])
-        info = {}
     info.update(best_epoch=result.best_epoch, epochs_run=len(result.history), seconds=round(result.seconds, 1))
     return RunResult(model=model, metrics=metrics, fit=result, cold_items=cold, info=info)
+
+
+def train_missrec(
+    ds: SeqDataset,
+    opts: TrainOptions,
+    mode: Mode = "inductive",
+    pretrained: str | Path | None = None,
+    cold_fraction: float | None = None,
+    name: str | None = None,
+) -> RunResult:
+    """Fine-tune MISSRec on ``ds`` and evaluate it (valid + test; + test_cold/test_warm under the cold protocol)."""
+    if cold_fraction and mode != "inductive":
+        raise ValueError("the cold-item protocol needs inductive mode (transductive items need a trained ID)")
+    model = build_missrec(ds, mode, opts.seed)
+    params = load_pretrained(model, pretrained) if pretrained else None
+    return train_model(ds, model, opts, name or mode, cold_fraction, parameters=params)
 
 
 def train_sasrec(ds: SeqDataset, opts: TrainOptions) -> RunResult:
     torch.manual_seed(opts.seed)
     model = SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len))
-    result = fit(model, ds.train, ds.valid, opts, name="sasrec")
-    metrics = {
-        split: _metrics_only(evaluate(model, ds.split(split), opts.eval_batch_size, opts.device)["all"])
-        for split in ("valid", "test")
-    }
-    info = {
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "seconds": round(result.seconds, 1),
-    }
-    return RunResult(model=model, metrics=metrics, fit=result, info=info)
+    return train_model(ds, model, opts, "sasrec")
 
 
 def popularity(ds: SeqDataset) -> RunResult:
