@@ -1,4 +1,5 @@
-"""Side-by-side comparison on one split: MISSRec (inductive, transductive, cold-item protocol), SASRec, popularity."""
+"""Side-by-side comparison on one split: MISSRec (inductive, transductive), MSM4SR, MMSRec, SASRec, popularity, and
+each inductive model under the cold-item protocol."""
 
 from __future__ import annotations
 
@@ -16,19 +17,39 @@ from missrec.train import TrainOptions
 log = logging.getLogger(__name__)
 
 COLD_FRACTION = 0.15
-MODELS = ("missrec_inductive", "missrec_transductive", "sasrec", "popularity", "missrec_inductive_cold")
+MODELS = (
+    "missrec_inductive",
+    "missrec_transductive",
+    "msm4sr_inductive",
+    "mmsrec",
+    "sasrec",
+    "popularity",
+    "missrec_inductive_cold",
+    "msm4sr_inductive_cold",
+    "mmsrec_cold",
+)
+MSM4SR_PRETRAIN_EPOCHS = 20  # at most; early stopping on validation NDCG@10 as in fine-tuning
 
 
 def run_compare(ds: SeqDataset, opts: TrainOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate every model. Returns (metrics shaped {model: {split: {metric: value}}}, details)."""
+    from missrec.seed_runs import train_mmsrec, train_msm4sr
+
+    pre = min(MSM4SR_PRETRAIN_EPOCHS, opts.epochs)
     recipes = {
         "missrec_inductive": lambda: train_missrec(ds, opts, "inductive", name="missrec_inductive"),
         "missrec_transductive": lambda: train_missrec(ds, opts, "transductive", name="missrec_transductive"),
+        "msm4sr_inductive": lambda: train_msm4sr(ds, opts, "inductive", pre, name="msm4sr_inductive"),
+        "mmsrec": lambda: train_mmsrec(ds, opts, name="mmsrec"),
         "sasrec": lambda: train_sasrec(ds, opts),
         "popularity": lambda: popularity(ds),
         "missrec_inductive_cold": lambda: train_missrec(
             ds, replace(opts), "inductive", cold_fraction=COLD_FRACTION, name="missrec_inductive_cold"
         ),
+        "msm4sr_inductive_cold": lambda: train_msm4sr(
+            ds, opts, "inductive", pre, cold_fraction=COLD_FRACTION, name="msm4sr_inductive_cold"
+        ),
+        "mmsrec_cold": lambda: train_mmsrec(ds, opts, cold_fraction=COLD_FRACTION, name="mmsrec_cold"),
     }
     metrics: dict[str, Any] = {}
     details: dict[str, Any] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,3 +200,29 @@ class CausalEncoder(nn.Module):
         h = self.blocks(x, allowed)  # (B, L, D)
         last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
         return h.gather(1, last).squeeze(1)
+
+
+class ItemFeatureBuffers:
+    """Raw item features as non-persistent buffers ``<modality>_features`` (data, not weights) on an nn.Module
+    whose ``cfg`` has ``num_items``, ``modalities`` and ``feature_dim``. Call :meth:`_register_feature_buffers`
+    in ``__init__``."""
+
+    cfg: Any
+
+    def _register_feature_buffers(self) -> None:
+        for m in self.cfg.modalities:
+            self.register_buffer(  # type: ignore[attr-defined]
+                f"{m}_features", torch.zeros(self.cfg.num_items, self.cfg.feature_dim(m)), persistent=False
+            )
+
+    def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Attach raw item features: modality -> (num_items, width) float32, row 0 padding."""
+        for m in self.cfg.modalities:
+            feat, current = features[m], getattr(self, f"{m}_features")
+            if feat.shape != current.shape:
+                raise ValueError(f"{m} features are {tuple(feat.shape)}, expected {tuple(current.shape)}")
+            setattr(self, f"{m}_features", feat.to(current.device, torch.float32))
+
+    def features(self) -> dict[str, torch.Tensor]:
+        """The attached item features: modality -> (N, width)."""
+        return {m: getattr(self, f"{m}_features") for m in self.cfg.modalities}

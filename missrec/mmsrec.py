@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.config import MMSRecConfig
-from missrec.layers import ByteDropout, EncoderLayer, TransformerStack, key_mask
+from missrec.layers import ByteDropout, EncoderLayer, ItemFeatureBuffers, TransformerStack, key_mask
 
 # What masked-item fine-tuning does at a masked slot.
 MASK, RANDOM, KEEP = 0, 1, 2
@@ -51,7 +51,7 @@ def right_align(items: torch.Tensor, lengths: torch.Tensor, slots: int) -> torch
     return torch.where(offset >= 0, items.gather(1, src), torch.zeros_like(src))
 
 
-class MMSRec(nn.Module):
+class MMSRec(ItemFeatureBuffers, nn.Module):
     def __init__(self, cfg: MMSRecConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -80,18 +80,6 @@ class MMSRec(nn.Module):
         return self.cfg.hidden
 
     # ----- tokens and the shared encoder -----------------------------------------------------------------
-    def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Attach raw item features: modality -> (num_items, width) float32, row 0 padding."""
-        for m in self.cfg.modalities:
-            feat = features[m]
-            expected = (self.cfg.num_items, self.cfg.feature_dim(m))
-            if tuple(feat.shape) != expected:
-                raise ValueError(f"{m} features are {tuple(feat.shape)}, expected {expected}")
-            setattr(self, f"{m}_features", feat.to(self.position.weight.device, torch.float32))
-
-    def features(self) -> dict[str, torch.Tensor]:
-        return {m: getattr(self, f"{m}_features") for m in self.cfg.modalities}
-
     def item_tokens(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw features, modality -> (..., width) -> tokens (..., M, D) = LN(Linear(x)) and valid (..., M) bool.
         A modality whose feature row is all zeros is missing: its token is masked out of attention."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from missrec.config import MSM4SRConfig
-from missrec.layers import ByteDropout, CausalEncoder
+from missrec.layers import ByteDropout, CausalEncoder, ItemFeatureBuffers
 
 
 class MoEAdapter(nn.Module):
@@ -43,7 +43,7 @@ class MoEAdapter(nn.Module):
         return (gate[..., None] * experts).sum(dim=-2)  # (..., D)
 
 
-class MSM4SR(nn.Module):
+class MSM4SR(ItemFeatureBuffers, nn.Module):
     def __init__(self, cfg: MSM4SRConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -61,8 +61,7 @@ class MSM4SR(nn.Module):
             nn.init.normal_(self.item_id.weight, std=0.02)
             with torch.no_grad():
                 self.item_id.weight[0].zero_()
-        for m in cfg.modalities:
-            self.register_buffer(f"{m}_features", torch.zeros(cfg.num_items, cfg.feature_dim(m)), persistent=False)
+        self._register_feature_buffers()
 
     @property
     def user_dim(self) -> int:
@@ -70,19 +69,6 @@ class MSM4SR(nn.Module):
         return self.cfg.hidden * len(self.cfg.modalities)
 
     # ----- item side -------------------------------------------------------------------------------------
-    def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
-        """Attach raw item features: modality -> (num_items, width) float32, row 0 padding."""
-        for m in self.cfg.modalities:
-            feat = features[m]
-            expected = (self.cfg.num_items, self.cfg.feature_dim(m))
-            if tuple(feat.shape) != expected:
-                raise ValueError(f"{m} features are {tuple(feat.shape)}, expected {expected}")
-            setattr(self, f"{m}_features", feat.to(self.encoder.position.weight.device, torch.float32))
-
-    def features(self) -> dict[str, torch.Tensor]:
-        """The attached item features: modality -> (N, width)."""
-        return {m: getattr(self, f"{m}_features") for m in self.cfg.modalities}
-
     def item_tokens(self, features: dict[str, torch.Tensor], ids: torch.Tensor | None = None) -> torch.Tensor:
         """Raw features, modality -> (..., width) -> item vectors z (..., M, D): adapter outputs (+ e_i in the
         transductive variant, which needs the item ``ids`` (...)). An item whose feature row of a modality is all

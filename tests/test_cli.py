@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from missrec.cli import app
+from missrec.compare import MODELS
 
 runner = CliRunner()
 
@@ -58,14 +59,10 @@ def test_training_commands_end_to_end(tmp_path):
     out_json = tmp_path / "cmp.json"
     _ok(["compare", "--data", str(data), "--out", str(out_json), "--epochs", "1", "--plot", str(tmp_path / "c.png")])
     compared = json.loads(out_json.read_text())
-    assert set(compared) == {
-        "missrec_inductive",
-        "missrec_transductive",
-        "sasrec",
-        "popularity",
-        "missrec_inductive_cold",
-    }
-    assert {"test_cold", "test_warm"} <= set(compared["missrec_inductive_cold"])
+    assert set(compared) == set(MODELS)
+    assert {"msm4sr_inductive", "mmsrec", "msm4sr_inductive_cold", "mmsrec_cold", "sasrec", "popularity"} <= set(MODELS)
+    for cold_run in ("missrec_inductive_cold", "msm4sr_inductive_cold", "mmsrec_cold"):
+        assert {"test_cold", "test_warm"} <= set(compared[cold_run])
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
