@@ -72,8 +72,9 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d, eps=eps)) for m in mods})
         for p in (self.mask_item, self.position.weight, self.modality_type.weight):
             nn.init.normal_(p, std=0.02)
-        for m in mods:
-            self.register_buffer(f"{m}_features", torch.zeros(cfg.num_items, cfg.feature_dim(m)), persistent=False)
+        self._register_feature_buffers()
+        # Items a masked slot may be replaced with (set per epoch; under the cold protocol only warm items).
+        self.register_buffer("random_pool", torch.arange(1, cfg.num_items), persistent=False)
 
     @property
     def user_dim(self) -> int:
@@ -182,7 +183,8 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         last = torch.zeros_like(real)
         last[:, -1] = True
         masked, action = sample_masking(real, last, cfg)
-        random_items = torch.randint(1, cfg.num_items, seq.shape, device=seq.device)
+        pool = self.random_pool
+        random_items = pool[torch.randint(0, pool.shape[0], seq.shape, device=seq.device)]
         shown = torch.where(masked & (action == RANDOM), random_items, seq)  # what the encoder sees at each slot
         tokens, valid = self.item_tokens({m: f[shown] for m, f in self.features().items()})
         valid = valid & real[..., None]
@@ -196,4 +198,10 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         return F.cross_entropy(logits, seq[masked], reduction="sum") / (batch_size or b)
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
-        """MMSRec has no per-epoch work."""
+        """Random replacements come from the items allowed in training (known_items (N,) bool; None = all), so
+        the cold-item protocol never shows a withheld item to the encoder."""
+        device = self.position.weight.device
+        if known_items is None:
+            self.random_pool = torch.arange(1, self.cfg.num_items, device=device)
+        else:
+            self.random_pool = torch.nonzero(known_items[1:].to(device)).squeeze(1) + 1

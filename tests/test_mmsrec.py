@@ -202,3 +202,23 @@ def test_a_brand_new_item_is_scored_through_the_item_tower(tmp_path):
         new = model.item_vectors({m: torch.from_numpy(small.features[m][cold]) for m in model.cfg.modalities})
         full = model.full_scores(items, lengths)
         assert torch.allclose(model.score(model.encode(items, lengths), new), full[:, cold], atol=1e-5)
+
+
+def test_random_replacements_come_only_from_known_items():
+    torch.manual_seed(0)
+    cfg = MMSRecConfig(num_items=30, text_dim=6, image_dim=0, mask_prob=1.0, random_prob=1.0, keep_prob=0.0, **SMALL)
+    model = MMSRec(cfg)
+    feats = torch.randn(30, 6)
+    feats[0] = 0
+    model.set_item_features({"text": feats})
+    known = torch.zeros(30, dtype=torch.bool)
+    known[[3, 4, 5, 6]] = True
+    model.on_epoch_start(known, torch.Generator())
+    shown = []
+    item_tokens = model.item_tokens
+    model.item_tokens = lambda f: (shown.append(f["text"]), item_tokens(f))[1]
+    items = torch.tensor([[3, 4, 5, 6, 3, 4]] * 50)
+    model.loss(items, torch.full((50,), 6), torch.full((50,), 5))
+    rows = {int(torch.nonzero((feats == r).all(dim=1))[0]) for r in shown[0][:, :-1].flatten(0, 1)}
+    assert rows <= {3, 4, 5, 6}  # every replacement (all non-last slots) is a known item
+    assert len(rows) > 1
