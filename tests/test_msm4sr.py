@@ -188,3 +188,22 @@ def test_inductive_scores_a_brand_new_item_from_features_alone(tmp_path):
         # an item without an image still scores, on its text half alone
         text_only = model.item_vectors({"text": feats["text"][:1], "image": torch.zeros_like(feats["image"][:1])})
         assert torch.equal(text_only[0, 16:], torch.zeros(16)) and text_only[0, :16].norm() > 0.99
+
+
+def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
+    """Spec-size MSM4SR on the real 512-d CLIP features: the full ranking of 64 real users is one inner product of
+    the user tower's vectors with the serving item tower's vectors (what an exact FAISS index would return)."""
+    from missrec.data import load_dataset
+
+    real = load_dataset(scientific_dir)
+    model = build_msm4sr(real).eval()
+    experts, norms, gate = 512 * 8 * 64 + 8 * 64, 2 * 8 * 64, 512 * 8  # per adapter
+    assert model.user_dim == 128
+    assert sum(p.numel() for p in model.adapters.parameters()) == 2 * (experts + norms + gate)
+    items, lengths = torch.from_numpy(real.test.histories[:64]), torch.from_numpy(real.test.lengths[:64])
+    feats = {m: torch.from_numpy(f) for m, f in real.features.items()}
+    with torch.no_grad():
+        full = model.full_scores(items, lengths)
+        served = model.score(model.encode(items, lengths), model.item_vectors(feats))
+    assert torch.allclose(full[:, 1:], served[:, 1:], atol=1e-5)
+    assert torch.equal(full[:, 1:].topk(50).indices, served[:, 1:].topk(50).indices)
