@@ -78,6 +78,7 @@ def train(
         float | None, typer.Option(help="Withhold this fraction of items (cold protocol).")
     ] = None,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Training rows per optimiser step.")] = 512,
     device: Device = "cpu",
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
@@ -97,7 +98,7 @@ def train(
     if cold_fraction and model == "sasrec":
         raise _fail("the cold-item protocol needs a model that scores items from features (not sasrec)")
     ds = _load(data)
-    opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, device=device)
+    opts = TrainOptions(epochs=epochs, seed=seed, patience=patience, batch_size=batch_size, device=device)
     try:
         if model == "missrec":
             run = train_missrec(ds, opts, mode, pretrained=pretrained, cold_fraction=cold_fraction)  # type: ignore[arg-type]
@@ -121,6 +122,7 @@ def train(
             "pretrained": str(pretrained) if pretrained else None,
             "pretrain_epochs": pretrain_epochs,
             "cold_fraction": cold_fraction,
+            "batch_size": batch_size,
         },
     )
     label = model if model in ("sasrec", "mmsrec") else f"{model}_{mode}"

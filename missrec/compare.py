@@ -29,6 +29,9 @@ MODELS = (
     "mmsrec_cold",
 )
 MSM4SR_PRETRAIN_EPOCHS = 20  # at most; early stopping on validation NDCG@10 as in fine-tuning
+# MMSRec (d 512, its item tower over the whole catalogue every step) costs ~1-3 min per epoch on the 2-core machine:
+# cap its epochs so the whole compare stays within 45 minutes.
+MMSREC_MAX_EPOCHS = 8
 
 
 def run_compare(ds: SeqDataset, opts: TrainOptions) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -36,11 +39,12 @@ def run_compare(ds: SeqDataset, opts: TrainOptions) -> tuple[dict[str, Any], dic
     from missrec.seed_runs import train_mmsrec, train_msm4sr
 
     pre = min(MSM4SR_PRETRAIN_EPOCHS, opts.epochs)
+    mm_opts = replace(opts, epochs=min(opts.epochs, MMSREC_MAX_EPOCHS))
     recipes = {
         "missrec_inductive": lambda: train_missrec(ds, opts, "inductive", name="missrec_inductive"),
         "missrec_transductive": lambda: train_missrec(ds, opts, "transductive", name="missrec_transductive"),
         "msm4sr_inductive": lambda: train_msm4sr(ds, opts, "inductive", pre, name="msm4sr_inductive"),
-        "mmsrec": lambda: train_mmsrec(ds, opts, name="mmsrec"),
+        "mmsrec": lambda: train_mmsrec(ds, mm_opts, name="mmsrec"),
         "sasrec": lambda: train_sasrec(ds, opts),
         "popularity": lambda: popularity(ds),
         "missrec_inductive_cold": lambda: train_missrec(
@@ -49,7 +53,7 @@ def run_compare(ds: SeqDataset, opts: TrainOptions) -> tuple[dict[str, Any], dic
         "msm4sr_inductive_cold": lambda: train_msm4sr(
             ds, opts, "inductive", pre, cold_fraction=COLD_FRACTION, name="msm4sr_inductive_cold"
         ),
-        "mmsrec_cold": lambda: train_mmsrec(ds, opts, cold_fraction=COLD_FRACTION, name="mmsrec_cold"),
+        "mmsrec_cold": lambda: train_mmsrec(ds, mm_opts, cold_fraction=COLD_FRACTION, name="mmsrec_cold"),
     }
     metrics: dict[str, Any] = {}
     details: dict[str, Any] = {}
