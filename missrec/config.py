@@ -176,6 +176,10 @@ class MMSRecConfig(_FrozenConfig):
     random_prob: float = 0.1  # of the masked: a random item instead of [MASK]
     keep_prob: float = 0.1  # of the masked: the original item kept
     pretrain_tau: float = 0.05
+    # The catalogue table the fine-tuning loss scores against is built with dropout off (gradients still flow).
+    # With dropout on (the literal reading), two dropout draws of one item at init are less alike (cos 0.55) than
+    # two different items (0.64) on the real CLIP features, and fine-tuning barely moves (see docs/seed-towers.md).
+    candidates_with_dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.num_items < 2:

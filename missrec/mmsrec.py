@@ -125,6 +125,17 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         """Unit vectors of every catalogue item (N, D); row 0 (padding) is zero."""
         return self.item_vectors(self.features())
 
+    def candidate_table(self) -> torch.Tensor:
+        """The catalogue table of the fine-tuning loss (N, D), with gradients; dropout off unless the config
+        says ``candidates_with_dropout`` (its noise swamps the items' differences, see the config)."""
+        if self.cfg.candidates_with_dropout or not self.training:
+            return self.item_table()
+        self.train(False)  # only dropout depends on the mode in this model
+        try:
+            return self.item_table()
+        finally:
+            self.train(True)
+
     # ----- user tower ------------------------------------------------------------------------------------
     def mask_tokens(self, shape: tuple[int, ...]) -> torch.Tensor:
         """(..., M, D) tokens of the [MASK] item (one learned vector in every modality slot)."""
@@ -170,8 +181,9 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
 
         The target slot is always [MASK]; other real slots are masked per :func:`sample_masking`. Cross-entropy at
         every masked slot over all items, logits = cos(output, item tower(i)) / tau, with the item tower run over
-        the whole catalogue each step (at ~1M items this needs sampled negatives). Summed over masked slots and
-        divided by ``batch_size`` rows (default: these rows), so chunk losses add up to the batch loss.
+        the whole catalogue each step (:meth:`candidate_table`; at ~1M items this needs sampled negatives).
+        Summed over masked slots and divided by ``batch_size`` rows (default: these rows), so chunk losses add up
+        to the batch loss.
         """
         cfg = self.cfg
         b = items.shape[0]
@@ -193,7 +205,7 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         valid = valid | to_mask[..., 0]
         out = self.encode_slots(tokens, valid, self.sequence_positions(slots, seq.device))
         out = F.normalize(out[masked], dim=-1)  # (P, D), P masked slots
-        logits = out @ self.item_table().T / cfg.tau  # (P, N)
+        logits = out @ self.candidate_table().T / cfg.tau  # (P, N)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, seq[masked], reduction="sum") / (batch_size or b)
 

@@ -239,3 +239,14 @@ def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
         served = model.score(model.encode(items, lengths), model.item_vectors(feats))
     assert torch.allclose(full[:, 1:], served[:, 1:], atol=1e-5)
     assert torch.equal(full[:, 1:].topk(50).indices, served[:, 1:].topk(50).indices)
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_fine_tuning_candidates_are_built_without_dropout_by_default(ds, with_dropout):
+    model = build_mmsrec(ds, candidates_with_dropout=with_dropout, **(SMALL | {"dropout": 0.5})).train()
+    a, b = model.candidate_table(), model.candidate_table()
+    assert model.training and a.requires_grad
+    assert torch.equal(a, b) != with_dropout
+    if not with_dropout:
+        with torch.no_grad():
+            assert torch.allclose(a, model.eval().item_table(), atol=1e-6)
