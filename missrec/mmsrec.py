@@ -17,6 +17,7 @@ from torch import nn
 
 from missrec.config import MMSRecConfig
 from missrec.layers import ByteDropout, EncoderLayer, ItemFeatureBuffers, TransformerStack, key_mask
+from missrec.protocol import TrainingLogits, softmax_loss
 
 # What masked-item fine-tuning does at a masked slot.
 MASK, RANDOM, KEEP = 0, 1, 2
@@ -174,16 +175,14 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
-    def loss(
-        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
-    ) -> torch.Tensor:
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
         """Masked-item fine-tuning on the sequence [history, target] (its last L items, right-aligned).
 
-        The target slot is always [MASK]; other real slots are masked per :func:`sample_masking`. Cross-entropy at
-        every masked slot over all items, logits = cos(output, item tower(i)) / tau, with the item tower run over
-        the whole catalogue each step (:meth:`candidate_table`; at ~1M items this needs sampled negatives).
-        Summed over masked slots and divided by ``batch_size`` rows (default: these rows), so chunk losses add up
-        to the batch loss.
+        The target slot is always [MASK]; other real slots are masked per :func:`sample_masking`. One row of
+        logits per masked slot (P, N) over all items, logits = cos(output, item tower(i)) / tau, with the item
+        tower run over the whole catalogue each step (:meth:`candidate_table`; at ~1M items this needs sampled
+        negatives); labels (P,) the item at each masked slot; rows (P,) its batch row. The training loop masks
+        (padding, withheld items) and reduces.
         """
         cfg = self.cfg
         b = items.shape[0]
@@ -206,8 +205,16 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         out = self.encode_slots(tokens, valid, self.sequence_positions(slots, seq.device))
         out = F.normalize(out[masked], dim=-1)  # (P, D), P masked slots
         logits = out @ self.candidate_table().T / cfg.tau  # (P, N)
-        logits[:, 0] = float("-inf")
-        return F.cross_entropy(logits, seq[masked], reduction="sum") / (batch_size or b)
+        rows = masked.nonzero()[:, 0]  # the batch row of each masked slot (row-major, as out[masked])
+        return TrainingLogits(logits, seq[masked], rows=rows)
+
+    def loss(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Cross-entropy of :meth:`training_logits` (padding left out), summed over masked slots and divided by
+        ``batch_size`` rows (default: these rows), so chunk losses add up to the batch loss."""
+        out = self.training_logits(items, lengths, targets)
+        return softmax_loss(out.logits, out.labels, batch_size or items.shape[0])
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """Random replacements come from the items allowed in training (known_items (N,) bool; None = all), so

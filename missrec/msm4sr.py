@@ -14,6 +14,7 @@ from torch import nn
 
 from missrec.config import MSM4SRConfig
 from missrec.layers import ByteDropout, CausalEncoder, ItemFeatureBuffers
+from missrec.protocol import TrainingLogits, softmax_loss
 
 
 class MoEAdapter(nn.Module):
@@ -127,13 +128,20 @@ class MSM4SR(ItemFeatureBuffers, nn.Module):
         scores[:, 0] = float("-inf")
         return scores
 
+    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+        """Fine-tuning objective: full-softmax logits over all items (B, N) = (cos_t + cos_v) / tau and the targets;
+        the training loop masks (padding, withheld items) and reduces."""
+        table = self.item_table()
+        logits = self.score(self.encode(items, lengths, table), self.scoring_vectors(table)) / self.cfg.tau
+        return TrainingLogits(logits, targets)
+
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
     ) -> torch.Tensor:
-        """Fine-tuning: full-softmax cross-entropy, logits = (cos_t + cos_v) / tau, averaged over ``batch_size``
-        rows (default: these rows) so chunk losses add up to the batch loss."""
-        logits = self.full_scores(items, lengths) / self.cfg.tau
-        return F.cross_entropy(logits, targets, reduction="sum") / (batch_size or targets.shape[0])
+        """Fine-tuning: full-softmax cross-entropy of :meth:`training_logits` (padding left out), averaged over
+        ``batch_size`` rows (default: these rows) so chunk losses add up to the batch loss."""
+        out = self.training_logits(items, lengths, targets)
+        return softmax_loss(out.logits, out.labels, batch_size)
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """MSM4SR has no per-epoch work."""

@@ -63,6 +63,10 @@ class MSM4SRPretraining(nn.Module):
     modalities: the loss is item drop + next-item InfoNCE on that modality.
     """
 
+    # Its losses score only the items of the batch (in-batch InfoNCE), never the catalogue: under the cold protocol
+    # the training rows hold no withheld item, so there is nothing for the loop to mask (see training_loss).
+    scores_batch_items_only = True
+
     def __init__(self, model: MSM4SR) -> None:
         super().__init__()
         self.model = model

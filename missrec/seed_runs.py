@@ -84,7 +84,7 @@ def train_msm4sr(
     model = build_msm4sr(ds, mode, opts.seed, **overrides)
 
     def pretrain(model: nn.Module, train: Interactions, valid: Interactions, known: torch.Tensor | None) -> dict:
-        stage = replace(opts, epochs=pretrain_epochs, chunk_tokens=WHOLE_BATCH)
+        stage = replace(opts, epochs=pretrain_epochs, chunk_tokens=WHOLE_BATCH, train_exclude_history=False)
         result = fit(MSM4SRPretraining(model), train, valid, stage, known_items=known, name="msm4sr_pretrain")
         return _stage_info(result)
 

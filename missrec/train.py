@@ -123,7 +123,10 @@ def training_loss(
         if exclude_history:
             history = items if out.rows is None else items[out.rows]
         return softmax_loss(out.logits, out.labels, batch_size, banned, history) + out.regulariser
-    if exclude_history or (banned is not None and bool(banned[1:].any())):
+    withheld = banned is not None and bool(banned[1:].any())
+    # A loss that scores only the items of its own batch (in-batch negatives) never meets a withheld item: the
+    # cold protocol already removed them from the training rows.
+    if exclude_history or (withheld and not getattr(model, "scores_batch_items_only", False)):
         raise TypeError(
             f"{type(model).__name__} has no training_logits(): the loop cannot mask withheld items out of its "
             "softmax, so it cannot be trained under the cold-item protocol (or with train_exclude_history)"

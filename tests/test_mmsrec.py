@@ -12,8 +12,9 @@ from missrec.checkpoint import attach_features, load_checkpoint, save_checkpoint
 from missrec.config import MMSRecConfig
 from missrec.mmsrec import KEEP, MASK, RANDOM, MMSRec, right_align, sample_masking
 from missrec.mmsrec_pretrain import multiview_loss, pretrain_items
+from missrec.protocol import banned_items, mask_items, softmax_loss
 from missrec.seed_runs import MMSREC_OPTIMISER, build_mmsrec, train_mmsrec
-from missrec.train import TrainOptions, fit
+from missrec.train import TrainOptions, fit, training_loss
 from tests.helpers import tiny_dataset
 
 SMALL = {"hidden": 16, "ff_dim": 32, "n_heads": 2, "dropout": 0.1}
@@ -250,3 +251,47 @@ def test_fine_tuning_candidates_are_built_without_dropout_by_default(ds, with_dr
     if not with_dropout:
         with torch.no_grad():
             assert torch.allclose(a, model.eval().item_table(), atol=1e-6)
+
+
+def _withheld_outside(ds, items, targets, n=5):
+    """(N,) bool: ``n`` real items that appear nowhere in the batch (history or target), withheld."""
+    present = set(items.flatten().tolist()) | set(targets.tolist())
+    withheld = np.zeros(ds.num_items, dtype=bool)
+    withheld[[i for i in range(1, ds.num_items) if i not in present][:n]] = True
+    return withheld
+
+
+def test_cold_protocol_masks_withheld_items_out_of_the_training_softmax(ds):
+    """training_logits: one row of logits per masked slot (P, N), its label and batch row; under the cold
+    protocol the loop gives a withheld item -inf, no probability and no gradient; model.loss is the same
+    reduction without the withheld mask."""
+    model = build_mmsrec(ds, seed=0, **SMALL).eval()
+    items, lengths = _batch(ds)
+    targets = torch.from_numpy(ds.test.targets[: len(items)])
+    withheld = _withheld_outside(ds, items, targets)
+    banned = banned_items(ds.num_items, withheld)
+    known = ~torch.from_numpy(banned.numpy())
+    model.on_epoch_start(known, torch.Generator())
+    torch.manual_seed(0)
+    out = model.training_logits(items, lengths, targets)
+    p = out.logits.shape[0]
+    assert out.logits.shape == (p, ds.num_items) and out.labels.shape == (p,) and out.rows.shape == (p,)
+    assert p >= len(items)  # the target slot of every row is always masked
+    for row in range(len(items)):  # each row's predictions include its target, and only its own items
+        own = out.labels[out.rows == row].tolist()
+        assert targets[row].item() in own
+        assert set(own) <= set(items[row, : lengths[row]].tolist()) | {targets[row].item()}
+    masked = mask_items(out.logits.detach(), banned)
+    assert torch.isneginf(masked[:, withheld]).all() and torch.isfinite(masked[:, ~banned]).all()
+    assert (torch.softmax(masked, dim=1)[:, withheld] == 0).all()
+    logits = out.logits.detach().requires_grad_(True)
+    loss = softmax_loss(logits, out.labels, len(items), banned)
+    loss.backward()
+    assert (logits.grad[:, withheld] == 0).all() and (logits.grad[:, ~banned] != 0).all()
+    with torch.no_grad():  # the loop applies the mask (a model without training_logits raises TypeError here)
+        torch.manual_seed(0)
+        assert float(training_loss(model, items, lengths, targets, len(items), banned)) == pytest.approx(float(loss))
+        torch.manual_seed(0)
+        unmasked = float(model.loss(items, lengths, targets))
+    assert unmasked == pytest.approx(float(softmax_loss(out.logits.detach(), out.labels, len(items))))
+    assert unmasked > float(loss.detach())  # the withheld items did take probability before masking

@@ -12,8 +12,9 @@ from missrec.config import MSM4SRConfig
 from missrec.msm4sr import MSM4SR, MoEAdapter
 from missrec.msm4sr_pretrain import MSM4SRPretraining, complementary_mixup, cross_modal_nce, next_item_nce
 from missrec.pretrain import drop_items
+from missrec.protocol import banned_items, mask_items, softmax_loss
 from missrec.seed_runs import build_msm4sr, train_msm4sr
-from missrec.train import TrainOptions, fit
+from missrec.train import TrainOptions, fit, training_loss
 from tests.helpers import tiny_dataset
 
 SMALL = {"hidden": 16, "ff_dim": 32}
@@ -207,3 +208,36 @@ def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
         served = model.score(model.encode(items, lengths), model.item_vectors(feats))
     assert torch.allclose(full[:, 1:], served[:, 1:], atol=1e-5)
     assert torch.equal(full[:, 1:].topk(50).indices, served[:, 1:].topk(50).indices)
+
+
+def _withheld_outside(ds, items, targets, n=5):
+    """(N,) bool: ``n`` real items that appear nowhere in the batch (history or target), withheld."""
+    present = set(items.flatten().tolist()) | set(targets.tolist())
+    withheld = np.zeros(ds.num_items, dtype=bool)
+    withheld[[i for i in range(1, ds.num_items) if i not in present][:n]] = True
+    return withheld
+
+
+def test_cold_protocol_masks_withheld_items_out_of_the_training_softmax(ds):
+    """training_logits: full-softmax logits (B, N); under the cold protocol the loop gives a withheld item -inf,
+    no probability and no gradient, and model.loss is the same reduction without the withheld mask."""
+    model = build_msm4sr(ds, **SMALL).eval()
+    items, lengths = _batch(ds)
+    targets = torch.from_numpy(ds.test.targets[: len(items)])
+    withheld = _withheld_outside(ds, items, targets)
+    banned = banned_items(ds.num_items, withheld)
+    out = model.training_logits(items, lengths, targets)
+    assert out.logits.shape == (len(items), ds.num_items) and out.rows is None
+    assert torch.equal(out.labels, targets)
+    masked = mask_items(out.logits.detach(), banned)
+    assert torch.isneginf(masked[:, withheld]).all() and torch.isfinite(masked[:, ~banned]).all()
+    assert (torch.softmax(masked, dim=1)[:, withheld] == 0).all()
+    logits = out.logits.detach().requires_grad_(True)
+    loss = softmax_loss(logits, out.labels, None, banned)
+    loss.backward()
+    assert (logits.grad[:, withheld] == 0).all() and (logits.grad[:, ~banned] != 0).all()
+    with torch.no_grad():  # the loop applies the mask (a model without training_logits raises TypeError here)
+        assert float(training_loss(model, items, lengths, targets, len(items), banned)) == pytest.approx(float(loss))
+        unmasked = float(model.loss(items, lengths, targets))
+    assert unmasked == pytest.approx(float(softmax_loss(out.logits.detach(), targets)))
+    assert unmasked > float(loss.detach())  # the withheld items did take probability before masking
