@@ -8,40 +8,26 @@ from torch import nn
 
 from missrec.config import SASRecConfig
 from missrec.data import Interactions
-from missrec.layers import ByteDropout, EncoderLayer, TransformerStack, key_mask
-from missrec.model import lengths_to_padding
+from missrec.layers import CausalEncoder
 from missrec.protocol import TrainingLogits, softmax_loss
 
 
-class SASRec(nn.Module):
+class SASRec(CausalEncoder):
     """ID-only sequential recommender: item + position embeddings, causal self-attention, dot-product scores."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.hidden
-        self.item_emb = nn.Embedding(cfg.num_items, d, padding_idx=0)
-        self.position = nn.Embedding(cfg.max_len, d)
-        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.dropout = ByteDropout(cfg.dropout)
-        self.blocks = TransformerStack(
-            [EncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_layers)], None
+        super().__init__(
+            cfg.hidden, cfg.max_len, cfg.n_heads, cfg.ff_dim, cfg.n_layers, cfg.dropout, token_eps=cfg.layer_norm_eps
         )
-        for module in (self.item_emb, self.position):
-            nn.init.normal_(module.weight, std=0.02)
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.num_items, cfg.hidden, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
     def encode(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, (B,) lengths -> (B, D) hidden state at the last real position."""
-        seq_len = items.shape[1]
-        positions = torch.arange(seq_len, device=items.device)
-        x = self.dropout(self.norm(self.item_emb(items) + self.position(positions)[None]))  # (B, L, D)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=items.device).tril()  # (L, L)
-        allowed = causal[None, None] & key_mask(~lengths_to_padding(lengths, seq_len))  # (B, 1, L, L)
-        h = self.blocks(x, allowed)
-        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
-        return h.gather(1, last).squeeze(1)
+        return self.encode_tokens(self.item_emb(items), lengths)
 
     def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         scores = self.encode(items, lengths) @ self.item_emb.weight.T  # (B, N)

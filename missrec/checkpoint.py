@@ -18,15 +18,24 @@ import torch
 from torch import nn
 
 from missrec.baselines import SASRec
-from missrec.config import MISSRecConfig, SASRecConfig
+from missrec.config import MISSRecConfig, MMSRecConfig, MSM4SRConfig, SASRecConfig
 from missrec.data import SeqDataset
+from missrec.mmsrec import MMSRec
 from missrec.model import MISSRec
+from missrec.msm4sr import MSM4SR
 from missrec.train import restore_state
 
 log = logging.getLogger(__name__)
 
 FORMAT = "missrec-checkpoint"
 FORMAT_VERSION = 1
+# model_type -> (model class, config class): what a checkpoint can hold and how it is rebuilt.
+MODEL_KINDS: dict[str, tuple[type[nn.Module], Any]] = {
+    "missrec": (MISSRec, MISSRecConfig),
+    "sasrec": (SASRec, SASRecConfig),
+    "msm4sr": (MSM4SR, MSM4SRConfig),
+    "mmsrec": (MMSRec, MMSRecConfig),
+}
 
 
 class CheckpointError(ValueError):
@@ -61,13 +70,11 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     cold_items: np.ndarray | None = None,
 ) -> Path:
-    """Write ``model`` (MISSRec or SASRec) and its metadata to ``path`` (parent folders created)."""
-    if isinstance(model, MISSRec):
-        model_type = "missrec"
-    elif isinstance(model, SASRec):
-        model_type = "sasrec"
-    else:
+    """Write ``model`` (any of :data:`MODEL_KINDS`) and its metadata to ``path`` (parent folders created)."""
+    kinds = [kind for kind, (cls, _) in MODEL_KINDS.items() if type(model) is cls]
+    if not kinds:
         raise TypeError(f"cannot checkpoint {type(model).__name__}")
+    model_type = kinds[0]
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -106,13 +113,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         raise CheckpointError(
             f"{path} has format version {payload.get('format_version')}, this code reads {FORMAT_VERSION}"
         )
-    model: nn.Module
-    if payload["model_type"] == "missrec":
-        model = MISSRec(MISSRecConfig.from_dict(payload["config"]))
-    elif payload["model_type"] == "sasrec":
-        model = SASRec(SASRecConfig.from_dict(payload["config"]))
-    else:
-        raise CheckpointError(f"{path}: unknown model type {payload['model_type']!r}")
+    if payload.get("model_type") not in MODEL_KINDS:
+        raise CheckpointError(f"{path}: unknown model type {payload.get('model_type')!r}")
+    model_cls, config_cls = MODEL_KINDS[payload["model_type"]]
+    try:
+        model = model_cls(config_cls.from_dict(payload["config"]))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad {payload['model_type']} config: {exc}") from exc
     try:
         restore_state(model, payload["state_dict"])
     except RuntimeError as exc:
@@ -123,12 +130,13 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
 
 
 def attach_features(model: nn.Module, ds: SeqDataset, meta: dict[str, Any] | None = None) -> None:
-    """Give a MISSRec model its dataset's item features, checking that the dataset fits the checkpoint.
+    """Give a model that reads item features (MISSRec, MSM4SR, MMSRec) its dataset's features, checking that the
+    dataset fits the checkpoint.
 
     Item count or feature widths that differ are an error; a different fingerprint with the same shapes
     (e.g. the same catalogue with new splits) is logged as a warning.
     """
-    if not isinstance(model, MISSRec):
+    if not hasattr(model, "set_item_features"):
         if ds.num_items != model.cfg.num_items:
             raise CheckpointError(f"dataset has {ds.num_items} item rows, model expects {model.cfg.num_items}")
         return

@@ -1,4 +1,5 @@
-"""The model commands of the ``missrec`` CLI: train, evaluate, compare, pretrain, synth, prepare.
+"""The model commands of the ``missrec`` CLI: train (missrec, msm4sr, mmsrec, sasrec), evaluate, compare, pretrain,
+synth, prepare.
 
 The serving commands (export, build-index, serve, quickstart) are added by missrec_cli, which composes this
 package with the serving ones: missrec itself imports nothing of serving.
@@ -111,18 +112,29 @@ def _print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
 
 
+MODEL_CHOICES = ("missrec", "msm4sr", "mmsrec", "sasrec")
+
+
 @app.command()
 def train(
     data: DataDir,
     out: Annotated[Path, typer.Option("--out", help="Run directory: checkpoint.pt and metrics.json.")],
-    mode: Annotated[str, typer.Option(help="inductive (no IDs) or transductive (IDs).")] = "inductive",
+    model: Annotated[str, typer.Option(help="missrec, msm4sr, mmsrec or sasrec.")] = "missrec",
+    mode: Annotated[
+        str, typer.Option(help="inductive (no IDs) or transductive (IDs); missrec and msm4sr only.")
+    ] = "inductive",
     epochs: Epochs = 300,
+    pretrain_epochs: Annotated[
+        int | None,
+        typer.Option(help="msm4sr / mmsrec pre-training epochs before fine-tuning (0: none; default 20 / 0)."),
+    ] = None,
     seed: Seed = 0,
-    pretrained: Annotated[Path | None, typer.Option(help="Pre-trained checkpoint to fine-tune from.")] = None,
+    pretrained: Annotated[Path | None, typer.Option(help="Pre-trained MISSRec checkpoint to fine-tune from.")] = None,
     cold_fraction: Annotated[
         float | None, typer.Option(help="Withhold this fraction of items (cold protocol).")
     ] = None,
     patience: Patience = 10,
+    batch_size: Annotated[int, typer.Option(help="Training rows per optimiser step.")] = 512,
     device: Device = "cpu",
     ranked_history: RankedHistory = False,
     config: ConfigFiles = None,
@@ -130,21 +142,32 @@ def train(
     lr_scale: LrScales = None,
     feature_norm: FeatureNorm = "none",
 ) -> None:
-    """Fine-tune MISSRec on a dataset; write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
-    from missrec.runs import save_run, train_missrec
+    """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
+    NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
+    from missrec.runs import save_run, train_missrec, train_sasrec
+    from missrec.seed_runs import train_mmsrec, train_msm4sr
     from missrec.train import TrainOptions
 
+    if model not in MODEL_CHOICES:
+        raise _fail(f"--model must be one of {', '.join(MODEL_CHOICES)}, not {model!r}")
     if mode not in ("inductive", "transductive"):
         raise _fail(f"--mode must be inductive or transductive, not {mode!r}")
+    if mode != "inductive" and model not in ("missrec", "msm4sr"):
+        raise _fail(f"--mode {mode} applies to missrec and msm4sr only")
+    if pretrained and model != "missrec":
+        raise _fail("--pretrained is a MISSRec checkpoint; msm4sr and mmsrec pre-train with --pretrain-epochs")
+    if cold_fraction and model == "sasrec":
+        raise _fail("the cold-item protocol needs a model that scores items from features (not sasrec)")
     configs = _load_configs(config)
-    if set(configs) - {"missrec"}:
-        raise _fail("`train` trains MISSRec: pass a missrec config (`missrec tune --model missrec`)")
-    tuned = configs.get("missrec")
+    if set(configs) - {model}:
+        raise _fail(f"`train --model {model}` takes a {model} config (`missrec tune --model {model}`)")
+    tuned = configs.get(model)
     ds = _load(data)
     run_options = {
         "epochs": epochs,
         "seed": seed,
         "patience": patience,
+        "batch_size": batch_size,
         "device": device,
         "exclude_history": not ranked_history,
         "train_exclude_history": train_exclude_history,
@@ -152,15 +175,24 @@ def train(
         "feature_norm": feature_norm,
     }
     opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
+    architecture = tuned.architecture if tuned else None
     try:
-        run = train_missrec(
-            ds,
-            opts,
-            mode,  # type: ignore[arg-type]
-            pretrained=pretrained,
-            cold_fraction=cold_fraction,
-            config=tuned.architecture if tuned else None,
-        )
+        if model == "missrec":
+            run = train_missrec(
+                ds,
+                opts,
+                mode,  # type: ignore[arg-type]
+                pretrained=pretrained,
+                cold_fraction=cold_fraction,
+                config=architecture,
+            )
+        elif model == "msm4sr":
+            pre = 20 if pretrain_epochs is None else pretrain_epochs
+            run = train_msm4sr(ds, opts, mode, pre, cold_fraction)  # type: ignore[arg-type]
+        elif model == "mmsrec":
+            run = train_mmsrec(ds, opts, pretrain_epochs or 0, cold_fraction)
+        else:
+            run = train_sasrec(ds, opts, config=architecture)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     save_run(
@@ -168,10 +200,13 @@ def train(
         ds,
         out,
         {
+            "model": model,
             "mode": mode,
             "seed": seed,
             "pretrained": str(pretrained) if pretrained else None,
+            "pretrain_epochs": pretrain_epochs,
             "cold_fraction": cold_fraction,
+            "batch_size": batch_size,
             "config": tuned.to_dict() if tuned else None,
             "protocol": "history_ranked" if ranked_history else "history_excluded",
             "train_exclude_history": train_exclude_history,
@@ -179,10 +214,8 @@ def train(
             "feature_norm": feature_norm,
         },
     )
-    _print_metrics(
-        {f"missrec_{mode}": run.metrics},
-        f"{ds.name}: {run.info['protocol']}, best epoch {run.info['best_epoch']}",
-    )
+    label = model if model in ("sasrec", "mmsrec") else f"{model}_{mode}"
+    _print_metrics({label: run.metrics}, f"{ds.name}: {run.info['protocol']}, best epoch {run.info['best_epoch']}")
     console.print(f"wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}")
 
 

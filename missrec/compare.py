@@ -1,5 +1,6 @@
-"""Side-by-side comparison on one split over one or more seeds: MISSRec (inductive, transductive, cold-item
-protocol), SASRec and popularity; mean ± std per metric and a paired bootstrap interval against SASRec."""
+"""Side-by-side comparison on one split over one or more seeds: MISSRec (inductive, transductive), MSM4SR, MMSRec,
+SASRec, popularity, and each inductive model under the cold-item protocol; mean ± std per metric and a paired
+bootstrap interval against SASRec."""
 
 from __future__ import annotations
 
@@ -17,26 +18,64 @@ from missrec.config import TunedConfig
 from missrec.data import SeqDataset
 from missrec.evaluate import ndcg_per_row, protocol_name
 from missrec.runs import METRIC_KEYS, MissingFeatures, RunResult, popularity, train_missrec, train_sasrec
+from missrec.seed_runs import train_mmsrec, train_msm4sr
 from missrec.stats import mean_std, paired_bootstrap
 from missrec.train import TrainOptions
 
 log = logging.getLogger(__name__)
 
 COLD_FRACTION = 0.15
-MODELS = ("missrec_inductive", "missrec_transductive", "sasrec", "popularity", "missrec_inductive_cold")
+MODELS = (
+    "missrec_inductive",
+    "missrec_transductive",
+    "msm4sr_inductive",
+    "mmsrec",
+    "sasrec",
+    "popularity",
+    "missrec_inductive_cold",
+    "msm4sr_inductive_cold",
+    "mmsrec_cold",
+)
 REFERENCE = "sasrec"
-FAMILY = {name: name if name in ("sasrec", "popularity") else "missrec" for name in MODELS}  # --config lookup
+# --config lookup: tuned configs exist for the missrec and sasrec families (the seed towers run their spec's values)
+FAMILY = {name: name.split("_")[0] for name in MODELS}
+MSM4SR_PRETRAIN_EPOCHS = 20  # at most; early stopping on validation NDCG@10 as in fine-tuning
+# MMSRec (d 512, its item tower over the whole catalogue every step) costs ~1-3 min per epoch on the 2-core machine:
+# cap its epochs so the whole compare stays within 45 minutes.
+MMSREC_MAX_EPOCHS = 8
 Recipe = Callable[[SeqDataset, TrainOptions, dict[str, Any] | None], RunResult]
+
+
+def _msm4sr(name: str, cold_fraction: float | None = None) -> Recipe:
+    def recipe(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None) -> RunResult:
+        pre = min(MSM4SR_PRETRAIN_EPOCHS, opts.epochs)
+        return train_msm4sr(ds, opts, "inductive", pre, cold_fraction=cold_fraction, name=name, **(config or {}))
+
+    return recipe
+
+
+def _mmsrec(name: str, cold_fraction: float | None = None) -> Recipe:
+    def recipe(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None) -> RunResult:
+        capped = replace(opts, epochs=min(opts.epochs, MMSREC_MAX_EPOCHS))
+        return train_mmsrec(ds, capped, cold_fraction=cold_fraction, name=name, **(config or {}))
+
+    return recipe
+
+
 RECIPES: dict[str, Recipe] = {
     "missrec_inductive": lambda ds, o, c: train_missrec(ds, o, "inductive", name="missrec_inductive", config=c),
     "missrec_transductive": lambda ds, o, c: train_missrec(
         ds, o, "transductive", name="missrec_transductive", config=c
     ),
+    "msm4sr_inductive": _msm4sr("msm4sr_inductive"),
+    "mmsrec": _mmsrec("mmsrec"),
     "sasrec": lambda ds, o, c: train_sasrec(ds, o, config=c),
     "popularity": lambda ds, o, c: popularity(ds, o),
     "missrec_inductive_cold": lambda ds, o, c: train_missrec(
         ds, o, "inductive", cold_fraction=COLD_FRACTION, name="missrec_inductive_cold", config=c
     ),
+    "msm4sr_inductive_cold": _msm4sr("msm4sr_inductive_cold", COLD_FRACTION),
+    "mmsrec_cold": _mmsrec("mmsrec_cold", COLD_FRACTION),
 }
 
 

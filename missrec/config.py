@@ -163,3 +163,112 @@ class TunedConfig:
             training=dict(data.get("training", {})),
             notes=data.get("notes"),
         )
+
+
+class _FrozenConfig:
+    """JSON round trip shared by the seed-tower configs: ``from_dict`` refuses unknown keys."""
+
+    text_dim: int
+    image_dim: int
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m, d in (("text", self.text_dim), ("image", self.image_dim)) if d > 0)
+
+    def feature_dim(self, modality: str) -> int:
+        return {"text": self.text_dim, "image": self.image_dim}[modality]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def _check_common(self, hidden: int, n_heads: int) -> None:
+        if self.text_dim < 0 or self.image_dim < 0:
+            raise ValueError("feature widths must be >= 0")
+        if not self.modalities:
+            raise ValueError(f"{type(self).__name__} needs at least one modality (text_dim or image_dim > 0)")
+        if hidden % n_heads:
+            raise ValueError("hidden must be divisible by n_heads")
+
+
+@dataclass(frozen=True)
+class MSM4SRConfig(_FrozenConfig):
+    """MSM4SR (seed-towers spec A): MoE adapters per modality, one SASRec encoder shared by the text and the image
+    sequence, cos_t + cos_v scores. Pre-training objective parameters live here too (they are saved with the model).
+
+    ``num_items`` counts item rows including the padding row 0; ``mode`` transductive adds an ID embedding.
+    """
+
+    num_items: int
+    text_dim: int = 512
+    image_dim: int = 512
+    mode: Mode = "inductive"
+    hidden: int = 64
+    n_experts: int = 8
+    adapter_dropout: float = 0.2
+    max_len: int = 50
+    n_heads: int = 2
+    ff_dim: int = 256
+    n_layers: int = 2
+    dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    tau: float = 0.07
+    mixup_max: float = 0.5  # p ~ U(0, mixup_max) per batch
+    item_drop_max: float = 0.2  # q ~ U(0, item_drop_max) per batch
+    cross_modal_weight: float = 0.01  # lambda
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_items < 2:
+            raise ValueError("num_items counts the padding row and must be >= 2")
+        if self.n_experts < 1:
+            raise ValueError("n_experts must be >= 1")
+        if not (0.0 <= self.mixup_max <= 1.0 and 0.0 <= self.item_drop_max < 1.0):
+            raise ValueError("mixup_max must be in [0, 1] and item_drop_max in [0, 1)")
+        self._check_common(self.hidden, self.n_heads)
+
+
+@dataclass(frozen=True)
+class MMSRecConfig(_FrozenConfig):
+    """MMSRec (seed-towers spec B): two tokens per item, one bidirectional encoder as item tower and, with a [MASK]
+    readout, as user tower. No item IDs: always inductive. ``max_len`` is L (history L-1 items + [MASK])."""
+
+    num_items: int
+    text_dim: int = 512
+    image_dim: int = 512
+    hidden: int = 512
+    max_len: int = 20
+    n_heads: int = 8
+    ff_dim: int = 1024
+    n_layers: int = 2
+    dropout: float = 0.5
+    token_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    tau: float = 0.05
+    mask_prob: float = 0.2  # of real positions (the last is always masked)
+    random_prob: float = 0.1  # of the masked: a random item instead of [MASK]
+    keep_prob: float = 0.1  # of the masked: the original item kept
+    pretrain_tau: float = 0.05
+    # The catalogue table the fine-tuning loss scores against is built with dropout off (gradients still flow).
+    # With dropout on (the literal reading), two dropout draws of one item at init are less alike (cos 0.55) than
+    # two different items (0.64) on the real CLIP features, and fine-tuning barely moves (see docs/seed-towers.md).
+    candidates_with_dropout: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_items < 2:
+            raise ValueError("num_items counts the padding row and must be >= 2")
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2 (at least one history item and the [MASK] slot)")
+        if not (0.0 <= self.mask_prob <= 1.0 and self.random_prob >= 0.0 and self.keep_prob >= 0.0):
+            raise ValueError("masking probabilities must be in [0, 1]")
+        if self.random_prob + self.keep_prob > 1.0:
+            raise ValueError("random_prob + keep_prob must be <= 1")
+        self._check_common(self.hidden, self.n_heads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -153,3 +155,74 @@ class TransformerStack(nn.Module):
 def key_mask(valid: torch.Tensor) -> torch.Tensor:
     """(B, S) bool, True at real keys -> (B, 1, 1, S) attention mask (True = may attend)."""
     return valid[:, None, None, :]
+
+
+def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool mask, True at padded positions (left-aligned sequences)."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] >= lengths[:, None]
+
+
+class CausalEncoder(nn.Module):
+    """The SASRec user encoder without an item table: x_l = Dropout(LN(token_l + P_l)), causal + padding mask,
+    post-LN layers, output at the last real position. Shared by SASRec (ID tokens) and MSM4SR (adapter tokens).
+
+    Parameter names (position, norm, blocks.layers.{i}) are SASRec's, so SASRec checkpoints are unchanged.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        n_heads: int,
+        ff_dim: int,
+        n_layers: int,
+        dropout: float,
+        token_eps: float = 1e-12,
+        layer_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.position = nn.Embedding(max_len, dim)
+        self.norm = nn.LayerNorm(dim, eps=token_eps)
+        self.dropout = ByteDropout(dropout)
+        self.blocks = TransformerStack(
+            [EncoderLayer(dim, n_heads, ff_dim, dropout, eps=layer_eps) for _ in range(n_layers)], None
+        )
+        nn.init.normal_(self.position.weight, std=0.02)
+
+    def encode_tokens(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, D) left-aligned, lengths (B,) >= 1 -> (B, D) hidden state at the last real position."""
+        seq_len = tokens.shape[1]
+        positions = torch.arange(seq_len, device=tokens.device)
+        x = self.dropout(self.norm(tokens + self.position(positions)[None]))  # (B, L, D)
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=tokens.device).tril()  # (L, L)
+        allowed = causal[None, None] & key_mask(~lengths_to_padding(lengths, seq_len))  # (B, 1, L, L)
+        h = self.blocks(x, allowed)  # (B, L, D)
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+        return h.gather(1, last).squeeze(1)
+
+
+class ItemFeatureBuffers:
+    """Raw item features as non-persistent buffers ``<modality>_features`` (data, not weights) on an nn.Module
+    whose ``cfg`` has ``num_items``, ``modalities`` and ``feature_dim``. Call :meth:`_register_feature_buffers`
+    in ``__init__``."""
+
+    cfg: Any
+
+    def _register_feature_buffers(self) -> None:
+        for m in self.cfg.modalities:
+            self.register_buffer(  # type: ignore[attr-defined]
+                f"{m}_features", torch.zeros(self.cfg.num_items, self.cfg.feature_dim(m)), persistent=False
+            )
+
+    def set_item_features(self, features: dict[str, torch.Tensor]) -> None:
+        """Attach raw item features: modality -> (num_items, width) float32, row 0 padding."""
+        for m in self.cfg.modalities:
+            feat, current = features[m], getattr(self, f"{m}_features")
+            if feat.shape != current.shape:
+                raise ValueError(f"{m} features are {tuple(feat.shape)}, expected {tuple(current.shape)}")
+            setattr(self, f"{m}_features", feat.to(current.device, torch.float32))
+
+    def features(self) -> dict[str, torch.Tensor]:
+        """The attached item features: modality -> (N, width)."""
+        return {m: getattr(self, f"{m}_features") for m in self.cfg.modalities}

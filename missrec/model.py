@@ -16,7 +16,7 @@ from torch import nn
 from missrec.config import MISSRecConfig
 from missrec.fusion import item_score
 from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
-from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask
+from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
 from missrec.protocol import TrainingLogits, softmax_loss
 
 
@@ -44,12 +44,6 @@ class ItemEncoding:
     tokens: torch.Tensor
     normed: dict[str, torch.Tensor]
     clusters: dict[str, torch.Tensor]
-
-
-def lengths_to_padding(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool mask, True at padded positions (left-aligned sequences)."""
-    positions = torch.arange(max_len, device=lengths.device)
-    return positions[None, :] >= lengths[:, None]
 
 
 def interest_diversity(xi: torch.Tensor, interest_pad: torch.Tensor, n_slots: int) -> torch.Tensor:

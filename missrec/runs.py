@@ -1,9 +1,11 @@
-"""Training recipes used by the CLI: fine-tune MISSRec (optionally from a pre-trained checkpoint, optionally
-under the cold-item protocol), train SASRec, score popularity, and the side-by-side comparison."""
+"""Training recipes used by the CLI: one path (:func:`train_model`) that pre-trains where the model has it,
+fine-tunes, and evaluates any model, optionally under the cold-item protocol; MISSRec (optionally from a pre-trained
+checkpoint) and SASRec recipes, popularity, and saving a run. MSM4SR and MMSRec recipes: :mod:`missrec.seed_runs`."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from missrec.cold import withhold_items
 from missrec.config import MISSRecConfig, Mode, SASRecConfig
 from missrec.data import Interactions, SeqDataset
 from missrec.evaluate import compute_ranks, metrics_from_ranks, protocol_name
-from missrec.levers import feature_stats, fold_into_adapters, normalised
+from missrec.levers import FeatureStats, feature_stats, fold_into_adapters, normalised
 from missrec.model import MISSRec
 from missrec.protocol import banned_items
 from missrec.train import FitResult, TrainOptions, fit
@@ -167,6 +169,39 @@ def load_pretrained(model: MISSRec, path: str | Path) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+PretrainHook = Callable[[nn.Module, Interactions, Interactions, torch.Tensor | None], dict[str, Any]]
+
+
+def train_model(
+    ds: SeqDataset,
+    model: nn.Module,
+    opts: TrainOptions,
+    name: str,
+    cold_fraction: float | None = None,
+    parameters: list[nn.Parameter] | None = None,
+    pretrain: PretrainHook | None = None,
+    before_fit: Callable[[nn.Module, TrainingData], None] | None = None,
+    after_fit: Callable[[nn.Module], None] | None = None,
+) -> RunResult:
+    """The one training and evaluation path of every model: optional pre-training (on the same training rows),
+    fine-tuning by :func:`missrec.train.fit` (the protocol: withheld items masked out of the training softmax and
+    the validation candidates, validation as served), then :func:`evaluate_run` (valid + test, both protocols,
+    test_few, and test_cold / test_warm under the cold-item protocol, which withholds ``cold_fraction`` of the
+    items from every stage of training). before_fit(model, data) / after_fit(model): set up and undo what a lever
+    changes (feature normalisation), around pre-training and fine-tuning."""
+    data = training_data(ds, cold_fraction, opts.seed)
+    if before_fit is not None:
+        before_fit(model, data)
+    pretraining = None if pretrain is None else pretrain(model, data.train, data.valid, data.known)
+    result = fit(model, data.train, data.valid, opts, known_items=data.known, parameters=parameters, name=name)
+    if after_fit is not None:
+        after_fit(model)
+    run = _finish(model, ds, data, opts, result)
+    if pretraining is not None:
+        run.info["pretraining"] = pretraining
+    return run
+
+
 def train_missrec(
     ds: SeqDataset,
     opts: TrainOptions,
@@ -185,24 +220,29 @@ def train_missrec(
     require_features(ds, f"MISSRec ({mode})")
     model = build_missrec(ds, mode, opts.seed, **(config or {}))
     params = load_pretrained(model, pretrained) if pretrained else None
-    data = training_data(ds, cold_fraction, opts.seed)
-    stats = feature_stats(ds.features, None if data.known is None else data.known.numpy(), opts.feature_norm)
-    if stats is not None:
-        model.set_item_features(normalised({m: ds.features[m] for m in model.cfg.modalities}, stats))
-    result = fit(model, data.train, data.valid, opts, known_items=data.known, parameters=params, name=name or mode)
-    if stats is not None:
-        fold_into_adapters(model, stats)  # back to the spec's format: adapters over raw features
-        attach_features(model, ds)
-    return _finish(model, ds, data, opts, result)
+    stats: FeatureStats | None = None
+
+    def normalise(model: nn.Module, data: TrainingData) -> None:  # statistics of the items known in training
+        nonlocal stats
+        stats = feature_stats(ds.features, None if data.known is None else data.known.numpy(), opts.feature_norm)
+        if stats is not None:
+            model.set_item_features(normalised({m: ds.features[m] for m in model.cfg.modalities}, stats))
+
+    def fold_back(model: nn.Module) -> None:
+        if stats is not None:
+            fold_into_adapters(model, stats)  # back to the spec's format: adapters over raw features
+            attach_features(model, ds)
+
+    return train_model(
+        ds, model, opts, name or mode, cold_fraction, parameters=params, before_fit=normalise, after_fit=fold_back
+    )
 
 
 def train_sasrec(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None = None) -> RunResult:
     """Train the ID-only SASRec baseline (config: SASRecConfig overrides)."""
     torch.manual_seed(opts.seed)
     model = SASRec(SASRecConfig(**({"num_items": ds.num_items, "max_len": ds.max_len} | (config or {}))))
-    data = training_data(ds, None, opts.seed)
-    result = fit(model, data.train, data.valid, opts, name="sasrec")
-    return _finish(model, ds, data, opts, result)
+    return train_model(ds, model, opts, "sasrec")
 
 
 def popularity(ds: SeqDataset, opts: TrainOptions | None = None) -> RunResult:

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from missrec.cli import app
+from missrec.compare import MODELS
 
 runner = CliRunner()
 
@@ -71,6 +72,8 @@ def test_training_commands_end_to_end(tmp_path):
     assert len(ndcg["values"]) == 2 and ndcg["mean"] == sum(ndcg["values"]) / 2
     assert set(compared["versus_sasrec"]) == {"missrec_inductive", "popularity"}
     assert compared["versus_sasrec"]["popularity"]["verdict"] in ("ahead", "behind", "not distinguishable")
+    # every model is in the table; the seed towers' compare runs in tests/test_seed_cli.py
+    assert {"msm4sr_inductive", "mmsrec", "msm4sr_inductive_cold", "mmsrec_cold"} <= set(MODELS)
     assert (tmp_path / "c.png").stat().st_size > 1000
 
     # seeds run separately (e.g. in parallel) merge into the same table and intervals
