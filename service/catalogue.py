@@ -24,7 +24,7 @@ import numpy as np
 
 from service.serving_model import IncompatibleItem, ServingModel
 from service.store import ItemRecord
-from serving_core.bundle import static_vectors
+from serving_core.bundle import MISSREC_FUSION, static_vectors
 from serving_core.index import to_cpu, to_device
 from serving_core.scoring import ItemScorer, measured_max_gap
 from serving_core.towers import ItemArrays
@@ -76,18 +76,19 @@ class Snapshot:
     max_gap: float
 
     # ----- ids --------------------------------------------------------------------------------------------
+    def _known_row(self, item_id: str) -> int | None:
+        """The row an id points at in this snapshot, live or tombstoned; None for an id it never saw."""
+        r = self.overlay.get(item_id)
+        return self.model.bundle_rows.get(item_id) if r is None else r
+
     def row(self, item_id: str) -> int | None:
         """The live row of an external id, or None (unknown or deleted)."""
-        r = self.overlay.get(item_id)
-        if r is None:
-            r = self.model.bundle_rows.get(item_id)
+        r = self._known_row(item_id)
         return None if r is None or self.deleted[r] else r
 
     def was_deleted(self, item_id: str) -> bool:
         """True for an id this snapshot knows was deleted (its row is tombstoned, or a tombstone without a row)."""
-        r = self.overlay.get(item_id)
-        if r is None:
-            r = self.model.bundle_rows.get(item_id)
+        r = self._known_row(item_id)
         return r is not None and bool(self.deleted[r])
 
     def rows_for(self, item_ids: Iterable[str]) -> tuple[list[int], list[str]]:
@@ -143,9 +144,10 @@ class Catalogue:
         self._lock = threading.Lock()
         self.compact_rows = compact_rows
         self.versions: dict[str, int] = {}  # item id -> version of the latest change applied here
-        self._current = self._fresh(model)
+        self._current = self._fresh(model, 0)
 
-    def _fresh(self, model: ServingModel) -> Snapshot:
+    def _fresh(self, model: ServingModel, seq: int) -> Snapshot:
+        """Publish the bundle alone as snapshot ``seq`` (new segments over the bundle's arrays)."""
         table = model.bundle.table
         n = table.num_items
         self._ids, self._texts = list(table.ids), list(table.texts) if table.texts is not None else [""] * n
@@ -157,7 +159,7 @@ class Catalogue:
         deleted[0] = True  # padding is never recommended
         index_info = model.manifest.index
         gap = index_info.max_gap if index_info is not None else 2.0
-        return self._publish(model, 0, deleted, {}, {}, model.index, n, gap)
+        return self._publish(model, seq, deleted, {}, {}, model.index, n, gap)
 
     def _publish(
         self,
@@ -199,10 +201,7 @@ class Catalogue:
         """Back to the bundle alone (Redis lost item state: the caller replays what Redis holds now)."""
         with self._lock:
             self.versions = {}
-            seq = self._current.seq
-            snap = self._fresh(self._current.model)
-            snap = self._publish(snap.model, seq + 1, snap.deleted, {}, {}, snap.index, snap.index_rows, snap.max_gap)
-            return snap
+            return self._fresh(self._current.model, self._current.seq + 1)
 
     def is_newer(self, item_id: str, version: int) -> bool:
         return version > self.versions.get(item_id, 0)
@@ -261,7 +260,7 @@ class Catalogue:
     def _widened_gap(model: ServingModel, vec: dict[str, np.ndarray], gap: float) -> float:
         """Keep the retrieval bound valid for a new item: max_gap covers every row, cold ones included."""
         scorer = model.manifest.scorer
-        if len(scorer.modalities) != 2 or scorer.kind != "missrec_fusion":
+        if len(scorer.modalities) != 2 or scorer.kind != MISSREC_FUSION:
             return gap
         new = measured_max_gap(scorer, {m: vec[m][None] for m in scorer.modalities})
         return max(gap, min(new * (1 + 1e-6), 2.0))

@@ -64,12 +64,11 @@ def recommend_batch(snap: Snapshot, queries: list[Query], metrics: Metrics) -> l
 def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics) -> list[Recommendation]:
     """Exact top-k of users (G, D) with one k, each with its query's exclusions."""
     scorer = snap.scorer()
-    index = snap.index if snap.index_rows else None
     with metrics.timed("search"):
         found = top_k(
             users,
             k,
-            index,
+            snap.index,
             scorer,
             exclude=[q.exclude for q in queries],
             deleted=snap.deleted,

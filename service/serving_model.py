@@ -46,9 +46,9 @@ class ServingModel:
         towers = open_towers(bundle, settings.onnx_provider, settings.onnx_threads)
         try:
             index, info = load_index(root, bundle.manifest, settings.faiss_device, settings.index_params)
+        except BundleError:
+            raise
         except ValueError as exc:  # a search parameter that does not apply to this index
-            if isinstance(exc, BundleError):
-                raise
             raise BundleError(f"MISSREC_INDEX_PARAMS: {exc}") from None
         exact = is_exact_index(index)
         cap = None if exact else settings.max_candidates

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -318,7 +318,7 @@ def top_k(
     if ntotal > n_items:
         raise ValueError(f"index holds {ntotal} vectors but the item table has only {n_items} rows")
     exact_index = is_exact_index(index) if opts.exact_index is None else opts.exact_index
-    opts = SearchOptions(**{**opts.__dict__, "exact_index": exact_index})
+    opts = replace(opts, exact_index=exact_index)
     growth = opts.growth if opts.growth is not None else (16 if exact_index else 4)
     if growth < 2:
         raise ValueError(f"growth must be >= 2, got {growth}")
