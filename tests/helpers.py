@@ -31,3 +31,23 @@ def drop_redis_keys(redis_url: str, prefix: str) -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+def assert_checkpoint_round_trip(model, ds: SeqDataset, path: Path, kind: str, cls: type, width: int) -> dict:
+    """Save ``model``, check the self-described kind, reload it with the features and compare full scores on a
+    few test histories cut to ``width``; returns the raw checkpoint dict for further checks."""
+    import torch
+
+    from missrec.checkpoint import attach_features, load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(path, model)
+    raw = torch.load(path, weights_only=True)
+    assert raw["model_type"] == kind
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded.model, cls) and loaded.model.cfg == model.cfg
+    attach_features(loaded.model, ds, loaded.meta)
+    items = torch.from_numpy(ds.test.histories[:6, :width])
+    lengths = torch.from_numpy(ds.test.lengths[:6]).clamp(max=width)
+    with torch.no_grad():
+        assert torch.equal(model.eval().full_scores(items, lengths), loaded.model.full_scores(items, lengths))
+    return raw

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.checkpoint import attach_features, load_checkpoint, save_checkpoint
 from missrec.config import MMSRecConfig
 from missrec.mmsrec import KEEP, MASK, RANDOM, MMSRec, right_align, sample_masking
 from missrec.mmsrec_pretrain import multiview_loss, pretrain_items
 from missrec.protocol import banned_items, mask_items, softmax_loss
 from missrec.seed_runs import MMSREC_OPTIMISER, build_mmsrec, train_mmsrec
 from missrec.train import TrainOptions, fit, training_loss
-from tests.helpers import tiny_dataset
+from tests.helpers import assert_checkpoint_round_trip, tiny_dataset
 
 SMALL = {"hidden": 16, "ff_dim": 32, "n_heads": 2, "dropout": 0.1}
 FAST = TrainOptions(epochs=3, batch_size=64, patience=3, progress=False, lr=3e-3, **MMSREC_OPTIMISER)
@@ -182,14 +181,7 @@ def test_deterministic_for_a_seed(ds):
 def test_checkpoint_round_trip(ds, tmp_path):
     model = build_mmsrec(ds, **SMALL)
     fit(model, ds.train.subset(np.arange(128)), ds.valid, replace(FAST, epochs=1))
-    path = save_checkpoint(tmp_path / "ckpt.pt", model)
-    assert torch.load(path, weights_only=True)["model_type"] == "mmsrec"
-    loaded = load_checkpoint(path)
-    assert isinstance(loaded.model, MMSRec) and loaded.model.cfg == model.cfg
-    attach_features(loaded.model, ds, loaded.meta)
-    items, lengths = _batch(ds)
-    with torch.no_grad():
-        assert torch.equal(model.eval().full_scores(items, lengths), loaded.model.full_scores(items, lengths))
+    assert_checkpoint_round_trip(model, ds, tmp_path / "ckpt.pt", "mmsrec", MMSRec, width=12)
 
 
 def test_a_brand_new_item_is_scored_through_the_item_tower(tmp_path):
