@@ -5,14 +5,28 @@
 #   run:        docker run -p 8000:8000 -v /path/to/bundle:/bundle:ro -e MISSREC_REDIS_URL=redis://redis:6379/0 missrec:cpu
 # The bundle (from `missrec export` + `missrec build-index`) is mounted, never baked in. Settings are the same
 # MISSREC_* environment variables as outside the container (see `missrec serve --help`, service/settings.py).
+#
+# Build arguments (the defaults are public; scripts/build_image.sh sets them for a machine with a PyPI mirror only):
+#   BASE_IMAGE       base of the build and cpu stages: any Debian bookworm with python3 (>= 3.11) and its venv
+#                    module (python:3.11-slim-bookworm, or a debootstrapped bookworm + python3 python3-venv)
+#   PIP_INDEX_URL    the package index (pip reads it from the environment the ARG sets)
+#   TORCH_INDEX      an extra index for torch (default: PyTorch's CPU wheels); empty = none
+#   TORCH_PACKAGES   the torch requirements, e.g. "torch==2.14.1 torchvision==0.29.1"
+# A private CA for the index: --secret id=pip_cert,src=/path/ca.pem (used as PIP_CERT when given).
+# The Dockerfile's sha256 is recorded in docs/image-build.json by a real build (scripts/build_image.sh); a test fails
+# when they differ.
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---------------------------------------------------------------------------------------------------------------
 # build: a wheel of this project (no dependencies), so the runtime stages never see the source tree or build tools
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
+ARG PIP_INDEX_URL=https://pypi.org/simple
 WORKDIR /src
-RUN pip install --no-cache-dir build==1.2.2
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv /opt/build-venv \
+    && /opt/build-venv/bin/pip install --no-cache-dir build==1.2.2
 COPY pyproject.toml README.md ./
 COPY missrec ./missrec
 COPY model_export ./model_export
@@ -22,19 +36,29 @@ COPY missrec_cli ./missrec_cli
 COPY service ./service
 COPY loadtest ./loadtest
 COPY harness ./harness
-RUN python -m build --wheel --outdir /wheels
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && /opt/build-venv/bin/python -m build --wheel --outdir /wheels
 
 # ---------------------------------------------------------------------------------------------------------------
-# cpu: serving dependencies only (ONNX Runtime, FAISS, FastAPI, Redis client) + CPU torch for open_clip ingestion
-FROM python:${PYTHON_VERSION}-slim AS cpu
+# cpu: serving dependencies only (ONNX Runtime, FAISS, FastAPI, Redis client) + CPU torch for open_clip ingestion,
+# in a venv (/opt/venv) so that a Debian base's externally managed python3 is never touched
+FROM ${BASE_IMAGE} AS cpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_PACKAGES="torch torchvision"
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
     MISSREC_BUNDLE=/bundle \
     MISSREC_DATA_DIR=/var/lib/missrec
 COPY --from=build /wheels /wheels
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" torch torchvision \
+# TORCH_PACKAGES is a list of requirements: split on purpose
+# hadolint ignore=DL3013,SC2086
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && python3 -m venv /opt/venv \
+    && pip install --no-cache-dir ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} ${TORCH_PACKAGES} \
     && pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,ingest]" \
     && rm -rf /wheels \
     && groupadd --system --gid 10001 missrec \
@@ -51,6 +75,7 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
 # ---------------------------------------------------------------------------------------------------------------
 # gpu: onnxruntime-gpu + FAISS GPU on CUDA 12 (MISSREC_ONNX_PROVIDER / MISSREC_FAISS_DEVICE default to auto)
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 AS gpu
+ARG PIP_INDEX_URL=https://pypi.org/simple
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -64,7 +89,9 @@ RUN apt-get update \
 ENV PATH=/opt/venv/bin:$PATH
 COPY --from=build /wheels /wheels
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,ingest]" \
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && pip install --no-cache-dir "$(ls /wheels/*.whl)[serve,ingest]" \
     && pip uninstall -y onnxruntime faiss-cpu \
     && pip install --no-cache-dir onnxruntime-gpu faiss-gpu-cu12 \
     && rm -rf /wheels \
