@@ -23,7 +23,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt of a trained MISSRec.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint.pt: MISSRec, MSM4SR or MMSRec.")],
     data: Annotated[Path, typer.Option("--data", help="The dataset the checkpoint was trained on.")],
     out: Annotated[Path, typer.Option("--out", help="Bundle directory to create.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
@@ -39,9 +39,11 @@ def export(
     except (ExportError, BundleError, CheckpointError, DatasetError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
     parity = manifest.export.get("parity", {})
+    scorer = manifest.scorer
+    fusion = f", K={manifest.num_interests}, alpha={scorer.alpha:.4f}" if scorer.kind == "missrec_fusion" else ""
     console.print(
-        f"exported {manifest.num_items - 1} items, K={manifest.num_interests}, scorer {manifest.scorer.kind}, "
-        f"alpha={manifest.scorer.alpha:.4f}; parity {parity}; bundle {manifest.version} at {out}"
+        f"exported {manifest.model_kind}: {manifest.num_items - 1} items, scorer {scorer.kind}{fusion}; "
+        f"parity {parity}; bundle {manifest.version} at {out}"
     )
 
 

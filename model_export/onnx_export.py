@@ -47,7 +47,10 @@ from torch import nn
 from missrec.baselines import item_popularity
 from missrec.checkpoint import CheckpointError, attach_features, load_checkpoint
 from missrec.data import DatasetError, SeqDataset, load_dataset
+from missrec.mmsrec import MMSRec
 from missrec.model import MISSRec
+from missrec.msm4sr import MSM4SR
+from model_export import seed_export
 from model_export.parity import (
     PARITY_ITEMS,
     PARITY_USERS,
@@ -60,7 +63,9 @@ from model_export.parity import (
 from serving_core.bundle import (
     FORMAT,
     FORMAT_VERSION,
+    INNER_PRODUCT,
     ITEM_TOWER,
+    ITEM_VECTOR,
     MISSREC_FUSION,
     USER_TOWER,
     BundleError,
@@ -82,6 +87,7 @@ from serving_core.towers import (
     feature_input,
     item_tower_outputs,
     open_session,
+    tower_graphs,
 )
 
 log = logging.getLogger(__name__)
@@ -89,6 +95,7 @@ log = logging.getLogger(__name__)
 OPSET = 18
 EXPORTER = "dynamo"
 EXPORTERS = ("dynamo", "torchscript")
+ServableModel = MISSRec | MSM4SR | MMSRec
 
 
 # ----- the exported modules ------------------------------------------------------------------------------------
@@ -223,20 +230,21 @@ def export_item_tower(model: MISSRec, path: Path, exporter: str = EXPORTER) -> N
 
 
 # ----- the bundle --------------------------------------------------------------------------------------------
-def load_model(checkpoint: Path, data_dir: Path) -> tuple[MISSRec, dict[str, Any], SeqDataset]:
-    """Checkpoint + its dataset's features; anything but a trained MISSRec is an ExportError."""
+def load_model(checkpoint: Path, data_dir: Path) -> tuple[ServableModel, dict[str, Any], SeqDataset]:
+    """Checkpoint + its dataset's features; anything but a trained MISSRec, MSM4SR or MMSRec is an ExportError."""
     try:
         loaded = load_checkpoint(checkpoint)
-        if not isinstance(loaded.model, MISSRec):
+        if not isinstance(loaded.model, MISSRec | MSM4SR | MMSRec):
             raise ExportError(
-                f"{checkpoint} holds a {loaded.model_type} model; only MISSRec checkpoints can be exported"
+                f"{checkpoint} holds a {loaded.model_type} model, which has no item tower (ID-only: a new item "
+                "could never be served); only MISSRec, MSM4SR and MMSRec checkpoints can be exported"
             )
         ds = load_dataset(data_dir)
         attach_features(loaded.model, ds, loaded.meta)
     except (CheckpointError, DatasetError) as exc:
         raise ExportError(str(exc)) from exc
     model = loaded.model.eval()
-    if model.centroids.shape[0] < 2:
+    if isinstance(model, MISSRec) and model.centroids.shape[0] < 2:
         raise ExportError(f"{checkpoint}: the model has no interest clusters (was it trained?)")
     return model, loaded.meta, ds
 
@@ -256,9 +264,11 @@ def build_item_table(model: MISSRec, ds: SeqDataset) -> ItemTable:
 
 
 def write_bundle(
-    model: MISSRec, ds: SeqDataset, root: Path, created: dict[str, Any], exporter: str = EXPORTER
+    model: ServableModel, ds: SeqDataset, root: Path, created: dict[str, Any], exporter: str = EXPORTER
 ) -> Manifest:
     """Write every bundle file of ``model`` into the (empty) folder ``root``, check parity, finalize."""
+    if not isinstance(model, MISSRec):
+        return write_inner_product_bundle(model, ds, root, created, exporter)
     cfg = model.cfg
     k = int(model.centroids.shape[0]) - 1
     table = build_item_table(model, ds)
@@ -331,6 +341,91 @@ def write_bundle(
     return manifest
 
 
+def write_inner_product_bundle(
+    model: seed_export.SeedModel, ds: SeqDataset, root: Path, created: dict[str, Any], exporter: str = EXPORTER
+) -> Manifest:
+    """MSM4SR or MMSRec: an ``inner_product`` bundle (see :mod:`model_export.seed_export`)."""
+    cfg = model.cfg
+    modalities = tuple(cfg.modalities)
+    tokens, vectors = seed_export.catalogue_arrays(model)
+    table = ItemTable(
+        ids=["", *ds.item_ids],
+        tokens=tokens,
+        vectors={ITEM_VECTOR: vectors},
+        clusters={},
+        popularity=item_popularity(ds.train, ds.num_items).astype(np.float32),
+        texts=["", *ds.texts] if ds.texts is not None else None,
+    )
+    widths = {m: cfg.feature_dim(m) for m in modalities}
+    dims = Dims(hidden=model.user_dim, token=seed_export.token_dim(model), features=widths)
+    scorer = Scorer(INNER_PRODUCT, modalities, blocks=seed_export.blocks(model))
+    try:
+        table.validate(dims, scorer, 0)
+    except BundleError as exc:
+        raise ExportError(f"the model's item table is not servable: {exc}") from exc
+    writer = BundleWriter(root)
+    writer.write_item_table(table)
+    graphs = tower_graphs(modalities, inner_product=True)
+    user_graph, item_graph = seed_export.graphs(model)
+    user_inputs, item_inputs = seed_export.example_inputs(model)
+    batch = ("batch", 1, None)
+    parity: dict[str, float | int] = {}
+
+    started = time.perf_counter()
+    user_dynamic = {"tokens": {0: batch, 1: ("hist_len", 1, seed_export.history_len(model))}, "lengths": {0: batch}}
+    _export(user_graph, user_inputs, root / USER_TOWER, [USER_OUTPUT], user_dynamic, exporter)
+    session = open_session(root / USER_TOWER, "cpu")
+    parity["user_max_abs_diff"] = seed_export.check_user_parity(model, session, tokens)
+    tower = UserTower(session, ItemArrays.from_table(table), None, seed_export.history_len(model), graphs["user"])
+    rows = min(PARITY_USERS, len(ds.test))
+    parity["encode_max_abs_diff"] = seed_export.check_encode_parity(
+        model, tower, ds.test.histories[:rows], ds.test.lengths[:rows]
+    )
+    log.info("user tower exported and checked in %.1fs: %s", time.perf_counter() - started, parity)
+
+    started = time.perf_counter()
+    item_dynamic = {name: {0: batch} for name in item_inputs}
+    _export(item_graph, item_inputs, root / ITEM_TOWER, list(graphs["item"].outputs), item_dynamic, exporter)
+    session = open_session(root / ITEM_TOWER, "cpu")
+    features = _parity_features(model, ds)
+    parity["item_max_abs_diff"] = seed_export.check_item_parity(model, session, features)
+    log.info("item tower exported and checked in %.1fs: %s", time.perf_counter() - started, parity)
+
+    manifest = Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        model_kind=model_kind(model),
+        model=cfg.to_dict(),
+        dims=dims,
+        scorer=scorer,
+        graphs=graphs,
+        num_items=table.num_items,
+        num_interests=0,
+        max_len=seed_export.history_len(model),
+        export={"mode": getattr(cfg, "mode", "inductive"), "opset": OPSET, "exporter": exporter, "parity": parity},
+        created=created,
+    )
+    manifest = writer.finalize(manifest)
+    read_bundle(root)
+    return manifest
+
+
+def _parity_features(model: ServableModel, ds: SeqDataset) -> dict[str, np.ndarray]:
+    """Item-tower parity rows: real items, then one row per missing-modality pattern (all zero; and, with two
+    modalities, each modality alone)."""
+    mods = model.cfg.modalities
+    real = {m: ds.features[m][1 : 1 + PARITY_ITEMS] for m in mods}
+    patterns = [dict.fromkeys(mods, False)]
+    if len(mods) == 2:
+        patterns += [{mods[0]: True, mods[1]: False}, {mods[0]: False, mods[1]: True}]
+    extra = {m: np.stack([real[m][i] * p[m] for i, p in enumerate(patterns)]) for m in mods}
+    return {m: np.concatenate([real[m], extra[m]]).astype(np.float32) for m in mods}
+
+
+def model_kind(model: ServableModel) -> str:
+    return {MISSRec: "missrec", MSM4SR: "msm4sr", MMSRec: "mmsrec"}[type(model)]
+
+
 def _make_readable(root: Path) -> None:
     """Give the bundle the permissions of ordinary new files and folders (umask applied): mkdtemp creates 0700 and
     temp-file writers 0600, which a service running as another user could not read."""
@@ -360,7 +455,7 @@ def export_bundle(checkpoint: Path, data_dir: Path, out: Path, *, overwrite: boo
         onnxruntime=ort.__version__,
         cold_items=len(meta.get("cold_items") or []),
     )
-    log.info("exporting %s (%s, %d items) to %s", checkpoint, model.cfg.mode, ds.num_items, out)
+    log.info("exporting %s (%s, %d items) to %s", checkpoint, model_kind(model), ds.num_items, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

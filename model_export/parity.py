@@ -35,12 +35,12 @@ class ExportError(RuntimeError):
     """The model cannot be exported, or the exported graphs do not reproduce it."""
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     return float("inf") if not np.isfinite(diff).all() else float(diff.max(initial=0.0))
 
 
-def _require(name: str, diff: float) -> float:
+def require_parity(name: str, diff: float) -> float:
     if not diff <= PARITY_ATOL:
         raise ExportError(f"ONNX Runtime and PyTorch disagree on {name}: max abs diff {diff:.3g} > {PARITY_ATOL}")
     return diff
@@ -74,7 +74,7 @@ def check_user_parity(model: MISSRec, session: ort.InferenceSession, seed: int =
             }
             expected = model.user_tower(*feeds.values())[0].numpy()
             got = session.run([USER_OUTPUT], {k: v.numpy() for k, v in feeds.items()})[0]
-            diff = _require(f"the user vector (length {length}, batch {batch})", _max_diff(got, expected))
+            diff = require_parity(f"the user vector (length {length}, batch {batch})", max_abs_diff(got, expected))
             worst = max(worst, diff)
     return worst
 
@@ -84,7 +84,7 @@ def check_encode_parity(model: MISSRec, tower: UserTower, histories: np.ndarray,
     """UserTower.encode (numpy interest ids + ORT) vs model.encode on real histories (R, L) with lengths (R,)."""
     expected = model.encode(torch.from_numpy(histories), torch.from_numpy(lengths))[0].numpy()
     got = tower.encode([h[:n] for h, n in zip(histories, lengths, strict=True)])
-    return _require("UserTower.encode vs model.encode", _max_diff(got, expected))
+    return require_parity("UserTower.encode vs model.encode", max_abs_diff(got, expected))
 
 
 @torch.no_grad()
@@ -100,10 +100,10 @@ def check_item_parity(
     got = dict(zip(item_tower_outputs(modalities), session.run(None, feeds), strict=True))
     centroids = model.centroids[1:]
     adapted = {m: model.adapters[m](torch.from_numpy(feeds[feature_input(m)])) for m in modalities}
-    worst = _max_diff(got[ITEM_TOKENS], torch.stack(list(adapted.values())).sum(dim=0).numpy())
+    worst = max_abs_diff(got[ITEM_TOKENS], torch.stack(list(adapted.values())).sum(dim=0).numpy())
     ties = 0
     for m, a in adapted.items():
-        worst = max(worst, _max_diff(got[m], F.normalize(a, dim=-1).numpy()))
+        worst = max(worst, max_abs_diff(got[m], F.normalize(a, dim=-1).numpy()))
         expected = assign_in_batches(a, centroids) + 1
         onnx_ids = torch.from_numpy(got[cluster_output(m)])
         differ = torch.nonzero(onnx_ids != expected).squeeze(1)
@@ -114,7 +114,7 @@ def check_item_parity(
             if not torch.all(picked - best <= 1e-5 * best.abs().clamp(min=1.0)):
                 raise ExportError(f"item tower assigns {differ.numel()} {m} vectors to a different interest cluster")
             ties += differ.numel()
-    return {"item_max_abs_diff": _require("the item tower outputs", worst), "item_cluster_ties": ties}
+    return {"item_max_abs_diff": require_parity("the item tower outputs", worst), "item_cluster_ties": ties}
 
 
 @torch.no_grad()

@@ -134,3 +134,52 @@ def tiny_clip(tmp_path_factory) -> tuple[str, str]:
 
     path = save_random_init_checkpoint(TINY_MODEL, tmp_path_factory.mktemp("clip") / "tiny.pt", seed=0)
     return TINY_MODEL, str(path)
+
+
+# ----- MSM4SR and MMSRec bundles from the REAL Scientific data (export and serving tests) -------------------------
+SEED_MODELS = {
+    # kind -> (trainer name, overrides): one epoch each. MMSRec at hidden 64 (spec: 512) keeps the test fast; the
+    # export and serving paths do not depend on the width.
+    "msm4sr": ("train_msm4sr", {}),
+    "msm4sr-transductive": ("train_msm4sr", {"mode": "transductive"}),
+    "mmsrec": ("train_mmsrec", {"hidden": 64, "n_heads": 2, "ff_dim": 256}),
+}
+
+
+@pytest.fixture(scope="session")
+def seed_bundles(scientific_dir, tmp_path_factory):
+    """kind -> (run dir with checkpoint.pt, bundle with an exact Flat index), built on first use per kind (cached
+    under MISSREC_TEST_CACHE like ``scientific_bundle``)."""
+    from index_builder.build import build_index
+    from missrec import seed_runs
+    from missrec.data import load_dataset
+    from missrec.runs import save_run
+    from missrec.train import TrainOptions
+    from model_export.onnx_export import export_bundle
+    from serving_core.bundle import BundleError, verify_checksums
+
+    cache = os.environ.get("MISSREC_TEST_CACHE")
+    key = _source_key("missrec", "model_export", "serving_core", "index_builder")
+    built: dict[str, tuple[Path, Path]] = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind in built:
+            return built[kind]
+        root = Path(cache) / f"seed-{kind}-{key}" if cache else tmp_path_factory.mktemp(f"seed-{kind}")
+        run, bundle = root / "run", root / "bundle"
+        try:
+            if cache and (run / "checkpoint.pt").is_file() and verify_checksums(bundle).index is not None:
+                built[kind] = run, bundle
+                return built[kind]
+        except BundleError:
+            pass
+        trainer, overrides = SEED_MODELS[kind]
+        ds = load_dataset(scientific_dir)
+        result = getattr(seed_runs, trainer)(ds, TrainOptions(epochs=1, progress=False), **overrides)
+        save_run(result, ds, run)
+        export_bundle(run / "checkpoint.pt", scientific_dir, bundle, overwrite=True)
+        build_index(bundle, factory="Flat", device="cpu", progress=False)
+        built[kind] = run, bundle
+        return built[kind]
+
+    return get

@@ -3,10 +3,12 @@ the errors they print, and that the model CLI alone (missrec.cli) has none of th
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from missrec.checkpoint import save_checkpoint
+from missrec.seed_runs import build_mmsrec, build_msm4sr
 from missrec.train import TrainOptions, fit
 from missrec_cli.main import app
 from serving_core.bundle import read_bundle
@@ -37,6 +39,19 @@ def test_export_then_build_index(tmp_path):
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["build-index", "--bundle", str(out), "--device", "tpu"])
     assert bad.exit_code == 2 and "--device must be" in bad.output
+
+
+@pytest.mark.parametrize("build", [build_msm4sr, build_mmsrec])
+def test_export_of_the_seed_towers(build, tmp_path):
+    ds = tiny_dataset(tmp_path / "data")
+    checkpoint = save_checkpoint(tmp_path / "run" / "checkpoint.pt", build(ds, hidden=16, n_heads=2))
+    out = tmp_path / "bundle"
+    r = CliRunner().invoke(
+        app, ["export", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    kind = read_bundle(out).manifest.model_kind
+    assert f"exported {kind}:" in r.output and "scorer inner_product" in r.output and "alpha" not in r.output
 
 
 def test_the_model_cli_has_no_serving_commands():
