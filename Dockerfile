@@ -22,6 +22,7 @@ COPY missrec_cli ./missrec_cli
 COPY service ./service
 COPY loadtest ./loadtest
 COPY harness ./harness
+COPY lifecycle ./lifecycle
 RUN python -m build --wheel --outdir /wheels
 
 # ---------------------------------------------------------------------------------------------------------------
