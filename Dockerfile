@@ -6,14 +6,14 @@
 # The bundle (from `missrec export` + `missrec build-index`) is mounted, never baked in. Settings are the same
 # MISSREC_* environment variables as outside the container (see `missrec serve --help`, service/settings.py).
 #
-# Build arguments (the defaults are public; scripts/build_image.sh sets them for a machine with a PyPI mirror only):
+# Build arguments (the defaults are public; scripts/build_image.py sets them for a machine with a PyPI mirror only):
 #   BASE_IMAGE       base of the build and cpu stages: any Debian bookworm with python3 (>= 3.11) and its venv
 #                    module (python:3.11-slim-bookworm, or a debootstrapped bookworm + python3 python3-venv)
 #   PIP_INDEX_URL    the package index (pip reads it from the environment the ARG sets)
 #   TORCH_INDEX      an extra index for torch (default: PyTorch's CPU wheels); empty = none
 #   TORCH_PACKAGES   the torch requirements, e.g. "torch==2.14.1 torchvision==0.29.1"
 # A private CA for the index: --secret id=pip_cert,src=/path/ca.pem (used as PIP_CERT when given).
-# The Dockerfile's sha256 is recorded in docs/image-build.json by a real build (scripts/build_image.sh); a test fails
+# The Dockerfile's sha256 is recorded in docs/image-build.json by a real build (scripts/build_image.py); a test fails
 # when they differ.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -36,6 +36,7 @@ COPY missrec_cli ./missrec_cli
 COPY service ./service
 COPY loadtest ./loadtest
 COPY harness ./harness
+COPY lifecycle ./lifecycle
 RUN --mount=type=secret,id=pip_cert \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && /opt/build-venv/bin/python -m build --wheel --outdir /wheels

@@ -267,3 +267,25 @@ def abo_products(abo_dir: Path) -> list[dict]:
         text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
         products.append({"id": folder.name, "text": text + ".", "images": sorted(folder.glob("*.jpg"))})
     return products
+
+
+def cluster_ports(n: int) -> list[int]:
+    """n ports whose cluster bus ports (port + 10000) are free too (a node dies if its bus port is unusable)."""
+    import random
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20000, 40000)
+        if port not in ports and free(port) and free(port + 10000):
+            ports.append(port)
+    return ports

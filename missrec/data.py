@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,3 +275,50 @@ def load_dataset(path: str | Path, name: str | None = None, max_len: int = MAX_L
         max_len=max_len,
         extra=extra,
     )
+
+
+# ----- writing ------------------------------------------------------------------------------------------------
+def split_leave_one_out(sequences: list[list[int]], max_len: int) -> dict[str, list[tuple[int, list[int], int]]]:
+    """Rows ``(user, history, target)`` per split; every sequence has >= 3 items."""
+    splits: dict[str, list[tuple[int, list[int], int]]] = {"train": [], "valid": [], "test": []}
+    for user, seq in enumerate(sequences):
+        n = len(seq)
+        for k in range(n - 3, 0, -1):  # targets seq[1..n-3]: every prefix of seq[:-2], longest first
+            splits["train"].append((user, seq[max(0, k - max_len) : k], seq[k]))
+        splits["valid"].append((user, seq[: n - 2][-max_len:], seq[n - 2]))
+        splits["test"].append((user, seq[: n - 1][-max_len:], seq[n - 1]))
+    return splits
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write via a temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, str):
+        tmp.write_text(data, encoding="utf-8")
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_dataset(
+    base: Path,
+    splits: dict[str, list[tuple[int, list[int], int]]],
+    user_ids: list[str],
+    item_ids: list[str],
+    texts: list[str | None],
+    feats: dict[str, np.ndarray],
+) -> None:
+    """Write ``<base>.*`` in the atomic format: rows (user index, history, target) of 0-based item indices per
+    split; ``item_ids``, ``texts`` and the rows of ``feats`` (one array per modality) in item-index order."""
+    header = "\t".join(INTER_HEADER) + "\n"
+    for split, rows in splits.items():
+        lines = [f"{u}\t{' '.join(map(str, h))}\t{t}\n" for u, h, t in rows]
+        write_atomic(Path(f"{base}.{split}.inter"), header + "".join(lines))
+    write_atomic(Path(f"{base}.item2index"), "".join(f"{item}\t{k}\n" for k, item in enumerate(item_ids)))
+    write_atomic(Path(f"{base}.user2index"), "".join(f"{u}\t{k}\n" for k, u in enumerate(user_ids)))
+    lines = "".join(f"{item}\t{text or ''}\n" for item, text in zip(item_ids, texts, strict=True))
+    write_atomic(Path(f"{base}.text"), "item_id:token\ttext:token_seq\n" + lines)
+    for modality, suffix in MODALITY_SUFFIXES.items():
+        if modality not in feats:
+            continue
+        write_atomic(Path(f"{base}{suffix}"), np.ascontiguousarray(feats[modality], dtype="<f4").tobytes())

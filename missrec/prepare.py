@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -53,7 +52,7 @@ import numpy as np
 from tqdm import tqdm
 
 from missrec.clip_encoder import ClipEncoder, ImageDecodeError, decode_image
-from missrec.data import INTER_HEADER, MAX_LEN, MODALITY_SUFFIXES
+from missrec.data import MAX_LEN, MODALITY_SUFFIXES, split_leave_one_out, write_atomic, write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -254,18 +253,6 @@ def build_sequences(events: list[Event]) -> tuple[list[str], list[str], list[lis
     return list(by_user), list(item_index), sequences
 
 
-def split_leave_one_out(sequences: list[list[int]], max_len: int) -> dict[str, list[tuple[int, list[int], int]]]:
-    """Rows ``(user, history, target)`` per split; every sequence has >= 3 items."""
-    splits: dict[str, list[tuple[int, list[int], int]]] = {"train": [], "valid": [], "test": []}
-    for user, seq in enumerate(sequences):
-        n = len(seq)
-        for k in range(n - 3, 0, -1):  # targets seq[1..n-3]: every prefix of seq[:-2], longest first
-            splits["train"].append((user, seq[max(0, k - max_len) : k], seq[k]))
-        splits["valid"].append((user, seq[: n - 2][-max_len:], seq[n - 2]))
-        splits["test"].append((user, seq[: n - 1][-max_len:], seq[n - 1]))
-    return splits
-
-
 def _check_images(items: list[CatalogItem], max_pixels: int, progress: bool) -> dict[str, str]:
     """Decode every image once (cheap next to CLIP) -> {item_id: problem} for missing or broken ones."""
     bad: dict[str, str] = {}
@@ -279,36 +266,6 @@ def _check_images(items: list[CatalogItem], max_pixels: int, progress: bool) -> 
         except ImageDecodeError as exc:
             bad[item.item_id] = f"{item.image}: {exc}"
     return bad
-
-
-def _write(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _write_dataset(
-    base: Path,
-    splits: dict[str, list[tuple[int, list[int], int]]],
-    user_ids: list[str],
-    items: list[CatalogItem],
-    feats: dict[str, np.ndarray],
-) -> None:
-    """Write ``<base>.*`` in the atomic format; ``items`` and the rows of ``feats`` in item-index order."""
-    header = "\t".join(INTER_HEADER) + "\n"
-    for split, rows in splits.items():
-        lines = [f"{u}\t{' '.join(map(str, h))}\t{t}\n" for u, h, t in rows]
-        _write(Path(f"{base}.{split}.inter"), header + "".join(lines))
-    _write(Path(f"{base}.item2index"), "".join(f"{it.item_id}\t{k}\n" for k, it in enumerate(items)))
-    _write(Path(f"{base}.user2index"), "".join(f"{u}\t{k}\n" for k, u in enumerate(user_ids)))
-    texts = "".join(f"{it.item_id}\t{it.text or ''}\n" for it in items)
-    _write(Path(f"{base}.text"), "item_id:token\ttext:token_seq\n" + texts)
-    for modality, suffix in MODALITY_SUFFIXES.items():
-        _write(Path(f"{base}{suffix}"), np.ascontiguousarray(feats[modality], dtype="<f4").tobytes())
 
 
 def _sha256(path: Path) -> str:
@@ -415,7 +372,7 @@ def prepare_dataset(
             feats[modality][row] = vector
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_dataset(base, splits, user_ids, kept, feats)
+    write_dataset(base, splits, user_ids, [it.item_id for it in kept], [it.text for it in kept], feats)
     summary = PrepareSummary(
         name=name,
         out_dir=out_dir,
@@ -451,7 +408,7 @@ def prepare_dataset(
         },
         "summary": {k: v for k, v in summary.to_dict().items() if k not in {"out_dir", "files"}},
     }
-    _write(Path(f"{base}.prepare.json"), json.dumps(manifest, indent=2) + "\n")
+    write_atomic(Path(f"{base}.prepare.json"), json.dumps(manifest, indent=2) + "\n")
     log.info(
         "wrote dataset %s to %s: %d users, %d items, %d/%d/%d train/valid/test rows",
         name,

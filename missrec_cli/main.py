@@ -8,6 +8,7 @@ from __future__ import annotations
 import typer
 
 from missrec.cli import app as model_app
+from missrec_cli import lifecycle
 from missrec_cli.serving import register
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 app.registered_callback = model_app.registered_callback
 app.registered_commands.extend(model_app.registered_commands)
 register(app)
+lifecycle.register(app)
 
 __all__ = ["app"]
 

@@ -4,6 +4,7 @@ Keys (``P`` = key prefix). Every multi-key operation is one Lua script whose key
 through a hash tag, so the service works unchanged against Redis Cluster:
 
     P:u:{<h>}:hist          list of "<timestamp>\\x1f<item id>" entries, oldest first, capped at max_len
+    P:u:{<h>}:id            the user id itself (a snapshot of the deployment reads it; same TTL as the history)
     P:u:{<h>}:idem:<key>    idempotency marker of an events call (24 h)    (<h> = sha1(user id)[:20])
     P:{items}:item:<id>     hash: an ingested item (raw features, vectors, clusters, text) or a deletion tombstone
     P:{items}:ids           sorted set: item id -> version of its latest change (for replay at start-up)
@@ -32,20 +33,25 @@ from redis.asyncio import Redis
 SEP = "\x1f"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 
-# KEYS: hist, idem (or "" when no key). ARGV: max_len, ttl (0 = none), idem ttl, payload hash, entries...
-# Returns {1: applied now | 0: applied before | -1: the key was used for another payload, history length}.
-# (A marker of "1" was written before payload hashes were stored: it matches any payload.)
+# KEYS: hist, idem, user id (one slot: the user's hash tag; without an idempotency key KEYS[2] is a placeholder of
+# that slot, never written). ARGV: max_len, ttl (0 = none), idem ttl (0 = no idempotency key), payload hash, user
+# id, entries... Returns {1: applied now | 0: applied before | -1: the key was used for another payload, history
+# length}. (A marker of "1" was written before payload hashes were stored: it matches any payload.)
 _APPEND = """
-if KEYS[2] ~= '' then
+if tonumber(ARGV[3]) > 0 then
   if not redis.call('SET', KEYS[2], ARGV[4], 'NX', 'EX', ARGV[3]) then
     local stored = redis.call('GET', KEYS[2])
     local same = (stored == ARGV[4] or stored == '1') and 0 or -1
     return {same, redis.call('LLEN', KEYS[1])}
   end
 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 6))
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[1]), -1)
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+redis.call('SET', KEYS[3], ARGV[5])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
 return {1, redis.call('LLEN', KEYS[1])}
 """
 
@@ -72,6 +78,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'NX')
 local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
 return {redis.call('GET', KEYS[1]), tonumber(redis.call('GET', KEYS[2]) or '0'), last[1] and last[1][1] or ''}
 """
+
+
+def user_tag(user_id: str) -> str:
+    """The hash tag of a user's keys (P:u:{<tag>}:...): sha1 of the id, 20 hex digits."""
+    return hashlib.sha1(user_id.encode("utf-8")).hexdigest()[:20]
+
+
+def parse_history_entry(entry: bytes) -> tuple[float | None, str]:
+    """One history list entry -> (timestamp, item id)."""
+    ts, _, item = entry.decode("utf-8").partition(SEP)
+    return (float(ts) if ts else None), item
 
 
 def new_epoch() -> str:
@@ -180,12 +197,11 @@ class Store:
         items = f"{prefix}:{{items}}"
         self.ids_key, self.version_key, self.stream_key = f"{items}:ids", f"{items}:version", f"{items}:events"
         self.epoch_key = f"{items}:epoch"
-        self._item_prefix = f"{items}:item:"
+        self.item_prefix = f"{items}:item:"
 
     # ----- users ------------------------------------------------------------------------------------------
     def _user(self, user_id: str) -> str:
-        tag = hashlib.sha1(user_id.encode("utf-8")).hexdigest()[:20]
-        return f"{self.prefix}:u:{{{tag}}}"
+        return f"{self.prefix}:u:{{{user_tag(user_id)}}}"
 
     async def append_events(
         self, user_id: str, item_ids: list[str], timestamps: list[float] | None, idempotency_key: str | None = None
@@ -196,10 +212,12 @@ class Store:
         stamps = timestamps or [now] * len(item_ids)
         entries = [f"{float(ts)!r}{SEP}{item}" for ts, item in zip(stamps, item_ids, strict=True)]
         user = self._user(user_id)
-        idem = self._idem(user, idempotency_key) if idempotency_key else ""
+        idem = self._idem(user, idempotency_key) if idempotency_key else f"{user}:idem"
+        idem_ttl = IDEMPOTENCY_TTL_SECONDS if idempotency_key else 0
+        digest = payload_hash(item_ids, timestamps)
         applied, length = await self._append(
-            keys=[f"{user}:hist", idem],
-            args=[self.max_len, self.ttl, IDEMPOTENCY_TTL_SECONDS, payload_hash(item_ids, timestamps), *entries],
+            keys=[f"{user}:hist", idem, f"{user}:id"],
+            args=[self.max_len, self.ttl, idem_ttl, digest, user_id, *entries],
         )
         if int(applied) < 0:
             raise IdempotencyConflict(idempotency_key)
@@ -228,18 +246,14 @@ class Store:
     async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
         """(item ids, timestamps), oldest first."""
         raw = await self.redis.lrange(f"{self._user(user_id)}:hist", 0, -1)
-        items, stamps = [], []
-        for entry in raw:
-            ts, _, item = entry.decode("utf-8").partition(SEP)
-            items.append(item)
-            stamps.append(float(ts) if ts else None)
-        return items, stamps
+        parsed = [parse_history_entry(entry) for entry in raw]
+        return [item for _, item in parsed], [ts for ts, _ in parsed]
 
     # ----- items ------------------------------------------------------------------------------------------
     async def put_item(self, record: ItemRecord, origin: str, op: str = "upsert") -> ItemChange:
         """Store an item change atomically (hash + id index + stream event); sets ``record.version``."""
         version, epoch, previous = await self._change(
-            keys=[self._item_prefix + record.item_id, self.ids_key, self.version_key, self.stream_key, self.epoch_key],
+            keys=[self.item_prefix + record.item_id, self.ids_key, self.version_key, self.stream_key, self.epoch_key],
             args=[record.item_id, op, origin, self.stream_max_len, new_epoch(), *record.to_fields()],
         )
         record.version = int(version)
@@ -259,7 +273,7 @@ class Store:
         return raw.decode() if raw is not None else None
 
     async def get_item(self, item_id: str) -> ItemRecord | None:
-        data = await self.redis.hgetall(self._item_prefix + item_id)
+        data = await self.redis.hgetall(self.item_prefix + item_id)
         return ItemRecord.from_hash(item_id, data) if data else None
 
     async def all_items(self, batch: int = 500) -> list[ItemRecord]:
@@ -270,7 +284,7 @@ class Store:
             chunk = ids[start : start + batch]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for item_id in chunk:
-                    pipe.hgetall(self._item_prefix + item_id)
+                    pipe.hgetall(self.item_prefix + item_id)
                 results = await pipe.execute()
             records += [ItemRecord.from_hash(i, d) for i, d in zip(chunk, results, strict=True) if d]
         return records

@@ -60,6 +60,60 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real 3-master Redis Cluster on 127.0.0.1 (slots split evenly), started from the redis-server binary."""
+    import subprocess
+    import time
+
+    import redis
+
+    from harness.launch import cluster_ports
+    from service.embedded_redis import redis_server_binary
+
+    base = tmp_path_factory.mktemp("cluster")
+    ports = cluster_ports(3)
+    procs = []
+    for port in ports:
+        d = base / str(port)
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+    try:
+        clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
+        deadline = time.monotonic() + 10
+        for c in clients:
+            while True:
+                try:
+                    c.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        bounds = [0, 5461, 10923, 16384]
+        for c, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
+            c.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
+        for c in clients[1:]:
+            c.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+        while time.monotonic() < deadline + 20:
+            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
+            text = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+            if all("cluster_state:ok" in t for t in text):
+                break
+            time.sleep(0.1)
+        else:
+            raise RuntimeError("cluster did not converge")
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(5)
+
+
 @pytest.fixture
 def key_prefix(redis_url) -> Iterator[str]:
     """A fresh key prefix; every key under it is deleted after the test."""

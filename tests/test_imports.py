@@ -10,8 +10,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("missrec", "missrec_cli", "model_export", "index_builder", "serving_core", "service", "loadtest", "harness")
-SERVING = ("service", "serving_core", "index_builder", "model_export", "missrec_cli")
+PACKAGES = (
+    "missrec",
+    "missrec_cli",
+    "model_export",
+    "index_builder",
+    "serving_core",
+    "service",
+    "loadtest",
+    "harness",
+    "lifecycle",
+)
+SERVING = ("service", "serving_core", "index_builder", "model_export", "missrec_cli", "lifecycle")
 
 pytestmark = pytest.mark.oracle
 

@@ -6,85 +6,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.embedded_redis import redis_server_binary
 from tests.service_helpers import make_app
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cluster_ports(n: int) -> list[int]:
-    """n ports whose cluster bus ports (port + 10000) are free too (a node dies if its bus port is unusable)."""
-    import random
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(20000, 40000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    return ports
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory):
-    """A real 3-master Redis Cluster on 127.0.0.1 (slots split evenly), started from the redis-server binary."""
-    base = tmp_path_factory.mktemp("cluster")
-    ports = _cluster_ports(3)
-    procs = []
-    for port in ports:
-        d = base / str(port)
-        d.mkdir()
-        procs.append(subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ))  # fmt: skip
-    try:
-        clients = [redis.Redis(host="127.0.0.1", port=p) for p in ports]
-        deadline = time.monotonic() + 10
-        for c in clients:
-            while True:
-                try:
-                    c.ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        bounds = [0, 5461, 10923, 16384]
-        for c, lo, hi in zip(clients, bounds, bounds[1:], strict=False):
-            c.execute_command("CLUSTER", "ADDSLOTS", *range(lo, hi))
-        for c in clients[1:]:
-            c.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
-        while time.monotonic() < deadline + 20:
-            infos = [c.execute_command("CLUSTER", "INFO") for c in clients]
-            text = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
-            if all("cluster_state:ok" in t for t in text):
-                break
-            time.sleep(0.1)
-        else:
-            raise RuntimeError("cluster did not converge")
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(5)
 
 
 def test_service_runs_against_redis_cluster(redis_cluster, scientific_bundle, tiny_clip, tmp_path, abo_dir):
@@ -107,7 +37,14 @@ def test_service_runs_against_redis_cluster(redis_cluster, scientific_bundle, ti
                 headers={"Idempotency-Key": f"k-{u}"},
             )
             assert again.json()["duplicate"] is True
-        assert client.get(f"/v1/users/{users[3]}/history").json()["item_ids"] == ["B00O47ILVA", "B006ATU73A"]
+        for u in users:  # without an idempotency key too (its placeholder key must share the user's slot)
+            r = client.post(f"/v1/users/{u}/events", json={"item_ids": ["B006ATU73A"]})
+            assert r.status_code == 200 and r.json()["history_length"] == 3, r.text
+        assert client.get(f"/v1/users/{users[3]}/history").json()["item_ids"] == [
+            "B00O47ILVA",
+            "B006ATU73A",
+            "B006ATU73A",
+        ]
         assert len(client.post("/v1/recommend", json={"user_id": users[5], "k": 5}).json()["items"]) == 5
         r = client.post(
             "/v1/items",
