@@ -148,6 +148,13 @@ class Catalogue:
 
     def _fresh(self, model: ServingModel, seq: int) -> Snapshot:
         """Publish the bundle alone as snapshot ``seq`` (new segments over the bundle's arrays)."""
+        snap = self._bundle_only(model, seq)
+        self._current = snap  # one reference assignment: readers see the old or the new snapshot, whole
+        return snap
+
+    def _bundle_only(self, model: ServingModel, seq: int) -> Snapshot:
+        """The bundle alone as snapshot ``seq`` over new segments, not published (readers keep the current one:
+        its views hold the old segments' buffers)."""
         table = model.bundle.table
         n = table.num_items
         self._ids, self._texts = list(table.ids), list(table.texts) if table.texts is not None else [""] * n
@@ -159,9 +166,9 @@ class Catalogue:
         deleted[0] = True  # padding is never recommended
         index_info = model.manifest.index
         gap = index_info.max_gap if index_info is not None else 2.0
-        return self._publish(model, seq, deleted, {}, {}, model.index, n, gap)
+        return self._snapshot(model, seq, deleted, {}, {}, model.index, n, gap)
 
-    def _publish(
+    def _snapshot(
         self,
         model: ServingModel,
         seq: int,
@@ -173,7 +180,7 @@ class Catalogue:
         max_gap: float,
     ) -> Snapshot:
         n = self._tokens.n
-        snap = Snapshot(
+        return Snapshot(
             model=model,
             seq=seq,
             n=n,
@@ -190,8 +197,6 @@ class Catalogue:
             index_rows=index_rows,
             max_gap=max_gap,
         )
-        self._current = snap  # one reference assignment: readers see the old or the new snapshot, whole
-        return snap
 
     @property
     def current(self) -> Snapshot:
@@ -212,36 +217,78 @@ class Catalogue:
         Raises :class:`IncompatibleItem` (and applies none of ``records``) when one cannot be served."""
         with self._lock:
             snap = self._current
-            model = snap.model
             for record in records:
-                if problem := model.record_problem(record):
+                if problem := snap.model.record_problem(record):
                     raise IncompatibleItem(problem)
             fresh = [r for r in sorted(records, key=lambda r: r.version) if self.is_newer(r.item_id, r.version)]
             if not fresh:
                 return 0
-            vectors = [None if r.deleted else model.vectors_of(r) for r in fresh]  # before any state changes
-            deleted_rows: list[int] = []
-            overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
-            for record, vec in zip(fresh, vectors, strict=True):
-                self.versions[record.item_id] = record.version
-                old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
-                if old is not None:
-                    deleted_rows.append(old)
-                if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
-                    ingested.pop(record.item_id, None)
-                    overlay[record.item_id] = old if old is not None else 0
-                    continue
-                overlay[record.item_id] = self._append(record, vec)
-                ingested[record.item_id] = record
-                gap = self._widened_gap(model, vec, gap)
-            deleted = np.zeros(self._tokens.n, dtype=bool)
-            deleted[: snap.n] = snap.deleted
-            deleted[deleted_rows] = True
-            index, index_rows = snap.index, snap.index_rows
-            if self._tokens.n - index_rows > self.compact_rows:
-                index, index_rows = self._compacted(snap, index_rows)
-            self._publish(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
+            self._current = self._applied(snap, fresh, snap.model.vectors_of_many([r for r in fresh if not r.deleted]))
             return len(fresh)
+
+    def switch(self, model: ServingModel, prepared: dict[tuple[str, int], dict[str, np.ndarray]]) -> Snapshot:
+        """Serve ``model`` from now on, with every item change applied so far (a bundle swap), in one publish.
+
+        The live ingested items are served with ``prepared`` vectors (keyed by id and version: the new item tower
+        run beforehand, outside the lock) or, for those that changed since, with vectors computed here; deletions
+        carry over as tombstones. Raises :class:`IncompatibleItem` (and publishes nothing) when a live item cannot
+        be served by ``model``."""
+        with self._lock:
+            snap = self._current
+            live = sorted(snap.ingested.values(), key=lambda r: r.version)
+            for record in live:
+                if problem := model.record_problem(record):
+                    raise IncompatibleItem(problem)
+            vectors: dict[int, dict[str, np.ndarray]] = {}
+            missing = []
+            for record in live:
+                vec = prepared.get((record.item_id, record.version))
+                if vec is None:
+                    missing.append(record)
+                else:
+                    vectors[id(record)] = vec
+            vectors |= {id(r): v for r, v in zip(missing, model.vectors_of_many(missing), strict=True)}
+            gone = [(i, v) for i, v in self.versions.items() if i not in snap.ingested]  # last change: a delete
+            tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in gone]
+            changes = sorted(live + tombstones, key=lambda r: r.version)
+            saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors)
+            try:
+                base = self._bundle_only(model, snap.seq)
+                new = self._applied(base, changes, [vectors[id(r)] for r in changes if not r.deleted])
+            except BaseException:  # nothing published: the segments go back to the ones the current snapshot uses
+                self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors = saved
+                raise
+            self._current = new
+            log.info("switched to bundle %s: %d ingested items, %d deleted", model.version, len(live), len(gone))
+            return new
+
+    def _applied(self, snap: Snapshot, fresh: list[ItemRecord], vectors: list[dict[str, np.ndarray]]) -> Snapshot:
+        """``snap`` with ``fresh`` (in version order; ``vectors`` of its live records, in order) appended: the
+        next snapshot, not published. Holds the lock."""
+        model = snap.model
+        live = iter(vectors)
+        deleted_rows: list[int] = []
+        overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
+        for record in fresh:
+            vec = None if record.deleted else next(live)
+            self.versions[record.item_id] = record.version
+            old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
+            if old is not None:
+                deleted_rows.append(old)
+            if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
+                ingested.pop(record.item_id, None)
+                overlay[record.item_id] = old if old is not None else 0
+                continue
+            overlay[record.item_id] = self._append(record, vec)
+            ingested[record.item_id] = record
+            gap = self._widened_gap(model, vec, gap)
+        deleted = np.zeros(self._tokens.n, dtype=bool)
+        deleted[: snap.n] = snap.deleted
+        deleted[deleted_rows] = True
+        index, index_rows = snap.index, snap.index_rows
+        if self._tokens.n - index_rows > self.compact_rows:
+            index, index_rows = self._compacted(snap, index_rows)
+        return self._snapshot(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
 
     def _append(self, record: ItemRecord, vec: dict[str, np.ndarray]) -> int:
         row = self._tokens.n

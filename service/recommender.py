@@ -23,6 +23,7 @@ class Query:
     k: int
     exclude: set[int] = field(default_factory=set)
     explain: bool = False
+    snapshot: Snapshot | None = None  # the one its rows come from (None: whichever is current)
 
 
 @dataclass
@@ -40,8 +41,29 @@ class Recommendation:
     fallback: str | None = None
 
 
-def recommend_batch(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
-    """One micro-batch: popularity for empty histories, user tower + exact top-k for the others."""
+def recommend_batch(current: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
+    """One micro-batch against the current snapshot; a query whose rows come from a snapshot of another model (a
+    bundle swap happened since it was resolved) runs on that model, with the newest such snapshot in the batch:
+    rows of one bundle mean nothing in another."""
+    groups: dict[int, tuple[Snapshot, list[int]]] = {}
+    for i, q in enumerate(queries):
+        snap = current if q.snapshot is None or q.snapshot.model is current.model else q.snapshot
+        seen, members = groups.setdefault(id(snap.model), (snap, []))
+        if snap.seq > seen.seq:
+            groups[id(snap.model)] = (snap, members)
+        members.append(i)
+    if len(groups) == 1:
+        return _recommend_on(next(iter(groups.values()))[0], queries, metrics)
+    results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
+    for snap, members in groups.values():
+        for i, rec in zip(members, _recommend_on(snap, [queries[i] for i in members], metrics), strict=True):
+            results[i] = rec
+    return results
+
+
+def _recommend_on(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
+    """One group of queries on one snapshot: popularity for empty histories, user tower + exact top-k for the
+    others."""
     results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
     personal = [i for i, q in enumerate(queries) if q.history.size]
     for i, q in enumerate(queries):

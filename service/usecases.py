@@ -71,6 +71,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         k=req.k,
         exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
         explain=req.explain,
+        snapshot=snap,
     )
     result = await state.batcher.submit(query)
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
@@ -172,8 +173,14 @@ def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:
 async def readiness(state: ServiceState) -> dict[str, str]:
     snap = state.catalogue.current
     rep = state.replicator
+    bundle = f"loaded {snap.model.version} ({snap.model.kind}, {snap.model.manifest.scorer.kind})"
+    swap = state.switcher
+    if not swap.settled:
+        bundle += f"; {swap.error or 'waiting for Redis to say which bundle is announced'}"
+    elif swap.phase != "active":
+        bundle += f"; swap {swap.phase}" + (f": {swap.error}" if swap.error else "")
     checks = {
-        "bundle": f"loaded {snap.model.version} ({snap.model.kind}, {snap.model.manifest.scorer.kind})",
+        "bundle": bundle,
         "items": "replayed from Redis" if rep.ready else (rep.error or "waiting for Redis to replay the stored items"),
     }
     try:
