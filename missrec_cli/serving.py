@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    import httpx
 
 console = Console()
 log = logging.getLogger(__name__)
@@ -87,6 +90,66 @@ def serve(
     uvicorn.run(
         "service.main:app", host=host, port=port, workers=workers, log_level="info", timeout_graceful_shutdown=10
     )
+
+
+def swap(
+    url: Annotated[str, typer.Option("--url", help="Base URL of a replica (or the load balancer).")],
+    bundle: Annotated[str, typer.Option("--bundle", help="Bundle directory, inside MISSREC_BUNDLE_ROOT there.")],
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="MISSREC_API_KEY", help="X-API-Key (default: MISSREC_API_KEY).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the replica serves it (or refused it).")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 300.0,
+) -> None:
+    """Point every replica at another bundle, with no downtime (a rollback: the previous bundle). Exit 0 once the
+    replica at --url serves it, 1 if it refused it or a later swap superseded it, 2 if the call was refused."""
+    import time
+
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    base = url.rstrip("/")
+    try:
+        r = httpx.post(f"{base}/v1/admin/bundle", json={"bundle": bundle}, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise _fail(f"{base}: {exc}") from None
+    if r.status_code != 202:
+        raise _fail(f"{r.status_code} {_error_text(r)}")
+    announced = r.json()
+    console.print(f"announced {announced['version']} ({announced['bundle']}, generation {announced['generation']})")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = httpx.get(f"{base}/v1/admin/bundle", headers=headers, timeout=10.0)
+        except httpx.HTTPError:
+            s = None  # a replica restarting behind the URL: ask again
+        if s is not None and s.status_code == 200:
+            status = s.json()
+            latest = status["announced"] or {}
+            if latest.get("generation", 0) > announced["generation"]:
+                console.print(f"[yellow]superseded by generation {latest['generation']} ({latest['version']})[/]")
+                raise typer.Exit(code=1)
+            if status["state"] == "failed" and latest.get("generation") == announced["generation"]:
+                console.print(f"[bold red]refused:[/] {status['error']}; still serving {status['active']['version']}")
+                raise typer.Exit(code=1)
+            active = status["active"]
+            if status["state"] == "active" and active["generation"] == announced["generation"]:
+                took = status["last_swap_seconds"]
+                console.print(f"serving {active['version']}" + (f" (swapped in {took:.2f} s)" if took else ""))
+                return
+        time.sleep(0.2)
+    console.print(f"[bold red]timeout:[/] not serving {announced['version']} after {timeout:g} s")
+    raise typer.Exit(code=1)
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        err = r.json()["error"]
+        return f"{err['code']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return r.text
 
 
 def _demo_clip(root: Path) -> tuple[str, str]:
@@ -182,4 +245,5 @@ def register(app: typer.Typer) -> None:
     app.command(name="export")(export)
     app.command(name="build-index")(build_index)
     app.command()(serve)
+    app.command()(swap)
     app.command()(quickstart)

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from service.errors import install_error_handlers
 from service.middleware import BodyLimit, ConcurrencyLimit, ContentEncoding, HeadAsGet, RequestMetrics
 from service.replication import StartupRefused
-from service.routers import health, items, recommend, users
+from service.routers import admin, health, items, recommend, users
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.state.settings = settings
     app.state.service = None
     install_error_handlers(app)
-    for router in (recommend.router, users.router, items.router, health.router):
+    for router in (recommend.router, users.router, items.router, health.router, admin.router):
         app.include_router(router)
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

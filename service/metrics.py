@@ -9,6 +9,12 @@ Names (all prefixed ``missrec_``):
     fallback_total             recommendations served from popularity (no history)
     redis_errors_total         Redis calls that failed or timed out
     live_items                 gauge: items servable right now (bundle + ingested - deleted)
+    bundle_info{version}       gauge: 1 for the bundle this replica serves (0 for the ones it served before)
+    bundle_generation          gauge: announcement generation this replica serves (0: MISSREC_BUNDLE, none announced)
+    bundle_loading             gauge: 1 while a swap loads, warms up and re-embeds
+    bundle_swaps_total{result}  switched, unchanged (already served), failed, superseded (a newer one came first)
+    bundle_swap_seconds        histogram: announcement seen -> new snapshot serving
+    bundle_reembedded_total    ingested items re-embedded with a new item tower at a swap
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ LATENCY_BUCKETS = (
     2.5,
     5.0,
 )
+SWAP_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
@@ -56,6 +63,14 @@ class Metrics:
         self.fallback = Counter("missrec_fallback_total", "Popularity fallbacks", registry=r)
         self.redis_errors = Counter("missrec_redis_errors_total", "Failed Redis calls", registry=r)
         self.live_items = Gauge("missrec_live_items", "Servable items", registry=r)
+        self.bundle_info = Gauge("missrec_bundle_info", "Bundle served (1)", ["version"], registry=r)
+        self.bundle_generation = Gauge("missrec_bundle_generation", "Announcement generation served", registry=r)
+        self.bundle_loading = Gauge("missrec_bundle_loading", "1 while a bundle swap is in progress", registry=r)
+        self.bundle_swaps = Counter("missrec_bundle_swaps_total", "Bundle swaps", ["result"], registry=r)
+        self.bundle_swap_seconds = Histogram(
+            "missrec_bundle_swap_seconds", "Announcement seen -> serving", buckets=SWAP_BUCKETS, registry=r
+        )
+        self.bundle_reembedded = Counter("missrec_bundle_reembedded_total", "Items re-embedded at swaps", registry=r)
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

@@ -187,3 +187,40 @@ class ItemResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unready"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# ----- admin: the serving bundle -------------------------------------------------------------------------------
+
+
+class SwapRequest(_Strict):
+    """The bundle every replica should serve: a directory inside MISSREC_BUNDLE_ROOT (relative paths: to it)."""
+
+    bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory.")
+
+
+class BundleAnnouncement(BaseModel):
+    generation: int = Field(description="Order of announcements: the highest is the one every replica serves.")
+    bundle: str = Field(description="The resolved bundle directory.")
+    version: str = Field(description="The bundle's model_version (what responses carry once switched).")
+    at: float = Field(description="Unix seconds of the announcement.")
+    by: str = Field(description="The replica that announced it.")
+
+
+class ActiveBundle(BaseModel):
+    bundle: str
+    version: str
+    generation: int = Field(description="Announcement served (0: MISSREC_BUNDLE, nothing announced yet).")
+    since: float
+
+
+class BundleStatus(BaseModel):
+    replica: str
+    state: Literal["active", "loading", "failed"] = Field(
+        description="loading: the announced bundle is being loaded; failed: it was refused (see error) and the "
+        "active one keeps serving; active: serving the announced bundle (or the start-up one)."
+    )
+    active: ActiveBundle
+    announced: BundleAnnouncement | None
+    loading: BundleAnnouncement | None
+    error: str | None
+    last_swap_seconds: float | None = Field(description="Announcement seen -> serving, of the last swap here.")
