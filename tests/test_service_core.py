@@ -63,7 +63,7 @@ def test_every_documented_metric_moves(scientific_bundle, abo_dir, key_prefix, t
             text = client.get("/metrics").text
     finally:
         redis.stop()
-    for name in names:
+    for name in (n for n in names if not n.startswith("bundle_")):  # the swap metrics: tests/test_swap.py
         series = f"missrec_{name}"
         if name in ("stage_seconds", "batch_size"):
             series += "_count"

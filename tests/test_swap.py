@@ -4,6 +4,7 @@ Redis, ONNX Runtime, FAISS, open_clip (random-init tiny CLIP), replicas behind r
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+import service.metrics
 from harness.launch import InProcessServer, bundle_ids
 from missrec_cli.main import app as cli
 from service.store import ItemRecord
@@ -44,7 +46,7 @@ def versions(root) -> dict[str, str]:
 
 
 def _app(root: Path, redis_url: str, prefix: str, tiny_clip, tmp: Path, **extra):
-    return make_app(root / "a", redis_url, prefix, tiny_clip, tmp, warmup=False, **({"api_key": KEY} | extra))
+    return make_app(root / "a", redis_url, prefix, tiny_clip, tmp, **({"api_key": KEY, "warmup": False} | extra))
 
 
 def _status(url: str) -> dict:
@@ -63,6 +65,12 @@ def _converge(urls: list[str], version: str, timeout: float = 30.0) -> float:
         if time.monotonic() - started > timeout:
             pytest.fail(f"not all on {version} after {timeout} s: {states}")
         time.sleep(0.05)
+
+
+def _documented_bundle_metrics() -> list[str]:
+    names = re.findall(r"^    (bundle_[a-z_]+)", service.metrics.__doc__ or "", flags=re.M)
+    assert len(names) >= 5, service.metrics.__doc__
+    return names
 
 
 def _stored(redis_url: str, prefix: str, item_id: str) -> ItemRecord:
@@ -220,6 +228,9 @@ def test_swap_reembeds_ingested_items_and_every_replica_converges(
             assert f'missrec_bundle_info{{version="{versions["a"]}"}} 0.0' in metrics
             assert 'missrec_bundle_swaps_total{result="switched"} 1.0' in metrics
             assert "missrec_bundle_swap_seconds_count 1.0" in metrics
+            for name in _documented_bundle_metrics():  # every documented swap metric moved (loading: back to 0)
+                if name != "bundle_loading":
+                    assert re.search(rf"^missrec_{name}(_count|_total)?(\{{[^}}]*\}})? [1-9]", metrics, re.M), name
         # and recommendable: an ingested item comes back for a history of itself, from the new model
         for url in (a.url, b.url):
             for item_id in before:
@@ -354,3 +365,93 @@ def test_cli_swap_and_rollback(root, versions, redis_url, key_prefix, tiny_clip,
         assert r.exit_code == 2 and "bundle_outside_root" in r.output, r.output
         r = runner.invoke(cli, ["swap", "--url", s.url, "--bundle", "b", "--api-key", "wrong"])
         assert r.exit_code == 2 and "401 unauthorized" in r.output, r.output
+
+
+def _announce(redis_url: str, prefix: str, path: Path, version: str) -> None:
+    """An announcement as another replica's POST makes it (the same store call), without its checks' delay."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from service.store import Store
+
+    async def run() -> None:
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            await Store(client, prefix=prefix).announce_bundle(str(path), version, "test")
+        finally:
+            await client.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_load_superseded_while_it_runs_is_dropped(root, versions, redis_url, key_prefix, tiny_clip, tmp_path):
+    # a warm-up of 512-query batches makes the load of b take long enough to announce a while it runs
+    server_app = _app(root, redis_url, key_prefix, tiny_clip, tmp_path, warmup=True, max_batch_size=512)
+    with InProcessServer(server_app) as s:
+        _announce(redis_url, key_prefix, root / "b", versions["b"])
+        deadline = time.monotonic() + CONVERGE_S
+        while (status := _status(s.url))["state"] != "loading" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert status["loading"]["version"] == versions["b"], status
+        _announce(redis_url, key_prefix, root / "a", versions["a"])  # while b loads: a wins
+        assert "missrec_bundle_loading 1.0" in httpx.get(f"{s.url}/metrics").text
+        _converge([s.url], versions["a"], timeout=CONVERGE_S)
+        time.sleep(1.0)  # long enough for the b load to have finished
+        status = _status(s.url)
+        assert status["state"] == "active" and status["active"]["version"] == versions["a"], status
+        assert status["active"]["generation"] == status["announced"]["generation"] == 2
+        metrics = httpx.get(f"{s.url}/metrics").text
+        assert 'missrec_bundle_swaps_total{result="superseded"} 1.0' in metrics
+        assert 'result="switched"' not in metrics and f'version="{versions["b"]}"' not in metrics  # never served b
+
+
+def test_a_replica_starting_later_serves_the_announced_bundle_or_refuses(
+    root, versions, redis_url, key_prefix, tiny_clip, tmp_path
+):
+    from fastapi.testclient import TestClient
+
+    from harness.launch import RedisServer
+    from service.replication import StartupRefused
+
+    # Redis down at start-up: unready (not serving MISSREC_BUNDLE) until it has read the announcement
+    server = RedisServer(tmp_path / "redis").start()
+    _announce(server.url, key_prefix, root / "b", versions["b"])
+    server.kill()
+    try:
+        late = _app(root, server.url, key_prefix, tiny_clip, tmp_path / "late")
+        with TestClient(late) as c:
+            assert c.get("/readyz").status_code == 503
+            assert c.post("/v1/recommend", json={"history": [bundle_ids(root / "a")[2]]}).status_code == 503
+            server.start()
+            deadline = time.monotonic() + 15
+            while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            r = c.post("/v1/recommend", json={"history": [bundle_ids(root / "a")[2]]})
+            assert r.status_code == 200 and r.json()["model_version"] == versions["b"], r.text
+    finally:
+        server.stop()
+
+    # the announced bundle broken since: refuse to start, saying which and what to do
+    broken = root / f"broken-{key_prefix}"
+    shutil.copytree(root / "b", broken)
+    _announce(redis_url, key_prefix, broken, versions["b"])
+    (broken / "items" / "popularity.npy").write_bytes(b"corrupted")
+    try:
+        app = _app(root, redis_url, key_prefix, tiny_clip, tmp_path / "broken")
+        expected = r"refusing to start: the announced bundle .*popularity\.npy fails its checksum.*POST /v1/admin"
+        with pytest.raises(StartupRefused, match=expected), TestClient(app):
+            pass
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_the_admin_routes_are_in_the_openapi_schema():
+    from service.app import create_app
+    from service.settings import Settings
+
+    paths = create_app(Settings(bundle=None)).openapi()["paths"]
+    post, get = paths["/v1/admin/bundle"]["post"], paths["/v1/admin/bundle"]["get"]
+    assert {"202", "401", "403", "422"} <= set(post["responses"]) and {"200", "401", "403"} <= set(get["responses"])
+    assert post["responses"]["202"]["content"]["application/json"]["schema"]["$ref"].endswith("/BundleAnnouncement")
+    assert any(p["name"].lower() == "x-api-key" for p in get["parameters"])
