@@ -148,19 +148,16 @@ class ServiceState:
             except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
                 what = "the announced bundle" if announcement else "invalid bundle"
                 raise StartupRefused(f"{what} {bundle}: {exc}" + (ANNOUNCED_HINT if announcement else "")) from exc
+            if announcement is not None and model.version != announcement.version:
+                raise StartupRefused(
+                    f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
+                    + ANNOUNCED_HINT
+                )
         except BaseException:
             await client.aclose()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             raise
-        if announcement is not None and model.version != announcement.version:
-            await client.aclose()
-            if embedded is not None:
-                await asyncio.to_thread(embedded.stop)
-            raise StartupRefused(
-                f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
-                + ANNOUNCED_HINT
-            )
         store.max_len = model.max_len
         catalogue = Catalogue(model)
         replica_id = uuid.uuid4().hex[:12]

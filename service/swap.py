@@ -276,7 +276,11 @@ async def announce(state: ServiceState, given: str) -> Announcement:
         raise InvalidInput(
             f"bundle {path} cannot take over: {problem}", {"bundle": str(path)}, code="incompatible_bundle"
         )
-    state.switcher.preloaded = model
-    announcement = await _redis(state, state.store.announce_bundle(str(path), model.version, state.replica_id))
+    state.switcher.preloaded = model  # this replica's switch need not load it again
+    try:
+        announcement = await _redis(state, state.store.announce_bundle(str(path), model.version, state.replica_id))
+    except Exception:
+        state.switcher.preloaded = None
+        raise
     log.info("announced bundle %s (%s, generation %d)", path, model.version, announcement.generation)
     return announcement
