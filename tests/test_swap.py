@@ -480,3 +480,29 @@ def test_a_query_resolved_before_a_switch_runs_on_its_own_model(root, versions):
         assert [i.item_id for i in r.items] == [i.item_id for i in alone.items]
         assert [i.score for i in r.items] == pytest.approx([i.score for i in alone.items], rel=1e-6)
     assert [i.item_id for i in mixed[0].items] != [i.item_id for i in mixed[1].items]  # the two models differ
+
+
+def test_writes_acknowledged_while_a_replica_loads_are_served_after_its_switch(
+    root, versions, redis_url, key_prefix, tiny_clip, tmp_path
+):
+    """Ingests and deletes answered while the new bundle loads (a slow warm-up keeps it loading): after the switch
+    the ingested item is served with the new tower's vectors and the deleted ones stay deleted."""
+    ids = bundle_ids(root / "a")
+    server_app = _app(root, redis_url, key_prefix, tiny_clip, tmp_path, warmup=True, max_batch_size=512)
+    with InProcessServer(server_app) as s:
+        assert _ingest(s.url, "before", "ingested before the swap").status_code == 201
+        _announce(redis_url, key_prefix, root / "b", versions["b"])
+        deadline = time.monotonic() + CONVERGE_S
+        while _status(s.url)["state"] != "loading" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert _ingest(s.url, "mid-load", "ingested while the new bundle loads").status_code == 201
+        assert httpx.delete(f"{s.url}/v1/items/before", headers=AUTH).status_code == 204
+        assert httpx.delete(f"{s.url}/v1/items/{ids[9]}", headers=AUTH).status_code == 204
+        assert _status(s.url)["state"] == "loading", "the load ended before the writes: nothing was proven"
+        _converge([s.url], versions["b"], timeout=CONVERGE_S)
+        _assert_served_with(server_app, load_towers(root / "b", "cpu"), _stored(redis_url, key_prefix, "mid-load"))
+        for gone in ("before", ids[9]):
+            assert httpx.get(f"{s.url}/v1/items/{gone}").status_code == 404
+        r = httpx.post(f"{s.url}/v1/recommend", json={"history": ["mid-load"], "k": 100, "exclude_seen": False})
+        assert r.json()["model_version"] == versions["b"]
+        assert {"before", ids[9]}.isdisjoint(i["item_id"] for i in r.json()["items"])
