@@ -144,6 +144,55 @@ def swap(
     raise typer.Exit(code=1)
 
 
+def shadow(
+    url: Annotated[str, typer.Option("--url", help="Base URL of the replica to shadow on.")],
+    bundle: Annotated[
+        str | None, typer.Option("--bundle", help="Candidate bundle directory, inside MISSREC_BUNDLE_ROOT there.")
+    ] = None,
+    fraction: Annotated[float, typer.Option(help="Share of recommend requests scored by the candidate too.")] = 0.1,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop shadowing.")] = False,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="MISSREC_API_KEY", help="X-API-Key (default: MISSREC_API_KEY).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the candidate to load.")] = 300.0,
+) -> None:
+    """Score a candidate bundle beside the serving one on a fraction of one replica's recommendations (overlap@k
+    and latency per model in /metrics and GET /v1/admin/shadow); clients only see the serving bundle."""
+    import time
+
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    base = url.rstrip("/")
+    if stop == (bundle is not None):
+        raise _fail("give either --bundle (start) or --stop")
+    try:
+        if stop:
+            r = httpx.delete(f"{base}/v1/admin/shadow", headers=headers, timeout=30.0)
+            if r.status_code != 204:
+                raise _fail(f"{r.status_code} {_error_text(r)}")
+            console.print("shadow off")
+            return
+        r = httpx.put(f"{base}/v1/admin/shadow", json={"bundle": bundle, "fraction": fraction}, headers=headers,
+                      timeout=timeout)  # fmt: skip
+        if r.status_code != 202:
+            raise _fail(f"{r.status_code} {_error_text(r)}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{base}/v1/admin/shadow", headers=headers, timeout=10.0).json()
+            if status["state"] == "active":
+                console.print(f"shadow active: {status['version']} on {status['fraction']:.0%} of recommendations")
+                return
+            if status["state"] != "loading":
+                console.print(f"[bold red]shadow {status['state']}:[/] {status['error']}")
+                raise typer.Exit(code=1)
+            time.sleep(0.2)
+    except httpx.HTTPError as exc:
+        raise _fail(f"{base}: {exc}") from None
+    console.print(f"[bold red]timeout:[/] the candidate did not load in {timeout:g} s")
+    raise typer.Exit(code=1)
+
+
 def _error_text(r: httpx.Response) -> str:
     try:
         err = r.json()["error"]
@@ -246,4 +295,5 @@ def register(app: typer.Typer) -> None:
     app.command(name="build-index")(build_index)
     app.command()(serve)
     app.command()(swap)
+    app.command()(shadow)
     app.command()(quickstart)

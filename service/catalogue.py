@@ -144,6 +144,7 @@ class Catalogue:
         self._lock = threading.Lock()
         self.compact_rows = compact_rows
         self.versions: dict[str, int] = {}  # item id -> version of the latest change applied here
+        self.followers: list[Catalogue] = []  # catalogues of other models kept in step (a shadow candidate)
         self._current = self._fresh(model, 0)
 
     def _fresh(self, model: ServingModel, seq: int) -> Snapshot:
@@ -206,7 +207,29 @@ class Catalogue:
         """Back to the bundle alone (Redis lost item state: the caller replays what Redis holds now)."""
         with self._lock:
             self.versions = {}
+            for follower in self.followers:
+                follower.reset()
             return self._fresh(self._current.model, self._current.seq + 1)
+
+    def changes(self) -> list[ItemRecord]:
+        """Every item change this catalogue holds, as records in version order: the live ingested items and a
+        tombstone per deleted id."""
+        snap = self._current
+        tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in self.versions.items()
+                      if i not in snap.ingested]  # fmt: skip
+        return sorted([*snap.ingested.values(), *tombstones], key=lambda r: r.version)
+
+    def follow(self, other: Catalogue) -> None:
+        """Keep ``other`` (over another model) in step: it gets every change applied here so far, then each
+        one applied from now on. Raises :class:`IncompatibleItem` when ``other`` cannot serve a stored item."""
+        with self._lock:
+            other.apply(self.changes())
+            self.followers.append(other)
+
+    def unfollow(self, other: Catalogue) -> None:
+        with self._lock:
+            if other in self.followers:
+                self.followers.remove(other)
 
     def is_newer(self, item_id: str, version: int) -> bool:
         return version > self.versions.get(item_id, 0)
@@ -224,6 +247,13 @@ class Catalogue:
             if not fresh:
                 return 0
             self._current = self._applied(snap, fresh, snap.model.vectors_of_many([r for r in fresh if not r.deleted]))
+            for follower in self.followers:  # never fails the change: the serving catalogue has it already
+                try:
+                    follower.apply(fresh)
+                except Exception:
+                    log.exception(
+                        "a following catalogue (%s) could not apply an item change", follower.current.model.version
+                    )
             return len(fresh)
 
     def switch(self, model: ServingModel, prepared: dict[tuple[str, int], dict[str, np.ndarray]]) -> Snapshot:

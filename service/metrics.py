@@ -15,6 +15,10 @@ Names (all prefixed ``missrec_``):
     bundle_swaps_total{result}  switched, unchanged (already served), failed, superseded (a newer one came first)
     bundle_swap_seconds        histogram: announcement seen -> new snapshot serving
     bundle_reembedded_total    ingested items re-embedded with a new item tower at a swap
+    shadow_active              gauge: 1 while a shadow candidate bundle is scored beside the serving one
+    shadow_requests_total{result}  recommendations scored by the shadow candidate: scored, dropped (busy), failed
+    shadow_overlap             histogram: overlap@k of the serving and the candidate top-k of one request
+    shadow_seconds{model}      histogram: user tower + search of one shadowed request, model = serving|candidate
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+OVERLAP_BUCKETS = tuple(i / 10 for i in range(11))
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -71,6 +76,16 @@ class Metrics:
             "missrec_bundle_swap_seconds", "Announcement seen -> serving", buckets=SWAP_BUCKETS, registry=r
         )
         self.bundle_reembedded = Counter("missrec_bundle_reembedded_total", "Items re-embedded at swaps", registry=r)
+        self.shadow_active = Gauge("missrec_shadow_active", "1 while a shadow candidate is scored", registry=r)
+        self.shadow_requests = Counter(
+            "missrec_shadow_requests_total", "Recommendations scored by the shadow candidate", ["result"], registry=r
+        )
+        self.shadow_overlap = Histogram(
+            "missrec_shadow_overlap", "overlap@k, serving vs candidate", buckets=OVERLAP_BUCKETS, registry=r
+        )
+        self.shadow_seconds = Histogram(
+            "missrec_shadow_seconds", "Shadowed request, per model", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

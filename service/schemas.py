@@ -198,6 +198,24 @@ class SwapRequest(_Strict):
     bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory.")
 
 
+class ShadowRequest(_Strict):
+    """A candidate bundle to score beside the serving one on a fraction of this replica's recommendations."""
+
+    bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory inside MISSREC_BUNDLE_ROOT.")
+    fraction: float = Field(0.1, gt=0.0, le=1.0, description="Share of recommend requests scored by the candidate.")
+
+
+class ShadowStatus(BaseModel):
+    state: Literal["off", "loading", "active", "failed"]
+    bundle: str | None
+    version: str | None = Field(description="The candidate's model_version (never returned to clients).")
+    fraction: float
+    scored: int = Field(description="Requests scored by the candidate since it was set.")
+    mean_overlap: float | None = Field(description="Mean overlap@k of the serving and candidate top-k.")
+    mean_seconds: dict[str, float] | None = Field(description="Mean user tower + search seconds per model.")
+    error: str | None
+
+
 class BundleAnnouncement(BaseModel):
     generation: int = Field(description="Order of announcements: the highest is the one every replica serves.")
     bundle: str = Field(description="The resolved bundle directory.")

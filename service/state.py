@@ -38,6 +38,7 @@ from service.recommender import Query, Recommendation, recommend_batch, warmup
 from service.replication import Replicator, StartupRefused, stop_task
 from service.serving_model import IncompatibleItem, ServingModel
 from service.settings import Settings
+from service.shadow import Shadow
 from service.store import Announcement, Store
 from service.swap import BundleSwitcher
 from serving_core.bundle import BundleError
@@ -104,6 +105,7 @@ class ServiceState:
     replicator: Replicator
     batcher: MicroBatcher[Query, Recommendation]
     switcher: BundleSwitcher
+    shadow: Shadow
     embedded: EmbeddedRedis | None = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
@@ -184,6 +186,7 @@ class ServiceState:
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
             switcher=BundleSwitcher(settings, catalogue, store, metrics, lambda: None, bundle, announcement, known),
+            shadow=Shadow(metrics),
         )
         state.switcher.encoder_dim = state.encoder_dim
         batcher.start()
@@ -244,6 +247,7 @@ class ServiceState:
         if self._supervising:
             await stop_task(self._supervising)
         await self.switcher.stop()
+        await self.shadow.stop(self)
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

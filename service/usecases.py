@@ -75,6 +75,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
     )
     result = await state.batcher.submit(query)
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
+    state.shadow.observe(query, result)
     if result.fallback:
         state.metrics.fallback.inc()
     return result, len(rows), list(dict.fromkeys(skipped))

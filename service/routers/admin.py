@@ -1,15 +1,16 @@
-"""Admin: GET and POST /v1/admin/bundle, the serving bundle of every replica (zero-downtime swaps, rollbacks).
+"""Admin: GET and POST /v1/admin/bundle, the serving bundle of every replica (zero-downtime swaps, rollbacks);
+PUT, GET and DELETE /v1/admin/shadow, a candidate bundle scored beside it on this replica.
 
 Only with MISSREC_API_KEY set (403 otherwise), then with the key as for writes (401)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from service import swap
 from service.deps import AdminAccess, JSONBody, StateDep
-from service.schemas import BundleAnnouncement, BundleStatus, ErrorResponse, SwapRequest
+from service.schemas import BundleAnnouncement, BundleStatus, ErrorResponse, ShadowRequest, ShadowStatus, SwapRequest
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 503)}
@@ -35,3 +36,27 @@ async def swap_bundle(body: SwapRequest, state: StateDep) -> JSONResponse:
 async def bundle_status(state: StateDep) -> BundleStatus:
     """This replica's bundle: the one it serves, the one announced, and a swap in progress or refused."""
     return BundleStatus(replica=state.replica_id, **state.switcher.status())
+
+
+@router.put(
+    "/shadow", status_code=202, response_model=ShadowStatus, responses=ERRORS, dependencies=[AdminAccess, JSONBody]
+)
+async def set_shadow(body: ShadowRequest, state: StateDep) -> JSONResponse:
+    """Score ``fraction`` of this replica's recommend requests with the candidate bundle too, after answering
+    them from the serving one (clients never see the candidate). 202: loading in the background (GET shows
+    loading, active or failed, with overlap@k and latency per model); it replaces any earlier candidate."""
+    status = await state.shadow.start(state, body.bundle, body.fraction)
+    return JSONResponse(status_code=202, content=ShadowStatus(**status).model_dump())
+
+
+@router.get("/shadow", response_model=ShadowStatus, responses=ERRORS, dependencies=[AdminAccess])
+async def shadow_status(state: StateDep) -> ShadowStatus:
+    """This replica's shadow candidate and what it measured so far."""
+    return ShadowStatus(**state.shadow.status())
+
+
+@router.delete("/shadow", status_code=204, responses=ERRORS, dependencies=[AdminAccess])
+async def stop_shadow(state: StateDep) -> Response:
+    """Stop scoring with the candidate (no-op when none is set)."""
+    await state.shadow.stop(state)
+    return Response(status_code=204)
