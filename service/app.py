@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
 from service.errors import install_error_handlers
 from service.middleware import BodyLimit, ConcurrencyLimit, ContentEncoding, HeadAsGet, RequestMetrics
@@ -17,8 +15,8 @@ from service.replication import StartupRefused
 from service.routers import health, items, recommend, users
 from service.settings import Settings, get_settings
 from service.state import ServiceState
+from service.webconsole import ConsoleFiles
 
-CONSOLE_DIR = Path(__file__).with_name("console")  # static files shipped in the package (package-data)
 log = logging.getLogger(__name__)
 
 
@@ -55,7 +53,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     install_error_handlers(app)
     for router in (recommend.router, users.router, items.router, health.router):
         app.include_router(router)
-    app.mount("/console", StaticFiles(directory=CONSOLE_DIR, html=True), name="console")
+    app.mount("/console", ConsoleFiles(), name="console")
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ContentEncoding)

@@ -159,6 +159,7 @@ def test_console_is_served_from_the_package(client):
     page = client.get("/console/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<main id="main"' in page.text and 'src="console.js"' in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
     for asset in ("console.js", "console.css"):
         assert client.get(f"/console/{asset}").status_code == 200
     assert client.get("/console", follow_redirects=False).status_code in (307, 308)

@@ -94,12 +94,14 @@ function itemText(info) {
 }
 
 function bar(label, share) {
-  const pct = Math.round(100 * share);
+  const pct = (100 * share).toFixed(1);
+  const fill = el("span", { class: `bar-fill ${label}`, "aria-hidden": "true" });
+  fill.style.width = `${pct}%`; // CSSOM, not a style attribute: the CSP allows no inline styles
   return el(
     "div",
     { class: "bar", role: "img", "aria-label": `${label} weight ${pct}%` },
     el("span", { class: "bar-label", text: `${label} ${pct}%`, "aria-hidden": "true" }),
-    el("span", { class: `bar-fill ${label}`, style: `width:${pct}%`, "aria-hidden": "true" }),
+    fill,
   );
 }
 
@@ -138,6 +140,12 @@ function recMeta(node, r) {
 function kOf(input) {
   const k = Number.parseInt(input.value, 10);
   return Number.isFinite(k) ? k : 10;
+}
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  return node;
 }
 
 // ----- overview: status cards and live charts --------------------------------------------------------------
@@ -206,28 +214,23 @@ function drawChart(chart) {
   const pad = 4;
   const values = points.flatMap((p) => chart.series.map((s) => p[s])).filter((v) => v !== null);
   const top = Math.max(1e-9, ...values);
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
-  svg.setAttribute("aria-hidden", "true");
+  const span = Math.max(points.length - 1, 10); // few points spread over the left part, then scroll
+  const x = (i) => pad + (i * (w - 2 * pad)) / span;
+  const y = (v) => h - pad - ((h - 2 * pad) * v) / top;
+  const svg = svgEl("svg", { viewBox: `0 0 ${w} ${h}`, "aria-hidden": "true" });
   chart.series.forEach((s, j) => {
-    const coords = points
-      .map((p, i) => (p[s] === null ? null : `${pad + (i * (w - 2 * pad)) / (WINDOW - 1)},${h - pad - ((h - 2 * pad) * p[s]) / top}`))
-      .filter((c) => c !== null);
-    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-    line.setAttribute("points", coords.join(" "));
-    line.setAttribute("class", `series s${j}`);
-    svg.append(line);
+    const coords = points.map((p, i) => (p[s] === null ? null : [x(i), y(p[s])])).filter((c) => c !== null);
+    svg.append(svgEl("polyline", { points: coords.map((c) => c.join(",")).join(" "), class: `series s${j}` }));
+    for (const [cx, cy] of coords) svg.append(svgEl("circle", { cx, cy, r: 2.2, class: `dot s${j}` }));
   });
   const last = points.length ? points[points.length - 1] : {};
   const fmt = (v) => (v === null || v === undefined ? "–" : v < 10 ? v.toFixed(2) : v.toFixed(0));
-  const summary = chart.series.map((s) => `${s} ${fmt(last[s])}`).join(", ");
-  const figure = el(
-    "figure",
-    { class: "chart", "data-chart": chart.id, "data-points": points.length },
-    svg,
-    el("figcaption", { text: `${chart.title}: ${summary} ${chart.unit} (max ${fmt(values.length ? top : null)})` }),
-  );
-  return figure;
+  const caption = el("figcaption", { text: `${chart.title}: ` });
+  chart.series.forEach((s, j) => {
+    caption.append(el("span", { class: `legend s${j}`, text: `${s} ${fmt(last[s])}` }), j < chart.series.length - 1 ? ", " : "");
+  });
+  caption.append(` ${chart.unit} (max ${fmt(values.length ? top : null)})`);
+  return el("figure", { class: "chart", "data-chart": chart.id, "data-points": points.length }, svg, caption);
 }
 
 function renderOverview(status) {
