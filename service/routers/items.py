@@ -164,8 +164,9 @@ image vectors, and of its ID vector in transductive mode; what the index stores 
 user vector, scored against every item with the dynamic fusion (the scores are the fused scores a user whose
 vector were this item would get); for `inner_product` bundles the item vector. The same exact top-k as
 recommendations: deleted items never appear, exactly min(k, live items - 1) items come back, best first, and
-`exact` says whether the list is proven equal to brute-force scoring. Item ids ending in `/similar` or `/image`
-are read with GET /v1/items/{item_id} only through a percent-encoded slash."""
+`exact` says whether the list is proven equal to brute-force scoring. (The id is the path up to the last
+`/similar`: an item whose own id ends in `/similar` or `/image` is served by these routes, not by
+GET /v1/items/{item_id}.)"""
 
 
 @router.get(
