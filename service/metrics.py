@@ -1,8 +1,7 @@
 """Prometheus metrics of one app instance (own registry, so several apps can live in one process, e.g. tests).
 
 Names (all prefixed ``missrec_``):
-    stage_seconds{stage}       histogram: history_read, queue, user_tower, search, rescore, request, ingest_encode,
-                               similar (GET /v1/items/{id}/similar)
+    stage_seconds{stage}   histogram: history_read, queue, user_tower, search, rescore, request, ingest_encode, similar
     batch_size                 histogram: requests per micro-batch of the user tower + search
     requests_total{route,status}
     ingest_total{result}       created, replaced, failed
