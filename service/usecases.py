@@ -208,8 +208,8 @@ async def search_items(state: ServiceState, query: str, limit: int) -> tuple[lis
     if not query.split():
         raise InvalidInput("q must contain a word, not only blanks", {"q": query})
     snap = state.catalogue.current
-    loop = asyncio.get_running_loop()
-    rows, total = await loop.run_in_executor(state.executor, snap.search_text, query, limit)
+    # a Python scan: the default thread pool, not the two threads the micro-batches and /similar run on
+    rows, total = await asyncio.to_thread(snap.search_text, query, limit)
     return [snap.item_info(snap.ids[r]) for r in rows], total
 
 

@@ -137,6 +137,16 @@ function recMeta(node, r) {
   node.textContent = parts.join(" · ");
 }
 
+function scored(items) {
+  return items.map((r) => itemEntry(r.item_id, r));
+}
+
+// A recommendation response into #<prefix>-meta (model, exact, fallback, skipped) and #<prefix>-recs.
+async function showRecs(prefix, recs) {
+  recMeta($(`#${prefix}-meta`), recs);
+  await fillList($(`#${prefix}-recs`), scored(recs.items));
+}
+
 function kOf(input) {
   const k = Number.parseInt(input.value, 10);
   return Number.isFinite(k) ? k : 10;
@@ -289,8 +299,7 @@ async function showUser(event) {
     ]);
     await fillList($("#user-history"), hist.item_ids.map((id) => itemEntry(id)));
     if (!hist.item_ids.length) $("#user-history").replaceChildren(el("li", { text: "no stored history" }));
-    recMeta($("#user-meta"), recs);
-    await fillList($("#user-recs"), recs.items.map((r) => itemEntry(r.item_id, r)));
+    await showRecs("user", recs);
     announce(`user ${userId}: ${hist.item_ids.length} history items, ${recs.items.length} recommendations`);
   } catch (exc) {
     showError("user", exc);
@@ -342,8 +351,7 @@ async function renderPlayground() {
       method: "POST",
       json: { history: playHistory, k: kOf($("#play-k")), exclude_seen: true, explain: true },
     });
-    recMeta($("#play-meta"), recs);
-    await fillList($("#play-recs"), recs.items.map((r) => itemEntry(r.item_id, r)));
+    await showRecs("play", recs);
     announce(`${recs.items.length} recommendations for a history of ${playHistory.length} items`);
     showError("playground", null);
   } catch (exc) {
@@ -375,7 +383,7 @@ async function showItem(event) {
       ["image cluster", info.image_cluster ?? "–"],
     ]);
     $("#item-card").replaceChildren(el("div", { class: "entry-body" }, thumb(info), itemText(info)), dl);
-    await fillList($("#item-similar"), near.items.map((r) => itemEntry(r.item_id, r)));
+    await fillList($("#item-similar"), scored(near.items));
     announce(`item ${id}: ${near.items.length} nearest items`);
   } catch (exc) {
     $("#item-card").replaceChildren();
@@ -406,8 +414,7 @@ async function ingest(event) {
     ]);
     $("#ingest-card").replaceChildren(el("div", { class: "entry-body" }, thumb(info), itemText(info)), dl);
     const recs = await api("v1/recommend", { method: "POST", json: { history: [id], k: 10, exclude_seen: false, explain: true } });
-    recMeta($("#ingest-meta"), recs);
-    await fillList($("#ingest-recs"), recs.items.map((r) => itemEntry(r.item_id, r)));
+    await showRecs("ingest", recs);
     const rank = recs.items.findIndex((r) => r.item_id === id);
     announce(`ingested ${id}; ${rank >= 0 ? `it is recommendation ${rank + 1}` : "it is not in the top 10"}`);
   } catch (exc) {
