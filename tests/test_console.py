@@ -240,7 +240,7 @@ def test_ingest_through_the_form_is_recommendable_and_errors_are_readable(page, 
     assert message.startswith("Error: image rejected:") and "HTTP 422, invalid_image" in message, message
 
 
-def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(page, service, abo_dir, shots):
+def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(page, service, abo_dir, bundle_items, shots):
     product = abo_products(abo_dir)[-1]
     item_id = f"console-item-{product['id']}"
     with _api(service) as api, product["images"][0].open("rb") as photo:
@@ -261,3 +261,14 @@ def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(page, service
     view.get_by_role("button", name="Show").click()
     page.locator("#view-item [role=alert]").filter(has_text="does not exist").wait_for()
     assert "HTTP 404" in page.locator("#view-item [role=alert]").inner_text()
+    with _api(service) as api:  # the user view shows the stored photo of an ingested item in a history
+        first = next(iter(bundle_items))
+        assert api.post("/v1/users/console-photo/events", json={"item_ids": [first, item_id]}).status_code == 200
+    page.goto("/console/#user")
+    page.locator("#view-user").get_by_label("User id").fill("console-photo")
+    page.locator("#view-user").get_by_role("button", name="Show").click()
+    photo = page.locator(f'#user-history > li[data-item="{item_id}"] img')
+    photo.wait_for()
+    assert photo.get_attribute("alt") == f"Photo of {item_id}"
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=photo.element_handle())
+    assert page.locator(f'#user-history > li[data-item="{first}"] img').count() == 0  # bundle items: no photo

@@ -166,3 +166,14 @@ def test_console_is_served_from_the_package(client):
     spec = client.get("/openapi.json").json()
     assert "/v1/items/{item_id}/similar" in spec["paths"] and "/v1/status" in spec["paths"]
     json.dumps(spec)
+
+
+def test_every_console_file_is_package_data():
+    """The console ships in the wheel: pyproject's package-data globs cover every file of service/console/."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
+    files = [p.relative_to(root / "service") for p in (root / "service" / "console").rglob("*") if p.is_file()]
+    assert files and all(any(f.match(g) for g in globs) for f in files), (files, globs)
