@@ -53,7 +53,8 @@ def _chromium() -> str:
 @pytest.fixture(scope="module")
 def service(scientific_bundle, redis_url, tiny_clip, tmp_path_factory) -> Iterator[str]:
     prefix = f"missrec-test-{uuid.uuid4().hex[:10]}"
-    app = make_app(scientific_bundle, redis_url, prefix, tiny_clip, tmp_path_factory.mktemp("console"), api_key=KEY)
+    tmp = tmp_path_factory.mktemp("console")
+    app = make_app(scientific_bundle, redis_url, prefix, tiny_clip, tmp, api_key=KEY, warmup=False)  # as test_fuzz
     with InProcessServer(app) as server:
         yield server.url
     drop_redis_keys(redis_url, prefix)
