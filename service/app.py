@@ -15,6 +15,7 @@ from service.replication import StartupRefused
 from service.routers import admin, health, items, recommend, users
 from service.settings import Settings, get_settings
 from service.state import ServiceState
+from service.webconsole import ConsoleFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         title="MISSRec recommendation service",
         version="1.0",
         description="Multi-modal sequential recommendations over REST: top-k by user or history, "
-        "interaction events, cold-start items from image + text.",
+        "interaction events, cold-start items from image + text. A web console is served at /console.",
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     install_error_handlers(app)
     for router in (recommend.router, users.router, items.router, health.router, admin.router):
         app.include_router(router)
+    app.mount("/console", ConsoleFiles(), name="console")
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ContentEncoding)

@@ -114,6 +114,11 @@ class Snapshot:
     def num_deleted(self) -> int:
         return int(self.deleted[1 : self.model.bundle.table.num_items].sum())
 
+    @property
+    def deleted_ids(self) -> int:
+        """Ids deleted (bundle or ingested) and not ingested again since."""
+        return sum(1 for r in self.overlay.values() if self.deleted[r])
+
     # ----- what the search reads -----------------------------------------------------------------------------
     def item_arrays(self) -> ItemArrays:
         return ItemArrays(tokens=self.tokens, clusters=self.clusters)
@@ -134,7 +139,26 @@ class Snapshot:
             "text_cluster": int(self.clusters["text"][row]) if "text" in self.clusters else None,
             "image_cluster": int(self.clusters["image"][row]) if "image" in self.clusters else None,
             "created_at": record.created_at if record else None,
+            "has_image": bool(record and record.thumbnail),
         }
+
+    def search_text(self, query: str, limit: int) -> tuple[list[int], int]:
+        """Live rows whose id or text contains every word of ``query`` (case-insensitive), and how many match.
+
+        A linear scan (a console and debugging aid, not a search engine): an exact id first, then rows whose
+        text holds the whole query as a phrase, then the others, each in row order."""
+        words = query.casefold().split()
+        phrase = " ".join(words)
+        exact = self.row(query.strip())
+        ranked: tuple[list[int], list[int]] = ([], [])
+        for r in range(1, self.n):
+            if self.deleted[r] or r == exact:
+                continue
+            hay = f"{self.ids[r]} {self.texts[r]}".casefold()
+            if all(w in hay for w in words):
+                ranked[phrase not in hay].append(r)
+        rows = ([exact] if exact is not None else []) + ranked[0] + ranked[1]
+        return rows[:limit], len(rows)
 
 
 class Catalogue:

@@ -1,7 +1,7 @@
 """Prometheus metrics of one app instance (own registry, so several apps can live in one process, e.g. tests).
 
 Names (all prefixed ``missrec_``):
-    stage_seconds{stage}       histogram: history_read, queue, user_tower, search, rescore, request, ingest_encode
+    stage_seconds{stage}   histogram: history_read, queue, user_tower, search, rescore, request, ingest_encode, similar
     batch_size                 histogram: requests per micro-batch of the user tower + search
     requests_total{route,status}
     ingest_total{result}       created, replaced, failed
@@ -23,9 +23,11 @@ Names (all prefixed ``missrec_``):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -97,3 +99,42 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def summary(self) -> dict[str, Any]:
+        """The same numbers as :meth:`render`, as plain values: histograms (per stage, batch size) with cumulative
+        bucket counts, requests per route, error responses, ingests by result (the console's overview)."""
+        stages: dict[str, dict[str, Any]] = {}
+        batch: dict[str, Any] = _empty_histogram(BATCH_BUCKETS)
+        requests: dict[str, int] = {}
+        errors = 0
+        ingest: dict[str, int] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                name, labels, value = sample.name, sample.labels, sample.value
+                if family.name == "missrec_stage_seconds":
+                    stage = stages.setdefault(labels["stage"], _empty_histogram(LATENCY_BUCKETS))
+                    _add_sample(stage, name, labels, value)
+                elif family.name == "missrec_batch_size":
+                    _add_sample(batch, name, labels, value)
+                elif name == "missrec_requests_total":
+                    requests[labels["route"]] = requests.get(labels["route"], 0) + int(value)
+                    errors += int(value) if labels["status"][:1] in ("4", "5") else 0
+                elif name == "missrec_ingest_total":
+                    ingest[labels["result"]] = int(value)
+        return {"stages": stages, "batch_size": batch, "requests": requests, "errors": errors, "ingest": ingest}
+
+
+def _empty_histogram(buckets: tuple[float, ...]) -> dict[str, Any]:
+    bounds = [float(b) for b in buckets]
+    return {"upper_bounds": bounds, "cumulative_counts": [0] * (len(bounds) + 1), "count": 0, "sum": 0.0}
+
+
+def _add_sample(hist: dict[str, Any], name: str, labels: dict[str, str], value: float) -> None:
+    if name.endswith("_bucket"):
+        le = float(labels["le"])
+        slot = len(hist["upper_bounds"]) if math.isinf(le) else hist["upper_bounds"].index(le)
+        hist["cumulative_counts"][slot] = int(value)
+    elif name.endswith("_count"):
+        hist["count"] = int(value)
+    elif name.endswith("_sum"):
+        hist["sum"] = float(value)

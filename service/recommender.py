@@ -14,6 +14,7 @@ import numpy as np
 
 from service.catalogue import Snapshot
 from service.metrics import Metrics
+from serving_core.bundle import INNER_PRODUCT, static_vectors
 from serving_core.topk import top_k
 
 
@@ -83,10 +84,12 @@ def _recommend_on(snap: Snapshot, queries: list[Query], metrics: Metrics) -> lis
     return results
 
 
-def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics) -> list[Recommendation]:
-    """Exact top-k of users (G, D) with one k, each with its query's exclusions."""
+def search(
+    snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics, stage: str = "search"
+) -> list[Recommendation]:
+    """Exact top-k of users (G, D) with one k, each with its query's exclusions (timed as ``stage``)."""
     scorer = snap.scorer()
-    with metrics.timed("search"):
+    with metrics.timed(stage):
         found = top_k(
             users,
             k,
@@ -108,6 +111,27 @@ def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metr
         items = [RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(rows, scores, notes, strict=True)]
         out.append(Recommendation(items=items, exact=bool(found.user_exact[b]), model_version=snap.model.version))
     return out
+
+
+def item_query(snap: Snapshot, row: int) -> np.ndarray:
+    """(1, D) the query vector of an item, for "items like this one".
+
+    missrec_fusion: the item's static vector (the mean of its unit modality vectors, and of its ID vector in
+    transductive mode: what the index stores for it) scaled to unit norm, the norm of a user vector; its scores
+    are then the model's fused scores, as if a user were exactly this item. inner_product: the item vector."""
+    scorer = snap.model.manifest.scorer
+    ids = snap.id_vectors[row : row + 1] if snap.id_vectors is not None else None
+    query = static_vectors(scorer, {name: v[row : row + 1] for name, v in snap.vectors.items()}, ids)
+    if scorer.kind == INNER_PRODUCT:
+        return query
+    norm = float(np.linalg.norm(query))
+    return query / norm if norm > 0 else query
+
+
+def similar(snap: Snapshot, row: int, k: int, explain: bool, metrics: Metrics) -> Recommendation:
+    """The exact top-k items for an item's own query vector (:func:`item_query`), the item itself excluded."""
+    query = Query(history=np.empty(0, dtype=np.int64), k=k, exclude={row}, explain=explain)
+    return search(snap, item_query(snap, row), k, [query], metrics, stage="similar")[0]
 
 
 def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:

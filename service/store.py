@@ -6,7 +6,7 @@ through a hash tag, so the service works unchanged against Redis Cluster:
     P:u:{<h>}:hist          list of "<timestamp>\\x1f<item id>" entries, oldest first, capped at max_len
     P:u:{<h>}:id            the user id itself (a snapshot of the deployment reads it; same TTL as the history)
     P:u:{<h>}:idem:<key>    idempotency marker of an events call (24 h)    (<h> = sha1(user id)[:20])
-    P:{items}:item:<id>     hash: an ingested item (raw features, vectors, clusters, text) or a deletion tombstone
+    P:{items}:item:<id>     hash: an ingested item (features, vectors, clusters, text, thumbnail) or a tombstone
     P:{items}:ids           sorted set: item id -> version of its latest change (for replay at start-up)
     P:{items}:version       counter giving every item change a version
     P:{items}:epoch         random id of the counter's lifetime: a Redis that lost the counter (FLUSHDB, a
@@ -160,6 +160,7 @@ class ItemRecord:
     bundle_version: str = ""
     arrays: dict[str, bytes] = field(default_factory=dict)  # raw float32/int64 bytes by name
     ints: dict[str, int] = field(default_factory=dict)
+    thumbnail: bytes = b""  # a small JPEG of the ingested image (b"": none), shown by the console
 
     def to_fields(self) -> list[Any]:
         out: list[Any] = [
@@ -172,6 +173,8 @@ class ItemRecord:
             "bundle_version",
             self.bundle_version,
         ]
+        if self.thumbnail:
+            out += ["thumbnail", self.thumbnail]
         for name, raw in self.arrays.items():
             out += [f"a:{name}", raw]
         for name, value in self.ints.items():
@@ -193,6 +196,8 @@ class ItemRecord:
                 rec.created_at = float(value)
             elif key == "bundle_version":
                 rec.bundle_version = value.decode()
+            elif key == "thumbnail":
+                rec.thumbnail = value
             elif key.startswith("a:"):
                 rec.arrays[key[2:]] = value
             elif key.startswith("i:"):

@@ -17,7 +17,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
-from service.recommender import Query, Recommendation
+from service.recommender import Query, Recommendation, similar
 from service.schemas import RecommendRequest
 from service.state import ServiceState
 from service.store import IdempotencyConflict, ItemRecord
@@ -137,7 +137,7 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     model = state.catalogue.current.model
     try:
         observe = state.metrics.stage.labels("ingest_encode").observe
-        record = await state.ingest_gate.run(model.embed, state.encoder, item_id, text, image, observe=observe)
+        record = await state.ingest_gate.run(_embed, model, state.encoder, item_id, text, image, observe=observe)
     except ImageDecodeError as exc:
         state.metrics.ingest.labels("failed").inc()
         raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
@@ -154,6 +154,16 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     return record, replaced
 
 
+def _embed(model: Any, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
+    """The item record (open_clip + item tower) with a thumbnail of its image (in an ingest worker thread)."""
+    from service.thumbnail import thumbnail
+
+    record = model.embed(encoder, item_id, text, image)
+    if image is not None:
+        record.thumbnail = thumbnail(image)
+    return record
+
+
 async def delete_item(state: ServiceState, item_id: str) -> None:
     snap = state.catalogue.current
     if snap.row(item_id) is None:
@@ -168,6 +178,66 @@ def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:
     if info is None:
         raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
     return info
+
+
+def item_thumbnail(state: ServiceState, item_id: str) -> bytes:
+    snap = state.catalogue.current
+    if snap.row(item_id) is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    record = snap.ingested.get(item_id)
+    if record is None or not record.thumbnail:
+        raise NotFound(f"item {item_id!r} has no stored image", {"item_id": item_id}, code="no_image")
+    return record.thumbnail
+
+
+async def similar_items(state: ServiceState, item_id: str, k: int | None, explain: bool) -> Recommendation:
+    """The k items nearest to one item by the model's scorer (see recommender.item_query); never itself.
+    k None: 10, or MISSREC_MAX_K if lower."""
+    max_k = state.settings.max_k
+    if k is not None and k > max_k:
+        raise InvalidInput(f"k is {k}, at most {max_k}", {"k": k, "max_k": max_k})
+    k = k if k is not None else min(10, max_k)
+    snap = state.catalogue.current
+    row = snap.row(item_id)
+    if row is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.executor, similar, snap, row, k, explain, state.metrics)
+
+
+async def search_items(state: ServiceState, query: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Live items whose id or text holds every word of ``query``: (summaries, how many match in all)."""
+    if not query.split():
+        raise InvalidInput("q must contain a word, not only blanks", {"q": query})
+    snap = state.catalogue.current
+    # a Python scan: the default thread pool, not the two threads the micro-batches and /similar run on
+    rows, total = await asyncio.to_thread(snap.search_text, query, limit)
+    return [snap.item_info(snap.ids[r]) for r in rows], total
+
+
+async def status(state: ServiceState) -> dict[str, Any]:
+    """The console's overview: model, catalogue, the /readyz checks and the metrics summary."""
+    snap = state.catalogue.current
+    manifest = snap.model.manifest
+    return {
+        "model": {
+            "kind": snap.model.kind,
+            "version": snap.model.version,
+            "scorer": manifest.scorer.kind,
+            "modalities": list(manifest.modalities),
+            "max_history_used": snap.model.max_len,
+        },
+        "catalogue": {
+            "bundle_items": snap.model.bundle.table.num_items - 1,  # row 0 is padding
+            "ingested": snap.num_ingested,
+            "deleted": snap.deleted_ids,
+            "live": snap.live_count,
+            "seq": snap.seq,
+        },
+        "checks": await readiness(state),
+        "uptime_seconds": time.time() - state.started_at,
+        **state.metrics.summary(),
+    }
 
 
 # ----- health ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--console-screenshots",
+        action="store_true",
+        help="tests/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
+    )
+
+
 def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
