@@ -100,13 +100,41 @@ def swap(
     ] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the replica serves it (or refused it).")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 300.0,
+    require_better: Annotated[
+        bool,
+        typer.Option(
+            "--require-better",
+            help="First compare --bundle with --against on --data (missrec evaluate-bundle, here, on the same paths) "
+            "and announce only if it is ahead (paired NDCG@10 interval above zero).",
+        ),
+    ] = False,
+    against: Annotated[Path | None, typer.Option(help="The bundle serving now (with --require-better).")] = None,
+    data: Annotated[Path | None, typer.Option(help="Dataset with held-out events (with --require-better).")] = None,
 ) -> None:
     """Point every replica at another bundle, with no downtime (a rollback: the previous bundle). Exit 0 once the
-    replica at --url serves it, 1 if it refused it or a later swap superseded it, 2 if the call was refused."""
+    replica at --url serves it, 1 if it refused it, a later swap superseded it or --require-better found it not
+    ahead, 2 if the call was refused."""
     import time
 
     import httpx
 
+    if require_better:
+        if against is None or data is None:
+            raise _fail("--require-better needs --against CURRENT and --data DIR")
+        from lifecycle.evaluate import evaluate_bundles
+
+        try:
+            cmp = evaluate_bundles(Path(bundle), against, data)
+        except (ValueError, OSError) as exc:  # BundleError and DatasetError are ValueErrors
+            raise _fail(str(exc)) from None
+        iv = cmp.interval
+        console.print(
+            f"NDCG@10 {cmp.new.metrics['ndcg@10']:.4f} vs {cmp.current.metrics['ndcg@10']:.4f}: "
+            f"{iv.mean_diff:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}] over {iv.users} users: {cmp.verdict}"
+        )
+        if cmp.verdict != "ahead":
+            console.print("[bold red]not announced:[/] the new bundle is not ahead of the current one")
+            raise typer.Exit(code=1)
     headers = {"X-API-Key": api_key} if api_key else {}
     base = url.rstrip("/")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -189,30 +190,59 @@ def test_snapshot_against_redis_cluster(
     assert set(written["new"][:2]) <= set(snap.item_ids)
 
 
-def test_train_export_and_evaluate_bundle_through_the_serving_path(snapshot, scientific_bundle, tmp_path):
+def test_snapshot_train_evaluate_and_swap_end_to_end(snapshot, scientific_bundle, redis_url, deployment, tiny_clip,
+                                                      tmp_path):  # fmt: skip
+    """The retrain loop on what the service saw: snapshot -> train -> export -> evaluate-bundle -> swap."""
+    import shutil
+
+    from harness.launch import InProcessServer
     from index_builder.build import build_index
     from missrec.runs import save_run, train_missrec
     from missrec.train import TrainOptions
     from model_export.onnx_export import export_bundle
+    from serving_core.bundle import read_bundle, read_manifest
 
+    root = tmp_path / "bundles"
+    shutil.copytree(scientific_bundle, root / "current")
     snap = snapshot.dataset
     run = train_missrec(snap, TrainOptions(epochs=1, progress=False), "inductive")
     save_run(run, snap, tmp_path / "run")
-    export_bundle(tmp_path / "run" / "checkpoint.pt", snapshot.out, tmp_path / "next")
-    build_index(tmp_path / "next", "Flat", "cpu", progress=False)
-    ids = json.loads((tmp_path / "next" / "items" / "ids.json").read_text())
-    assert "abo-life-0" in ids  # an ingested item is an ordinary bundle item now
-    current = score_bundle(scientific_bundle, snap)
-    assert current.ingested == 2 and current.deleted == 1  # the current bundle embeds them like the service
-    cmp = evaluate_bundles(tmp_path / "next", scientific_bundle, snapshot.out)
+    export_bundle(tmp_path / "run" / "checkpoint.pt", snapshot.out, root / "next")
+    build_index(root / "next", "Flat", "cpu", progress=False)
+    ids = json.loads((root / "next" / "items" / "ids.json").read_text())
+    assert "abo-life-0" in ids and "abo-life-2" not in ids  # ingested items are ordinary bundle items; deleted: gone
+    # evaluate-bundle through the serving path: the current bundle embeds the items it lacks, as the service does
+    current = score_bundle(root / "current", snap)
+    assert current.ingested == 2 and current.deleted == 1
+    cmp = evaluate_bundles(root / "next", root / "current", snapshot.out)
     assert cmp.new.ingested == 0 and cmp.users == N_USERS
     assert cmp.interval.low <= cmp.interval.mean_diff <= cmp.interval.high
-    assert cmp.verdict in {"ahead", "behind", "not distinguishable"}
-    same = evaluate_bundles(scientific_bundle, scientific_bundle, snapshot.out)
+    same = evaluate_bundles(root / "current", root / "current", snapshot.out)
     assert same.interval.mean_diff == 0.0 and same.verdict == "not distinguishable"
     r = CliRunner().invoke(
-        cli, ["evaluate-bundle", "--bundle", str(scientific_bundle), "--against", str(scientific_bundle), "--data",
+        cli, ["evaluate-bundle", "--bundle", str(root / "current"), "--against", str(root / "current"), "--data",
               str(snapshot.out), "--require-better", "--out", str(tmp_path / "cmp.json")],
     )  # fmt: skip
     assert r.exit_code == 1 and "not distinguishable" in r.output and "refused" in r.output
     assert json.loads((tmp_path / "cmp.json").read_text())["verdict"] == "not distinguishable"
+    # swap: the deployment's own Redis (its items and histories), API key set, the bundles under one root
+    prefix, _ = deployment
+    new_version = read_manifest(root / "next").version
+    app = make_app(root / "current", redis_url, prefix, tiny_clip, tmp_path / "svc", api_key="life-key", warmup=False)
+    with InProcessServer(app) as server:
+        swap = ["swap", "--url", server.url, "--bundle", str(root / "next"), "--api-key", "life-key"]
+        refused = CliRunner().invoke(cli, [*swap, "--require-better", "--against", str(root / "next"), "--data",
+                                           str(snapshot.out)])  # fmt: skip
+        assert refused.exit_code == 1 and "not announced" in refused.output, refused.output  # not ahead of itself
+        r = CliRunner().invoke(cli, swap)
+        assert r.exit_code == 0 and new_version in r.output, r.output
+        body = httpx.post(f"{server.url}/v1/recommend", json={"user_id": snap.user_ids[0], "k": 10}).json()
+        assert body["model_version"] == new_version
+        assert httpx.get(f"{server.url}/v1/items/abo-life-2").status_code == 404  # deleted stays deleted
+        # the item now ships in the bundle too; its Redis record (the same raw features) is re-embedded by the new
+        # item tower, which gives exactly the bundle's own row
+        served = app.state.service.catalogue.current
+        table = read_bundle(root / "next").table
+        np.testing.assert_allclose(
+            served.tokens[served.row("abo-life-0")], table.tokens[ids.index("abo-life-0")], rtol=1e-5, atol=1e-5
+        )
