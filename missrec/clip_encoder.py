@@ -36,7 +36,6 @@ Design notes:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -51,8 +50,10 @@ from missrec.clip_preprocess import (  # re-exported: the image gate is shared w
     MAX_UNCROPPED_ASPECT,
     ImageDecodeError,
     ImageInput,
+    ItemEncoder,
     bound_for_clip,
     decode_image,
+    file_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def save_random_init_checkpoint(model_name: str, path: str | Path, seed: int = 0
     return path
 
 
-class ClipEncoder:
+class ClipEncoder(ItemEncoder):
     """A frozen open_clip model with its eval image transform and tokenizer; encodes one item at a time.
 
     ``ClipEncoder("ViT-B-32", "openai")`` is the spec's feature extractor (downloads the weights);
@@ -244,18 +245,6 @@ class ClipEncoder:
         features = self.model.encode_text(tokens, normalize=False)  # (1, D)
         return features[0].to("cpu", torch.float32).numpy().copy()
 
-    def encode_item(self, text: str | None, image: ImageInput | None) -> dict[str, np.ndarray]:
-        """Features of one item: ``{"text": (D,), "image": (D,)}`` float32, keys as in ``missrec.data``.
-
-        ``text`` None or blank, or ``image`` None, gives an all-zero row for that modality. Invalid image
-        bytes raise :class:`ImageDecodeError` (an item with a broken image is an error, not a missing image).
-        """
-        zeros = np.zeros(self.dim, dtype=np.float32)
-        return {
-            "text": self.encode_text(text) if text is not None and text.strip() else zeros,
-            "image": self.encode_image(image) if image is not None else zeros.copy(),
-        }
-
     def describe(self) -> dict[str, Any]:
         """What produced the features (for manifests): model, weights, width, versions, checkpoint sha256."""
         info: dict[str, Any] = {
@@ -269,10 +258,6 @@ class ClipEncoder:
         path = Path(self.pretrained)
         if path.is_absolute() and path.is_file():
             if self._checkpoint_sha256 is None:
-                digest = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-                self._checkpoint_sha256 = digest.hexdigest()
+                self._checkpoint_sha256 = file_sha256(path)
             info["checkpoint_sha256"] = self._checkpoint_sha256
         return info

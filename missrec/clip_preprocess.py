@@ -9,6 +9,7 @@ imports neither torch nor open_clip: the serving process ingests through it with
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
 import io
 import itertools
@@ -281,3 +282,37 @@ class ClipTokenizer:
         out = np.zeros(self.context_length, dtype=np.int64)
         out[: len(ids)] = ids
         return out
+
+
+# ----- what both encoders share ----------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ItemEncoder:
+    """An item's features from ``encode_text`` and ``encode_image`` (``ClipEncoder``: torch, ``OnnxClipEncoder``)."""
+
+    dim: int
+    max_image_pixels: int
+
+    def encode_text(self, text: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_image(self, image: ImageInput) -> np.ndarray:
+        raise NotImplementedError
+
+    def encode_item(self, text: str | None, image: ImageInput | None) -> dict[str, np.ndarray]:
+        """Features of one item: ``{"text": (D,), "image": (D,)}`` float32, keys as in ``missrec.data``.
+
+        ``text`` None or blank, or ``image`` None, gives an all-zero row for that modality. Invalid image
+        bytes raise :class:`ImageDecodeError` (an item with a broken image is an error, not a missing image).
+        """
+        zeros = np.zeros(self.dim, dtype=np.float32)
+        return {
+            "text": self.encode_text(text) if text is not None and text.strip() else zeros,
+            "image": self.encode_image(image) if image is not None else zeros.copy(),
+        }
