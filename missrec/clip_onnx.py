@@ -4,10 +4,12 @@ without torch or open_clip.
 A CLIP directory (written by ``missrec export-clip``, :mod:`model_export.clip_export`)::
 
     image_encoder.onnx   pixels (1, 3, S, S) f32 -> features (1, D) f32   (open_clip encode_image, not normalised)
-    text_encoder.onnx    tokens (1, C) i64       -> features (1, D) f32   (open_clip encode_text, not normalised)
+    text_encoder.onnx    tokens (1, L) i64       -> features (1, D) f32   (open_clip encode_text, not normalised)
     bpe_simple_vocab_16e6.txt.gz                 open_clip's BPE vocabulary (copied: the tokenizer needs no open_clip)
     clip.json            the manifest: model, checkpoint sha256, D, S, mean/std, tokenizer, C, opset, parity, sha256s
 
+The text graph takes the ids up to and including ``<end_of_text>`` (L = 2..C, :func:`trim_tokens`): the text
+transformer is causal and pools that position, so the zero padding after it changes nothing and is not computed.
 Preprocessing and tokenizing are the explicit, torch-free ones of :mod:`missrec.clip_preprocess`; images go
 through the same gate (:func:`~missrec.clip_preprocess.decode_image`) as with the torch encoder. One item per
 call, batch 1, as :class:`missrec.clip_encoder.ClipEncoder` (the offline and online paths stay identical).
@@ -44,6 +46,11 @@ IMAGE_GRAPH = "image_encoder.onnx"
 TEXT_GRAPH = "text_encoder.onnx"
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "tokens", "features"
+
+
+def trim_tokens(ids: np.ndarray) -> np.ndarray:
+    """``(C,)`` token ids -> ``(1, L)``: up to the end-of-text id (the largest id, where open_clip pools)."""
+    return ids[None, : int(ids.argmax()) + 1]
 
 
 class ClipOnnxError(ValueError):
@@ -143,10 +150,10 @@ class OnnxClipEncoder(ItemEncoder):
         except Exception as exc:  # ONNX Runtime's own errors: a damaged or foreign graph
             raise ClipOnnxError(f"{self.directory}: ONNX Runtime cannot load the CLIP graphs: {exc}") from None
         self._check_graph(self._image, IMAGE_INPUT, [1, 3, m.image_size, m.image_size], "tensor(float)")
-        self._check_graph(self._text, TEXT_INPUT, [1, m.context_length], "tensor(int64)")
+        self._check_graph(self._text, TEXT_INPUT, [1, "text_length"], "tensor(int64)")
         log.info("CLIP ONNX encoder: %s from %s, dim %d, threads %d", m.model_name, self.directory, m.dim, threads)
 
-    def _check_graph(self, session: ort.InferenceSession, name: str, shape: list[int], dtype: str) -> None:
+    def _check_graph(self, session: ort.InferenceSession, name: str, shape: list[int | str], dtype: str) -> None:
         inputs, outputs = session.get_inputs(), session.get_outputs()
         got = [(i.name, list(i.shape), i.type) for i in inputs]
         if got != [(name, shape, dtype)] or [o.name for o in outputs] != [OUTPUT] or outputs[0].shape != [1, self.dim]:
@@ -170,7 +177,7 @@ class OnnxClipEncoder(ItemEncoder):
     def encode_text(self, text: str) -> np.ndarray:
         if not isinstance(text, str):
             raise TypeError(f"expected str, got {type(text).__name__}")
-        (features,) = self._text.run([OUTPUT], {TEXT_INPUT: self.tokenizer(text)[None]})
+        (features,) = self._text.run([OUTPUT], {TEXT_INPUT: trim_tokens(self.tokenizer(text))})
         return np.array(features[0], dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:

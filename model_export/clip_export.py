@@ -39,6 +39,7 @@ from missrec.clip_onnx import (
     VOCAB_FILE,
     ClipManifest,
     OnnxClipEncoder,
+    trim_tokens,
 )
 from missrec.clip_preprocess import ClipTokenizer, ImageTransform, decode_image, file_sha256
 from model_export.onnx_export import OPSET, _export
@@ -64,12 +65,28 @@ class _ImageEncoder(nn.Module):
 
 
 class _TextEncoder(nn.Module):
+    """open_clip's ``CLIP.encode_text`` on the first L positions only (L dynamic, 2..context length).
+
+    The text transformer is causal and pools the end-of-text position, whose output depends on the positions up to
+    it only: the padding after it need not be computed (a product title is ~10 of the 77 positions). The steps are
+    encode_text's, over its own modules, with the positional embedding and the causal mask cut to L; the export's
+    parity check compares the graph with the real ``encode_text`` on the full context."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        import open_clip
+        from open_clip.transformer import text_global_pool
+
+        if type(model) is not open_clip.CLIP or model.text_pool_type != "argmax" or model.attn_mask is None:
+            raise ExportError(f"{type(model).__name__}: only open_clip CLIP text towers (causal, argmax pool) export")
+        self.model, self.pool = model, text_global_pool
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens, normalize=False)
+        m, length = self.model, tokens.shape[1]
+        x = m.token_embedding(tokens) + m.positional_embedding[:length]
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = self.pool(m.ln_final(x), tokens, m.text_pool_type)
+        return m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
 
 
 def explicit_transform(preprocess: Any) -> ImageTransform:
@@ -165,8 +182,9 @@ def export_clip(
         side = transform.image_size
         pixels = {IMAGE_INPUT: torch.zeros(1, 3, side, side)}
         _export(_ImageEncoder(model), pixels, tmp / IMAGE_GRAPH, [OUTPUT], {IMAGE_INPUT: {}}, "dynamo")
-        tokens = torch.from_numpy(ClipTokenizer(vocab, context_length)("warm-up")[None])
-        _export(_TextEncoder(model), {TEXT_INPUT: tokens}, tmp / TEXT_GRAPH, [OUTPUT], {TEXT_INPUT: {}}, "dynamo")
+        tokens = torch.from_numpy(trim_tokens(ClipTokenizer(vocab, context_length)("a product title, colour, brand")))
+        seq = {TEXT_INPUT: {1: ("text_length", 2, context_length)}}
+        _export(_TextEncoder(model), {TEXT_INPUT: tokens}, tmp / TEXT_GRAPH, [OUTPUT], seq, "dynamo")
         shutil.copyfile(vocab, tmp / VOCAB_FILE)
         info = reference.describe()
         manifest = ClipManifest(
