@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
         for text, image in items[:2]:
             encoder.encode_item(text, image)
     times: dict[str, list[float]] = {name: [] for name in encoders}
+    parts: dict[str, list[float]] = {f"{name} {m}": [] for name in encoders for m in ("image", "text")}
     diff = {"text": 0.0, "image": 0.0}
     for _ in range(args.repeats):
         for text, image in items:
@@ -75,7 +76,13 @@ def main(argv: list[str] | None = None) -> dict:
             for name, encoder in encoders.items():
                 t0 = time.perf_counter()
                 features[name] = encoder.encode_item(text, image)
-                times[name].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                encoder.encode_image(image)
+                t2 = time.perf_counter()
+                encoder.encode_text(text)
+                times[name].append(t1 - t0)
+                parts[f"{name} image"].append(t2 - t1)
+                parts[f"{name} text"].append(time.perf_counter() - t2)
             for m, worst in diff.items():
                 diff[m] = max(worst, float(np.abs(features["torch"][m] - features["onnxruntime"][m]).max()))
 
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "mean_ms": float(ms.mean())}
 
     rows = {name: stats(values) for name, values in times.items()}
+    part_rows = {name: stats(values) for name, values in parts.items()}
     ratio = {k: rows["torch"][k] / rows["onnxruntime"][k] for k in rows["torch"]}
     report = {
         "model": f"{args.model} (random init, seed 0)",
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()},
         "export_s": export_s,
         "latency": rows,
+        "latency_by_tower": part_rows,
         "torch_over_ort": ratio,
         "max_abs_feature_diff": diff,
     }
@@ -101,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in rows.items():
         print(f"{name:<12} {r['p50_ms']:>8.1f} {r['p90_ms']:>8.1f} {r['mean_ms']:>8.1f}")
     print(f"{'torch / ORT':<12} {ratio['p50_ms']:>7.2f}x {ratio['p90_ms']:>7.2f}x {ratio['mean_ms']:>7.2f}x")
+    for m in ("image", "text"):
+        t, o = part_rows[f"torch {m}"]["p50_ms"], part_rows[f"onnxruntime {m}"]["p50_ms"]
+        print(f"{m + ' only':<12} p50 torch {t:.1f} ms, ORT {o:.1f} ms: {t / o:.2f}x")
     print(f"max |torch - ORT| feature difference: text {diff['text']:.2e}, image {diff['image']:.2e}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
