@@ -112,12 +112,12 @@ def clip_checkpoint(model: str, cache: Path) -> str:
     return str(path.resolve())
 
 
-async def seed_histories(url: str, users: list[dict], concurrency: int = 8) -> int:
+async def seed_histories(url: str, users: list[dict], concurrency: int = 8, headers: dict | None = None) -> int:
     """Every user's history through POST /v1/users/{id}/events (what a production backfill would do)."""
     from urllib.parse import quote
 
     sem = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=30.0, headers=headers) as client:
 
         async def one(u: dict) -> int:
             async with sem:

@@ -14,7 +14,8 @@ previous one returns, no think time): ``-u`` concurrent clients, used to find th
 Mix (``--mix``, relative weights): user = recommend by user id (history from Redis), history = recommend with an
 explicit history (no Redis read), events = append one interaction, ingest = a new item from a real product photo
 and its text (JSON, base64 image). Per-request samples go to ``--samples-out`` (CSV) for exact percentiles; locust's
-own ``--csv`` files rounds latencies to whole milliseconds.
+own ``--csv`` files rounds latencies to whole milliseconds. Writes (events, ingest) carry ``X-API-Key`` when
+MISSREC_API_KEY is set in locust's environment.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import random
 import time
 import uuid
@@ -36,6 +38,7 @@ from loadtest.traffic import DEFAULT_MIX, read_traffic
 
 KINDS = ("user", "history", "events", "ingest")
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+WRITE_HEADERS = {"X-API-Key": os.environ["MISSREC_API_KEY"]} if os.environ.get("MISSREC_API_KEY") else {}
 
 SAMPLES: list[tuple[str, float, float, float, float, int]] = []  # kind, sched (s since start), lag, lat, lat_sched, st
 STATE: dict = {"t0": None, "stopped": None, "in_flight": 0}
@@ -181,11 +184,11 @@ class MissRecUser(FastHttpUser):
             )
         elif kind == "events":
             item = self.rng.choices(t["items"], cum_weights=t["item_cum_weights"])[0]
-            r = self.client.post(t["events_paths"][u], json={"item_ids": [item]}, name="events")
+            r = self.client.post(t["events_paths"][u], json={"item_ids": [item]}, headers=WRITE_HEADERS, name="events")
         else:
             p = t["products"][self.rng.randrange(len(t["products"]))]
             n = next(self.counter)
             item_id = f"{self.tag}-{self.index}-{n}"
             body = {"item_id": item_id, "text": f"{p['text']} #{n}", "image_base64": p["image_base64"]}
-            r = self.client.post("/v1/items", json=body, name="ingest")
+            r = self.client.post("/v1/items", json=body, headers=WRITE_HEADERS, name="ingest")
         return int(r.status_code or 0)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    import httpx
 
 console = Console()
 log = logging.getLogger(__name__)
@@ -109,6 +112,115 @@ def serve(
     )
 
 
+def swap(
+    url: Annotated[str, typer.Option("--url", help="Base URL of a replica (or the load balancer).")],
+    bundle: Annotated[str, typer.Option("--bundle", help="Bundle directory, inside MISSREC_BUNDLE_ROOT there.")],
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="MISSREC_API_KEY", help="X-API-Key (default: MISSREC_API_KEY).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the replica serves it (or refused it).")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 300.0,
+) -> None:
+    """Point every replica at another bundle, with no downtime (a rollback: the previous bundle). Exit 0 once the
+    replica at --url serves it, 1 if it refused it or a later swap superseded it, 2 if the call was refused."""
+    import time
+
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    base = url.rstrip("/")
+    try:
+        r = httpx.post(f"{base}/v1/admin/bundle", json={"bundle": bundle}, headers=headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise _fail(f"{base}: {exc}") from None
+    if r.status_code != 202:
+        raise _fail(f"{r.status_code} {_error_text(r)}")
+    announced = r.json()
+    console.print(f"announced {announced['version']} ({announced['bundle']}, generation {announced['generation']})")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            s = httpx.get(f"{base}/v1/admin/bundle", headers=headers, timeout=10.0)
+        except httpx.HTTPError:
+            s = None  # a replica restarting behind the URL: ask again
+        if s is not None and s.status_code == 200:
+            status = s.json()
+            latest = status["announced"] or {}
+            if latest.get("generation", 0) > announced["generation"]:
+                console.print(f"[yellow]superseded by generation {latest['generation']} ({latest['version']})[/]")
+                raise typer.Exit(code=1)
+            if status["state"] == "failed" and latest.get("generation") == announced["generation"]:
+                console.print(f"[bold red]refused:[/] {status['error']}; still serving {status['active']['version']}")
+                raise typer.Exit(code=1)
+            active = status["active"]
+            if status["state"] == "active" and active["generation"] == announced["generation"]:
+                took = status["last_swap_seconds"]
+                console.print(f"serving {active['version']}" + (f" (swapped in {took:.2f} s)" if took else ""))
+                return
+        time.sleep(0.2)
+    console.print(f"[bold red]timeout:[/] not serving {announced['version']} after {timeout:g} s")
+    raise typer.Exit(code=1)
+
+
+def shadow(
+    url: Annotated[str, typer.Option("--url", help="Base URL of the replica to shadow on.")],
+    bundle: Annotated[
+        str | None, typer.Option("--bundle", help="Candidate bundle directory, inside MISSREC_BUNDLE_ROOT there.")
+    ] = None,
+    fraction: Annotated[float, typer.Option(help="Share of recommend requests scored by the candidate too.")] = 0.1,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop shadowing.")] = False,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", envvar="MISSREC_API_KEY", help="X-API-Key (default: MISSREC_API_KEY).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the candidate to load.")] = 300.0,
+) -> None:
+    """Score a candidate bundle beside the serving one on a fraction of one replica's recommendations (overlap@k
+    and latency per model in /metrics and GET /v1/admin/shadow); clients only see the serving bundle."""
+    import time
+
+    import httpx
+
+    headers = {"X-API-Key": api_key} if api_key else {}
+    base = url.rstrip("/")
+    if stop == (bundle is not None):
+        raise _fail("give either --bundle (start) or --stop")
+    try:
+        if stop:
+            r = httpx.delete(f"{base}/v1/admin/shadow", headers=headers, timeout=30.0)
+            if r.status_code != 204:
+                raise _fail(f"{r.status_code} {_error_text(r)}")
+            console.print("shadow off")
+            return
+        r = httpx.put(f"{base}/v1/admin/shadow", json={"bundle": bundle, "fraction": fraction}, headers=headers,
+                      timeout=timeout)  # fmt: skip
+        if r.status_code != 202:
+            raise _fail(f"{r.status_code} {_error_text(r)}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = httpx.get(f"{base}/v1/admin/shadow", headers=headers, timeout=10.0).json()
+            if status["state"] == "active":
+                console.print(f"shadow active: {status['version']} on {status['fraction']:.0%} of recommendations")
+                return
+            if status["state"] != "loading":
+                console.print(f"[bold red]shadow {status['state']}:[/] {status['error']}")
+                raise typer.Exit(code=1)
+            time.sleep(0.2)
+    except httpx.HTTPError as exc:
+        raise _fail(f"{base}: {exc}") from None
+    console.print(f"[bold red]timeout:[/] the candidate did not load in {timeout:g} s")
+    raise typer.Exit(code=1)
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        err = r.json()["error"]
+        return f"{err['code']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return r.text
+
+
 def _demo_clip(root: Path) -> tuple[str, str]:
     """A random-init open_clip checkpoint for the demo (no pretrained weights can be assumed offline)."""
     from missrec.clip_encoder import save_random_init_checkpoint
@@ -203,4 +315,6 @@ def register(app: typer.Typer) -> None:
     app.command(name="export-clip")(export_clip)
     app.command(name="build-index")(build_index)
     app.command()(serve)
+    app.command()(swap)
+    app.command()(shadow)
     app.command()(quickstart)

@@ -21,3 +21,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[all,dev]"
     echo "$want" > "$stamp"
 fi
+# The console's browser tests (tests/test_console.py) drive the system's Chromium (Playwright downloads no
+# browser here). Install Debian's when none is on PATH and we may (root with apt-get); else say how.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ -z "${MISSREC_NO_APT:-}" ]; then
+        echo "bootstrap: installing chromium for the console's browser tests (apt-get)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "bootstrap: no chromium on PATH: the console's browser tests will skip (and fail under CI);" \
+             "install it (Debian: apt-get install chromium) or set MISSREC_CHROMIUM to a Chromium binary" >&2
+    fi
+fi

@@ -12,9 +12,10 @@ from fastapi import FastAPI
 from service.errors import install_error_handlers
 from service.middleware import BodyLimit, ConcurrencyLimit, ContentEncoding, HeadAsGet, RequestMetrics
 from service.replication import StartupRefused
-from service.routers import health, items, recommend, users
+from service.routers import admin, health, items, recommend, users
 from service.settings import Settings, get_settings
 from service.state import ServiceState
+from service.webconsole import ConsoleFiles
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,15 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
         title="MISSRec recommendation service",
         version="1.0",
         description="Multi-modal sequential recommendations over REST: top-k by user or history, "
-        "interaction events, cold-start items from image + text.",
+        "interaction events, cold-start items from image + text. A web console is served at /console.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.service = None
     install_error_handlers(app)
-    for router in (recommend.router, users.router, items.router, health.router):
+    for router in (recommend.router, users.router, items.router, health.router, admin.router):
         app.include_router(router)
+    app.mount("/console", ConsoleFiles(), name="console")
     app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ContentEncoding)

@@ -114,6 +114,11 @@ class Snapshot:
     def num_deleted(self) -> int:
         return int(self.deleted[1 : self.model.bundle.table.num_items].sum())
 
+    @property
+    def deleted_ids(self) -> int:
+        """Ids deleted (bundle or ingested) and not ingested again since."""
+        return sum(1 for r in self.overlay.values() if self.deleted[r])
+
     # ----- what the search reads -----------------------------------------------------------------------------
     def item_arrays(self) -> ItemArrays:
         return ItemArrays(tokens=self.tokens, clusters=self.clusters)
@@ -134,7 +139,26 @@ class Snapshot:
             "text_cluster": int(self.clusters["text"][row]) if "text" in self.clusters else None,
             "image_cluster": int(self.clusters["image"][row]) if "image" in self.clusters else None,
             "created_at": record.created_at if record else None,
+            "has_image": bool(record and record.thumbnail),
         }
+
+    def search_text(self, query: str, limit: int) -> tuple[list[int], int]:
+        """Live rows whose id or text contains every word of ``query`` (case-insensitive), and how many match.
+
+        A linear scan (a console and debugging aid, not a search engine): an exact id first, then rows whose
+        text holds the whole query as a phrase, then the others, each in row order."""
+        words = query.casefold().split()
+        phrase = " ".join(words)
+        exact = self.row(query.strip())
+        ranked: tuple[list[int], list[int]] = ([], [])
+        for r in range(1, self.n):
+            if self.deleted[r] or r == exact:
+                continue
+            hay = f"{self.ids[r]} {self.texts[r]}".casefold()
+            if all(w in hay for w in words):
+                ranked[phrase not in hay].append(r)
+        rows = ([exact] if exact is not None else []) + ranked[0] + ranked[1]
+        return rows[:limit], len(rows)
 
 
 class Catalogue:
@@ -144,10 +168,18 @@ class Catalogue:
         self._lock = threading.Lock()
         self.compact_rows = compact_rows
         self.versions: dict[str, int] = {}  # item id -> version of the latest change applied here
+        self.followers: list[Catalogue] = []  # catalogues of other models kept in step (a shadow candidate)
         self._current = self._fresh(model, 0)
 
     def _fresh(self, model: ServingModel, seq: int) -> Snapshot:
         """Publish the bundle alone as snapshot ``seq`` (new segments over the bundle's arrays)."""
+        snap = self._bundle_only(model, seq)
+        self._current = snap  # one reference assignment: readers see the old or the new snapshot, whole
+        return snap
+
+    def _bundle_only(self, model: ServingModel, seq: int) -> Snapshot:
+        """The bundle alone as snapshot ``seq`` over new segments, not published (readers keep the current one:
+        its views hold the old segments' buffers)."""
         table = model.bundle.table
         n = table.num_items
         self._ids, self._texts = list(table.ids), list(table.texts) if table.texts is not None else [""] * n
@@ -159,9 +191,9 @@ class Catalogue:
         deleted[0] = True  # padding is never recommended
         index_info = model.manifest.index
         gap = index_info.max_gap if index_info is not None else 2.0
-        return self._publish(model, seq, deleted, {}, {}, model.index, n, gap)
+        return self._snapshot(model, seq, deleted, {}, {}, model.index, n, gap)
 
-    def _publish(
+    def _snapshot(
         self,
         model: ServingModel,
         seq: int,
@@ -173,7 +205,7 @@ class Catalogue:
         max_gap: float,
     ) -> Snapshot:
         n = self._tokens.n
-        snap = Snapshot(
+        return Snapshot(
             model=model,
             seq=seq,
             n=n,
@@ -190,8 +222,6 @@ class Catalogue:
             index_rows=index_rows,
             max_gap=max_gap,
         )
-        self._current = snap  # one reference assignment: readers see the old or the new snapshot, whole
-        return snap
 
     @property
     def current(self) -> Snapshot:
@@ -201,7 +231,29 @@ class Catalogue:
         """Back to the bundle alone (Redis lost item state: the caller replays what Redis holds now)."""
         with self._lock:
             self.versions = {}
+            for follower in self.followers:
+                follower.reset()
             return self._fresh(self._current.model, self._current.seq + 1)
+
+    def changes(self) -> list[ItemRecord]:
+        """Every item change this catalogue holds, as records in version order: the live ingested items and a
+        tombstone per deleted id."""
+        snap = self._current
+        tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in self.versions.items()
+                      if i not in snap.ingested]  # fmt: skip
+        return sorted([*snap.ingested.values(), *tombstones], key=lambda r: r.version)
+
+    def follow(self, other: Catalogue) -> None:
+        """Keep ``other`` (over another model) in step: it gets every change applied here so far, then each
+        one applied from now on. Raises :class:`IncompatibleItem` when ``other`` cannot serve a stored item."""
+        with self._lock:
+            other.apply(self.changes())
+            self.followers.append(other)
+
+    def unfollow(self, other: Catalogue) -> None:
+        with self._lock:
+            if other in self.followers:
+                self.followers.remove(other)
 
     def is_newer(self, item_id: str, version: int) -> bool:
         return version > self.versions.get(item_id, 0)
@@ -212,36 +264,85 @@ class Catalogue:
         Raises :class:`IncompatibleItem` (and applies none of ``records``) when one cannot be served."""
         with self._lock:
             snap = self._current
-            model = snap.model
             for record in records:
-                if problem := model.record_problem(record):
+                if problem := snap.model.record_problem(record):
                     raise IncompatibleItem(problem)
             fresh = [r for r in sorted(records, key=lambda r: r.version) if self.is_newer(r.item_id, r.version)]
             if not fresh:
                 return 0
-            vectors = [None if r.deleted else model.vectors_of(r) for r in fresh]  # before any state changes
-            deleted_rows: list[int] = []
-            overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
-            for record, vec in zip(fresh, vectors, strict=True):
-                self.versions[record.item_id] = record.version
-                old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
-                if old is not None:
-                    deleted_rows.append(old)
-                if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
-                    ingested.pop(record.item_id, None)
-                    overlay[record.item_id] = old if old is not None else 0
-                    continue
-                overlay[record.item_id] = self._append(record, vec)
-                ingested[record.item_id] = record
-                gap = self._widened_gap(model, vec, gap)
-            deleted = np.zeros(self._tokens.n, dtype=bool)
-            deleted[: snap.n] = snap.deleted
-            deleted[deleted_rows] = True
-            index, index_rows = snap.index, snap.index_rows
-            if self._tokens.n - index_rows > self.compact_rows:
-                index, index_rows = self._compacted(snap, index_rows)
-            self._publish(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
+            self._current = self._applied(snap, fresh, snap.model.vectors_of_many([r for r in fresh if not r.deleted]))
+            for follower in self.followers:  # never fails the change: the serving catalogue has it already
+                try:
+                    follower.apply(fresh)
+                except Exception:
+                    log.exception(
+                        "a following catalogue (%s) could not apply an item change", follower.current.model.version
+                    )
             return len(fresh)
+
+    def switch(self, model: ServingModel, prepared: dict[tuple[str, int], dict[str, np.ndarray]]) -> Snapshot:
+        """Serve ``model`` from now on, with every item change applied so far (a bundle swap), in one publish.
+
+        The live ingested items are served with ``prepared`` vectors (keyed by id and version: the new item tower
+        run beforehand, outside the lock) or, for those that changed since, with vectors computed here; deletions
+        carry over as tombstones. Raises :class:`IncompatibleItem` (and publishes nothing) when a live item cannot
+        be served by ``model``."""
+        with self._lock:
+            snap = self._current
+            live = sorted(snap.ingested.values(), key=lambda r: r.version)
+            for record in live:
+                if problem := model.record_problem(record):
+                    raise IncompatibleItem(problem)
+            vectors: dict[int, dict[str, np.ndarray]] = {}
+            missing = []
+            for record in live:
+                vec = prepared.get((record.item_id, record.version))
+                if vec is None:
+                    missing.append(record)
+                else:
+                    vectors[id(record)] = vec
+            vectors |= {id(r): v for r, v in zip(missing, model.vectors_of_many(missing), strict=True)}
+            gone = [(i, v) for i, v in self.versions.items() if i not in snap.ingested]  # last change: a delete
+            tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in gone]
+            changes = sorted(live + tombstones, key=lambda r: r.version)
+            saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors)
+            try:
+                base = self._bundle_only(model, snap.seq)
+                new = self._applied(base, changes, [vectors[id(r)] for r in changes if not r.deleted])
+            except BaseException:  # nothing published: the segments go back to the ones the current snapshot uses
+                self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors = saved
+                raise
+            self._current = new
+            log.info("switched to bundle %s: %d ingested items, %d deleted", model.version, len(live), len(gone))
+            return new
+
+    def _applied(self, snap: Snapshot, fresh: list[ItemRecord], vectors: list[dict[str, np.ndarray]]) -> Snapshot:
+        """``snap`` with ``fresh`` (in version order; ``vectors`` of its live records, in order) appended: the
+        next snapshot, not published. Holds the lock."""
+        model = snap.model
+        live = iter(vectors)
+        deleted_rows: list[int] = []
+        overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
+        for record in fresh:
+            vec = None if record.deleted else next(live)
+            self.versions[record.item_id] = record.version
+            old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
+            if old is not None:
+                deleted_rows.append(old)
+            if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
+                ingested.pop(record.item_id, None)
+                overlay[record.item_id] = old if old is not None else 0
+                continue
+            overlay[record.item_id] = self._append(record, vec)
+            ingested[record.item_id] = record
+            gap = self._widened_gap(model, vec, gap)
+        deleted = np.zeros(self._tokens.n, dtype=bool)
+        deleted[: snap.n] = snap.deleted
+        deleted[deleted_rows] = True
+        index, index_rows = snap.index, snap.index_rows
+        if self._tokens.n - index_rows > self.compact_rows:
+            index, index_rows = self._compacted(snap, index_rows)
+        return self._snapshot(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
 
     def _append(self, record: ItemRecord, vec: dict[str, np.ndarray]) -> int:
         row = self._tokens.n

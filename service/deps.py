@@ -8,7 +8,7 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, Header, Request
 
-from service.errors import InvalidInput, Unauthorized, Unavailable, UnsupportedMedia
+from service.errors import Forbidden, InvalidInput, Unauthorized, Unavailable, UnsupportedMedia
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -37,6 +37,15 @@ async def require_api_key(
         raise Unauthorized("missing or wrong X-API-Key")
 
 
+async def require_admin_key(
+    request: Request, x_api_key: Annotated[str | None, Header(description="API key (MISSREC_API_KEY).")] = None
+) -> None:
+    """Admin endpoints exist only with MISSREC_API_KEY set (403 without it), then need it like writes (401)."""
+    if request.app.state.settings.api_key is None:
+        raise Forbidden("admin endpoints are disabled: set MISSREC_API_KEY to enable them", code="admin_disabled")
+    await require_api_key(request, x_api_key)
+
+
 def is_json_media(media: str) -> bool:
     """application/json or a structured-syntax JSON type (application/*+json)."""
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -62,5 +71,6 @@ async def require_utf8_path(request: Request) -> None:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 WriteAccess = Depends(require_api_key)
+AdminAccess = Depends(require_admin_key)
 JSONBody = Depends(require_json)
 PathUTF8 = Depends(require_utf8_path)

@@ -62,6 +62,10 @@ class Unauthorized(ServiceError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(ServiceError):
+    status, code = 403, "forbidden"
+
+
 class Unavailable(ServiceError):
     """A dependency (Redis, the encoder) is down or the service is not ready: retry later."""
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from service.catalogue import Snapshot
 from service.metrics import Metrics
+from serving_core.bundle import INNER_PRODUCT, static_vectors
 from serving_core.topk import top_k
 
 
@@ -23,6 +24,7 @@ class Query:
     k: int
     exclude: set[int] = field(default_factory=set)
     explain: bool = False
+    snapshot: Snapshot | None = None  # the one its rows come from (None: whichever is current)
 
 
 @dataclass
@@ -40,8 +42,29 @@ class Recommendation:
     fallback: str | None = None
 
 
-def recommend_batch(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
-    """One micro-batch: popularity for empty histories, user tower + exact top-k for the others."""
+def recommend_batch(current: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
+    """One micro-batch against the current snapshot; a query whose rows come from a snapshot of another model (a
+    bundle swap happened since it was resolved) runs on that model, with the newest such snapshot in the batch:
+    rows of one bundle mean nothing in another."""
+    groups: dict[int, tuple[Snapshot, list[int]]] = {}
+    for i, q in enumerate(queries):
+        snap = current if q.snapshot is None or q.snapshot.model is current.model else q.snapshot
+        seen, members = groups.setdefault(id(snap.model), (snap, []))
+        if snap.seq > seen.seq:
+            groups[id(snap.model)] = (snap, members)
+        members.append(i)
+    if len(groups) == 1:
+        return _recommend_on(next(iter(groups.values()))[0], queries, metrics)
+    results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
+    for snap, members in groups.values():
+        for i, rec in zip(members, _recommend_on(snap, [queries[i] for i in members], metrics), strict=True):
+            results[i] = rec
+    return results
+
+
+def _recommend_on(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
+    """One group of queries on one snapshot: popularity for empty histories, user tower + exact top-k for the
+    others."""
     results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
     personal = [i for i, q in enumerate(queries) if q.history.size]
     for i, q in enumerate(queries):
@@ -61,10 +84,12 @@ def recommend_batch(snap: Snapshot, queries: list[Query], metrics: Metrics) -> l
     return results
 
 
-def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics) -> list[Recommendation]:
-    """Exact top-k of users (G, D) with one k, each with its query's exclusions."""
+def search(
+    snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics, stage: str = "search"
+) -> list[Recommendation]:
+    """Exact top-k of users (G, D) with one k, each with its query's exclusions (timed as ``stage``)."""
     scorer = snap.scorer()
-    with metrics.timed("search"):
+    with metrics.timed(stage):
         found = top_k(
             users,
             k,
@@ -86,6 +111,27 @@ def search(snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metr
         items = [RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(rows, scores, notes, strict=True)]
         out.append(Recommendation(items=items, exact=bool(found.user_exact[b]), model_version=snap.model.version))
     return out
+
+
+def item_query(snap: Snapshot, row: int) -> np.ndarray:
+    """(1, D) the query vector of an item, for "items like this one".
+
+    missrec_fusion: the item's static vector (the mean of its unit modality vectors, and of its ID vector in
+    transductive mode: what the index stores for it) scaled to unit norm, the norm of a user vector; its scores
+    are then the model's fused scores, as if a user were exactly this item. inner_product: the item vector."""
+    scorer = snap.model.manifest.scorer
+    ids = snap.id_vectors[row : row + 1] if snap.id_vectors is not None else None
+    query = static_vectors(scorer, {name: v[row : row + 1] for name, v in snap.vectors.items()}, ids)
+    if scorer.kind == INNER_PRODUCT:
+        return query
+    norm = float(np.linalg.norm(query))
+    return query / norm if norm > 0 else query
+
+
+def similar(snap: Snapshot, row: int, k: int, explain: bool, metrics: Metrics) -> Recommendation:
+    """The exact top-k items for an item's own query vector (:func:`item_query`), the item itself excluded."""
+    query = Query(history=np.empty(0, dtype=np.int64), k=k, exclude={row}, explain=explain)
+    return search(snap, item_query(snap, row), k, [query], metrics, stage="similar")[0]
 
 
 def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:

@@ -32,6 +32,8 @@ MAX_EXCLUDE = 1000
 MAX_BATCH_REQUESTS = 256
 MAX_EVENTS = 1000
 MAX_TEXT_CHARS = 4096
+MAX_SEARCH_RESULTS = 100  # GET /v1/items?q=...: most items one search returns
+MAX_QUERY_CHARS = 256
 
 
 class _Strict(BaseModel):
@@ -182,8 +184,123 @@ class ItemResponse(BaseModel):
     text_cluster: int | None = None
     image_cluster: int | None = None
     created_at: float | None = None
+    has_image: bool = Field(False, description="True when a thumbnail of the ingested image is stored (GET .../image).")
+
+
+class ItemSummary(BaseModel):
+    item_id: str
+    source: Literal["bundle", "ingested"]
+    text: str | None
+
+
+class ItemSearchResponse(BaseModel):
+    query: str
+    items: list[ItemSummary]
+    total: int = Field(description="Live items whose text or id matches every word of the query.")
+
+
+class SimilarResponse(BaseModel):
+    item_id: str
+    items: list[RecommendedItem]
+    model_version: str
+    exact: bool = Field(description="True when the list is provably the scorer's exact top-k over the catalogue.")
+
+
+class Histogram(BaseModel):
+    """A Prometheus histogram as JSON: cumulative counts per upper bound (the last count is the +Inf bucket)."""
+
+    upper_bounds: list[float]
+    cumulative_counts: list[int]
+    count: int
+    sum: float
+
+
+class ModelStatus(BaseModel):
+    kind: str
+    version: str
+    scorer: str
+    modalities: list[str]
+    max_history_used: int = Field(description="The model reads the last this-many items of a history.")
+
+
+class CatalogueStatus(BaseModel):
+    bundle_items: int
+    ingested: int = Field(description="Live ingested items.")
+    deleted: int = Field(description="Item ids deleted (bundle or ingested) and not ingested again.")
+    live: int = Field(description="Items servable now.")
+    seq: int = Field(description="Catalogue version: +1 per published change.")
+
+
+class StatusResponse(BaseModel):
+    """What the console's overview shows: the model, the catalogue, the checks of /readyz and the service's own
+    metrics (the same numbers /metrics exposes in the Prometheus text format)."""
+
+    model: ModelStatus
+    catalogue: CatalogueStatus
+    checks: dict[str, str]
+    uptime_seconds: float
+    requests: dict[str, int] = Field(description="Requests per route template since start (all statuses).")
+    errors: int = Field(description="Responses with a 4xx or 5xx status since start.")
+    stages: dict[str, Histogram] = Field(description="missrec_stage_seconds per stage.")
+    batch_size: Histogram
+    ingest: dict[str, int]
 
 
 class Health(BaseModel):
     status: Literal["ok", "unready"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# ----- admin: the serving bundle -------------------------------------------------------------------------------
+
+
+class SwapRequest(_Strict):
+    """The bundle every replica should serve: a directory inside MISSREC_BUNDLE_ROOT (relative paths: to it)."""
+
+    bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory.")
+
+
+class ShadowRequest(_Strict):
+    """A candidate bundle to score beside the serving one on a fraction of this replica's recommendations."""
+
+    bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory inside MISSREC_BUNDLE_ROOT.")
+    fraction: float = Field(0.1, gt=0.0, le=1.0, description="Share of recommend requests scored by the candidate.")
+
+
+class ShadowStatus(BaseModel):
+    state: Literal["off", "loading", "active", "failed"]
+    bundle: str | None
+    version: str | None = Field(description="The candidate's model_version (never returned to clients).")
+    fraction: float
+    scored: int = Field(description="Requests scored by the candidate since it was set.")
+    mean_overlap: float | None = Field(description="Mean overlap@k of the serving and candidate top-k.")
+    mean_seconds: dict[str, float] | None = Field(description="Mean user tower + search seconds per model.")
+    error: str | None
+
+
+class BundleAnnouncement(BaseModel):
+    generation: int = Field(description="Order of announcements: the highest is the one every replica serves.")
+    bundle: str = Field(description="The resolved bundle directory.")
+    version: str = Field(description="The bundle's model_version (what responses carry once switched).")
+    at: float = Field(description="Unix seconds of the announcement.")
+    by: str = Field(description="The replica that announced it.")
+
+
+class ActiveBundle(BaseModel):
+    bundle: str
+    version: str
+    generation: int = Field(description="Announcement served (0: MISSREC_BUNDLE, nothing announced yet).")
+    since: float
+
+
+class BundleStatus(BaseModel):
+    replica: str
+    state: Literal["active", "loading", "failed"] = Field(
+        description="loading: the announced bundle is being loaded; failed: it was refused (see error) and the "
+        "active one keeps serving; active: serving the announced bundle (or the start-up one)."
+    )
+    active: ActiveBundle
+    announced: BundleAnnouncement | None
+    loading: BundleAnnouncement | None
+    error: str | None
+    last_swap_seconds: float | None = Field(description="Announcement seen -> serving, of the last swap here.")

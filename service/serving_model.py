@@ -25,6 +25,9 @@ from serving_core.towers import Towers, open_towers
 log = logging.getLogger(__name__)
 
 
+REEMBED_BATCH = 256  # records per item-tower call when another bundle's items are re-embedded
+
+
 class IncompatibleItem(ValueError):
     """An item stored in Redis that this bundle cannot serve (vector sizes of another model, or corrupt)."""
 
@@ -89,9 +92,9 @@ class ServingModel:
     def embed(self, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
         """CLIP features (open_clip or its ONNX graphs) -> item tower -> an ItemRecord to persist (worker thread)."""
         feats = encoder.encode_item(text or None, image)
-        mods = self.manifest.modalities
-        out = self._item_tower({m: feats[m][None] for m in mods})
-        arrays = {f"feature_{m}": feats[m].astype(np.float32).tobytes() for m in mods}
+        out = self._item_tower({m: feats[m][None] for m in self.manifest.modalities})
+        # every modality's raw features, not only this bundle's: a later bundle may take others (a swap re-embeds)
+        arrays = {f"feature_{m}": feats[m].astype(np.float32).tobytes() for m in feats}
         arrays["tokens"] = out["tokens"][0].astype(np.float32).tobytes()
         for name in self.manifest.scorer.vector_names:
             arrays[f"vector_{name}"] = out[name][0].astype(np.float32).tobytes()
@@ -109,17 +112,57 @@ class ServingModel:
 
     def vectors_of(self, record: ItemRecord) -> dict[str, np.ndarray]:
         """Token, vectors and clusters of a record; recomputed from its raw features if another bundle made it."""
+        return self.vectors_of_many([record])[0]
+
+    def vectors_of_many(self, records: list[ItemRecord], batch: int = REEMBED_BATCH) -> list[dict[str, np.ndarray]]:
+        """:meth:`vectors_of` of every (live) record; the records another bundle wrote go through this bundle's
+        item tower from their stored raw features, ``batch`` at a time."""
+        out: list[dict[str, np.ndarray] | None] = [None] * len(records)
+        foreign = [i for i, r in enumerate(records) if r.bundle_version != self.version]
+        for start in range(0, len(foreign), batch):
+            chunk = foreign[start : start + batch]
+            for i, vec in zip(chunk, self._reembedded([records[i] for i in chunk]), strict=True):
+                out[i] = vec
+        for i, r in enumerate(records):
+            if out[i] is None:
+                out[i] = self._stored_vectors(r)
+        return out  # type: ignore[return-value]
+
+    def _reembedded(self, records: list[ItemRecord]) -> list[dict[str, np.ndarray]]:
         mods, names = self.manifest.modalities, self.manifest.scorer.vector_names
-        if record.bundle_version != self.version:
-            feats = {m: np.frombuffer(record.arrays[f"feature_{m}"], dtype=np.float32)[None] for m in mods}
-            out = self._item_tower(feats)
-            vec = {"tokens": out["tokens"][0], **{n: out[n][0] for n in names}}
-            return vec | {f"{m}_cluster": np.int64(out[f"{m}_cluster"][0]) for m in self._clustered}
+        raw = lambda r, m: np.frombuffer(r.arrays[f"feature_{m}"], dtype=np.float32)  # noqa: E731
+        feats = {m: np.stack([raw(r, m) for r in records]) for m in mods}
+        out = self._item_tower(feats)
+        return [
+            {"tokens": out["tokens"][j], **{n: out[n][j] for n in names}}
+            | {f"{m}_cluster": np.int64(out[f"{m}_cluster"][j]) for m in self._clustered}
+            for j in range(len(records))
+        ]
+
+    def _stored_vectors(self, record: ItemRecord) -> dict[str, np.ndarray]:
+        names = self.manifest.scorer.vector_names
         dims = self.manifest.dims
         vec = {"tokens": np.frombuffer(record.arrays["tokens"], dtype=np.float32).reshape(dims.token)}
         for n in names:
             vec[n] = np.frombuffer(record.arrays[f"vector_{n}"], dtype=np.float32).reshape(dims.hidden)
         return vec | {f"{m}_cluster": np.int64(record.ints[f"{m}_cluster"]) for m in self._clustered}
+
+    def swap_problem(self, encoder_dim: int | None, records: list[ItemRecord]) -> str | None:
+        """Why this bundle cannot take over from the serving one, or None: the ingestion encoder's feature width
+        (``None``: ingestion disabled) must be the one its item tower takes, and every live ingested item must
+        carry raw features it can re-embed."""
+        dims = self.manifest.dims
+        if encoder_dim is not None:
+            for m in self.manifest.modalities:
+                if dims.feature(m) != encoder_dim:
+                    return (
+                        f"bundle {self.version} takes {dims.feature(m)}-d {m} features, the ingestion encoder gives "
+                        f"{encoder_dim}-d: new items could not be embedded"
+                    )
+        for record in records:
+            if problem := self.record_problem(record):
+                return problem
+        return None
 
     def record_problem(self, record: ItemRecord) -> str | None:
         """Why a stored item cannot be served by this bundle (wrong or missing vector sizes), or None.

@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     # --- artefacts --------------------------------------------------------------------------------------
     bundle: Path | None = Field(None, description="Serving bundle directory (from `missrec export`).")
     data_dir: Path = Field(Path("var"), description="Local state: embedded Redis files, quick-start bundle.")
+    bundle_root: Path | None = Field(
+        None,
+        description="Directory every bundle a swap (POST /v1/admin/bundle) names must resolve inside (symlinks "
+        "followed); unset = the directory that holds MISSREC_BUNDLE.",
+    )
 
     # --- Redis ---------------------------------------------------------------------------------------------
     redis_url: str | None = Field(
@@ -109,7 +114,12 @@ class Settings(BaseSettings):
             if not 1 <= value <= cap:
                 raise ValueError(f"MISSREC_{name.upper()}={value} is outside 1..{cap}, the limit the API publishes")
 
-    @field_validator("bundle", "data_dir", "clip_onnx", mode="before")
+    def swap_root(self) -> Path | None:
+        """The resolved directory swaps are confined to (None without a bundle)."""
+        root = self.bundle_root or (self.bundle.resolve().parent if self.bundle is not None else None)
+        return root.resolve() if root is not None else None
+
+    @field_validator("bundle", "data_dir", "bundle_root", "clip_onnx", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         return Path(value).expanduser() if isinstance(value, str) and value else value

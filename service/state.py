@@ -43,12 +43,18 @@ from service.recommender import Query, Recommendation, recommend_batch, warmup
 from service.replication import Replicator, StartupRefused, stop_task
 from service.serving_model import IncompatibleItem, ServingModel
 from service.settings import Settings
-from service.store import Store
+from service.shadow import Shadow
+from service.store import Announcement, Store
+from service.swap import BundleSwitcher
 from serving_core.bundle import BundleError
 
 log = logging.getLogger(__name__)
 
 SUPERVISE_EVERY_S = 0.2  # how often the embedded Redis is checked (and restarted when it died)
+ANNOUNCED_HINT = (
+    " (announced to every replica with POST /v1/admin/bundle: announce a good bundle from a running replica, "
+    "restore this one, or delete the Redis key <prefix>:{bundle}:current to serve MISSREC_BUNDLE again)"
+)
 EMBEDDED_DOWN_UNHEALTHY_S = 30.0  # /healthz fails when the embedded Redis stays down this long (restart the pod)
 
 
@@ -103,6 +109,8 @@ class ServiceState:
     metrics: Metrics
     replicator: Replicator
     batcher: MicroBatcher[Query, Recommendation]
+    switcher: BundleSwitcher
+    shadow: Shadow
     embedded: EmbeddedRedis | None = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
@@ -116,21 +124,19 @@ class ServiceState:
 
     @property
     def ready(self) -> bool:
-        return self.replicator.ready
+        return self.replicator.ready and self.switcher.settled
+
+    def encoder_dim(self) -> int | None:
+        """The ingestion encoder's feature width (None: ingestion disabled)."""
+        return self.encoder.dim if self.encoder is not None else None
 
     @classmethod
     async def start(cls, settings: Settings) -> ServiceState:
         metrics = Metrics()
         if settings.bundle is None:
             raise StartupRefused("no bundle configured: set MISSREC_BUNDLE (or use `missrec quickstart`)")
-        try:
-            model = await asyncio.to_thread(ServingModel.load, settings.bundle, settings)
-        except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
-            raise StartupRefused(f"invalid bundle {settings.bundle}: {exc}") from exc
-        catalogue = Catalogue(model)
-        onnx_encoder = None
-        if settings.clip_onnx is not None:
-            onnx_encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
+        if settings.bundle_root is not None and not settings.bundle_root.is_dir():
+            raise StartupRefused(f"MISSREC_BUNDLE_ROOT={settings.bundle_root} is not a directory")
         embedded, url = None, settings.redis_url
         if not url:
             embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
@@ -139,10 +145,31 @@ class ServiceState:
         store = Store(
             client,
             prefix=settings.key_prefix,
-            max_len=model.max_len,
             ttl_seconds=settings.history_ttl_seconds,
             stream_max_len=settings.stream_max_len,
         )
+        try:
+            bundle, announcement, known = await cls._bundle_to_serve(settings, store)
+            try:
+                model = await asyncio.to_thread(ServingModel.load, bundle, settings)
+            except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
+                what = "the announced bundle" if announcement else "invalid bundle"
+                raise StartupRefused(f"{what} {bundle}: {exc}" + (ANNOUNCED_HINT if announcement else "")) from exc
+            if announcement is not None and model.version != announcement.version:
+                raise StartupRefused(
+                    f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
+                    + ANNOUNCED_HINT
+                )
+            onnx_encoder = None
+            if settings.clip_onnx is not None:
+                onnx_encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
+        except BaseException:
+            await client.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+            raise
+        store.max_len = model.max_len
+        catalogue = Catalogue(model)
         replica_id = uuid.uuid4().hex[:12]
         replicator = Replicator(store, catalogue, metrics, settings.key_prefix, replica_id)
         executor = ThreadPoolExecutor(2, "missrec-cpu")
@@ -167,7 +194,10 @@ class ServiceState:
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
             encoder=onnx_encoder,
+            switcher=BundleSwitcher(settings, catalogue, store, metrics, lambda: None, bundle, announcement, known),
+            shadow=Shadow(metrics),
         )
+        state.switcher.encoder_dim = state.encoder_dim
         batcher.start()
         if onnx_encoder is None:
             await asyncio.to_thread(state._load_encoder)
@@ -182,11 +212,32 @@ class ServiceState:
             raise StartupRefused(replicator.incompatible(exc)) from exc
         metrics.live_items.set(catalogue.current.live_count)
         replicator.start()
+        state.switcher.start()
         if embedded is not None:
             state.supervisor = Supervisor(embedded)
             state._supervising = asyncio.get_running_loop().create_task(state._supervise(), name="embedded-redis")
         log.info("replica %s started", state.replica_id)
         return state
+
+    @staticmethod
+    async def _bundle_to_serve(settings: Settings, store: Store) -> tuple[Path, Announcement | None, bool]:
+        """(bundle, announcement, whether Redis answered): the announced bundle when there is one, else
+        MISSREC_BUNDLE (also when Redis is down: the replica stays unready until it has read the announcement)."""
+        try:
+            announcement = await store.announced_bundle()
+        except RedisError as exc:
+            log.warning("Redis unreachable at start-up (%s): the announced bundle is read later", type(exc).__name__)
+            return settings.bundle, None, False
+        if announcement is None:
+            return settings.bundle, None, True
+        root = settings.swap_root()
+        if root is None or not Path(announcement.bundle).resolve().is_relative_to(root):
+            raise StartupRefused(
+                f"the announced bundle {announcement.bundle} is outside this replica's bundle root {root} "
+                "(MISSREC_BUNDLE_ROOT)" + ANNOUNCED_HINT
+            )
+        log.info("serving the announced bundle %s (generation %d)", announcement.bundle, announcement.generation)
+        return Path(announcement.bundle), announcement, True
 
     async def _supervise(self) -> None:
         """Restart the embedded Redis when it dies (same AOF: nothing acknowledged is lost)."""
@@ -205,6 +256,8 @@ class ServiceState:
         self._closing = True
         if self._supervising:
             await stop_task(self._supervising)
+        await self.switcher.stop()
+        await self.shadow.stop(self)
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

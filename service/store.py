@@ -6,12 +6,15 @@ through a hash tag, so the service works unchanged against Redis Cluster:
     P:u:{<h>}:hist          list of "<timestamp>\\x1f<item id>" entries, oldest first, capped at max_len
     P:u:{<h>}:id            the user id itself (a snapshot of the deployment reads it; same TTL as the history)
     P:u:{<h>}:idem:<key>    idempotency marker of an events call (24 h)    (<h> = sha1(user id)[:20])
-    P:{items}:item:<id>     hash: an ingested item (raw features, vectors, clusters, text) or a deletion tombstone
+    P:{items}:item:<id>     hash: an ingested item (features, vectors, clusters, text, thumbnail) or a tombstone
     P:{items}:ids           sorted set: item id -> version of its latest change (for replay at start-up)
     P:{items}:version       counter giving every item change a version
     P:{items}:epoch         random id of the counter's lifetime: a Redis that lost the counter (FLUSHDB, a
                             restart without AOF) gets a new one with its next write or replay
     P:{items}:events        stream of item changes (op, item_id, version, epoch, origin) read by every replica
+    P:{bundle}:current      JSON: the announced serving bundle (generation, resolved path, version, when, by whom)
+    P:{bundle}:generation   counter giving every announcement a generation (the last announced wins)
+    P:{bundle}:events       stream of announcements: wakes every replica (the key above is what they follow)
 
 Replicas apply an item change only if its version is above the one they hold, so a counter that goes back
 would make acknowledged writes silently not apply: every change carries the epoch, and a replica that sees
@@ -23,6 +26,7 @@ Item ids never contain control characters (the API rejects them), so \\x1f is a 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -91,6 +95,36 @@ def parse_history_entry(entry: bytes) -> tuple[float | None, str]:
     return (float(ts) if ts else None), item
 
 
+# KEYS: current, generation, stream. ARGV: path, version, at, by, stream maxlen. Returns the announcement's JSON.
+_ANNOUNCE = """
+local generation = redis.call('INCR', KEYS[2])
+local body = cjson.encode({generation = generation, bundle = ARGV[1], version = ARGV[2], at = tonumber(ARGV[3]),
+                           by = ARGV[4]})
+redis.call('SET', KEYS[1], body)
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'generation', generation, 'version', ARGV[2])
+return body
+"""
+BUNDLE_STREAM_MAX_LEN = 1000
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The serving bundle every replica is told to serve (``P:{bundle}:current``)."""
+
+    generation: int
+    bundle: str  # resolved directory
+    version: str  # the manifest's version when it was announced
+    at: float
+    by: str  # the replica that announced it
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Announcement:
+        data = json.loads(raw)
+        return cls(
+            int(data["generation"]), str(data["bundle"]), str(data["version"]), float(data["at"]), str(data["by"])
+        )
+
+
 def new_epoch() -> str:
     return uuid.uuid4().hex
 
@@ -126,6 +160,7 @@ class ItemRecord:
     bundle_version: str = ""
     arrays: dict[str, bytes] = field(default_factory=dict)  # raw float32/int64 bytes by name
     ints: dict[str, int] = field(default_factory=dict)
+    thumbnail: bytes = b""  # a small JPEG of the ingested image (b"": none), shown by the console
 
     def to_fields(self) -> list[Any]:
         out: list[Any] = [
@@ -138,6 +173,8 @@ class ItemRecord:
             "bundle_version",
             self.bundle_version,
         ]
+        if self.thumbnail:
+            out += ["thumbnail", self.thumbnail]
         for name, raw in self.arrays.items():
             out += [f"a:{name}", raw]
         for name, value in self.ints.items():
@@ -159,6 +196,8 @@ class ItemRecord:
                 rec.created_at = float(value)
             elif key == "bundle_version":
                 rec.bundle_version = value.decode()
+            elif key == "thumbnail":
+                rec.thumbnail = value
             elif key.startswith("a:"):
                 rec.arrays[key[2:]] = value
             elif key.startswith("i:"):
@@ -194,10 +233,14 @@ class Store:
         self._append = redis.register_script(_APPEND)
         self._change = redis.register_script(_CHANGE_ITEM)
         self._snapshot = redis.register_script(_SNAPSHOT)
+        self._announce = redis.register_script(_ANNOUNCE)
         items = f"{prefix}:{{items}}"
         self.ids_key, self.version_key, self.stream_key = f"{items}:ids", f"{items}:version", f"{items}:events"
         self.epoch_key = f"{items}:epoch"
         self.item_prefix = f"{items}:item:"
+        bundle = f"{prefix}:{{bundle}}"
+        self.bundle_key, self.bundle_generation_key = f"{bundle}:current", f"{bundle}:generation"
+        self.bundle_stream_key = f"{bundle}:events"
 
     # ----- users ------------------------------------------------------------------------------------------
     def _user(self, user_id: str) -> str:
@@ -304,3 +347,26 @@ class Store:
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())
+
+    # ----- the announced serving bundle -------------------------------------------------------------------------
+    async def announce_bundle(self, path: str, version: str, origin: str) -> Announcement:
+        """Make ``path`` the bundle every replica serves: a new generation, the key and a stream event, atomically."""
+        keys = [self.bundle_key, self.bundle_generation_key, self.bundle_stream_key]
+        raw = await self._announce(keys=keys, args=[path, version, repr(time.time()), origin, BUNDLE_STREAM_MAX_LEN])
+        return Announcement.from_json(raw)
+
+    async def announced_bundle(self) -> Announcement | None:
+        raw = await self.redis.get(self.bundle_key)
+        return Announcement.from_json(raw) if raw is not None else None
+
+    async def last_bundle_event(self) -> str:
+        last = await self.redis.xrevrange(self.bundle_stream_key, count=1)
+        return last[0][0].decode() if last else "0-0"
+
+    async def wait_bundle_event(self, after: str, block_ms: int) -> str:
+        """The id of the last announcement event after ``after`` (waits up to block_ms), or ``after``."""
+        reply = await self.redis.xread({self.bundle_stream_key: after}, count=100, block=block_ms)
+        for _, entries in reply or []:
+            if entries:
+                after = entries[-1][0].decode()
+        return after

@@ -17,7 +17,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
-from service.recommender import Query, Recommendation
+from service.recommender import Query, Recommendation, similar
 from service.schemas import RecommendRequest
 from service.state import ServiceState
 from service.store import IdempotencyConflict, ItemRecord
@@ -71,9 +71,11 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         k=req.k,
         exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
         explain=req.explain,
+        snapshot=snap,
     )
     result = await state.batcher.submit(query)
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
+    state.shadow.observe(query, result)
     if result.fallback:
         state.metrics.fallback.inc()
     return result, len(rows), list(dict.fromkeys(skipped))
@@ -135,7 +137,7 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     model = state.catalogue.current.model
     try:
         observe = state.metrics.stage.labels("ingest_encode").observe
-        record = await state.ingest_gate.run(model.embed, state.encoder, item_id, text, image, observe=observe)
+        record = await state.ingest_gate.run(_embed, model, state.encoder, item_id, text, image, observe=observe)
     except ImageDecodeError as exc:
         state.metrics.ingest.labels("failed").inc()
         raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
@@ -150,6 +152,16 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     state.metrics.item_events.labels("upsert", "local").inc()
     state.metrics.ingest.labels("replaced" if replaced else "created").inc()
     return record, replaced
+
+
+def _embed(model: Any, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
+    """The item record (open_clip + item tower) with a thumbnail of its image (in an ingest worker thread)."""
+    from service.thumbnail import thumbnail
+
+    record = model.embed(encoder, item_id, text, image)
+    if image is not None:
+        record.thumbnail = thumbnail(image)
+    return record
 
 
 async def delete_item(state: ServiceState, item_id: str) -> None:
@@ -168,12 +180,78 @@ def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:
     return info
 
 
+def item_thumbnail(state: ServiceState, item_id: str) -> bytes:
+    snap = state.catalogue.current
+    if snap.row(item_id) is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    record = snap.ingested.get(item_id)
+    if record is None or not record.thumbnail:
+        raise NotFound(f"item {item_id!r} has no stored image", {"item_id": item_id}, code="no_image")
+    return record.thumbnail
+
+
+async def similar_items(state: ServiceState, item_id: str, k: int | None, explain: bool) -> Recommendation:
+    """The k items nearest to one item by the model's scorer (see recommender.item_query); never itself.
+    k None: 10, or MISSREC_MAX_K if lower."""
+    max_k = state.settings.max_k
+    if k is not None and k > max_k:
+        raise InvalidInput(f"k is {k}, at most {max_k}", {"k": k, "max_k": max_k})
+    k = k if k is not None else min(10, max_k)
+    snap = state.catalogue.current
+    row = snap.row(item_id)
+    if row is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.executor, similar, snap, row, k, explain, state.metrics)
+
+
+async def search_items(state: ServiceState, query: str, limit: int) -> tuple[list[dict[str, Any]], int]:
+    """Live items whose id or text holds every word of ``query``: (summaries, how many match in all)."""
+    if not query.split():
+        raise InvalidInput("q must contain a word, not only blanks", {"q": query})
+    snap = state.catalogue.current
+    # a Python scan: the default thread pool, not the two threads the micro-batches and /similar run on
+    rows, total = await asyncio.to_thread(snap.search_text, query, limit)
+    return [snap.item_info(snap.ids[r]) for r in rows], total
+
+
+async def status(state: ServiceState) -> dict[str, Any]:
+    """The console's overview: model, catalogue, the /readyz checks and the metrics summary."""
+    snap = state.catalogue.current
+    manifest = snap.model.manifest
+    return {
+        "model": {
+            "kind": snap.model.kind,
+            "version": snap.model.version,
+            "scorer": manifest.scorer.kind,
+            "modalities": list(manifest.modalities),
+            "max_history_used": snap.model.max_len,
+        },
+        "catalogue": {
+            "bundle_items": snap.model.bundle.table.num_items - 1,  # row 0 is padding
+            "ingested": snap.num_ingested,
+            "deleted": snap.deleted_ids,
+            "live": snap.live_count,
+            "seq": snap.seq,
+        },
+        "checks": await readiness(state),
+        "uptime_seconds": time.time() - state.started_at,
+        **state.metrics.summary(),
+    }
+
+
 # ----- health ---------------------------------------------------------------------------------------------------
 async def readiness(state: ServiceState) -> dict[str, str]:
     snap = state.catalogue.current
     rep = state.replicator
+    bundle = f"loaded {snap.model.version} ({snap.model.kind}, {snap.model.manifest.scorer.kind})"
+    swap = state.switcher
+    if not swap.settled:
+        bundle += f"; {swap.error or 'waiting for Redis to say which bundle is announced'}"
+    elif swap.phase != "active":
+        bundle += f"; swap {swap.phase}" + (f": {swap.error}" if swap.error else "")
     checks = {
-        "bundle": f"loaded {snap.model.version} ({snap.model.kind}, {snap.model.manifest.scorer.kind})",
+        "bundle": bundle,
         "items": "replayed from Redis" if rep.ready else (rep.error or "waiting for Redis to replay the stored items"),
     }
     try:

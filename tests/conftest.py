@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--console-screenshots",
+        action="store_true",
+        help="tests/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
+    )
+
+
 def _shared_path(*parts: str) -> Path:
     path = SHARED.joinpath(*parts)
     if not path.exists():
@@ -138,9 +146,8 @@ def _source_key(*packages: str) -> str:
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="session")
-def scientific_run(scientific_dir, tmp_path_factory) -> Path:
-    """A MISSRec (inductive) trained for 2 epochs on real Scientific data: RUN_DIR with checkpoint.pt.
+def _trained_run(data: Path, tmp_path_factory, name: str, epochs: int, seed: int = 0, **config) -> Path:
+    """MISSRec (inductive) trained on ``data``: RUN_DIR with checkpoint.pt.
 
     MISSREC_TEST_CACHE=DIR (inner loop only; CI never sets it) keeps the run between sessions, keyed by the
     sources of missrec/, so a change to the model code trains again."""
@@ -149,17 +156,16 @@ def scientific_run(scientific_dir, tmp_path_factory) -> Path:
     from missrec.train import TrainOptions
 
     cache = os.environ.get("MISSREC_TEST_CACHE")
-    target = Path(cache) / f"scientific-run-{_source_key('missrec')}" if cache else None
+    target = Path(cache) / f"{name}-{_source_key('missrec')}" if cache else None
     if target is not None and (target / "checkpoint.pt").is_file():
         return target
-    ds = load_dataset(scientific_dir)
-    run = train_missrec(ds, TrainOptions(epochs=2, progress=False), "inductive")
-    return save_run(run, ds, target or tmp_path_factory.mktemp("scientific-run"))
+    ds = load_dataset(data)
+    run = train_missrec(ds, TrainOptions(epochs=epochs, seed=seed, progress=False), "inductive", config=config or None)
+    return save_run(run, ds, target or tmp_path_factory.mktemp(name))
 
 
-@pytest.fixture(scope="session")
-def scientific_bundle(scientific_run, scientific_dir, tmp_path_factory) -> Path:
-    """Serving bundle (ONNX towers + item table + exact Flat index) of ``scientific_run`` (cached like it)."""
+def _exported_bundle(run: Path, data: Path, tmp_path_factory, name: str) -> Path:
+    """Serving bundle (ONNX towers + item table + exact Flat index) of ``run`` (cached like it)."""
     from index_builder.build import build_index
     from model_export.onnx_export import export_bundle
     from serving_core.bundle import BundleError, verify_checksums
@@ -167,17 +173,37 @@ def scientific_bundle(scientific_run, scientific_dir, tmp_path_factory) -> Path:
     cache = os.environ.get("MISSREC_TEST_CACHE")
     if cache:
         key = _source_key("missrec", "model_export", "serving_core", "index_builder")
-        bundle = Path(cache) / f"scientific-bundle-{key}"
+        bundle = Path(cache) / f"{name}-{key}"
         try:
             if verify_checksums(bundle).index is not None:
                 return bundle
         except BundleError:
             pass
     else:
-        bundle = tmp_path_factory.mktemp("bundles") / "scientific"
-    export_bundle(scientific_run / "checkpoint.pt", scientific_dir, bundle, overwrite=True)
+        bundle = tmp_path_factory.mktemp("bundles") / name
+    export_bundle(run / "checkpoint.pt", data, bundle, overwrite=True)
     build_index(bundle, factory="Flat", device="cpu")
     return bundle
+
+
+@pytest.fixture(scope="session")
+def scientific_run(scientific_dir, tmp_path_factory) -> Path:
+    """A MISSRec (inductive) trained for 2 epochs on real Scientific data: RUN_DIR with checkpoint.pt."""
+    return _trained_run(scientific_dir, tmp_path_factory, "scientific-run", epochs=2)
+
+
+@pytest.fixture(scope="session")
+def scientific_bundle(scientific_run, scientific_dir, tmp_path_factory) -> Path:
+    """Serving bundle (ONNX towers + item table + exact Flat index) of ``scientific_run`` (cached like it)."""
+    return _exported_bundle(scientific_run, scientific_dir, tmp_path_factory, "scientific-bundle")
+
+
+@pytest.fixture(scope="session")
+def scientific_bundle_b(scientific_dir, tmp_path_factory) -> Path:
+    """A second, different bundle of the same catalogue (bundle swaps): MISSRec trained 1 epoch with seed 1 and
+    128-d hidden vectors instead of 300 (other towers, other vector widths, the same raw feature widths)."""
+    run = _trained_run(scientific_dir, tmp_path_factory, "scientific-run-b", epochs=1, seed=1, hidden=128)
+    return _exported_bundle(run, scientific_dir, tmp_path_factory, "scientific-bundle-b")
 
 
 @pytest.fixture(scope="session")

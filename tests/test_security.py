@@ -18,7 +18,12 @@ from tests.service_helpers import make_app
 
 KEY = f"key-{uuid.uuid4().hex}"
 READ_ONLY_POSTS = {"/v1/recommend", "/v1/recommend/batch"}  # POST only because a history can be long
-GUARDED = {("POST", "/v1/users/{user_id}/events"), ("POST", "/v1/items"), ("DELETE", "/v1/items/{item_id}")}
+GUARDED = {
+    ("POST", "/v1/users/{user_id}/events"),
+    ("POST", "/v1/items"),
+    ("DELETE", "/v1/items/{item_id}"),
+    ("POST", "/v1/admin/bundle"),  # admin: also 403 without MISSREC_API_KEY (tests/test_swap.py)
+}
 
 
 @pytest.fixture(scope="module")

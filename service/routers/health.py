@@ -1,4 +1,5 @@
-"""GET /healthz (process up and able to recover), /readyz (bundle loaded, Redis reachable), /metrics (Prometheus)."""
+"""GET /healthz (process up and able to recover), /readyz (bundle loaded, Redis reachable), /metrics (Prometheus),
+/v1/status (the console's overview as JSON)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import usecases
-from service.schemas import Health
+from service.deps import StateDep
+from service.schemas import ErrorResponse, Health, StatusResponse
 
 router = APIRouter(tags=["health"])
 
@@ -41,3 +43,10 @@ async def metrics(request: Request) -> Response:
     state = getattr(request.app.state, "service", None)
     body = state.metrics.render() if state is not None else b""
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/status", response_model=StatusResponse, responses={503: {"model": ErrorResponse}})
+async def status(state: StateDep) -> StatusResponse:
+    """Model, catalogue sizes, the /readyz checks and the service's metrics (the numbers of /metrics as JSON,
+    histograms with cumulative bucket counts): what the console's overview charts."""
+    return StatusResponse(**await usecases.status(state))

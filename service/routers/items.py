@@ -1,4 +1,5 @@
-"""Cold-start items: POST /v1/items (multipart or JSON), GET and DELETE /v1/items/{item_id}."""
+"""Items: POST /v1/items (cold start, multipart or JSON), GET /v1/items?q= (search), GET and DELETE
+/v1/items/{item_id}, GET /v1/items/{item_id}/similar and /image."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import codecs
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import UploadFile
@@ -16,7 +17,21 @@ from starlette.formparsers import MultiPartException
 from service import usecases
 from service.deps import PathUTF8, StateDep, WriteAccess, is_json_media
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
-from service.schemas import MAX_TEXT_CHARS, ErrorResponse, Identifier, ItemCreated, ItemJSONRequest, ItemResponse
+from service.routers.recommend import recommended
+from service.schemas import (
+    MAX_K,
+    MAX_QUERY_CHARS,
+    MAX_SEARCH_RESULTS,
+    MAX_TEXT_CHARS,
+    ErrorResponse,
+    Identifier,
+    ItemCreated,
+    ItemJSONRequest,
+    ItemResponse,
+    ItemSearchResponse,
+    ItemSummary,
+    SimilarResponse,
+)
 from service.state import ServiceState
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
@@ -125,6 +140,62 @@ async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
     if item_id in (".", ".."):  # a literal dot segment would be removed by clients resolving the URL
         location = "/v1/items/" + "%2E" * len(item_id)
     return JSONResponse(status_code=201, content=body.model_dump(), headers={"Location": location})
+
+
+@router.get("", response_model=ItemSearchResponse, responses=ERRORS)
+async def search_items(
+    state: StateDep,
+    q: Annotated[
+        str, Query(min_length=1, max_length=MAX_QUERY_CHARS, description="Words that must all occur in the text or id.")
+    ],
+    limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_RESULTS, description="Most items returned.")] = 20,
+) -> ItemSearchResponse:
+    """Live items whose id or text contains every word of ``q`` (case-insensitive): an exact id first, then
+    texts holding the whole query as a phrase, then the others, in catalogue order. A linear scan of the item
+    texts, meant for the console and for debugging, not a search engine."""
+    items, total = await usecases.search_items(state, q, limit)
+    return ItemSearchResponse(query=q, items=[ItemSummary(**i) for i in items], total=total)
+
+
+SIMILAR_DESCRIPTION = """The k live items nearest to one item **by the model's own scorer**, the item itself excluded.
+
+The query is the item's own vector: for MISSRec (`missrec_fusion`) its static vector (the mean of its unit text and
+image vectors, and of its ID vector in transductive mode; what the index stores for it) scaled to unit norm like a
+user vector, scored against every item with the dynamic fusion (the scores are the fused scores a user whose
+vector were this item would get); for `inner_product` bundles the item vector. The same exact top-k as
+recommendations: deleted items never appear, exactly min(k, live items - 1) items come back, best first, and
+`exact` says whether the list is proven equal to brute-force scoring. (The id is the path up to the last
+`/similar`: an item whose own id ends in `/similar` or `/image` is served by these routes, not by
+GET /v1/items/{item_id}.)"""
+
+
+@router.get(
+    "/{item_id:path}/similar",
+    response_model=SimilarResponse,
+    responses=ERRORS,
+    dependencies=[PathUTF8],
+    description=SIMILAR_DESCRIPTION,
+)
+async def similar_items(
+    item_id: ItemId,
+    state: StateDep,
+    k: Annotated[int | None, Query(ge=1, le=MAX_K, description="Items returned (default 10).")] = None,
+    explain: Annotated[bool, Query(description="Add text/image weights and the interest cluster per item.")] = False,
+) -> SimilarResponse:
+    rec = await usecases.similar_items(state, item_id, k, explain)
+    return SimilarResponse(item_id=item_id, items=recommended(rec), model_version=rec.model_version, exact=rec.exact)
+
+
+@router.get(
+    "/{item_id:path}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, **ERRORS},
+    dependencies=[PathUTF8],
+)
+async def item_image(item_id: ItemId, state: StateDep) -> Response:
+    """A thumbnail (JPEG, at most 192 px) of an ingested item's image; 404 ``no_image`` when none is stored
+    (bundle items have features only)."""
+    return Response(usecases.item_thumbnail(state, item_id), media_type="image/jpeg")
 
 
 @router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS, dependencies=[PathUTF8])

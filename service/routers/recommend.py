@@ -26,8 +26,8 @@ router = APIRouter(prefix="/v1", tags=["recommend"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
 
 
-def to_response(rec: Recommendation, history_length: int, skipped: list[str]) -> RecommendResponse:
-    items = [
+def recommended(rec: Recommendation) -> list[RecommendedItem]:
+    return [
         RecommendedItem(
             item_id=item.item_id,
             score=item.score,
@@ -35,8 +35,11 @@ def to_response(rec: Recommendation, history_length: int, skipped: list[str]) ->
         )
         for item in rec.items
     ]
+
+
+def to_response(rec: Recommendation, history_length: int, skipped: list[str]) -> RecommendResponse:
     return RecommendResponse(
-        items=items,
+        items=recommended(rec),
         model_version=rec.model_version,
         fallback=rec.fallback,
         exact=rec.exact,
