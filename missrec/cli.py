@@ -453,17 +453,34 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", help="Directory for the atomic dataset.")],
     name: Annotated[str | None, typer.Option(help="Dataset name (default: the folder name).")] = None,
     min_core: Annotated[int, typer.Option(help="k-core filtering threshold.")] = 5,
-    clip_model: Annotated[str, typer.Option(help="open_clip architecture.")] = "ViT-B-32",
-    clip_pretrained: Annotated[str, typer.Option(help="open_clip tag or local checkpoint path.")] = "openai",
+    clip_model: Annotated[str | None, typer.Option(help="open_clip architecture [default: ViT-B-32].")] = None,
+    clip_pretrained: Annotated[
+        str | None, typer.Option(help="open_clip tag or local checkpoint path [default: openai].")
+    ] = None,
+    clip_onnx: Annotated[
+        Path | None,
+        typer.Option(help="CLIP ONNX directory (missrec export-clip): the graphs the service ingests with."),
+    ] = None,
     allow_bad_images: Annotated[bool, typer.Option(help="Zero image row instead of failing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset in --out.")] = False,
 ) -> None:
     """Turn a raw catalog + interaction log into the atomic format (k-core, leave-one-out, CLIP features)."""
-    from missrec.clip_encoder import ClipEncoder, ImageDecodeError
+    from missrec.clip_onnx import ClipOnnxError
+    from missrec.clip_preprocess import ImageDecodeError, ItemEncoder
     from missrec.prepare import PrepareError, prepare_dataset
 
+    if clip_onnx is not None and (clip_model or clip_pretrained):
+        raise _fail("--clip-onnx names the model and weights: leave out --clip-model and --clip-pretrained")
     try:
-        encoder = ClipEncoder(clip_model, clip_pretrained)
+        encoder: ItemEncoder
+        if clip_onnx is not None:
+            from missrec.clip_onnx import OnnxClipEncoder
+
+            encoder = OnnxClipEncoder(clip_onnx, threads=0)
+        else:
+            from missrec.clip_encoder import ClipEncoder
+
+            encoder = ClipEncoder(clip_model or "ViT-B-32", clip_pretrained or "openai")
         summary = prepare_dataset(
             items,
             interactions,
@@ -474,7 +491,7 @@ def prepare(
             allow_bad_images=allow_bad_images,
             overwrite=overwrite,
         )
-    except (PrepareError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (PrepareError, ImageDecodeError, ClipOnnxError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     console.print_json(data=summary.to_dict())
 

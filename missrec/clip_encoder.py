@@ -36,11 +36,7 @@ Design notes:
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
-import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +45,17 @@ import open_clip
 import torch
 from PIL import Image
 
+from missrec.clip_preprocess import (  # re-exported: the image gate is shared with the ONNX encoder
+    MAX_IMAGE_PIXELS,
+    MAX_UNCROPPED_ASPECT,
+    ImageDecodeError,
+    ImageInput,
+    ItemEncoder,
+    bound_for_clip,
+    decode_image,
+    file_sha256,
+)
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
@@ -56,29 +63,22 @@ DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 TINY_MODEL = "missrec-tiny-512"
 
-# ~5500 x 5500; product photos are far smaller. (40 Mpx RGBA PNGs grew RSS by 312 MiB: Pillow's reduce
-# premultiplies alpha into a second full copy; 30 Mpx keeps every decode within ~300 MB.)
-MAX_IMAGE_PIXELS = 30_000_000
-# open_clip's transform resizes the SHORT side to 224 before its centre crop, so a 1 x 50,000 PNG of 177 bytes
-# became 224 x 11,200,000 pixels (11.7 GB). Images longer than this ratio are cropped to their centre first
-# (:func:`bound_for_clip`); up to it (real product photos reach ~5) the transform is open_clip's, exactly.
-MAX_UNCROPPED_ASPECT = 8
-# Decoded images above this many pixels are shrunk by an integer factor while decoding (JPEG draft) or right after
-# (box reduce), keeping the short side >= REDUCED_MIN_SIDE, so a 40 Mpx upload stays within ~300 MB of RSS.
-# Below it (every real product photo here) the pixels reach open_clip's transform untouched.
-REDUCE_ABOVE_PIXELS = 16_000_000
-REDUCED_MIN_SIDE = 896  # 4 x open_clip's 224: the transform's own antialiased resize does the rest
-REDUCED_TARGET_PIXELS = 4_000_000
-ALLOWED_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # Local checkpoint suffixes that open_clip loads with torch.load(weights_only=True) or safetensors.
 # (.npz/.npy would go to open_clip's big_vision converter instead: not accepted here.)
 _REJECTED_CHECKPOINT_SUFFIXES = (".npz", ".npy")
-
-ImageInput = bytes | bytearray | memoryview | Image.Image
-
-
-class ImageDecodeError(ValueError):
-    """Image bytes that are not a supported, intact, reasonably sized image."""
+__all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PRETRAINED",
+    "MAX_IMAGE_PIXELS",
+    "MAX_UNCROPPED_ASPECT",
+    "TINY_MODEL",
+    "ClipEncoder",
+    "ImageDecodeError",
+    "ImageInput",
+    "bound_for_clip",
+    "decode_image",
+    "save_random_init_checkpoint",
+]
 
 
 def register_model_configs() -> None:
@@ -88,110 +88,6 @@ def register_model_configs() -> None:
 
 
 register_model_configs()
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise ImageDecodeError(f"image has an empty size {width}x{height}")
-    if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
-            "(possible decompression bomb)"
-        )
-
-
-def decode_image(
-    data: ImageInput, *, max_pixels: int = MAX_IMAGE_PIXELS, max_aspect: float | None = None
-) -> Image.Image:
-    """Decode untrusted image bytes into a fully loaded RGB ``PIL.Image``; raise :class:`ImageDecodeError`.
-
-    An already decoded ``PIL.Image`` is only size-checked and converted to RGB. The explicit ``max_pixels``
-    check on the header is the primary, thread-safe guard; the warnings filter is a second one (before
-    Python 3.14 ``warnings.catch_warnings`` is process-wide, so under threads it may briefly apply to other
-    threads, which is harmless). Bound the upload size (bytes) at the service edge as well. ``max_aspect``:
-    crop to the centre first (:func:`bound_for_clip`), before the conversion to RGB triples the pixels' bytes,
-    and shrink images above ``REDUCE_ABOVE_PIXELS`` by an integer factor (JPEG draft decoding, else a box reduce).
-    """
-    if isinstance(data, Image.Image):
-        _check_pixels(data.size, max_pixels)
-        return _to_rgb(bound_for_clip(data, max_aspect) if max_aspect else data)
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise TypeError(f"expected image bytes or a PIL.Image, got {type(data).__name__}")
-    raw = bytes(data)
-    if not raw:
-        raise ImageDecodeError("empty image data")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns above Image.MAX_IMAGE_PIXELS and raises above twice that; make both errors.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(raw), formats=ALLOWED_IMAGE_FORMATS) as probe:  # header only
-                _check_pixels(probe.size, max_pixels)
-                image_format = probe.format
-                probe.verify()
-            # verify() leaves the handle unusable: decode a fresh one fully (truncated data fails here).
-            with Image.open(io.BytesIO(raw), formats=[image_format]) as image:
-                if max_aspect is None:
-                    image.load()
-                    return _to_rgb(image)
-                factor = _reduce_factor(image.size)
-                if factor > 1 and image_format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale: less memory
-                    image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
-                image.load()
-                decoded = bound_for_clip(image, max_aspect)
-                if (factor := _reduce_factor(decoded.size)) > 1:
-                    if decoded.mode == "1" or decoded.mode.startswith("I"):  # modes reduce() does not take
-                        decoded = _from_16_bit(decoded) if decoded.mode.startswith("I") else decoded.convert("L")
-                    decoded = decoded.reduce(factor)
-                return _to_rgb(decoded)
-    except ImageDecodeError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError(f"not a supported image (allowed formats: {', '.join(ALLOWED_IMAGE_FORMATS)})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"image too large (possible decompression bomb): {exc}") from None
-    except Exception as exc:  # any Pillow failure on untrusted bytes means "not a valid image"
-        raise ImageDecodeError(f"corrupt or truncated image: {type(exc).__name__}: {exc}") from None
-
-
-def _from_16_bit(image: Image.Image) -> Image.Image:
-    """16-bit (and 32-bit integer) greyscale -> 8-bit "L", scaled; Pillow's convert clips every value above 255."""
-    values = np.asarray(image)
-    if values.dtype != np.uint16:  # "I": 32-bit integers
-        values = values.clip(0, 65535)
-    return Image.fromarray((values.astype(np.uint32) * 255 // 65535).astype(np.uint8), mode="L")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit PNG greyscale
-        image = _from_16_bit(image)
-    return image.convert("RGB")
-
-
-def _reduce_factor(size: tuple[int, int]) -> int:
-    """Integer shrink factor for a decoded image of ``size`` (1: leave it as it is)."""
-    width, height = size
-    if width * height <= REDUCE_ABOVE_PIXELS:
-        return 1
-    factor = math.ceil(math.sqrt(width * height / REDUCED_TARGET_PIXELS))
-    return max(1, min(factor, min(width, height) // REDUCED_MIN_SIDE))
-
-
-def bound_for_clip(image: Image.Image, max_aspect: float = MAX_UNCROPPED_ASPECT) -> Image.Image:
-    """Crop an image longer than ``max_aspect`` : 1 to its centre at that ratio, so preprocessing stays bounded.
-
-    open_clip's eval transform (resize the short side to S, then centre-crop S x S) keeps only the central
-    square of the image, so the crop keeps that square with a margin of (max_aspect - 1) / 2 squares each side;
-    after it the resize allocates at most S x (max_aspect * S) pixels whatever the upload.
-    Images within the ratio are returned as they are (their features are exactly open_clip's)."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    if long <= max_aspect * short:
-        return image
-    keep = max(1, round(max_aspect * short))
-    start = (long - keep) // 2
-    box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
-    return image.crop(box)
 
 
 def _resolve_pretrained(model_name: str, pretrained: str | Path) -> tuple[str, bool]:
@@ -242,7 +138,7 @@ def save_random_init_checkpoint(model_name: str, path: str | Path, seed: int = 0
     return path
 
 
-class ClipEncoder:
+class ClipEncoder(ItemEncoder):
     """A frozen open_clip model with its eval image transform and tokenizer; encodes one item at a time.
 
     ``ClipEncoder("ViT-B-32", "openai")`` is the spec's feature extractor (downloads the weights);
@@ -349,18 +245,6 @@ class ClipEncoder:
         features = self.model.encode_text(tokens, normalize=False)  # (1, D)
         return features[0].to("cpu", torch.float32).numpy().copy()
 
-    def encode_item(self, text: str | None, image: ImageInput | None) -> dict[str, np.ndarray]:
-        """Features of one item: ``{"text": (D,), "image": (D,)}`` float32, keys as in ``missrec.data``.
-
-        ``text`` None or blank, or ``image`` None, gives an all-zero row for that modality. Invalid image
-        bytes raise :class:`ImageDecodeError` (an item with a broken image is an error, not a missing image).
-        """
-        zeros = np.zeros(self.dim, dtype=np.float32)
-        return {
-            "text": self.encode_text(text) if text is not None and text.strip() else zeros,
-            "image": self.encode_image(image) if image is not None else zeros.copy(),
-        }
-
     def describe(self) -> dict[str, Any]:
         """What produced the features (for manifests): model, weights, width, versions, checkpoint sha256."""
         info: dict[str, Any] = {
@@ -374,10 +258,6 @@ class ClipEncoder:
         path = Path(self.pretrained)
         if path.is_absolute() and path.is_file():
             if self._checkpoint_sha256 is None:
-                digest = hashlib.sha256()
-                with path.open("rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 20), b""):
-                        digest.update(chunk)
-                self._checkpoint_sha256 = digest.hexdigest()
+                self._checkpoint_sha256 = file_sha256(path)
             info["checkpoint_sha256"] = self._checkpoint_sha256
         return info

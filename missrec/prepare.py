@@ -21,8 +21,10 @@ Steps, each deterministic:
 4. Leave-one-out with seq = s_0..s_{n-1}: train = every prefix -> next item over seq[:-2] (longest prefix
    first, as in the Scientific files), valid = seq[:-2] -> s_{n-2}, test = seq[:-1] -> s_{n-1}; histories
    truncated to the last ``max_len`` items.
-5. Features: one :meth:`ClipEncoder.encode_item` call per item on the image file's bytes, the same code path
-   as online ingestion, so offline and online features of an item are bit-identical. Texts are
+5. Features: one ``encode_item`` call per item on the image file's bytes, the same code path as online
+   ingestion, so offline and online features of an item are bit-identical: the torch ``ClipEncoder`` or, with
+   ``missrec prepare --clip-onnx DIR``, the exported ONNX graphs (:class:`~missrec.clip_onnx.OnnxClipEncoder`) that
+   the service ingests with when ``MISSREC_CLIP_ONNX`` points at the same directory. Texts are
    whitespace-normalised first (the form written to ``<name>.text``); blank text or no image -> zero row.
    Images are all decoded up front, so every broken or missing image is reported at once, before the slow
    encoding starts: an error naming the items, or with ``allow_bad_images=True`` a zero image row for each
@@ -37,7 +39,6 @@ and counts, so the service can check that it encodes cold-start items with the s
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -51,7 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from missrec.clip_encoder import ClipEncoder, ImageDecodeError, decode_image
+from missrec.clip_preprocess import ImageDecodeError, ItemEncoder, decode_image, file_sha256
 from missrec.data import MAX_LEN, MODALITY_SUFFIXES, split_leave_one_out, write_atomic, write_dataset
 
 log = logging.getLogger(__name__)
@@ -268,19 +269,11 @@ def _check_images(items: list[CatalogItem], max_pixels: int, progress: bool) -> 
     return bad
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def prepare_dataset(
     items: Path,
     interactions: Path,
     out_dir: Path,
-    encoder: ClipEncoder,
+    encoder: ItemEncoder,
     *,
     name: str | None = None,
     min_core: int = 5,
@@ -403,8 +396,8 @@ def prepare_dataset(
             "allow_bad_images": allow_bad_images,
         },
         "sources": {
-            "items": {"file": items.name, "sha256": _sha256(items)},
-            "interactions": {"file": interactions.name, "sha256": _sha256(interactions)},
+            "items": {"file": items.name, "sha256": file_sha256(items)},
+            "interactions": {"file": interactions.name, "sha256": file_sha256(interactions)},
         },
         "summary": {k: v for k, v in summary.to_dict().items() if k not in {"out_dir", "files"}},
     }

@@ -1,4 +1,4 @@
-"""Serving commands of the ``missrec`` CLI: export, build-index, serve, quickstart (registered onto the model CLI)."""
+"""Serving commands of the ``missrec`` CLI: export, export-clip, build-index, serve, quickstart (onto the model CLI)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,26 @@ def export(
         f"exported {manifest.model_kind}: {manifest.num_items - 1} items, scorer {scorer.kind}{fusion}; "
         f"parity {parity}; bundle {manifest.version} at {out}"
     )
+
+
+def export_clip(
+    model: Annotated[str, typer.Option("--model", help="open_clip architecture, e.g. ViT-B-32.")],
+    pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag or local checkpoint path.")],
+    out: Annotated[Path, typer.Option("--out", help="CLIP ONNX directory to create (MISSREC_CLIP_ONNX).")],
+    samples: Annotated[
+        Path, typer.Option("--samples", help="Real photos and product texts (.txt lines) for the parity check.")
+    ],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
+) -> None:
+    """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4)."""
+    from model_export.clip_export import export_clip as run_export
+    from model_export.parity import ExportError
+
+    try:
+        manifest = run_export(model, pretrained, out, samples, overwrite=overwrite)
+    except (ExportError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(f"exported {manifest.model_name} CLIP encoders ({manifest.dim}-d) to {out}; parity {manifest.parity}")
 
 
 def build_index(
@@ -320,6 +340,7 @@ MISSRec service on {base}  (bundle {manifest.version}, {manifest.num_items - 1} 
 
 def register(app: typer.Typer) -> None:
     app.command(name="export")(export)
+    app.command(name="export-clip")(export_clip)
     app.command(name="build-index")(build_index)
     app.command()(serve)
     app.command()(swap)

@@ -90,7 +90,7 @@ class ServingModel:
 
     # ----- cold-start items ----------------------------------------------------------------------------------
     def embed(self, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
-        """open_clip features -> item tower -> an ItemRecord ready to persist (runs in a worker thread)."""
+        """CLIP features (open_clip or its ONNX graphs) -> item tower -> an ItemRecord to persist (worker thread)."""
         feats = encoder.encode_item(text or None, image)
         out = self._item_tower({m: feats[m][None] for m in self.manifest.modalities})
         # every modality's raw features, not only this bundle's: a later bundle may take others (a swap re-embeds)

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     clip_pretrained: str | None = Field(
         "openai", description="open_clip pretrained tag or a local checkpoint path; unset = ingestion disabled."
     )
+    clip_onnx: Path | None = Field(
+        None,
+        description="CLIP ONNX directory (`missrec export-clip`): ingest through ONNX Runtime, no torch or open_clip "
+        "in the process; an explicit clip_model or clip_pretrained must name the same model and weights.",
+    )
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
     max_text_chars: int = Field(
         MAX_TEXT_CHARS, ge=1, le=MAX_TEXT_CHARS, description="Longest accepted item text (413 above)."
@@ -73,7 +78,7 @@ class Settings(BaseSettings):
     )
     ingest_queue: int = Field(8, ge=0, le=10_000, description="Ingests waiting for an encoder before new ones get 503.")
     ingest_threads: int = Field(
-        1, ge=1, le=256, description="torch threads of an encode (1 leaves the other cores to recommendations)."
+        1, ge=1, le=256, description="Threads of an encode (1 leaves the other cores to recommendations)."
     )
 
     # --- request limits and security ----------------------------------------------------------------------
@@ -114,7 +119,7 @@ class Settings(BaseSettings):
         root = self.bundle_root or (self.bundle.resolve().parent if self.bundle is not None else None)
         return root.resolve() if root is not None else None
 
-    @field_validator("bundle", "data_dir", "bundle_root", mode="before")
+    @field_validator("bundle", "data_dir", "bundle_root", "clip_onnx", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         return Path(value).expanduser() if isinstance(value, str) and value else value

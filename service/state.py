@@ -9,7 +9,12 @@ Redis outages: every Redis call has a bounded timeout and at most one immediate 
 only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` within ``redis_timeout_seconds``.
 
 Refusing to start (:class:`~service.replication.StartupRefused`, one clear line): a bundle that fails its checks
-(checksums, format version, shapes, index size), or an item stored in Redis that the bundle cannot serve.
+(checksums, format version, shapes, index size), an item stored in Redis that the bundle cannot serve, or a
+``MISSREC_CLIP_ONNX`` directory that is damaged, of another feature width than the bundle's, or contradicted by an
+explicit ``MISSREC_CLIP_MODEL`` / ``MISSREC_CLIP_PRETRAINED``.
+
+Ingestion: with ``MISSREC_CLIP_ONNX`` the encoders are ONNX Runtime graphs (:mod:`missrec.clip_onnx`) and the
+process imports neither torch nor open_clip; else open_clip (torch) is loaded from ``MISSREC_CLIP_PRETRAINED``.
 """
 
 from __future__ import annotations
@@ -155,6 +160,9 @@ class ServiceState:
                     f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
                     + ANNOUNCED_HINT
                 )
+            onnx_encoder = None
+            if settings.clip_onnx is not None:
+                onnx_encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
         except BaseException:
             await client.aclose()
             if embedded is not None:
@@ -185,12 +193,14 @@ class ServiceState:
             replica_id=replica_id,
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
+            encoder=onnx_encoder,
             switcher=BundleSwitcher(settings, catalogue, store, metrics, lambda: None, bundle, announcement, known),
             shadow=Shadow(metrics),
         )
         state.switcher.encoder_dim = state.encoder_dim
         batcher.start()
-        await asyncio.to_thread(state._load_encoder)
+        if onnx_encoder is None:
+            await asyncio.to_thread(state._load_encoder)
         if settings.warmup:
             await asyncio.to_thread(warmup, catalogue.current, settings.max_batch_size, metrics)
         try:
@@ -256,7 +266,7 @@ class ServiceState:
             await asyncio.to_thread(self.embedded.stop)
 
     def _load_encoder(self) -> None:
-        """The open_clip encoder for ingestion (imports torch; never used on the recommend path)."""
+        """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path)."""
         s = self.settings
         if not s.clip_pretrained:
             self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
@@ -276,3 +286,43 @@ class ServiceState:
         except Exception as exc:  # ingestion is optional: serve recommendations anyway, say why in /readyz
             self.encoder, self.encoder_error = None, f"ingestion unavailable: {exc}"
             log.warning(self.encoder_error)
+
+
+def load_onnx_encoder(settings: Settings, expected_dim: int) -> Any:
+    """The CLIP ONNX encoder of ``MISSREC_CLIP_ONNX``, or :class:`StartupRefused` saying why it cannot be used.
+
+    ``clip_model`` and ``clip_pretrained`` have defaults (ViT-B-32, openai); only values set explicitly are checked,
+    and they must name the exported model and weights (the tag, or a checkpoint file with the manifest's sha256)."""
+    from missrec.clip_onnx import ClipOnnxError, OnnxClipEncoder
+    from missrec.clip_preprocess import file_sha256
+
+    s = settings
+    try:
+        encoder = OnnxClipEncoder(s.clip_onnx, threads=s.ingest_threads)
+    except ClipOnnxError as exc:
+        raise StartupRefused(f"MISSREC_CLIP_ONNX: {exc}") from exc
+    m = encoder.manifest
+    if m.dim != expected_dim:
+        raise StartupRefused(
+            f"MISSREC_CLIP_ONNX={s.clip_onnx}: {m.model_name} gives {m.dim}-d features, the bundle takes {expected_dim}"
+        )
+    explicit = s.model_fields_set
+    if "clip_model" in explicit and s.clip_model != m.model_name:
+        raise StartupRefused(f"MISSREC_CLIP_MODEL={s.clip_model} contradicts MISSREC_CLIP_ONNX ({m.model_name})")
+    if "clip_pretrained" in explicit:
+        weights = s.clip_pretrained
+        if not weights:
+            raise StartupRefused("MISSREC_CLIP_PRETRAINED is unset (ingestion off) but MISSREC_CLIP_ONNX is set")
+        path = Path(weights).expanduser()
+        same = (
+            file_sha256(path) == m.checkpoint_sha256
+            if path.is_file()
+            else m.checkpoint_sha256 is None and weights == m.pretrained
+        )
+        if not same:
+            raise StartupRefused(
+                f"MISSREC_CLIP_PRETRAINED={weights} is not the weights MISSREC_CLIP_ONNX was exported from "
+                f"({m.pretrained}{', sha256 ' + m.checkpoint_sha256[:12] if m.checkpoint_sha256 else ''}); "
+                "unset one of them"
+            )
+    return encoder

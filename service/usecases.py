@@ -120,7 +120,7 @@ def decode_base64_image(state: ServiceState, data: str) -> bytes:
 
 
 async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
-    """Embed a new item (open_clip + item tower), persist it (durable before we answer), serve it at once."""
+    """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once."""
     limits = state.settings
     if state.encoder is None:  # permanent until restarted with other settings: 501, no Retry-After
         raise Disabled(state.encoder_error or "ingestion unavailable", code="ingestion_disabled")
@@ -132,7 +132,7 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
         text = ""  # only NUL, controls or blanks: no text (it would be encoded as one)
     if not text and image is None:
         raise InvalidInput("an item needs a text, an image, or both")
-    from missrec.clip_encoder import ImageDecodeError
+    from missrec.clip_preprocess import ImageDecodeError
 
     model = state.catalogue.current.model
     try:

@@ -216,6 +216,16 @@ def tiny_clip(tmp_path_factory) -> tuple[str, str]:
     return TINY_MODEL, str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_onnx(tiny_clip, abo_dir, tmp_path_factory) -> Path:
+    """``tiny_clip`` exported by ``missrec export-clip``'s code (parity-checked on the real ABO photos and texts)."""
+    from model_export.clip_export import export_clip
+
+    out = tmp_path_factory.mktemp("clip-onnx") / "tiny"
+    export_clip(tiny_clip[0], tiny_clip[1], out, abo_dir)
+    return out
+
+
 # ----- MSM4SR and MMSRec bundles from the REAL Scientific data (export and serving tests) -------------------------
 SEED_MODELS = {
     # kind -> (trainer name, overrides): one epoch each. MMSRec at hidden 64 (spec: 512) keeps the test fast; the

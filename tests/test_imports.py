@@ -58,6 +58,13 @@ def test_serving_core_and_recommend_path_import_no_torch():
     assert "torch" not in loaded and "open_clip" not in loaded and "missrec" not in loaded
 
 
+def test_the_clip_onnx_path_imports_no_torch():
+    """Ingestion through the exported CLIP graphs (MISSREC_CLIP_ONNX) and its preprocessing need no torch."""
+    loaded = _imported_after(["missrec.clip_preprocess", "missrec.clip_onnx", "service.state"])
+    assert "onnxruntime" in loaded and "PIL" in loaded
+    assert not loaded & {"torch", "open_clip", "torchvision"}, sorted(loaded & {"torch", "open_clip", "torchvision"})
+
+
 def test_no_package_imports_the_tests():
     offenders = []
     for package in (*PACKAGES, "scripts"):

@@ -328,3 +328,35 @@ def test_urls_are_refused(tmp_path: Path, encoder: ClipEncoder, abo_dir: Path) -
     catalog[0]["image"] = "https://example.com/i0.jpg"
     with pytest.raises(PrepareError, match="URLs are never fetched"):
         _prepare(tmp_path, encoder, catalog, _rows())
+
+
+def test_prepare_through_onnx_gives_the_online_onnx_features(
+    inputs: tuple[Path, Path], prepared: PrepareSummary, tmp_path: Path, tiny_clip_onnx: Path, abo_dir: Path
+) -> None:
+    """`missrec prepare --clip-onnx DIR` encodes with the graphs the service ingests with (MISSREC_CLIP_ONNX=DIR):
+    offline and online features are bit-identical, and within 1e-4 of open_clip's (the torch-prepared dataset)."""
+    from typer.testing import CliRunner
+
+    from missrec.cli import app
+    from missrec.clip_onnx import OnnxClipEncoder
+
+    out = tmp_path / "ShopOnnx"
+    args = ["prepare", "--items", str(inputs[0]), "--interactions", str(inputs[1]), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--min-core", "3", "--clip-onnx", str(tiny_clip_onnx)])
+    assert result.exit_code == 0, result.output
+    online = OnnxClipEncoder(tiny_clip_onnx)
+    ds, torch_ds = load_dataset(out), load_dataset(prepared.out_dir)
+    assert ds.item_ids == torch_ds.item_ids
+    folder = inputs[0].parent
+    catalog = {obj["item_id"]: obj for obj in _catalog(abo_dir, folder)}
+    for idx, item in enumerate(ds.item_ids, start=1):
+        raw = catalog[item]
+        text = " ".join(raw["text"].split()) if "text" in raw else None
+        features = online.encode_item(text, (folder / raw["image"]).read_bytes() if "image" in raw else None)
+        for m in ("text", "image"):
+            assert np.array_equal(ds.features[m][idx], features[m]), (item, m)
+            assert np.abs(ds.features[m][idx] - torch_ds.features[m][idx]).max() <= 1e-4, (item, m)
+    manifest = json.loads((out / "ShopOnnx.prepare.json").read_text(encoding="utf-8"))
+    assert manifest["encoder"]["clip_onnx"] == str(tiny_clip_onnx.resolve())
+    refused = CliRunner().invoke(app, [*args, "--clip-onnx", str(tiny_clip_onnx), "--clip-model", "ViT-B-32"])
+    assert refused.exit_code == 2 and "leave out --clip-model" in refused.output

@@ -141,3 +141,118 @@ def test_ann_bundle_takes_search_params_and_caps_candidates(scientific_bundle, t
     assert exact.exact_index and exact.max_candidates is None and exact.initial_width is None  # never capped
     with pytest.raises(BundleError, match="MISSREC_INDEX_PARAMS"):
         ServingModel.load(ivf, Settings(bundle=ivf, index_params={"efSearch": 16}))
+
+
+def test_ingestion_through_onnx_imports_no_torch(
+    scientific_bundle, tiny_clip, tiny_clip_onnx, abo_dir, redis_url, key_prefix, tmp_path
+):
+    """With MISSREC_CLIP_ONNX the whole service process, ingestion included, imports neither torch nor open_clip,
+    and the features it stores are open_clip's (<= 1e-4)."""
+    import asyncio
+
+    import numpy as np
+    import redis.asyncio as aredis
+
+    from missrec.clip_encoder import ClipEncoder
+    from service.store import Store
+
+    photo = sorted(abo_dir.glob("*/*.jpg"))[3]
+    text = "Yoga Bag. Iron Grey. Starter."
+    script = f"""
+import sys, json, base64
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+app = create_app(Settings(bundle={str(scientific_bundle)!r}, redis_url={redis_url!r}, key_prefix={key_prefix!r},
+                          clip_onnx={str(tiny_clip_onnx)!r}, data_dir={str(tmp_path)!r}))
+image = base64.b64encode(open({str(photo)!r}, "rb").read()).decode()
+with TestClient(app) as c:
+    ready = c.get("/readyz").json()["checks"]["ingestion"]
+    ingest = c.post("/v1/items", json={{"item_id": "onnx-new", "text": {text!r}, "image_base64": image}})
+    bad = c.post("/v1/items", json={{"item_id": "onnx-bad", "image_base64": base64.b64encode(b"no image").decode()}})
+    rec = c.post("/v1/recommend", json={{"history": ["onnx-new"], "k": 5}})
+    info = c.get("/v1/items/onnx-new").json()
+print(json.dumps({{"torch": "torch" in sys.modules, "open_clip": "open_clip" in sys.modules, "ready": ready,
+                  "ingest": ingest.status_code, "bad": [bad.status_code, bad.json()["error"]["code"]],
+                  "rec": [rec.status_code, len(rec.json()["items"])], "source": info["source"]}}))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {
+        "torch": False,
+        "open_clip": False,
+        "ready": "ok",
+        "ingest": 201,
+        "bad": [422, "invalid_image"],
+        "rec": [200, 5],
+        "source": "ingested",
+    }
+
+    async def stored():
+        client = aredis.Redis.from_url(redis_url)
+        try:
+            return await Store(client, prefix=key_prefix).get_item("onnx-new")
+        finally:
+            await client.aclose()
+
+    record = asyncio.run(stored())
+    expected = ClipEncoder(*tiny_clip).encode_item(text, photo.read_bytes())
+    for modality in ("text", "image"):
+        got = np.frombuffer(record.arrays[f"feature_{modality}"], dtype=np.float32)
+        assert np.abs(got - expected[modality]).max() <= 1e-4, modality
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"clip_model": "ViT-B-32"}, r"MISSREC_CLIP_MODEL=ViT-B-32 contradicts MISSREC_CLIP_ONNX \(missrec-tiny-512\)"),
+        ({"clip_pretrained": "openai"}, "MISSREC_CLIP_PRETRAINED=openai is not the weights MISSREC_CLIP_ONNX was"),
+        ({"clip_pretrained": None}, "MISSREC_CLIP_PRETRAINED is unset"),
+    ],
+)
+def test_contradictory_clip_settings_refuse_to_start(
+    scientific_bundle, tiny_clip_onnx, redis_url, key_prefix, tmp_path, overrides, expected
+):
+    from service.app import create_app
+    from service.replication import StartupRefused
+    from service.settings import Settings
+
+    settings = Settings(
+        bundle=scientific_bundle,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        clip_onnx=tiny_clip_onnx,
+        data_dir=tmp_path,
+        warmup=False,
+        **overrides,
+    )
+    with pytest.raises(StartupRefused, match=expected), TestClient(create_app(settings)):
+        pass
+
+
+def test_clip_onnx_of_the_same_weights_starts_and_other_widths_refuse(tiny_clip, tiny_clip_onnx, tmp_path):
+    """The explicit checkpoint the graphs came from is accepted (same sha256); a CLIP width other than the bundle's is
+    refused; a damaged directory is refused (not silently ingestion-off)."""
+    import shutil
+
+    from service.replication import StartupRefused
+    from service.settings import Settings
+    from service.state import load_onnx_encoder
+
+    same = Settings(clip_onnx=tiny_clip_onnx, clip_model=tiny_clip[0], clip_pretrained=tiny_clip[1])
+    assert load_onnx_encoder(same, 512).dim == 512
+    with pytest.raises(StartupRefused, match="gives 512-d features, the bundle takes 768"):
+        load_onnx_encoder(Settings(clip_onnx=tiny_clip_onnx), 768)
+    copy = Path(shutil.copytree(tiny_clip_onnx, tmp_path / "clip"))
+    (copy / "image_encoder.onnx").write_bytes(b"damaged")
+    with pytest.raises(StartupRefused, match="does not match its sha256"):
+        load_onnx_encoder(Settings(clip_onnx=copy), 512)

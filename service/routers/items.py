@@ -114,7 +114,7 @@ async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, b
     openapi_extra=_OPENAPI_BODY,
 )
 async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
-    """Add (or replace) an item from its image and text: open_clip + item tower, interest clusters, live index.
+    """Add (or replace) an item from its image and text: CLIP + item tower, interest clusters, live index.
     201 only after the item is durable in Redis; it is recommendable at once (and on other replicas within 1 s)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
