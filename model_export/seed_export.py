@@ -47,31 +47,39 @@ SeedModel = MSM4SR | MMSRec
 
 
 # ----- the exported modules ------------------------------------------------------------------------------------
-def _features(model: SeedModel, given: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    return {m: given[m] for m in model.cfg.modalities}  # type: ignore[misc]
+class _Graph(nn.Module):
+    """A graph module around the model (its parameters are the model's)."""
 
-
-class MSM4SRUserGraph(nn.Module):
-    def __init__(self, model: MSM4SR) -> None:
+    def __init__(self, model: SeedModel) -> None:
         super().__init__()
         self.model = model
 
+
+class _ItemGraph(_Graph):
+    """Raw features (B, F_m) of the model's modalities -> (item token, item vector)."""
+
+    def forward(
+        self, text_features: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = {
+            m: f for m, f in (("text", text_features), ("image", image_features)) if m in self.model.cfg.modalities
+        }
+        return self.encode(feats)  # type: ignore[arg-type]
+
+    def encode(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class MSM4SRUserGraph(_Graph):
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, M * D) flattened item vectors z, lengths (B,) -> user (B, M * D)."""
         m, d = len(self.model.cfg.modalities), self.model.cfg.hidden
         return self.model.user_tower(tokens.unflatten(-1, (m, d)), lengths)
 
 
-class MSM4SRItemGraph(nn.Module):
-    def __init__(self, model: MSM4SR) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, text_features: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw features -> (token (B, M * D), item vector (B, M * D)); no ID embedding (id 0 is the zero row)."""
-        feats = _features(self.model, {"text": text_features, "image": image_features})
+class MSM4SRItemGraph(_ItemGraph):
+    def encode(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (token (B, M * D), item vector (B, M * D)); no ID embedding (id 0 is the zero row)."""
         first = next(iter(feats.values()))
         z = self.model.item_tokens(feats, torch.zeros(first.shape[0], dtype=torch.long))  # (B, M, D)
         return z.flatten(-2), self.model.scoring_vectors(z)
@@ -83,11 +91,7 @@ def mmsrec_item_tokens(model: MMSRec, features: dict[str, torch.Tensor]) -> torc
     return torch.cat([tokens.flatten(-2), valid.to(tokens.dtype)], dim=-1)
 
 
-class MMSRecUserGraph(nn.Module):
-    def __init__(self, model: MMSRec) -> None:
-        super().__init__()
-        self.model = model
-
+class MMSRecUserGraph(_Graph):
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Left-aligned tokens (B, S, M * D + M) of S <= L - 1 history items, lengths (B,) -> unit user (B, D)."""
         m, d = len(self.model.cfg.modalities), self.model.cfg.hidden
@@ -101,16 +105,9 @@ class MMSRecUserGraph(nn.Module):
         return self.model.user_tower(item_tokens, valid)
 
 
-class MMSRecItemGraph(nn.Module):
-    def __init__(self, model: MMSRec) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self, text_features: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw features -> (token (B, M * D + M), unit item vector (B, D))."""
-        feats = _features(self.model, {"text": text_features, "image": image_features})
+class MMSRecItemGraph(_ItemGraph):
+    def encode(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (token (B, M * D + M), unit item vector (B, D))."""
         return mmsrec_item_tokens(self.model, feats), self.model.item_vectors(feats)
 
 

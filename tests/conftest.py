@@ -273,3 +273,15 @@ def seed_bundles(scientific_dir, tmp_path_factory):
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def swap_root(scientific_bundle, scientific_bundle_b, tmp_path_factory) -> Path:
+    """A MISSREC_BUNDLE_ROOT (one per test module) with the two real bundles as a/ and b/ (copies: a symlink out of
+    the root is refused)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bundle-root")
+    shutil.copytree(scientific_bundle, root / "a")
+    shutil.copytree(scientific_bundle_b, root / "b")
+    return root

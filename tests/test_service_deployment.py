@@ -17,6 +17,21 @@ from tests.service_helpers import make_app
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_fresh(script: str) -> dict:
+    """Run ``script`` in a fresh interpreter (nothing imported yet); its last stdout line, parsed as JSON."""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def test_service_runs_against_redis_cluster(redis_cluster, scientific_bundle, tiny_clip, tmp_path, abo_dir):
     from tests.service_helpers import abo_products
 
@@ -81,17 +96,7 @@ with TestClient(app) as c:
 print(json.dumps({{"torch": "torch" in sys.modules, "a": len(a["items"]), "b": len(b["items"]),
                   "ingest": ingest.status_code, "code": ingest.json()["error"]["code"]}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _run_fresh(script)
     assert result == {"torch": False, "a": 5, "b": 5, "ingest": 501, "code": "ingestion_disabled"}
 
 
@@ -176,17 +181,7 @@ print(json.dumps({{"torch": "torch" in sys.modules, "open_clip": "open_clip" in 
                   "ingest": ingest.status_code, "bad": [bad.status_code, bad.json()["error"]["code"]],
                   "rec": [rec.status_code, len(rec.json()["items"])], "source": info["source"]}}))
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _run_fresh(script)
     assert result == {
         "torch": False,
         "open_clip": False,

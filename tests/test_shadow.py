@@ -25,11 +25,8 @@ HISTORIES = [["B00O47ILVA", "B006ATU73A"], ["B0000223UV"], ["B00DRALJ28", "B0013
 
 
 @pytest.fixture(scope="module")
-def root(scientific_bundle, scientific_bundle_b, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shadow-root")
-    shutil.copytree(scientific_bundle, root / "a")
-    shutil.copytree(scientific_bundle_b, root / "b")
-    return root
+def root(swap_root) -> Path:
+    return swap_root
 
 
 def _app(root, redis_url, prefix, tiny_clip, tmp, **extra):

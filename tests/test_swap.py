@@ -30,12 +30,8 @@ CONVERGE_S = 5.0
 
 
 @pytest.fixture(scope="module")
-def root(scientific_bundle, scientific_bundle_b, tmp_path_factory) -> Path:
-    """MISSREC_BUNDLE_ROOT with the two real bundles as a/ and b/ (copies: a symlink out of the root is refused)."""
-    root = tmp_path_factory.mktemp("bundle-root")
-    shutil.copytree(scientific_bundle, root / "a")
-    shutil.copytree(scientific_bundle_b, root / "b")
-    return root
+def root(swap_root) -> Path:
+    return swap_root
 
 
 @pytest.fixture(scope="module")
