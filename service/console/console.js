@@ -334,14 +334,19 @@ function addToHistory(id) {
   renderPlayground();
 }
 
+let playRender = 0; // the latest render: an older one's answers (slower under load) must not overwrite it
+
 async function renderPlayground() {
-  await fillList(
-    $("#play-history"),
-    playHistory.map((id, pos) =>
+  const render = ++playRender;
+  const history = [...playHistory];
+  const rows = await Promise.all(
+    history.map((id, pos) =>
       itemEntry(id, null, el("button", { type: "button", text: "Remove", "aria-label": `Remove ${id} from the history`, onclick: () => { playHistory.splice(pos, 1); renderPlayground(); } })),
     ),
   );
-  if (!playHistory.length) {
+  if (render !== playRender) return;
+  $("#play-history").replaceChildren(...rows);
+  if (!history.length) {
     $("#play-recs").replaceChildren();
     $("#play-meta").textContent = "add items to see recommendations";
     return;
@@ -349,13 +354,16 @@ async function renderPlayground() {
   try {
     const recs = await api("v1/recommend", {
       method: "POST",
-      json: { history: playHistory, k: kOf($("#play-k")), exclude_seen: true, explain: true },
+      json: { history, k: kOf($("#play-k")), exclude_seen: true, explain: true },
     });
-    await showRecs("play", recs);
-    announce(`${recs.items.length} recommendations for a history of ${playHistory.length} items`);
+    const entries = await Promise.all(scored(recs.items));
+    if (render !== playRender) return;
+    recMeta($("#play-meta"), recs);
+    $("#play-recs").replaceChildren(...entries);
+    announce(`${recs.items.length} recommendations for a history of ${history.length} items`);
     showError("playground", null);
   } catch (exc) {
-    showError("playground", exc);
+    if (render === playRender) showError("playground", exc);
   }
 }
 
