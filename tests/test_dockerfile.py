@@ -89,7 +89,8 @@ def test_healthcheck_volume_and_user(dockerfile):
         cmd = json.loads(next(r for s, i, r in dockerfile if s == stage and i == "CMD"))
         assert url and url.group(2) in paths and url.group(1) == cmd[cmd.index("--port") + 1]
         volume = json.loads(next(r for s, i, r in dockerfile if s == stage and i == "VOLUME"))
-        assert volume == [_env(dockerfile, stage)["MISSREC_BUNDLE"]]
+        # the bundle, and (torch-free cpu image) the ONNX CLIP encoders MISSREC_CLIP_ONNX points at when mounted
+        assert volume[0] == _env(dockerfile, stage)["MISSREC_BUNDLE"] and set(volume[1:]) <= {"/clip"}
         user = next(r for s, i, r in dockerfile if s == stage and i == "USER")
         assert user.split(":")[0] not in ("0", "root")
 
