@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from missrec.data import SeqDataset, load_dataset
 from missrec.model import MISSRec
 from missrec.runs import build_missrec
@@ -51,3 +53,11 @@ def assert_checkpoint_round_trip(model, ds: SeqDataset, path: Path, kind: str, c
     with torch.no_grad():
         assert torch.equal(model.eval().full_scores(items, lengths), loaded.model.full_scores(items, lengths))
     return raw
+
+
+def withheld_outside(ds: SeqDataset, items, targets, n: int = 5) -> np.ndarray:
+    """(N,) bool: ``n`` real items that appear nowhere in the batch (history or target), withheld."""
+    present = set(items.flatten().tolist()) | set(targets.tolist())
+    withheld = np.zeros(ds.num_items, dtype=bool)
+    withheld[[i for i in range(1, ds.num_items) if i not in present][:n]] = True
+    return withheld

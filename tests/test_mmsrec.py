@@ -14,7 +14,7 @@ from missrec.mmsrec_pretrain import multiview_loss, pretrain_items
 from missrec.protocol import banned_items, mask_items, softmax_loss
 from missrec.seed_runs import MMSREC_OPTIMISER, build_mmsrec, train_mmsrec
 from missrec.train import TrainOptions, fit, training_loss
-from tests.helpers import assert_checkpoint_round_trip, tiny_dataset
+from tests.helpers import assert_checkpoint_round_trip, tiny_dataset, withheld_outside
 
 SMALL = {"hidden": 16, "ff_dim": 32, "n_heads": 2, "dropout": 0.1}
 FAST = TrainOptions(epochs=3, batch_size=64, patience=3, progress=False, lr=3e-3, **MMSREC_OPTIMISER)
@@ -245,14 +245,6 @@ def test_fine_tuning_candidates_are_built_without_dropout_by_default(ds, with_dr
             assert torch.allclose(a, model.eval().item_table(), atol=1e-6)
 
 
-def _withheld_outside(ds, items, targets, n=5):
-    """(N,) bool: ``n`` real items that appear nowhere in the batch (history or target), withheld."""
-    present = set(items.flatten().tolist()) | set(targets.tolist())
-    withheld = np.zeros(ds.num_items, dtype=bool)
-    withheld[[i for i in range(1, ds.num_items) if i not in present][:n]] = True
-    return withheld
-
-
 def test_cold_protocol_masks_withheld_items_out_of_the_training_softmax(ds):
     """training_logits: one row of logits per masked slot (P, N), its label and batch row; under the cold
     protocol the loop gives a withheld item -inf, no probability and no gradient; model.loss is the same
@@ -260,7 +252,7 @@ def test_cold_protocol_masks_withheld_items_out_of_the_training_softmax(ds):
     model = build_mmsrec(ds, seed=0, **SMALL).eval()
     items, lengths = _batch(ds)
     targets = torch.from_numpy(ds.test.targets[: len(items)])
-    withheld = _withheld_outside(ds, items, targets)
+    withheld = withheld_outside(ds, items, targets)
     banned = banned_items(ds.num_items, withheld)
     known = ~torch.from_numpy(banned.numpy())
     model.on_epoch_start(known, torch.Generator())

@@ -14,7 +14,7 @@ from missrec.pretrain import drop_items
 from missrec.protocol import banned_items, mask_items, softmax_loss
 from missrec.seed_runs import build_msm4sr, train_msm4sr
 from missrec.train import TrainOptions, fit, training_loss
-from tests.helpers import assert_checkpoint_round_trip, tiny_dataset
+from tests.helpers import assert_checkpoint_round_trip, tiny_dataset, withheld_outside
 
 SMALL = {"hidden": 16, "ff_dim": 32}
 FAST = TrainOptions(epochs=3, batch_size=64, patience=3, progress=False, lr=3e-3, grad_clip=5.0)
@@ -202,21 +202,13 @@ def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
     assert torch.equal(full[:, 1:].topk(50).indices, served[:, 1:].topk(50).indices)
 
 
-def _withheld_outside(ds, items, targets, n=5):
-    """(N,) bool: ``n`` real items that appear nowhere in the batch (history or target), withheld."""
-    present = set(items.flatten().tolist()) | set(targets.tolist())
-    withheld = np.zeros(ds.num_items, dtype=bool)
-    withheld[[i for i in range(1, ds.num_items) if i not in present][:n]] = True
-    return withheld
-
-
 def test_cold_protocol_masks_withheld_items_out_of_the_training_softmax(ds):
     """training_logits: full-softmax logits (B, N); under the cold protocol the loop gives a withheld item -inf,
     no probability and no gradient, and model.loss is the same reduction without the withheld mask."""
     model = build_msm4sr(ds, **SMALL).eval()
     items, lengths = _batch(ds)
     targets = torch.from_numpy(ds.test.targets[: len(items)])
-    withheld = _withheld_outside(ds, items, targets)
+    withheld = withheld_outside(ds, items, targets)
     banned = banned_items(ds.num_items, withheld)
     out = model.training_logits(items, lengths, targets)
     assert out.logits.shape == (len(items), ds.num_items) and out.rows is None
