@@ -78,12 +78,12 @@ def catalogue_for(model: ServingModel, ds: SeqDataset) -> tuple[Snapshot, int, i
     mods = model.manifest.modalities
     wanted = set(ds.item_ids)
     records = []
+    lacking = [m for m in mods if m not in ds.features]
     for row, item_id in enumerate(ds.item_ids, start=1):
         if item_id in model.bundle_rows:
             continue
-        missing = [m for m in mods if m not in ds.features]
-        if missing:
-            raise ValueError(f"the bundle's item tower needs {missing} features, the dataset has none")
+        if lacking:
+            raise ValueError(f"the bundle's item tower needs {lacking} features, the dataset has none")
         arrays = {f"feature_{m}": ds.features[m][row].astype(np.float32).tobytes() for m in mods}
         records.append(ItemRecord(item_id=item_id, version=len(records) + 1, text="", arrays=arrays))
     ingested = len(records)

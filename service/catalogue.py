@@ -289,7 +289,8 @@ class Catalogue:
         be served by ``model``."""
         with self._lock:
             snap = self._current
-            live = sorted(snap.ingested.values(), key=lambda r: r.version)
+            changes = self.changes()  # live ingested records and tombstones, in version order
+            live = [r for r in changes if not r.deleted]
             for record in live:
                 if problem := model.record_problem(record):
                     raise IncompatibleItem(problem)
@@ -302,9 +303,6 @@ class Catalogue:
                 else:
                     vectors[id(record)] = vec
             vectors |= {id(r): v for r, v in zip(missing, model.vectors_of_many(missing), strict=True)}
-            gone = [(i, v) for i, v in self.versions.items() if i not in snap.ingested]  # last change: a delete
-            tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in gone]
-            changes = sorted(live + tombstones, key=lambda r: r.version)
             saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors)
             try:
                 base = self._bundle_only(model, snap.seq)
@@ -313,7 +311,8 @@ class Catalogue:
                 self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors = saved
                 raise
             self._current = new
-            log.info("switched to bundle %s: %d ingested items, %d deleted", model.version, len(live), len(gone))
+            deleted = len(changes) - len(live)
+            log.info("switched to bundle %s: %d ingested items, %d deleted", model.version, len(live), deleted)
             return new
 
     def _applied(self, snap: Snapshot, fresh: list[ItemRecord], vectors: list[dict[str, np.ndarray]]) -> Snapshot:
