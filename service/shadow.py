@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from service.catalogue import Catalogue, Snapshot
-from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.recommender import Query, Recommendation
 from service.serving_model import ServingModel
@@ -170,9 +169,3 @@ class Shadow:
         self.overlap_sum += overlap
         self.seconds_sum["serving"] += middle - started
         self.seconds_sum["candidate"] += ended - middle
-
-
-def check_fraction(fraction: float) -> float:
-    if not 0.0 < fraction <= 1.0:
-        raise InvalidInput(f"fraction must be in (0, 1], got {fraction}", {"fraction": fraction})
-    return fraction
