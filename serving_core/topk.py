@@ -21,6 +21,11 @@ from serving_core.scoring import ItemScorer
 DEFAULT_TOL = 1e-4  # > float32 rounding of two 300-d unit inner products (static via FAISS, exact via numpy)
 GPU_MAX_K = 2048  # FAISS GPU indexes refuse larger k
 _GATHER_BUDGET = 1 << 16  # candidate rows gathered per re-scoring chunk (x D x 4 bytes per modality)
+# Below this many rows a plain exact scan of every row beats the bounded search on CPU (measured with
+# loadtest/topk_crossover.py, docs/benchmarks.md): the search's fixed costs (selection, thresholds, gathers) are
+# larger than scoring a small table outright.
+EXACT_SCAN_BELOW = 16384
+_SCAN_BUDGET = 1 << 22  # users x rows scored per full-scan chunk
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,9 @@ class SearchOptions:
     growth: width multiplier per round (default 16 for exact indexes, 4 for ANN ones); max_candidates: cap on the
     width (users that hit it are not proven; a cap below full_scan_fraction * ntotal disables the full scan);
     tol: slack above float32 rounding of the two inner products; full_scan_fraction: width at which scoring every
-    row is cheaper; one_pass: use the one-pass strategy on CPU flat indexes."""
+    row is cheaper; one_pass: use the one-pass strategy on CPU flat indexes; exact_scan_below: catalogues with
+    fewer rows than this are scored in full for every user, whatever the index (exact, and cheaper than the
+    bounded search there: loadtest/topk_crossover.py measures the crossover; 0 = never)."""
 
     exact_index: bool | None = None
     initial_width: int | None = None
@@ -140,6 +147,7 @@ class SearchOptions:
     tol: float = DEFAULT_TOL
     full_scan_fraction: float = 0.25
     one_pass: bool = True
+    exact_scan_below: int = EXACT_SCAN_BELOW
 
 
 @dataclass
@@ -175,9 +183,49 @@ class _Search:
         self.ids[b, : ids.shape[0]] = ids
         self.scores[b, : ids.shape[0]] = scores
 
-    def best_valid(self, b: int, cand: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ok = (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
-        return _top_sorted(cand[ok], scores[ok], self.k)
+    def select(self, group: Sequence[int], cand: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The best k valid candidates of users ``group`` at once: cand, scores (G, C) (-1 = no candidate, each row
+        without repeats) -> ids (G, k) (-1 padding), scores (G, k) (-inf padding), counts (G,); by score desc,
+        then id asc, exactly as :func:`_top_sorted` per user."""
+        valid = cand >= 0
+        safe = np.where(valid, cand, 0)
+        valid &= ~self.dead[safe]
+        excl = [self.excl[b] for b in group]
+        if any(e.shape[0] for e in excl):  # one isin over (user, row) keys for the whole group
+            n = np.int64(self.dead.shape[0])
+            keys = np.concatenate([np.int64(j) * n + e for j, e in enumerate(excl)])
+            valid &= ~np.isin(np.arange(len(group), dtype=np.int64)[:, None] * n + safe, keys)
+        masked = np.where(valid, scores, np.float32(-np.inf)).astype(np.float32, copy=False)
+        k = min(self.k, masked.shape[1])
+        if masked.shape[1] > k:
+            part = np.argpartition(-masked, k - 1, axis=1)[:, :k]
+            top_s, top_i = np.take_along_axis(masked, part, 1), np.take_along_axis(cand, part, 1)
+        else:
+            top_s, top_i = masked, cand
+        order = np.lexsort((top_i, -top_s), axis=-1)
+        top_s, top_i = np.take_along_axis(top_s, order, 1), np.take_along_axis(top_i, order, 1)
+        counts = np.isfinite(top_s).sum(1)
+        top_i = np.where(np.isfinite(top_s), top_i, -1)
+        ids = np.full((len(group), self.k), -1, dtype=np.int64)
+        out = np.full((len(group), self.k), -np.inf, dtype=np.float32)
+        ids[:, :k], out[:, :k] = top_i, top_s
+        # ties at the k-th score that the partition cut: redo those users with the id tie-break over all of them
+        kth = top_s[:, k - 1]
+        tied = np.flatnonzero(np.isfinite(kth) & ((masked >= kth[:, None]).sum(1) > k))
+        for j in tied:
+            ok = valid[j]
+            ti, ts = _top_sorted(cand[j][ok], scores[j][ok], self.k)
+            ids[j], out[j] = -1, -np.inf
+            ids[j, : ti.shape[0]], out[j, : ti.shape[0]] = ti, ts
+        return ids, out, counts
+
+    def finish_rows(
+        self, group: Sequence[int], found: tuple[np.ndarray, ...], candidates: np.ndarray, proven: bool
+    ) -> None:
+        ids, scores, counts = found
+        for j, b in enumerate(group):
+            n = int(counts[j])
+            self.finish(b, ids[j, :n], scores[j, :n], int(candidates[j]), proven)
 
     def rescore(self, users: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact scores (G, C) of candidates cand (G, C) (-1 entries scored as row 0), chunked over users."""
@@ -190,32 +238,52 @@ class _Search:
         self.rescore_s += time.perf_counter() - started
         return out
 
-    def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
+
+def _ragged(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices of the True entries of mask (G, N), one row per user padded with -1, and their counts."""
+    rows, cols = np.nonzero(mask)
+    counts = mask.sum(1)
+    out = np.full((mask.shape[0], max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out[rows, np.arange(rows.shape[0]) - starts[rows]] = cols
+    return out, counts
 
 
 def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, full_at: int) -> list[int]:
     """CPU flat index: one matrix product gives every static score; after re-scoring the top-w, the rows with
-    static >= S_k - bound - tol are exactly the ones the proof needs, so they are re-scored at once. Returns the
-    users that need a full scan instead."""
+    static >= S_k - bound - tol are exactly the ones the proof needs, so they are re-scored at once. Vectorised
+    over users (one selection, one gather per round for the whole chunk). Returns the users that need a full scan
+    instead."""
     ntotal = xb.shape[0]
     scan: list[int] = []
     step = max(1, (1 << 24) // ntotal)
     for start in range(0, s.users.shape[0], step):
-        static = s.users[start : start + step] @ xb.T  # (G, ntotal)
-        for j, b in enumerate(range(start, min(s.users.shape[0], start + step))):
-            w = width[b]
-            top = np.argpartition(-static[j], w - 1)[:w] if w < ntotal else np.arange(ntotal)
-            ids, sc = s.rescore_one(b, np.concatenate([top, tail]))
-            if ids.shape[0] < s.k:
-                scan.append(b)
-                continue
-            cand = np.flatnonzero(static[j] >= float(sc[-1]) - s.bounds[b] - s.tol)
-            if cand.shape[0] >= full_at:
-                scan.append(b)
-                continue
-            ids, sc = s.rescore_one(b, np.concatenate([cand, tail]))
-            s.finish(b, ids, sc, cand.shape[0] + tail.shape[0], True)
+        group = list(range(start, min(s.users.shape[0], start + step)))
+        users = s.users[group]
+        static = users @ xb.T  # (G, ntotal)
+        w = max(width[b] for b in group)
+        top = (
+            np.argpartition(-static, w - 1, axis=1)[:, :w]
+            if w < ntotal
+            else np.broadcast_to(np.arange(ntotal), static.shape)
+        )
+        tails = np.broadcast_to(tail, (len(group), tail.shape[0]))
+        cand = np.concatenate([top, tails], axis=1)
+        _, sc, counts = s.select(group, cand, s.rescore(users, cand))
+        short = counts < s.k
+        threshold = np.where(short, np.inf, sc[:, s.k - 1].astype(np.float64) - s.bounds[group] - s.tol)
+        mask = static >= threshold[:, None].astype(np.float32)
+        need = mask.sum(1)
+        to_scan = short | (need >= full_at)
+        scan += [b for j, b in enumerate(group) if to_scan[j]]
+        keep = np.flatnonzero(~to_scan)
+        if not keep.shape[0]:
+            continue
+        cols, n_cols = _ragged(mask[keep])
+        cand = np.concatenate([cols, tails[: keep.shape[0]]], axis=1)
+        kept = [group[j] for j in keep]
+        found = s.select(kept, cand, s.rescore(users[keep], cand))
+        s.finish_rows(kept, found, n_cols + tail.shape[0], True)
     return scan
 
 
@@ -237,9 +305,9 @@ def _widening(
             group = sorted(b for b in pending if width[b] == w)
             static, found = index.search(s.users[group], w)  # (G, w) each, static desc
             cand = np.concatenate([found, np.broadcast_to(tail, (len(group), tail.shape[0]))], axis=1)
-            rescored = s.rescore(s.users[group], cand)
+            best_ids, best_sc, best_n = s.select(group, cand, s.rescore(s.users[group], cand))
             for j, b in enumerate(group):
-                ids, sc = s.best_valid(b, cand[j], rescored[j])
+                ids, sc = best_ids[j, : best_n[j]], best_sc[j, : best_n[j]]
                 returned = int((found[j] >= 0).sum())
                 # the index has nothing more to give: a flat index returned everything; an ANN index (HNSW may
                 # return fewer than w) gave no more rows than at the previous width
@@ -256,28 +324,24 @@ def _widening(
 
 
 def _full_scan(s: _Search, scan: list[int]) -> None:
-    """Brute-force exact top-k over every row for the users ``scan``, in item chunks."""
+    """Brute-force exact top-k over every row for the users ``scan``: item chunks scored for all of them at once,
+    each chunk's best merged with the running best (one vectorised selection per chunk)."""
     started = time.perf_counter()
     order = sorted(scan)
     users = s.users[order]
     n_items = s.dead.shape[0]
-    chunk = max(4096, (1 << 22) // max(1, users.shape[0]))
-    best = [(np.empty(0, np.int64), np.empty(0, np.float32))] * len(order)
-    for start in range(0, n_items, chunk):
-        stop = min(n_items, start + chunk)
-        scores = s.items.sliced(start, stop).exact(users)  # (G, chunk)
-        alive = ~s.dead[start:stop]
-        rows = np.arange(start, stop, dtype=np.int64)
-        for g, b in enumerate(order):
-            ok = alive.copy()
-            e = s.excl[b]
-            ok[e[(e >= start) & (e < stop)] - start] = False
-            ids = np.concatenate([best[g][0], rows[ok]])
-            sc = np.concatenate([best[g][1], scores[g][ok]])
-            best[g] = _top_sorted(ids, sc, s.k) if ids.shape[0] else (ids, sc)
-    for g, b in enumerate(order):
-        s.finish(b, best[g][0], best[g][1], n_items, True)
+    chunk = max(4096, _SCAN_BUDGET // max(1, users.shape[0]))
+    best_ids = np.full((len(order), 0), -1, dtype=np.int64)
+    best_sc = np.full((len(order), 0), -np.inf, dtype=np.float32)
+    for lo in range(0, n_items, chunk):
+        hi = min(n_items, lo + chunk)
+        scores = s.items.sliced(lo, hi).exact(users)  # (G, chunk)
+        rows = np.broadcast_to(np.arange(lo, hi, dtype=np.int64), scores.shape)
+        cand = np.concatenate([best_ids, rows], axis=1)
+        best_ids, best_sc, counts = s.select(order, cand, np.concatenate([best_sc, scores], axis=1))
+        best_ids, best_sc = best_ids[:, : int(counts.max(initial=0))], best_sc[:, : int(counts.max(initial=0))]
     s.rescore_s += time.perf_counter() - started
+    s.finish_rows(order, (best_ids, best_sc, np.isfinite(best_sc).sum(1)), np.full(len(order), n_items), True)
 
 
 def top_k(
@@ -330,7 +394,9 @@ def top_k(
     width = [min(1 << int(np.ceil(np.log2(max(1, w0 + e.shape[0])))), cap) for e in s.excl]
 
     xb = _flat_matrix(index) if opts.one_pass and exact_index and ntotal and opts.max_candidates is None else None
-    if xb is not None:
+    if n_items < opts.exact_scan_below:
+        scan = list(range(batch))  # a small catalogue: scoring every row is cheaper than bounding the search
+    elif xb is not None:
         scan = _one_pass(s, xb, width, tail, full_at)
     else:
         scan = _widening(s, index, width, tail, full_at, growth, opts)

@@ -46,8 +46,17 @@ def fused_topk(users, k, index, vectors, fusion, *, id_vectors=None, max_gap=2.0
     """top_k with a MISSRec fusion scorer over these arrays."""
     scorer = Scorer(MISSREC_FUSION, fusion.modalities, fusion.alpha, fusion.tau, fusion.transductive)
     items = ItemScorer(scorer, vectors, id_vectors, max_gap)
+    options.setdefault("exact_scan_below", 0)  # these tests are of the bounded search; STRATEGIES adds the scan
     opts = SearchOptions(**options)
     return top_k(users, k, index, items, exclude=exclude, deleted=deleted, explain=explain, options=opts)
+
+
+# The three ways top_k can answer: one pass over a flat index, widening searches, the small-catalogue exact scan.
+STRATEGIES = {
+    "one_pass": {"one_pass": True},
+    "widening": {"one_pass": False},
+    "exact_scan": {"exact_scan_below": N + 1},
+}
 
 
 def _static(vectors, ids, fusion):
@@ -99,16 +108,16 @@ def assert_same(result, oracle):
             assert set(got_ids[np.abs(got_scores - got_scores[-1]) > 1e-5]) <= set(ids)
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 3.0, -3.0])
 @pytest.mark.parametrize(
     ("modalities", "transductive"),
     [(("text", "image"), False), (("text", "image"), True), (("image",), False), (("text",), True)],
 )
-def test_exact_topk_equals_brute_force(catalog, alpha, modalities, transductive, one_pass):
+def test_exact_topk_equals_brute_force(catalog, alpha, modalities, transductive, strategy):
     fusion, vecs, id_vectors, static, users = _setup(catalog, alpha, modalities, transductive)
     index = _flat(static)
-    res = fused_topk(users, 10, index, vecs, fusion, id_vectors=id_vectors, explain=True, one_pass=one_pass)
+    res = fused_topk(users, 10, index, vecs, fusion, id_vectors=id_vectors, explain=True, **STRATEGIES[strategy])
     assert res.exact and res.ids.shape == (48, 10) and res.scores.dtype == np.float32
     assert_same(res, brute_force(users, 10, vecs, fusion, id_vectors))
     assert (np.diff(res.scores, axis=1) <= 0).all()
@@ -116,7 +125,8 @@ def test_exact_topk_equals_brute_force(catalog, alpha, modalities, transductive,
     np.testing.assert_allclose(res.weights, fusion_weights(sims, alpha), atol=1e-6)
 
 
-def test_ties_are_broken_by_lower_id(catalog):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ties_are_broken_by_lower_id(catalog, strategy):
     vectors, ids, users = catalog
     fusion = Fusion(("text", "image"), 0.4, 0.07, False)
     best = int(brute_force(users[:1], 1, vectors, fusion)[0][0][0])
@@ -125,13 +135,16 @@ def test_ties_are_broken_by_lower_id(catalog):
     for v in vecs.values():
         v[copies] = v[best]  # identical items: identical scores
     static = _static(vecs, ids, fusion)
-    res = fused_topk(users[:1], 3, _flat(static), vecs, fusion)
+    res = fused_topk(users[:1], 3, _flat(static), vecs, fusion, **STRATEGIES[strategy])
     assert res.row(0)[0].tolist() == sorted([best, *copies])
+    # k = 2 cuts the three-way tie: the two lowest ids win, whichever strategy selected them
+    cut = fused_topk(users[:1], 2, _flat(static), vecs, fusion, **STRATEGIES[strategy])
+    assert cut.row(0)[0].tolist() == sorted([best, *copies])[:2]
     assert len(set(res.row(0)[1].tolist())) == 1
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
-def test_exclusions_force_widening(catalog, one_pass):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_exclusions_force_widening(catalog, strategy):
     fusion, vecs, _, static, users = _setup(catalog, 0.4)
     index = _flat(static)
     oracle_plain = brute_force(users, 60, vecs, fusion)
@@ -139,13 +152,16 @@ def test_exclusions_force_widening(catalog, one_pass):
     rng = np.random.default_rng(1)
     exclude = [set(ids[:50].tolist()) | set(rng.integers(1, N, 30).tolist()) for ids, _ in oracle_plain]
     exclude[0] = set()  # users in one batch widen independently
-    res = fused_topk(users, 10, index, vecs, fusion, exclude=exclude, initial_width=32, one_pass=one_pass)
+    res = fused_topk(users, 10, index, vecs, fusion, exclude=exclude, initial_width=32, **STRATEGIES[strategy])
     assert res.exact
     assert_same(res, brute_force(users, 10, vecs, fusion, exclude=exclude))
     assert not set(res.ids.ravel().tolist()) & {0}
     for b in range(1, len(users)):
         assert not set(res.row(b)[0].tolist()) & exclude[b]
-    assert (res.candidates[1:] > 128).all() and res.candidates[0] < res.candidates[1:].min()
+    if strategy == "exact_scan":
+        assert (res.candidates == N).all()  # every row scored for every user
+    else:
+        assert (res.candidates[1:] > 128).all() and res.candidates[0] < res.candidates[1:].min()
 
 
 def test_without_widening_the_answer_is_wrong(catalog):
@@ -180,7 +196,8 @@ def test_widening_stops_when_the_bound_proves_it(catalog):
     assert_same(one, oracle)
 
 
-def test_tombstones_and_k_beyond_valid_items(catalog):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tombstones_and_k_beyond_valid_items(catalog, strategy):
     fusion, vecs, _, static, users = _setup(catalog, -3.0)
     index = _flat(static)
     rng = np.random.default_rng(2)
@@ -188,31 +205,34 @@ def test_tombstones_and_k_beyond_valid_items(catalog):
     top = brute_force(users, 5, vecs, fusion)
     for ids, _ in top[:10]:
         dead[ids] = True  # delete some users' best items
-    res = fused_topk(users, 10, index, vecs, fusion, deleted=dead)
+    res = fused_topk(users, 10, index, vecs, fusion, **STRATEGIES[strategy], deleted=dead)
     assert_same(res, brute_force(users, 10, vecs, fusion, dead=dead))
     assert not dead[res.ids.ravel()].any()
     # a set of rows works like the mask
-    res_set = fused_topk(users[:4], 10, index, vecs, fusion, deleted=set(np.flatnonzero(dead).tolist()))
+    res_set = fused_topk(
+        users[:4], 10, index, vecs, fusion, **STRATEGIES[strategy], deleted=set(np.flatnonzero(dead).tolist())
+    )
     np.testing.assert_array_equal(res_set.ids, res.ids[:4])
     # only 7 valid items left: every user gets exactly those 7, padded with -1 / -inf
     alive = rng.choice(np.arange(1, N), 7, replace=False)
     dead_most = np.ones(N, bool)
     dead_most[alive] = False
-    res = fused_topk(users[:5], 20, index, vecs, fusion, deleted=dead_most)
+    res = fused_topk(users[:5], 20, index, vecs, fusion, **STRATEGIES[strategy], deleted=dead_most)
     assert (res.counts == 7).all() and res.exact
     assert set(res.ids[0, :7].tolist()) == set(alive.tolist())
     assert (res.ids[:, 7:] == -1).all() and np.isneginf(res.scores[:, 7:]).all()
     assert_same(res, brute_force(users[:5], 20, vecs, fusion, dead=dead_most))
 
 
-def test_growing_table_and_unindexed_tail(catalog):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_growing_table_and_unindexed_tail(catalog, strategy):
     """Rows appended after the index was built (not yet in the index) are still found; then the index grows."""
     fusion, vecs, _, static, users = _setup(catalog, 0.4)
     index = _flat(static[:4000])
     oracle = brute_force(users, 10, vecs, fusion)
-    assert_same(fused_topk(users, 10, index, vecs, fusion), oracle)
+    assert_same(fused_topk(users, 10, index, vecs, fusion, **STRATEGIES[strategy]), oracle)
     index.add(static[4000:])
-    res = fused_topk(users, 10, index, vecs, fusion)
+    res = fused_topk(users, 10, index, vecs, fusion, **STRATEGIES[strategy])
     assert_same(res, oracle)
     short = {m: v[:4000] for m, v in vecs.items()}
     with pytest.raises(ValueError, match="index holds"):
