@@ -107,8 +107,16 @@ def serve(
         os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
     if not os.environ.get("MISSREC_BUNDLE"):
         raise _fail("no bundle: pass --bundle or set MISSREC_BUNDLE (or run `missrec quickstart`)")
+    from service.settings import get_settings
+
     uvicorn.run(
-        "service.main:app", host=host, port=port, workers=workers, log_level="info", timeout_graceful_shutdown=10
+        "service.main:app",
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        access_log=get_settings().access_log,  # also applied by the app itself (service/app.py)
+        timeout_graceful_shutdown=10,
     )
 
 

@@ -26,6 +26,8 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     if overrides:
         settings = settings.model_copy(update=overrides)
     settings.check_limits()
+    # MISSREC_ACCESS_LOG, honoured however uvicorn was started (`missrec serve` or `uvicorn service.main:app`)
+    logging.getLogger("uvicorn.access").disabled = not settings.access_log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -5,7 +5,9 @@ Batches also form by themselves: while one batch runs, new requests queue, and t
 at once. ``max_wait`` > 0 additionally lets a batch linger for batch-mates. Measured on 2 cores (Scientific
 bundle, ABBA order, docs/benchmarks.md): lingering 2 ms costs about 2 ms of p50 at 100 req/s, but its slightly
 bigger batches cut CPU per request, which at 200-280 req/s kept p99 at 41-90 ms where 0 ms gave 98-805 ms and
-once failed to sustain 280 req/s; hence the default of 2 ms. 0 suits latency-first, lightly loaded replicas."""
+once failed to sustain 280 req/s. Hence the adaptive linger (the default): a batch lingers only while the worker
+is busy (its busy fraction over recent batches, an exponential average, is at least ``busy_to_linger``), so an
+idle service answers at once and a loaded one still forms bigger batches. ``adaptive=False`` always lingers."""
 
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
+BUSY_TO_LINGER = 0.5  # adaptive linger: linger once the worker is busy at least half of the time
+BUSY_DECAY = 0.8  # weight of the previous average per batch (about the last 5 batches count)
+
 
 class MicroBatcher(Generic[T, R]):
     """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in ``executor`` and returns one result (or an
@@ -35,9 +40,15 @@ class MicroBatcher(Generic[T, R]):
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
+        adaptive: bool = True,
+        busy_to_linger: float = BUSY_TO_LINGER,
     ) -> None:
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
         self.executor, self.on_batch, self.on_wait = executor, on_batch, on_wait
+        self.adaptive, self.busy_to_linger = adaptive, busy_to_linger
+        self.busy = 0.0  # exponential average of the worker's busy fraction (batch run time / batch cycle time)
+        self.lingered = 0  # batches that lingered (tests, metrics)
+        self._linger_s = 0.0  # how long the last batch lingered (not idle time: there was demand)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -68,10 +79,20 @@ class MicroBatcher(Generic[T, R]):
         batch = [await self._queue.get()]
         while len(batch) < self.max_batch and not self._queue.empty():  # everything queued meanwhile, no waiting
             batch.append(self._queue.get_nowait())
-        if self.max_wait_s <= 0:
+        if self.max_wait_s <= 0 or (self.adaptive and self.busy < self.busy_to_linger):
             return batch
+        self.lingered += 1
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        started = loop.time()
+        try:
+            return await self._linger(batch, started + self.max_wait_s)
+        finally:
+            self._linger_s = loop.time() - started
+
+    async def _linger(
+        self, batch: list[tuple[T, asyncio.Future[R], float]], deadline: float
+    ) -> list[tuple[T, asyncio.Future[R], float]]:
+        loop = asyncio.get_running_loop()
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
@@ -87,7 +108,9 @@ class MicroBatcher(Generic[T, R]):
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        cycle_start = loop.time()
         while True:
+            self._linger_s = 0.0
             batch = await self._collect()
             now = loop.time()
             live = [(x, f) for x, f, _ in batch if not f.cancelled()]
@@ -104,6 +127,12 @@ class MicroBatcher(Generic[T, R]):
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("micro-batch of %d failed", len(live))
                 results = [exc] * len(live)
+            done = loop.time()
+            # busy fraction of this cycle (previous batch's end -> this batch's end, its linger left out): the run
+            # over the cycle; lingering must not make a busy worker look idle
+            fraction = (done - now) / max(done - cycle_start - self._linger_s, 1e-9)
+            self.busy = BUSY_DECAY * self.busy + (1 - BUSY_DECAY) * fraction
+            cycle_start = done
             for (_, fut), result in zip(live, results, strict=True):
                 if fut.done():
                     continue

@@ -57,7 +57,17 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch may linger for batch-mates (0: batches are what queued)."
     )
+    linger: Literal["adaptive", "fixed"] = Field(
+        "adaptive",
+        description="adaptive: a batch lingers (up to max_wait_ms) only while the batch worker is busy at least "
+        "half of the time, so an idle service answers at once; fixed: every batch lingers.",
+    )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access log line per request (off by default: formatting it costs ~5% of a core "
+        "under load; /metrics counts every request by route and status).",
+    )
 
     # --- cold-start ingestion ------------------------------------------------------------------------------
     clip_model: str = Field("ViT-B-32", description="open_clip architecture name.")

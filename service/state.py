@@ -180,6 +180,7 @@ class ServiceState:
             executor,
             on_batch=metrics.batch_size.observe,
             on_wait=metrics.stage.labels("queue").observe,
+            adaptive=settings.linger == "adaptive",
         )
         state = cls(
             settings=settings,

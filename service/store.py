@@ -25,6 +25,7 @@ Item ids never contain control characters (the API rejects them), so \\x1f is a 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -36,6 +37,59 @@ from redis.asyncio import Redis
 
 SEP = "\x1f"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
+
+
+class CoalescedLists:
+    """Whole-list reads (LRANGE 0 -1) of concurrent requests sent as one pipeline: the reads issued in one event
+    loop iteration (the requests of a burst) share one round trip and one pooled connection; a lone read is a
+    plain LRANGE. Nothing waits for batch-mates, so no read is ever delayed. An error reaches the reads it hit."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._pending: list[tuple[str, asyncio.Future[list[bytes]]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # flushes in flight (a task needs a strong reference)
+        self.flushes = 0  # pipelines (or lone reads) sent, for tests and metrics
+        self.reads = 0
+
+    async def read(self, key: str) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[bytes]] = loop.create_future()
+        self._pending.append((key, fut))
+        if len(self._pending) == 1:  # the first read of this iteration schedules the flush for the next one
+            loop.call_soon(self._start_flush, loop)
+        return await fut
+
+    def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self.flushes += 1
+        self.reads += len(batch)
+        try:
+            if len(batch) == 1:
+                results: list[Any] = [await self.redis.lrange(batch[0][0], 0, -1)]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, _ in batch:
+                        pipe.lrange(key, 0, -1)
+                    results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # the connection failed: every read of the batch gets the error
+            results = [exc] * len(batch)
+        except BaseException:  # cancelled (shutdown): no read may wait forever
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():  # the request went away meanwhile
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
 
 # KEYS: hist, idem, user id (one slot: the user's hash tag; without an idempotency key KEYS[2] is a placeholder of
 # that slot, never written). ARGV: max_len, ttl (0 = none), idem ttl (0 = no idempotency key), payload hash, user
@@ -234,6 +288,7 @@ class Store:
         self._change = redis.register_script(_CHANGE_ITEM)
         self._snapshot = redis.register_script(_SNAPSHOT)
         self._announce = redis.register_script(_ANNOUNCE)
+        self._lists = CoalescedLists(redis)
         items = f"{prefix}:{{items}}"
         self.ids_key, self.version_key, self.stream_key = f"{items}:ids", f"{items}:version", f"{items}:events"
         self.epoch_key = f"{items}:epoch"
@@ -288,7 +343,7 @@ class Store:
 
     async def history(self, user_id: str) -> tuple[list[str], list[float | None]]:
         """(item ids, timestamps), oldest first."""
-        raw = await self.redis.lrange(f"{self._user(user_id)}:hist", 0, -1)
+        raw = await self._lists.read(f"{self._user(user_id)}:hist")
         parsed = [parse_history_entry(entry) for entry in raw]
         return [item for _, item in parsed], [ts for ts, _ in parsed]
 

@@ -27,10 +27,10 @@ class Recorder:
         return [ValueError(f"bad {x}") if x < 0 else 2 * x for x in xs]
 
 
-async def _with_batcher(rec: Recorder, max_batch: int, max_wait_s: float, body):
+async def _with_batcher(rec: Recorder, max_batch: int, max_wait_s: float, body, adaptive: bool = False):
     pool = ThreadPoolExecutor(1)
     sizes: list[int] = []
-    batcher = MicroBatcher(rec, max_batch, max_wait_s, pool, on_batch=sizes.append)
+    batcher = MicroBatcher(rec, max_batch, max_wait_s, pool, on_batch=sizes.append, adaptive=adaptive)
     batcher.start()
     try:
         return await body(batcher), sizes
@@ -105,3 +105,50 @@ def test_an_error_reaches_only_its_own_caller():
 
     good, sizes = asyncio.run(_with_batcher(rec, 64, 0.0, body))
     assert good == 6 and sizes == [1, 2]
+
+
+def test_adaptive_linger_answers_an_idle_service_at_once():
+    """Sparse traffic (the worker idle nearly all the time): no batch lingers, so a lone request does not wait
+    out max_wait; with a fixed linger the same request waits it out."""
+    rec = Recorder()
+
+    async def body(batcher):
+        loop = asyncio.get_running_loop()
+        waits = []
+        for x in range(5):
+            started = loop.time()
+            await batcher.submit(x)
+            waits.append(loop.time() - started)
+            await asyncio.sleep(0.02)  # idle between requests
+        return waits, batcher.lingered, batcher.busy
+
+    (waits, lingered, busy), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=True))
+    assert lingered == 0 and busy < 0.5 and max(waits) < 0.3, (waits, busy)
+    (waits_fixed, lingered_fixed, _), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=False))
+    assert lingered_fixed == 5 and min(waits_fixed) >= 0.29
+
+
+def test_adaptive_linger_lingers_once_the_worker_is_busy():
+    """A worker kept busy (each batch takes long, requests arrive back to back) reaches the busy fraction and
+    then lingers, forming batches of the requests that arrive within the wait."""
+
+    class Slow(Recorder):
+        def __call__(self, xs):
+            threading.Event().wait(0.03)  # a batch costs 30 ms
+            return super().__call__(xs)
+
+    rec = Slow()
+
+    async def body(batcher):
+        for x in range(12):  # back to back: the worker is busy nearly all the time
+            await batcher.submit(x)
+        busy_before = batcher.busy
+        lingered_before = batcher.lingered
+        first = asyncio.ensure_future(batcher.submit(100))
+        await asyncio.sleep(0.05)  # inside the linger of the batch that holds 100
+        second = asyncio.ensure_future(batcher.submit(101))
+        return busy_before, lingered_before, await first, await second
+
+    (busy, lingered, a, b), sizes = asyncio.run(_with_batcher(rec, 8, 0.2, body, adaptive=True))
+    assert busy >= 0.5 and lingered >= 1, (busy, lingered)
+    assert (a, b) == (200, 202) and sizes[-1] == 2
