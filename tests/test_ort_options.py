@@ -1,7 +1,9 @@
 """ONNX Runtime session options: MISSREC_ONNX_SPINNING reaches both tower sessions the service opens (off by
-default)."""
+default), and loadtest.ort_options runs every combination it is asked for on a real bundle, with agreeing vectors."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -42,3 +44,20 @@ def test_a_bad_spinning_value_is_refused(monkeypatch):
     monkeypatch.setenv("MISSREC_ONNX_SPINNING", "sometimes")
     with pytest.raises(ValidationError, match="onnx_spinning"):
         Settings()
+
+
+def test_the_benchmark_times_every_combination(scientific_bundle, scientific_dir, tmp_path):
+    from loadtest.ort_options import main
+
+    out = tmp_path / "ort.json"
+    argv = ["--bundle", str(scientific_bundle), "--data", str(scientific_dir), "--out", str(out)]
+    rows = main([*argv, "--repeats", "5", "--warmup", "1", "--batches", "1", "4", "--threads", "1", "2",
+                 "--levels", "BASIC", "ALL"])  # fmt: skip
+    assert len(rows) == 2 * 2 * 2 * 2 * 2  # batches x threads x spinning x levels x IO binding
+    assert json.loads(out.read_text())["rows"] == rows
+    assert {(r["batch"], r["threads"], r["spinning"], r["level"], r["io_binding"]) for r in rows} == {
+        (b, t, s, lv, io) for b in (1, 4) for t in (1, 2) for s in ("off", "on") for lv in ("BASIC", "ALL")
+        for io in ("off", "on")
+    }  # fmt: skip
+    for r in rows:
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and r["cpu_ms_per_call"] > 0 and r["max_abs_diff"] <= 1e-4
