@@ -46,7 +46,7 @@ class ServingModel:
     def load(cls, root: Path, settings: Settings) -> ServingModel:
         """Read and check the bundle (checksums, shapes, index), open the towers and the index."""
         bundle = read_bundle(root)
-        towers = open_towers(bundle, settings.onnx_provider, settings.onnx_threads)
+        towers = open_towers(bundle, settings.onnx_provider, settings.onnx_threads, settings.onnx_spinning)
         try:
             index, info = load_index(root, bundle.manifest, settings.faiss_device, settings.index_params)
         except BundleError:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     # --- model runtime ---------------------------------------------------------------------------------------
     onnx_provider: Literal["auto", "cpu", "cuda"] = "auto"
     onnx_threads: int = Field(0, ge=0, le=256, description="ONNX Runtime intra-op threads (0 = library default).")
+    onnx_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's intra-op threads busy-wait for work (off: spinning threads take the CPU the "
+        "event loop and queued requests need; no effect with MISSREC_ONNX_THREADS=1).",
+    )
     faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
     index_params: dict[str, float] = Field(
         default_factory=dict,

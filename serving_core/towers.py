@@ -102,8 +102,16 @@ def choose_providers(preference: str = "auto") -> list[str]:
     return [CPU]
 
 
-def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
-    """All graph optimisations on; ``intra_op_threads`` 0 = ONNX Runtime's default (one per physical core)."""
+SPINNING = "session.intra_op.allow_spinning"  # ORT session config entry: "1" = idle pool threads busy-wait
+
+
+def session_options(intra_op_threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
+    """All graph optimisations on; ``intra_op_threads`` 0 = ONNX Runtime's default (one per physical core).
+
+    ``spinning``: whether the intra-op pool's threads busy-wait for work between and after runs (ORT's own default
+    is on). Off by default here: on a service whose few cores also run the event loop, spinning threads burn the
+    CPU that queued requests wait for (``python -m loadtest.ort_options`` measures its cost). No effect with one
+    intra-op thread (no pool)."""
     if intra_op_threads < 0:
         raise ValueError("intra_op_threads must be >= 0")
     options = ort.SessionOptions()
@@ -111,12 +119,15 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry(SPINNING, "1" if spinning else "0")
     return options
 
 
-def open_session(path: str | Path, providers: str = "auto", intra_op_threads: int = 0) -> ort.InferenceSession:
+def open_session(
+    path: str | Path, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False
+) -> ort.InferenceSession:
     return ort.InferenceSession(
-        str(path), sess_options=session_options(intra_op_threads), providers=choose_providers(providers)
+        str(path), sess_options=session_options(intra_op_threads, spinning), providers=choose_providers(providers)
     )
 
 
@@ -309,19 +320,22 @@ class Towers:
         return self.bundle.table
 
 
-def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0) -> Towers:
-    """Open both tower sessions of a bundle read by :func:`serving_core.bundle.read_bundle`."""
+def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> Towers:
+    """Open both tower sessions of a bundle read by :func:`serving_core.bundle.read_bundle` (session options:
+    :func:`session_options`)."""
     m, root = bundle.manifest, bundle.root
     graphs = m.graphs
     user = UserTower(
-        open_session(root / graphs["user"].file, providers, intra_op_threads),
+        open_session(root / graphs["user"].file, providers, intra_op_threads, spinning),
         ItemArrays.from_table(bundle.table),
         bundle.centroids,
         m.max_len,
         graphs["user"],
     )
     item = ItemTower(
-        open_session(root / graphs["item"].file, providers, intra_op_threads), m.dims.features, graphs["item"]
+        open_session(root / graphs["item"].file, providers, intra_op_threads, spinning),
+        m.dims.features,
+        graphs["item"],
     )
     log.info(
         "towers of bundle %s on %s: %d items, scorer %s", m.version, user.session.get_providers()[0], m.num_items,
@@ -330,6 +344,6 @@ def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int =
     return Towers(bundle, user, item)
 
 
-def load_towers(root: str | Path, providers: str = "auto", intra_op_threads: int = 0) -> Towers:
+def load_towers(root: str | Path, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> Towers:
     """Validate the bundle at ``root`` (checksums, shapes) and open both towers."""
-    return open_towers(read_bundle(root), providers, intra_op_threads)
+    return open_towers(read_bundle(root), providers, intra_op_threads, spinning)
