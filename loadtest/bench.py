@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output folder (CSVs, summary.json, latency.png)")
     p.add_argument("--rates", type=float, nargs="+", help="fixed target rates in req/s (default: fractions)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9, 1.1])
+    p.add_argument(
+        "--lone-rate",
+        type=float,
+        default=5.0,
+        help="a fixed rate low enough that requests never overlap (the lone-request latency; 0 = skip)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per fixed-rate run (after warm-up)")
     p.add_argument("--sat-duration", type=float, default=15.0, help="seconds of the closed-loop maximum run")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded at the start of every run")
@@ -160,7 +166,7 @@ def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scra
     results = [one_run(f"{label}-max", url, 0.0, args, ctx, scrape)] if args.max or rates is None else []
     if rates is None:
         top = results[0]["stats"].achieved
-        rates = sorted({max(1.0, round(f * top)) for f in args.fractions})
+        rates = sorted({max(1.0, round(f * top)) for f in args.fractions} | ({args.lone_rate} - {0.0}))
     for r in rates:
         results.append(one_run(f"{label}-r{r:g}", url, r, args, ctx, scrape))
     return results

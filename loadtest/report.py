@@ -146,6 +146,20 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
         hs: RunStats = half["stats"]
         out["half_max"] = {"target": hs.target, "p99_ms": round(hs.p99, 2), "achieved": round(hs.achieved, 1)}
         lines.append(f"p99 at about half the service's maximum ({hs.target:g} req/s): {hs.p99:.2f} ms (aim <= 15 ms)")
+    lone_rate = getattr(args, "lone_rate", 0.0)
+    lone = next((r for r in fixed if r["stats"].target == lone_rate), None) if lone_rate else None
+    lone_bare = next((r for r in bare if r["stats"].target == lone_rate), None) if lone_rate else None
+    if lone and lone_bare:
+        ls, lb = lone["stats"], lone_bare["stats"]
+        rec_s, rec_b = ls.kinds.get("user", {}).get("p50_ms"), lb.kinds.get("user", {}).get("p50_ms")
+        out["lone"] = {
+            "rate": lone_rate, "service_p50_ms": round(ls.p50, 2), "bare_p50_ms": round(lb.p50, 2),
+            "service_recommend_p50_ms": rec_s, "bare_recommend_p50_ms": rec_b,
+        }  # fmt: skip
+        lines.append(
+            f"lone request ({lone_rate:g} req/s, open loop): p50 service {ls.p50:.2f} ms, bare {lb.p50:.2f} ms, "
+            f"difference {ls.p50 - lb.p50:.2f} ms (aim <= 2 ms); recommend by user id p50 {rec_s} vs {rec_b} ms"
+        )
     sustained = [r["stats"].target for r in fixed if r["stats"].sustained]
     if sustained:
         out["max_sustained_open_loop"] = max(sustained)

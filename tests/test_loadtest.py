@@ -122,13 +122,19 @@ def test_bench_options_and_report(capsys):
         s = RunStats(target, 10.0, int(achieved * 10), 0, achieved, 1.0, 2.0, p99, 0.1, 0)
         return {"name": name, "stats": s, "cpu": {"service": cpu, "locust": 0.2}, "stages": {}}
 
-    service = [run("service-max", 0, 400, 50, 1.0), run("service-r200", 200, 199, 9, 0.6)]
-    bare = [run("bare-max", 0, 2000, 5, 1.0), run("bare-r200", 200, 200, 1, 0.1)]
+    service = [
+        run("service-max", 0, 400, 50, 1.0),
+        run("service-r5", 5, 5, 4, 0.1),
+        run("service-r200", 200, 199, 9, 0.6),
+    ]
+    bare = [run("bare-max", 0, 2000, 5, 1.0), run("bare-r5", 5, 5, 1, 0.01), run("bare-r200", 200, 200, 1, 0.1)]
     rows = main_table(service, bare)
-    assert rows[1]["svc_cpu_ms_req"] == pytest.approx(1e3 * 0.6 / 199)
+    assert rows[2]["svc_cpu_ms_req"] == pytest.approx(1e3 * 0.6 / 199)
     summary = print_report(rows, service, bare, None, args)
     assert summary["ratio"] == pytest.approx(0.2) and summary["half_max"]["p99_ms"] == 9
-    assert "ratio 0.20" in capsys.readouterr().out
+    assert summary["lone"]["rate"] == 5 and summary["lone"]["service_p50_ms"] == summary["lone"]["bare_p50_ms"]
+    printed = capsys.readouterr().out
+    assert "ratio 0.20" in printed and "lone request (5 req/s" in printed
 
 
 @pytest.mark.slow
