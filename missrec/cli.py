@@ -49,6 +49,14 @@ LrScales = Annotated[
 FeatureNorm = Annotated[
     str, typer.Option(help="Lever: none (the paper), center or standardize the frozen features while training.")
 ]
+LogitAdjust = Annotated[
+    float,
+    typer.Option(
+        "--logit-adjust",
+        min=0.0,
+        help="Lever: train on logits + T * log(training popularity), serve plain logits (0: the paper's loss).",
+    ),
+]
 ConfigFiles = Annotated[
     list[Path] | None, typer.Option("--config", help="Config JSON from `missrec tune` (repeat: one per model).")
 ]
@@ -141,6 +149,7 @@ def train(
     train_exclude_history: TrainExcludeHistory = False,
     lr_scale: LrScales = None,
     feature_norm: FeatureNorm = "none",
+    logit_adjust: LogitAdjust = 0.0,
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
     NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
@@ -173,6 +182,7 @@ def train(
         "train_exclude_history": train_exclude_history,
         "lr_scales": _lr_scales(lr_scale),
         "feature_norm": feature_norm,
+        "logit_adjust": logit_adjust,
     }
     opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
     architecture = tuned.architecture if tuned else None
@@ -212,6 +222,7 @@ def train(
             "train_exclude_history": train_exclude_history,
             "lr_scales": [list(x) for x in _lr_scales(lr_scale)],
             "feature_norm": feature_norm,
+            "logit_adjust": logit_adjust,
         },
     )
     label = model if model in ("sasrec", "mmsrec") else f"{model}_{mode}"
@@ -281,6 +292,7 @@ def compare(
     train_exclude_history: TrainExcludeHistory = False,
     lr_scale: LrScales = None,
     feature_norm: FeatureNorm = "none",
+    logit_adjust: LogitAdjust = 0.0,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.compare import MODELS, run_compare, write_outputs
@@ -305,6 +317,7 @@ def compare(
         train_exclude_history=train_exclude_history,
         lr_scales=_lr_scales(lr_scale),
         feature_norm=feature_norm,
+        logit_adjust=logit_adjust,
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

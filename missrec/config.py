@@ -87,7 +87,14 @@ class SASRecConfig:
 # ----- tuned configurations and search spaces (``missrec tune`` writes, ``train`` / ``compare`` read) -------------
 FAMILIES: tuple[str, ...] = ("missrec", "sasrec")
 # TrainOptions fields a config file may set
-TRAINING_KEYS: tuple[str, ...] = ("lr", "weight_decay", "batch_size", "train_exclude_history", "feature_norm")
+TRAINING_KEYS: tuple[str, ...] = (
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "train_exclude_history",
+    "feature_norm",
+    "logit_adjust",
+)
 DATA_KEYS: tuple[str, ...] = ("num_items", "text_dim", "image_dim", "max_len", "mode")  # sized from the dataset
 
 

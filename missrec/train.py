@@ -69,6 +69,10 @@ class TrainOptions:
     train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
     lr_scales: tuple[tuple[str, float], ...] = ()  # lever: (parameter-name prefix, lr multiplier); () = paper
     feature_norm: str = "none"  # lever for feature-based models (missrec.levers): none (paper), center, standardize
+    # Lever: logit adjustment (Menon et al., ICLR 2021): train on logits + logit_adjust * log(prior), the prior
+    # being each item's training popularity (Laplace-smoothed), and serve the plain logits. Popular items need
+    # less score to win while training, so the model stops pushing rare items down. 0 = the paper's loss.
+    logit_adjust: float = 0.0
 
 
 @dataclass
@@ -114,24 +118,42 @@ def training_loss(
     batch_size: int,
     banned: torch.Tensor | None,
     exclude_history: bool = False,
+    log_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
-    (and each row's history items, target excepted, when ``exclude_history``)."""
+    (and each row's history items, target excepted, when ``exclude_history``); ``log_prior`` (N,): added to every
+    row's logits (logit adjustment, already scaled), None = none."""
     if hasattr(model, "training_logits"):
         out: TrainingLogits = model.training_logits(items, lengths, targets)
         history = None
         if exclude_history:
             history = items if out.rows is None else items[out.rows]
-        return softmax_loss(out.logits, out.labels, batch_size, banned, history) + out.regulariser
+        logits = out.logits if log_prior is None else out.logits + log_prior[None, :]
+        return softmax_loss(logits, out.labels, batch_size, banned, history) + out.regulariser
     withheld = banned is not None and bool(banned[1:].any())
     # A loss that scores only the items of its own batch (in-batch negatives) never meets a withheld item: the
     # cold protocol already removed them from the training rows.
-    if exclude_history or (withheld and not getattr(model, "scores_batch_items_only", False)):
+    if exclude_history or log_prior is not None or (withheld and not getattr(model, "scores_batch_items_only", False)):
         raise TypeError(
             f"{type(model).__name__} has no training_logits(): the loop cannot mask withheld items out of its "
-            "softmax, so it cannot be trained under the cold-item protocol (or with train_exclude_history)"
+            "softmax, so it cannot be trained under the cold-item protocol (or with train_exclude_history or "
+            "logit_adjust)"
         )
     return model.loss(items, lengths, targets, batch_size=batch_size)
+
+
+def training_log_prior(model: Any, train: Interactions, scale: float, device: torch.device) -> torch.Tensor | None:
+    """scale * log of each item's training popularity (counts + 1, normalised; (N,) over the model's catalogue)
+    for the logit-adjustment lever; None when scale is 0."""
+    if not scale:
+        return None
+    num_items = getattr(getattr(model, "cfg", None), "num_items", None)
+    if num_items is None:
+        raise TypeError(f"{type(model).__name__} has no cfg.num_items: logit_adjust needs the catalogue size")
+    from missrec.baselines import item_popularity
+
+    counts = item_popularity(train, num_items) + 1.0
+    return (scale * torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))).to(device)
 
 
 @contextmanager
@@ -189,6 +211,7 @@ def _fit(
     optimizer: torch.optim.Optimizer = optimizer_cls(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
+    log_prior = training_log_prior(model, train, opts.logit_adjust, device)
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     result = FitResult(best_epoch=-1, best_valid={})
@@ -218,6 +241,7 @@ def _fit(
                     len(batch),
                     banned,
                     opts.train_exclude_history,
+                    log_prior,
                 )
                 loss.backward()
                 batch_loss += float(loss.detach())
