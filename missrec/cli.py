@@ -357,8 +357,9 @@ def tune(
     except (MissingFeatures, ValueError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"{model} on {ds.name}: validation NDCG@10 ({result.config.notes['protocol']})")
-    for col in ("trial", "state", "valid ndcg@10", "epochs", "s", "params"):
-        table.add_column(col)
+    for col in ("trial", "state", "valid ndcg@10", "epochs", "s"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("params", overflow="fold")  # every value whole, however narrow the terminal (or a log file)
     for row in result.trials:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items())
         value = f"{row.value:.4f}" if row.value is not None else "-"
