@@ -93,7 +93,8 @@ def test_flat_build_writes_index_and_refinalizes_manifest(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("factory", "param"), [("HNSW32", "efSearch"), ("IVF16,Flat", "nprobe"), ("IVF8,PQ8x4", "nprobe")]
+    ("factory", "param"),
+    [("HNSW32", "efSearch"), ("IVF16,Flat", "nprobe"), ("IVF16,SQ8", "nprobe"), ("IVF8,PQ8x4", "nprobe")],
 )
 def test_ann_factories_with_recall_report(tmp_path, factory, param):
     root, _ = make_bundle(tmp_path / "b", transductive=factory == "HNSW32")

@@ -237,3 +237,35 @@ def test_catalogue_over_a_mapped_bundle_serves_like_an_in_memory_one(scientific_
     np.testing.assert_allclose(brute.scores, got.scores, atol=1e-6)
     assert got.exact and not snap.deleted[got.ids].any()
     assert snap.item_info("cold-3")["source"] == "ingested"
+
+
+def test_a_compact_sq8_index_is_served_with_exact_scores_and_folds_ingested_rows(scientific_bundle, tmp_path):
+    """IVF,SQ8 (8-bit static vectors: a quarter of IVF-Flat's memory) through build-index and the service: the index
+    only picks the 64 candidates; every returned score is the exact fused score of the float32 vectors, ingested rows
+    included (and folded into a copy of the SQ8 index)."""
+    import shutil
+
+    from index_builder.build import build_index
+    from serving_core.fusion import item_scores
+
+    root = tmp_path / "sq8"
+    shutil.copytree(scientific_bundle, root)
+    info = build_index(root, "IVF16,SQ8", "cpu", progress=False)
+    assert not info.exact and info.factory == "IVF16,SQ8"
+    settings = Settings(bundle=root, onnx_provider="cpu", index_params={"nprobe": 16}, max_candidates=64)
+    model = ServingModel.load(root, settings)  # a cap below a quarter of the rows: no full scans, the index's path
+    assert model.options.exact_index is False and model.options.initial_width == 64
+    catalogue = Catalogue(model, compact_rows=10)
+    _drive(catalogue, _records(model, 30, seed=6), model.bundle.table.ids)
+    snap = catalogue.current
+    assert snap.index_rows > model.bundle.table.num_items and snap.index.ntotal == snap.index_rows  # folded
+    rng = np.random.default_rng(7)
+    histories = [rng.integers(1, model.bundle.table.num_items, size=8) for _ in range(16)]
+    users = model.towers.user.encode(histories, snap.item_arrays())
+    got = top_k(users, 10, snap.index, snap.scorer(), deleted=snap.deleted, options=model.options)
+    exact = item_scores(users, snap.vectors, model.manifest.scorer.fusion, None, got.ids)
+    np.testing.assert_allclose(got.scores, exact, atol=1e-6)  # the exact scores of the returned items, not SQ8's
+    brute = top_k(users, 10, None, snap.scorer(), deleted=snap.deleted)
+    recall = np.mean([np.intersect1d(got.row(b)[0], brute.row(b)[0]).size / 10 for b in range(16)])
+    print(f"recall@10 {recall:.3f}")
+    assert recall >= 0.9 and not got.user_exact.any()  # nprobe = nlist: only the 8-bit ranking can miss
