@@ -6,11 +6,12 @@
 Starts the service (`missrec serve`, 1 worker; Redis: --redis-url, else an embedded one) and reads
 /proc/PID/status at each step: VmRSS (resident), RssAnon (anonymous: the heap, the FAISS index, what the process
 owns), RssFile (file-backed: the memory-mapped bundle arrays' pages touched so far, and the libraries; clean
-pages the kernel can drop and re-read), RssShmem, VmHWM (peak resident). Steps: ``ready`` (after /readyz),
-``requests`` (after --requests recommends by the real users' test histories of --data, or random histories of
-bundle items without it, sequential, k=10), ``ingest`` (after --ingest text-only items through POST /v1/items
-with a random-init CLIP encoder and --delete of them deleted again; the service then answers with the appended
-rows), ``requests again`` (another --requests recommends). Prints a table and writes OUT/memory.json.
+pages the kernel can drop and re-read), RssShmem, VmHWM (peak resident), and bundle_mapped (the resident part of
+the file mappings under the bundle directory, from /proc/PID/smaps: the mapped item arrays). Steps: ``ready``
+(after /readyz), ``requests`` (after --requests recommends by the real users' test histories of --data, or
+random histories of bundle items without it, sequential, k=10), ``ingest`` (after --ingest text-only items
+through POST /v1/items with a random-init CLIP encoder, --delete of them deleted again: the service then serves
+appended rows), ``requests again`` (another --requests recommends). Prints a table, writes OUT/memory.json.
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ def status_mib(pid: int) -> dict[str, float]:
     """The memory fields of /proc/PID/status (FIELDS), MiB."""
     fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
     return {f: round(int(fields[f].split()[0]) / 1024, 1) for f in FIELDS if f in fields}
+
+
+def mapped_mib(pid: int, under: Path) -> float:
+    """Resident MiB of the file mappings of files under ``under`` (the bundle's memory-mapped arrays), from smaps."""
+    total_kb, inside = 0, False
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return float("nan")
+    for line in lines:
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
+            inside = len(head) >= 6 and head[5].startswith(str(under) + "/")
+        elif inside and line.startswith("Rss:"):
+            total_kb += int(head[1])
+    return round(total_kb / 1024, 1)
+
+
+def memory(pid: int, bundle: Path) -> dict[str, float]:
+    return status_mib(pid) | {"bundle_mapped": mapped_mib(pid, bundle)}
 
 
 def histories(bundle: Path, data: Path | None, count: int, seed: int = 0) -> list[list[str]]:
@@ -123,12 +144,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         svc = procs.serve_service(bundle, port, out / "logs", env, None)
         ready_s = procs.wait_ready(url, svc)
-        steps.append({"step": "ready", "seconds": round(ready_s, 1), **status_mib(svc.pid)})
+        steps.append({"step": "ready", "seconds": round(ready_s, 1), **memory(svc.pid, bundle)})
         with httpx.Client(base_url=url, timeout=60.0) as client:
-            steps.append({"step": "requests", **recommend(client, hists), **status_mib(svc.pid)})
+            steps.append({"step": "requests", **recommend(client, hists), **memory(svc.pid, bundle)})
             if args.ingest:
-                steps.append({"step": "ingest", **ingest(client, args.ingest, args.delete, tag), **status_mib(svc.pid)})
-                steps.append({"step": "requests again", **recommend(client, hists), **status_mib(svc.pid)})
+                done = ingest(client, args.ingest, args.delete, tag)
+                steps.append({"step": "ingest", **done, **memory(svc.pid, bundle)})
+                steps.append({"step": "requests again", **recommend(client, hists), **memory(svc.pid, bundle)})
     finally:
         if svc is not None:
             svc.stop()
@@ -138,9 +160,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = {"bundle": str(bundle), "items": items, "settings": args.env, "steps": steps}
     (out / "memory.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"{bundle} ({items} items) {' '.join(args.env)}; MiB from /proc/PID/status")
-    print(f"{'step':<15}" + "".join(f"{f:>10}" for f in FIELDS))
+    columns = (*FIELDS, "bundle_mapped")
+    print(f"{'step':<15}" + "".join(f"{f:>14}" for f in columns))
     for s in steps:
-        print(f"{s['step']:<15}" + "".join(f"{s.get(f, float('nan')):>10.1f}" for f in FIELDS))
+        print(f"{s['step']:<15}" + "".join(f"{s.get(f, float('nan')):>14.1f}" for f in columns))
     return summary
 
 
