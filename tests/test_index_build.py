@@ -94,7 +94,13 @@ def test_flat_build_writes_index_and_refinalizes_manifest(tmp_path):
 
 @pytest.mark.parametrize(
     ("factory", "param"),
-    [("HNSW32", "efSearch"), ("IVF16,Flat", "nprobe"), ("IVF16,SQ8", "nprobe"), ("IVF8,PQ8x4", "nprobe")],
+    [
+        ("HNSW32", "efSearch"),
+        ("IVF16,Flat", "nprobe"),
+        ("IVF16,SQ8", "nprobe"),
+        ("RR24,IVF16,SQ8", "nprobe"),  # rotated (inner products kept) and padded to a width SQ8's SIMD code takes
+        ("IVF8,PQ8x4", "nprobe"),
+    ],
 )
 def test_ann_factories_with_recall_report(tmp_path, factory, param):
     root, _ = make_bundle(tmp_path / "b", transductive=factory == "HNSW32")

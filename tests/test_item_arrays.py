@@ -239,9 +239,10 @@ def test_catalogue_over_a_mapped_bundle_serves_like_an_in_memory_one(scientific_
     assert snap.item_info("cold-3")["source"] == "ingested"
 
 
-def test_a_compact_sq8_index_is_served_with_exact_scores_and_folds_ingested_rows(scientific_bundle, tmp_path):
-    """IVF,SQ8 (8-bit static vectors: a quarter of IVF-Flat's memory) through build-index and the service: the index
-    only picks the 64 candidates; every returned score is the exact fused score of the float32 vectors, ingested rows
+def test_a_compact_rotated_sq8_index_is_served_with_exact_scores_and_folds_ingested_rows(scientific_bundle, tmp_path):
+    """RR304,IVF16,SQ8 (a random rotation padding 300-d to 304-d, which keeps inner products, then 8-bit static
+    vectors: a quarter of IVF-Flat's memory) through build-index and the service: the index only picks the 64
+    candidates; every returned score is the exact fused score of the float32 vectors, ingested rows
     included (and folded into a copy of the SQ8 index)."""
     import shutil
 
@@ -250,8 +251,8 @@ def test_a_compact_sq8_index_is_served_with_exact_scores_and_folds_ingested_rows
 
     root = tmp_path / "sq8"
     shutil.copytree(scientific_bundle, root)
-    info = build_index(root, "IVF16,SQ8", "cpu", progress=False)
-    assert not info.exact and info.factory == "IVF16,SQ8"
+    info = build_index(root, "RR304,IVF16,SQ8", "cpu", progress=False)
+    assert not info.exact and info.factory == "RR304,IVF16,SQ8"
     settings = Settings(bundle=root, onnx_provider="cpu", index_params={"nprobe": 16}, max_candidates=64)
     model = ServingModel.load(root, settings)  # a cap below a quarter of the rows: no full scans, the index's path
     assert model.options.exact_index is False and model.options.initial_width == 64
