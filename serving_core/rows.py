@@ -94,19 +94,23 @@ class RowStack:
                 raise IndexError(f"row indices must be integers, got {idx.dtype}")
             idx = idx.astype(np.int64)
         n = self.shape[0]
-        if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
-            raise IndexError(f"row index out of range for {n} rows")
-        idx = np.where(idx < 0, idx + n, idx) if idx.size and idx.min() < 0 else idx
-        low = idx < self.base_rows
-        if low.all():
+        if idx.size:
+            lowest, highest = int(idx.min()), int(idx.max())
+            if lowest < -n or highest >= n:
+                raise IndexError(f"row index out of range for {n} rows")
+            if lowest < 0:
+                idx = np.where(idx < 0, idx + n, idx)
+        flat = idx.reshape(-1)
+        high = np.flatnonzero(flat >= self.base_rows)
+        if not high.size:
             return self.base[idx]
-        if not low.any():
+        if high.size == flat.size:
             return self.added[idx - self.base_rows]
-        out = np.empty(idx.shape + self.shape[1:], dtype=self.dtype)
-        out[low] = self.base[idx[low]]
-        high = ~low
-        out[high] = self.added[idx[high] - self.base_rows]
-        return out
+        low = flat.copy()
+        low[high] = 0
+        out = self.base[low]  # one gather of every row (the appended ones are the few), then those overwritten
+        out[high] = self.added[flat[high] - self.base_rows]
+        return out.reshape(idx.shape + self.shape[1:])
 
 
 def dot_rows(users: np.ndarray, table: np.ndarray | RowStack) -> np.ndarray:
