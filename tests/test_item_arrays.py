@@ -237,6 +237,18 @@ def test_catalogue_over_a_mapped_bundle_serves_like_an_in_memory_one(scientific_
     np.testing.assert_allclose(brute.scores, got.scores, atol=1e-6)
     assert got.exact and not snap.deleted[got.ids].any()
     assert snap.item_info("cold-3")["source"] == "ingested"
+    assert snap.item_info("cold-3")["text_cluster"] == ref.item_info("cold-3")["text_cluster"]
+
+    from service.metrics import Metrics
+    from service.recommender import similar
+
+    for item in ("cold-3", table.ids[9]):  # "items like this one": an ingested row's and a bundle row's vectors
+        mine = similar(snap, snap.row(item), 10, True, Metrics())
+        theirs = similar(ref, ref.row(item), 10, True, Metrics())
+        assert [(r.item_id, r.score, r.explanation) for r in mine.items] == [
+            (r.item_id, r.score, r.explanation) for r in theirs.items
+        ]
+        assert len(mine.items) == 10 and item not in {r.item_id for r in mine.items}
 
 
 def test_a_compact_rotated_sq8_index_is_served_with_exact_scores_and_folds_ingested_rows(scientific_bundle, tmp_path):
