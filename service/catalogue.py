@@ -6,8 +6,11 @@ one lock, build the next snapshot and swap the reference.
 
 Rows: the bundle's rows first, then cold-start items appended in order. Re-ingesting an id appends a new row and
 tombstones the old one; deleting tombstones the row. Row r is the FAISS id and the internal item id. Item arrays
-are append-only segments: a snapshot holds views of rows [0, n), which later appends never touch (a grown buffer
-is a new buffer; the old views keep the old one alive). The deleted mask and the id overlay are copied per write.
+are append-only segments: the bundle's array (memory-mapped read-only by the service) is kept as it is, never
+copied, and appended rows go to a separate growable buffer; a snapshot holds views of rows [0, n) (the bundle array
+alone, or a :class:`~serving_core.rows.RowStack` of it and a view of the appended rows), which later appends never
+touch (a grown buffer is a new buffer; the old views keep the old one alive). The deleted mask and the id overlay
+are copied per write.
 The FAISS index is never mutated: rows past ``index_rows`` (the tail) are scored exactly for every query, and a
 tail longer than ``compact_rows`` is folded into a copy of the index, published with the next snapshot.
 """
@@ -26,6 +29,7 @@ from service.serving_model import IncompatibleItem, ServingModel
 from service.store import ItemRecord
 from serving_core.bundle import MISSREC_FUSION, static_vectors
 from serving_core.index import to_cpu, to_device
+from serving_core.rows import RowStack
 from serving_core.scoring import ItemScorer, measured_max_gap
 from serving_core.towers import ItemArrays
 
@@ -35,23 +39,39 @@ DEFAULT_COMPACT_ROWS = 4096
 
 
 class Segment:
-    """An append-only array along axis 0 (amortised O(1)); ``view(n)`` of rows [0, n) never changes later."""
+    """An append-only array along axis 0: the initial array (a bundle's, possibly memory-mapped) is never copied or
+    written; appended rows go to a separate growable buffer (amortised O(1); a grown buffer is a new one, the bundle
+    rows are never part of it). ``view(n)`` of rows [0, n) never changes later: the initial array itself (or its
+    first n rows) while nothing is appended, else a :class:`~serving_core.rows.RowStack` of the initial array and a
+    view of the appended rows."""
 
     def __init__(self, initial: np.ndarray) -> None:
-        self._data = initial
-        self.n = initial.shape[0]
+        self.base = initial
+        self.base_rows = initial.shape[0]
+        self._added = np.empty((0, *initial.shape[1:]), dtype=initial.dtype)
+        self.n = self.base_rows
 
     def append(self, rows: np.ndarray) -> None:
-        need = self.n + rows.shape[0]
-        if need > self._data.shape[0]:
-            grown = np.empty((max(need, 2 * self.n, 16), *self._data.shape[1:]), dtype=self._data.dtype)
-            grown[: self.n] = self._data[: self.n]
-            self._data = grown
-        self._data[self.n : need] = rows
-        self.n = need
+        used = self.n - self.base_rows
+        need = used + rows.shape[0]
+        if need > self._added.shape[0]:
+            grown = np.empty((max(need, 2 * used, 16), *self._added.shape[1:]), dtype=self._added.dtype)
+            grown[:used] = self._added[:used]
+            self._added = grown
+        self._added[used:need] = rows
+        self.n = self.base_rows + need
 
-    def view(self, n: int | None = None) -> np.ndarray:
-        return self._data[: self.n if n is None else n]
+    def view(self, n: int | None = None) -> np.ndarray | RowStack:
+        n = self.n if n is None else n
+        if n <= self.base_rows:
+            return self.base if n == self.base_rows else self.base[:n]
+        return RowStack(self.base, self._added[: n - self.base_rows])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as one ndarray (a view when they are all appended rows, or all bundle rows)."""
+        if start >= self.base_rows:
+            return self._added[start - self.base_rows : stop - self.base_rows]
+        return np.asarray(self.view(stop)[start:stop])
 
 
 @dataclass(frozen=True)
@@ -67,10 +87,12 @@ class Snapshot:
     # bundle ids resolve through the bundle's table
     deleted: np.ndarray  # (n,) bool, own copy; row 0 (padding) is always deleted
     ingested: dict[str, ItemRecord]  # live ingested items (own copy)
-    tokens: np.ndarray  # (n, T) what the user tower gathers
-    vectors: dict[str, np.ndarray]  # name -> (n, D)
-    clusters: dict[str, np.ndarray]  # modality -> (n,) (MISSRec)
-    id_vectors: np.ndarray | None  # (n, D), transductive MISSRec (cold items: zero rows)
+    # The item arrays: rows [0, n), each the bundle's array (memory-mapped by the service) while nothing was
+    # appended, else a RowStack of it and the appended rows (row gathers and row slices, like an ndarray)
+    tokens: np.ndarray | RowStack  # (n, T) what the user tower gathers
+    vectors: dict[str, np.ndarray | RowStack]  # name -> (n, D)
+    clusters: dict[str, np.ndarray | RowStack]  # modality -> (n,) (MISSRec)
+    id_vectors: np.ndarray | RowStack | None  # (n, D), transductive MISSRec (cold items: zero rows)
     index: Any  # FAISS index over rows [0, index_rows)
     index_rows: int
     max_gap: float
@@ -351,7 +373,7 @@ class Catalogue:
         for m, seg in self._clusters.items():
             seg.append(np.array([vec[f"{m}_cluster"]], dtype=np.int64))
         if self._id_vectors is not None:  # a cold item has no trained ID: ID-less scoring
-            self._id_vectors.append(np.zeros((1, self._id_vectors.view().shape[1]), dtype=np.float32))
+            self._id_vectors.append(np.zeros((1, self._id_vectors.base.shape[1]), dtype=np.float32))
         self._ids.append(record.item_id)
         self._texts.append(record.text)
         return row
@@ -371,8 +393,8 @@ class Catalogue:
 
         n = self._tokens.n
         scorer = snap.model.manifest.scorer
-        vectors = {k: s.view(n)[index_rows:n] for k, s in self._vectors.items()}
-        ids = self._id_vectors.view(n)[index_rows:n] if self._id_vectors is not None else None
+        vectors = {k: s.rows(index_rows, n) for k, s in self._vectors.items()}
+        ids = self._id_vectors.rows(index_rows, n) if self._id_vectors is not None else None
         cpu = faiss.clone_index(to_cpu(snap.index))
         cpu.add(np.ascontiguousarray(static_vectors(scorer, vectors, ids), dtype=np.float32))
         gpu = type(snap.index).__name__.startswith("Gpu")

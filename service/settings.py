@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         "event loop and queued requests need; no effect with MISSREC_ONNX_THREADS=1).",
     )
     faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
+    mmap_items: bool = Field(
+        True,
+        description="Memory-map the bundle's item arrays (tokens, vectors) read-only instead of reading them into "
+        "memory: only the rows requests touch are resident, and they are shared with the page cache.",
+    )
     index_params: dict[str, float] = Field(
         default_factory=dict,
         description='FAISS search parameters over the bundle\'s recorded ones, e.g. {"nprobe": 128} (JSON).',

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from serving_core.bundle import Fusion
+from serving_core.rows import dot_rows
 
 
 def _f32(x: np.ndarray) -> np.ndarray:
@@ -67,7 +68,7 @@ def modality_sims(
 def _dots(users: np.ndarray, table: np.ndarray, items: np.ndarray | None) -> np.ndarray:
     users = _f32(users)
     if items is None:
-        return users @ table.T  # (B, N)
+        return dot_rows(users, table)  # (B, N)
     gathered = table[items]  # (B, C, D)
     return (gathered @ users[:, :, None])[..., 0]  # (B, C)
 

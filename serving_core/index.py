@@ -50,6 +50,16 @@ def to_device(index: faiss.Index, device: str) -> faiss.Index:
     index type, e.g. HNSW); 'auto' falls back to the CPU index in that case."""
     if resolve_device(device) == "cpu":
         return index
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        # FAISS would move only the inner index (a CPU wrapper around a GPU index): the search parameters, the
+        # GPU checks and the catalogue's index copies see a CPU index type; not supported here
+        if device == "auto":
+            log.warning("a pre-transformed index (e.g. RR304,IVF…,SQ8) stays on the CPU")
+            return index
+        raise DeviceError(
+            "a pre-transformed index (RR…, PCA…, OPQ…) is served on the CPU only: use --device cpu, or an index "
+            "without a transform on GPUs (IVF…,Flat or IVF…,SQ8)"
+        )
     if "res" not in _GPU:
         _GPU["res"] = faiss.StandardGpuResources()
     try:

@@ -15,12 +15,13 @@ import numpy as np
 
 from serving_core.bundle import INNER_PRODUCT, ITEM_VECTOR, Scorer
 from serving_core.fusion import deviation_bound, explanation_weights, item_scores, max_modality_gap
+from serving_core.rows import dot_rows
 
 
 def _dots(users: np.ndarray, table: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
     """users (B, D) . table rows: every row -> (B, N); rows (B, C) -> (B, C)."""
     if rows is None:
-        return users @ table.T
+        return dot_rows(users, table)
     return (table[rows] @ users[:, :, None])[..., 0]
 
 

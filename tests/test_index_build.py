@@ -93,7 +93,14 @@ def test_flat_build_writes_index_and_refinalizes_manifest(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("factory", "param"), [("HNSW32", "efSearch"), ("IVF16,Flat", "nprobe"), ("IVF8,PQ8x4", "nprobe")]
+    ("factory", "param"),
+    [
+        ("HNSW32", "efSearch"),
+        ("IVF16,Flat", "nprobe"),
+        ("IVF16,SQ8", "nprobe"),
+        ("RR24,IVF16,SQ8", "nprobe"),  # rotated (inner products kept) and padded to a width SQ8's SIMD code takes
+        ("IVF8,PQ8x4", "nprobe"),
+    ],
 )
 def test_ann_factories_with_recall_report(tmp_path, factory, param):
     root, _ = make_bundle(tmp_path / "b", transductive=factory == "HNSW32")
@@ -158,3 +165,13 @@ def test_load_without_index_and_tampered_bundle(tmp_path):
     (root / "items/text.npy").write_bytes((root / "items/image.npy").read_bytes())
     with pytest.raises(BundleError, match="checksum"):
         build_index(root, "Flat", "cpu", progress=False)
+
+
+def test_a_pre_transformed_index_stays_on_the_cpu(monkeypatch):
+    """RR304,IVF…,SQ8 and the like: FAISS would move only the inner index to a GPU (a CPU wrapper the service's GPU
+    checks do not see), so 'auto' keeps it on the CPU and 'gpu' is refused (as if a GPU were present)."""
+    index = faiss.index_factory(D, "RR24,IVF4,SQ8", faiss.METRIC_INNER_PRODUCT)
+    monkeypatch.setattr(index_mod, "resolve_device", lambda device: "gpu")
+    assert index_mod.to_device(index, "auto") is index
+    with pytest.raises(DeviceError, match="CPU only"):
+        index_mod.to_device(index, "gpu")

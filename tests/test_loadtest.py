@@ -178,3 +178,21 @@ def test_scaleout_demo_two_replicas_one_redis(scientific_bundle, scientific_dir,
     assert summary["histories_shared"] and summary["total_achieved_rps"] > 20
     assert summary["ingest_on_A_visible_on_B"]["count"] == 3 and summary["ingest_on_B_visible_on_A"]["count"] == 3
     assert summary["ingest_on_A_visible_on_B"]["p99_ms"] < 1000  # the stream carries items across within 1 s
+
+
+def test_memory_reads_the_status_fields_and_the_bundle_mappings(tmp_path):
+    """loadtest.memory's readings of a live process (this one): /proc/PID/status fields and the resident part of
+    the file mappings under a directory."""
+    import os
+
+    from loadtest.memory import FIELDS, mapped_mib, status_mib
+
+    if not Path("/proc/self/smaps").is_file():
+        pytest.skip("needs /proc (Linux)")
+    np.save(tmp_path / "a.npy", np.ones((4096, 256), np.float32))  # 4 MiB
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert float(mapped.sum()) == 4096 * 256  # every page touched
+    status = status_mib(os.getpid())
+    assert set(FIELDS) <= set(status) and status["VmRSS"] >= status["RssAnon"] > 0
+    assert 3.5 <= mapped_mib(os.getpid(), tmp_path) <= 4.5
+    assert mapped_mib(os.getpid(), tmp_path / "elsewhere") == 0
