@@ -47,7 +47,9 @@ class ServingModel:
         """Read and check the bundle (checksums, shapes, index), open the towers and the index. The item arrays are
         memory-mapped read-only unless ``settings.mmap_items`` is off (the catalogue never copies them)."""
         bundle = read_bundle(root, mmap=settings.mmap_items)
-        towers = open_towers(bundle, settings.onnx_provider, settings.onnx_threads, settings.onnx_spinning)
+        towers = open_towers(
+            bundle, settings.onnx_provider, settings.onnx_threads, settings.onnx_spinning, settings.onnx_optimisation
+        )
         try:
             index, info = load_index(root, bundle.manifest, settings.faiss_device, settings.index_params)
         except BundleError:

@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         description="Let ONNX Runtime's intra-op threads busy-wait for work (off: spinning threads take the CPU the "
         "event loop and queued requests need; no effect with MISSREC_ONNX_THREADS=1).",
     )
+    onnx_optimisation: Literal["basic", "extended", "all"] = Field(
+        "basic",
+        description="ONNX Runtime graph optimisation level of the towers (basic measured fastest for the user tower "
+        "here: docs/benchmarks.md, loadtest.ort_options).",
+    )
     faiss_device: Literal["auto", "cpu", "gpu"] = "auto"
     mmap_items: bool = Field(
         True,

@@ -103,10 +103,22 @@ def choose_providers(preference: str = "auto") -> list[str]:
 
 
 SPINNING = "session.intra_op.allow_spinning"  # ORT session config entry: "1" = idle pool threads busy-wait
+# Graph optimisation levels by name. The towers default to "basic": measured with loadtest.ort_options on the
+# Scientific user tower (docs/benchmarks.md), the extended/all fusions made it slower on this CPU (batch 16, one
+# thread: p50 3.05 ms basic vs 3.94 ms all; batch 1: 0.20 vs 0.22 ms).
+OPTIMISATION_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+DEFAULT_LEVEL = "basic"
 
 
-def session_options(intra_op_threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
-    """All graph optimisations on; ``intra_op_threads`` 0 = ONNX Runtime's default (one per physical core).
+def session_options(
+    intra_op_threads: int = 0, spinning: bool = False, level: str = DEFAULT_LEVEL
+) -> ort.SessionOptions:
+    """Graph optimisation ``level`` (basic, extended or all); ``intra_op_threads`` 0 = ONNX Runtime's default (one
+    per physical core).
 
     ``spinning``: whether the intra-op pool's threads busy-wait for work between and after runs (ORT's own default
     is on). Off by default here: on a service whose few cores also run the event loop, spinning threads burn the
@@ -114,8 +126,10 @@ def session_options(intra_op_threads: int = 0, spinning: bool = False) -> ort.Se
     intra-op thread (no pool)."""
     if intra_op_threads < 0:
         raise ValueError("intra_op_threads must be >= 0")
+    if level not in OPTIMISATION_LEVELS:
+        raise ValueError(f"optimisation level must be one of {sorted(OPTIMISATION_LEVELS)}, not {level!r}")
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = OPTIMISATION_LEVELS[level]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -124,10 +138,16 @@ def session_options(intra_op_threads: int = 0, spinning: bool = False) -> ort.Se
 
 
 def open_session(
-    path: str | Path, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False
+    path: str | Path,
+    providers: str = "auto",
+    intra_op_threads: int = 0,
+    spinning: bool = False,
+    level: str = DEFAULT_LEVEL,
 ) -> ort.InferenceSession:
     return ort.InferenceSession(
-        str(path), sess_options=session_options(intra_op_threads, spinning), providers=choose_providers(providers)
+        str(path),
+        sess_options=session_options(intra_op_threads, spinning, level),
+        providers=choose_providers(providers),
     )
 
 
@@ -320,20 +340,26 @@ class Towers:
         return self.bundle.table
 
 
-def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> Towers:
+def open_towers(
+    bundle: Bundle,
+    providers: str = "auto",
+    intra_op_threads: int = 0,
+    spinning: bool = False,
+    level: str = DEFAULT_LEVEL,
+) -> Towers:
     """Open both tower sessions of a bundle read by :func:`serving_core.bundle.read_bundle` (session options:
     :func:`session_options`)."""
     m, root = bundle.manifest, bundle.root
     graphs = m.graphs
     user = UserTower(
-        open_session(root / graphs["user"].file, providers, intra_op_threads, spinning),
+        open_session(root / graphs["user"].file, providers, intra_op_threads, spinning, level),
         ItemArrays.from_table(bundle.table),
         bundle.centroids,
         m.max_len,
         graphs["user"],
     )
     item = ItemTower(
-        open_session(root / graphs["item"].file, providers, intra_op_threads, spinning),
+        open_session(root / graphs["item"].file, providers, intra_op_threads, spinning, level),
         m.dims.features,
         graphs["item"],
     )
@@ -344,6 +370,12 @@ def open_towers(bundle: Bundle, providers: str = "auto", intra_op_threads: int =
     return Towers(bundle, user, item)
 
 
-def load_towers(root: str | Path, providers: str = "auto", intra_op_threads: int = 0, spinning: bool = False) -> Towers:
+def load_towers(
+    root: str | Path,
+    providers: str = "auto",
+    intra_op_threads: int = 0,
+    spinning: bool = False,
+    level: str = DEFAULT_LEVEL,
+) -> Towers:
     """Validate the bundle at ``root`` (checksums, shapes) and open both towers."""
-    return open_towers(read_bundle(root), providers, intra_op_threads, spinning)
+    return open_towers(read_bundle(root), providers, intra_op_threads, spinning, level)

@@ -61,3 +61,19 @@ def test_the_benchmark_times_every_combination(scientific_bundle, scientific_dir
     }  # fmt: skip
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p99_ms"] and r["cpu_ms_per_call"] > 0 and r["max_abs_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("level", ["basic", "extended", "all"])
+def test_the_optimisation_level_reaches_the_service_sessions(scientific_bundle, level):
+    import onnxruntime as ort
+
+    from service.serving_model import ServingModel
+    from service.settings import Settings
+    from serving_core.towers import OPTIMISATION_LEVELS
+
+    model = ServingModel.load(scientific_bundle, Settings(onnx_provider="cpu", onnx_optimisation=level))
+    for tower in (model.towers.user, model.towers.item):
+        assert tower.session.get_session_options().graph_optimization_level == OPTIMISATION_LEVELS[level]
+    assert session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # the default
+    with pytest.raises(ValueError, match="optimisation level"):
+        session_options(level="max")
