@@ -220,6 +220,13 @@ class _Search:
             ids[j, : ti.shape[0]], out[j, : ti.shape[0]] = ti, ts
         return ids, out, counts
 
+    def best_valid(self, b: int, cand: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
+        return _top_sorted(cand[ok], scores[ok], self.k)
+
+    def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
+
     def finish_rows(
         self, group: Sequence[int], found: tuple[np.ndarray, ...], candidates: np.ndarray, proven: bool
     ) -> None:
@@ -240,51 +247,30 @@ class _Search:
         return out
 
 
-def _ragged(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices of the True entries of mask (G, N), one row per user padded with -1, and their counts."""
-    rows, cols = np.nonzero(mask)
-    counts = mask.sum(1)
-    out = np.full((mask.shape[0], max(1, int(counts.max(initial=0)))), -1, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out[rows, np.arange(rows.shape[0]) - starts[rows]] = cols
-    return out, counts
-
-
 def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, full_at: int) -> list[int]:
     """CPU flat index: one matrix product gives every static score; after re-scoring the top-w, the rows with
-    static >= S_k - bound - tol are exactly the ones the proof needs, so they are re-scored at once. Vectorised
-    over users (one selection, one gather per round for the whole chunk). Returns the users that need a full scan
-    instead."""
+    static >= S_k - bound - tol are exactly the ones the proof needs, so they are re-scored at once. Per user: a
+    version vectorised across the batch (one selection per round for all users) measured slower at batch 1 and no
+    faster at batch 16 from 16k rows (docs/benchmarks.md); below EXACT_SCAN_BELOW rows the exact scan answers.
+    Returns the users that need a full scan instead."""
     ntotal = xb.shape[0]
     scan: list[int] = []
     step = max(1, (1 << 24) // ntotal)
     for start in range(0, s.users.shape[0], step):
-        group = list(range(start, min(s.users.shape[0], start + step)))
-        users = s.users[group]
-        static = users @ xb.T  # (G, ntotal)
-        w = max(width[b] for b in group)
-        top = (
-            np.argpartition(-static, w - 1, axis=1)[:, :w]
-            if w < ntotal
-            else np.broadcast_to(np.arange(ntotal), static.shape)
-        )
-        tails = np.broadcast_to(tail, (len(group), tail.shape[0]))
-        cand = np.concatenate([top, tails], axis=1)
-        _, sc, counts = s.select(group, cand, s.rescore(users, cand))
-        short = counts < s.k
-        threshold = np.where(short, np.inf, sc[:, s.k - 1].astype(np.float64) - s.bounds[group] - s.tol)
-        mask = static >= threshold[:, None].astype(np.float32)
-        need = mask.sum(1)
-        to_scan = short | (need >= full_at)
-        scan += [b for j, b in enumerate(group) if to_scan[j]]
-        keep = np.flatnonzero(~to_scan)
-        if not keep.shape[0]:
-            continue
-        cols, n_cols = _ragged(mask[keep])
-        cand = np.concatenate([cols, tails[: keep.shape[0]]], axis=1)
-        kept = [group[j] for j in keep]
-        found = s.select(kept, cand, s.rescore(users[keep], cand))
-        s.finish_rows(kept, found, n_cols + tail.shape[0], True)
+        static = s.users[start : start + step] @ xb.T  # (G, ntotal)
+        for j, b in enumerate(range(start, min(s.users.shape[0], start + step))):
+            w = width[b]
+            top = np.argpartition(-static[j], w - 1)[:w] if w < ntotal else np.arange(ntotal)
+            ids, sc = s.rescore_one(b, np.concatenate([top, tail]))
+            if ids.shape[0] < s.k:
+                scan.append(b)
+                continue
+            cand = np.flatnonzero(static[j] >= float(sc[-1]) - s.bounds[b] - s.tol)
+            if cand.shape[0] >= full_at:
+                scan.append(b)
+                continue
+            ids, sc = s.rescore_one(b, np.concatenate([cand, tail]))
+            s.finish(b, ids, sc, cand.shape[0] + tail.shape[0], True)
     return scan
 
 
