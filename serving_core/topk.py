@@ -22,9 +22,9 @@ DEFAULT_TOL = 1e-4  # > float32 rounding of two 300-d unit inner products (stati
 GPU_MAX_K = 2048  # FAISS GPU indexes refuse larger k
 _GATHER_BUDGET = 1 << 16  # candidate rows gathered per re-scoring chunk (x D x 4 bytes per modality)
 # Below this many rows a plain exact scan of every row beats the bounded search on CPU (measured with
-# loadtest/topk_crossover.py, docs/benchmarks.md: 1.7-2.2x faster on the real 1,586-row Scientific table, batch 1
-# and 16; break-even near 4k rows at batch 1, slower from 4k at batch 16 and from 8k at any batch): the search's
-# fixed costs (selection, thresholds, gathers) are larger than scoring a small table outright.
+# loadtest/topk_crossover.py, docs/benchmarks.md: on the real 1,586-row Scientific table 1.12x faster at batch 1 and
+# 2.96x at batch 16; from 4k rows at batch 1 and 8k at batch 16 the bounded search wins): the search's fixed costs
+# (selection, thresholds, gathers) are larger than scoring a small table outright.
 EXACT_SCAN_BELOW = 4096
 _SCAN_BUDGET = 1 << 22  # users x rows scored per full-scan chunk
 
@@ -224,17 +224,6 @@ class _Search:
         ok = (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
         return _top_sorted(cand[ok], scores[ok], self.k)
 
-    def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
-
-    def finish_rows(
-        self, group: Sequence[int], found: tuple[np.ndarray, ...], candidates: np.ndarray, proven: bool
-    ) -> None:
-        ids, scores, counts = found
-        for j, b in enumerate(group):
-            n = int(counts[j])
-            self.finish(b, ids[j, :n], scores[j, :n], int(candidates[j]), proven)
-
     def rescore(self, users: np.ndarray, cand: np.ndarray) -> np.ndarray:
         """Exact scores (G, C) of candidates cand (G, C) (-1 entries scored as row 0), chunked over users."""
         started = time.perf_counter()
@@ -245,6 +234,9 @@ class _Search:
             out[s : s + step] = self.items.exact(users[s : s + step], safe[s : s + step])
         self.rescore_s += time.perf_counter() - started
         return out
+
+    def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
 
 
 def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, full_at: int) -> list[int]:
@@ -320,15 +312,19 @@ def _full_scan(s: _Search, scan: list[int]) -> None:
     chunk = max(4096, _SCAN_BUDGET // max(1, users.shape[0]))
     best_ids = np.full((len(order), 0), -1, dtype=np.int64)
     best_sc = np.full((len(order), 0), -np.inf, dtype=np.float32)
+    counts = np.zeros(len(order), dtype=np.int64)
     for lo in range(0, n_items, chunk):
         hi = min(n_items, lo + chunk)
         scores = s.items.sliced(lo, hi).exact(users)  # (G, chunk)
         rows = np.broadcast_to(np.arange(lo, hi, dtype=np.int64), scores.shape)
         cand = np.concatenate([best_ids, rows], axis=1)
         best_ids, best_sc, counts = s.select(order, cand, np.concatenate([best_sc, scores], axis=1))
-        best_ids, best_sc = best_ids[:, : int(counts.max(initial=0))], best_sc[:, : int(counts.max(initial=0))]
+        keep = int(counts.max(initial=0))  # padding past every user's count carries nothing to the next chunk
+        best_ids, best_sc = best_ids[:, :keep], best_sc[:, :keep]
     s.rescore_s += time.perf_counter() - started
-    s.finish_rows(order, (best_ids, best_sc, np.isfinite(best_sc).sum(1)), np.full(len(order), n_items), True)
+    for g, b in enumerate(order):
+        n = int(counts[g])
+        s.finish(b, best_ids[g, :n], best_sc[g, :n], n_items, True)
 
 
 def top_k(
@@ -380,13 +376,14 @@ def top_k(
     cap = opts.max_candidates or ntotal
     width = [min(1 << int(np.ceil(np.log2(max(1, w0 + e.shape[0])))), cap) for e in s.excl]
 
-    xb = _flat_matrix(index) if opts.one_pass and exact_index and ntotal and opts.max_candidates is None else None
     if n_items < opts.exact_scan_below:
         scan = list(range(batch))  # a small catalogue: scoring every row is cheaper than bounding the search
-    elif xb is not None:
-        scan = _one_pass(s, xb, width, tail, full_at)
     else:
-        scan = _widening(s, index, width, tail, full_at, growth, opts)
+        xb = _flat_matrix(index) if opts.one_pass and exact_index and ntotal and opts.max_candidates is None else None
+        if xb is not None:
+            scan = _one_pass(s, xb, width, tail, full_at)
+        else:
+            scan = _widening(s, index, width, tail, full_at, growth, opts)
     if scan:
         _full_scan(s, scan)
 
