@@ -47,8 +47,7 @@ class MicroBatcher(Generic[T, R]):
         self.executor, self.on_batch, self.on_wait = executor, on_batch, on_wait
         self.adaptive, self.busy_to_linger = adaptive, busy_to_linger
         self.busy = 0.0  # exponential average of the worker's busy fraction (batch run time / batch cycle time)
-        self.lingered = 0  # batches that lingered (tests, metrics)
-        self._linger_s = 0.0  # how long the last batch lingered (not idle time: there was demand)
+        self.lingered = 0  # batches that lingered (tests)
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -75,24 +74,17 @@ class MicroBatcher(Generic[T, R]):
         await self._queue.put((item, fut, loop.time()))
         return await fut
 
-    async def _collect(self) -> list[tuple[T, asyncio.Future[R], float]]:
+    async def _collect(self) -> tuple[list[tuple[T, asyncio.Future[R], float]], float]:
+        """The next batch, and how long it lingered for batch-mates (0.0 when it did not)."""
         batch = [await self._queue.get()]
         while len(batch) < self.max_batch and not self._queue.empty():  # everything queued meanwhile, no waiting
             batch.append(self._queue.get_nowait())
         if self.max_wait_s <= 0 or (self.adaptive and self.busy < self.busy_to_linger):
-            return batch
+            return batch, 0.0
         self.lingered += 1
         loop = asyncio.get_running_loop()
         started = loop.time()
-        try:
-            return await self._linger(batch, started + self.max_wait_s)
-        finally:
-            self._linger_s = loop.time() - started
-
-    async def _linger(
-        self, batch: list[tuple[T, asyncio.Future[R], float]], deadline: float
-    ) -> list[tuple[T, asyncio.Future[R], float]]:
-        loop = asyncio.get_running_loop()
+        deadline = started + self.max_wait_s
         while len(batch) < self.max_batch:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
@@ -104,14 +96,13 @@ class MicroBatcher(Generic[T, R]):
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
-        return batch
+        return batch, loop.time() - started
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         cycle_start = loop.time()
         while True:
-            self._linger_s = 0.0
-            batch = await self._collect()
+            batch, lingered_s = await self._collect()
             now = loop.time()
             live = [(x, f) for x, f, _ in batch if not f.cancelled()]
             if not live:
@@ -130,7 +121,7 @@ class MicroBatcher(Generic[T, R]):
             done = loop.time()
             # busy fraction of this cycle (previous batch's end -> this batch's end, its linger left out): the run
             # over the cycle; lingering must not make a busy worker look idle
-            fraction = (done - now) / max(done - cycle_start - self._linger_s, 1e-9)
+            fraction = (done - now) / max(done - cycle_start - lingered_s, 1e-9)
             self.busy = BUSY_DECAY * self.busy + (1 - BUSY_DECAY) * fraction
             cycle_start = done
             for (_, fut), result in zip(live, results, strict=True):

@@ -48,7 +48,7 @@ class CoalescedLists:
         self.redis = redis
         self._pending: list[tuple[str, asyncio.Future[list[bytes]]]] = []
         self._tasks: set[asyncio.Task[None]] = set()  # flushes in flight (a task needs a strong reference)
-        self.flushes = 0  # pipelines (or lone reads) sent, for tests and metrics
+        self.flushes = 0  # pipelines (or lone reads) sent, and the reads they carried (tests)
         self.reads = 0
 
     async def read(self, key: str) -> list[bytes]:

@@ -25,6 +25,9 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["recommend"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+# Batches of up to this many results are written on the event loop: one orjson pass over a few results is cheaper
+# than the hop to a worker thread; bigger ones (up to max_batch_total_k items) go to a thread.
+RENDER_INLINE_MAX = 8
 
 
 def recommended(rec: Recommendation) -> list[RecommendedItem]:
@@ -93,5 +96,6 @@ async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> Respo
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
             raise outcome
-    rendered = _render_batch(outcomes) if len(outcomes) <= 8 else await asyncio.to_thread(_render_batch, outcomes)
+    small = len(outcomes) <= RENDER_INLINE_MAX
+    rendered = _render_batch(outcomes) if small else await asyncio.to_thread(_render_batch, outcomes)
     return Response(rendered, media_type="application/json")
