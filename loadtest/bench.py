@@ -27,7 +27,6 @@ import platform
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -178,12 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     began = time.monotonic()
-    out = args.out.resolve()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    run_id = f"lt{datetime.now(UTC):%m%d%H%M%S}{uuid.uuid4().hex[:4]}"
-    service_cpus, client_cpus = procs.parse_cpus(args.service_cpus), procs.parse_cpus(args.client_cpus)
-    if client_cpus:
-        os.sched_setaffinity(0, client_cpus)
+    out, run_id, service_cpus, client_cpus = procs.begin_run(args.out, "lt", args.service_cpus, args.client_cpus)
     info = machine()
     log.info("run %s on %s (%s cores), load average %s", run_id, info["cpu"], info["cores"], info["load_avg_at_start"])
 

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -36,6 +38,20 @@ def parse_cpus(text: str | None) -> list[int] | None:
         lo, _, hi = part.partition("-")
         cpus += list(range(int(lo), int(hi or lo) + 1))
     return cpus
+
+
+def begin_run(
+    out: Path, prefix: str, service_cpus: str, client_cpus: str
+) -> tuple[Path, str, list[int] | None, list[int] | None]:
+    """What every load tool does first: (resolved output folder with its logs/ made, a run id ``<prefix>MMDDhhmmss``
+    plus 4 random hex digits, the service's CPUs, the clients' CPUs); this process moves onto the clients' CPUs."""
+    out = out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    run_id = f"{prefix}{datetime.now(UTC):%m%d%H%M%S}{uuid.uuid4().hex[:4]}"
+    service, clients = parse_cpus(service_cpus), parse_cpus(client_cpus)
+    if clients:
+        os.sched_setaffinity(0, clients)
+    return out, run_id, service, clients
 
 
 def pin(pid: int, cpus: list[int] | None) -> None:

@@ -32,8 +32,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     exe = py_spy()  # before anything starts: fail fast
     native = native_works(exe) if args.native is None else args.native
-    out = args.out.resolve()
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    run_id = f"pf{datetime.now(UTC):%m%d%H%M%S}{uuid.uuid4().hex[:4]}"
-    service_cpus, client_cpus = procs.parse_cpus(args.service_cpus), procs.parse_cpus(args.client_cpus)
-    if client_cpus:
-        os.sched_setaffinity(0, client_cpus)
+    out, run_id, service_cpus, client_cpus = procs.begin_run(args.out, "pf", args.service_cpus, args.client_cpus)
 
     from loadtest.bench import machine, seed_histories
     from loadtest.traffic import build_traffic, write_traffic
