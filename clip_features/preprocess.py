@@ -1,9 +1,10 @@
 """Torch-free CLIP input handling: safe decoding of untrusted images, open_clip's eval image transform made
 explicit in numpy/PIL, and the CLIP BPE tokenizer over open_clip's vocabulary file.
 
-Both encoders (:class:`missrec.clip_encoder.ClipEncoder`, torch, and :class:`missrec.clip_onnx.OnnxClipEncoder`,
-ONNX Runtime) decode images here, so a picture is accepted or refused the same way on every path. This module
-imports neither torch nor open_clip: the serving process ingests through it without them.
+Both encoders (:class:`clip_features.torch_encoder.ClipEncoder`, torch, and
+:class:`clip_features.onnx_encoder.OnnxClipEncoder`, ONNX Runtime) decode images here, so a picture is accepted
+or refused the same way on every path. This module imports neither torch nor open_clip: the serving process
+ingests through it without them.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ class ItemEncoder:
         raise NotImplementedError
 
     def encode_item(self, text: str | None, image: ImageInput | None) -> dict[str, np.ndarray]:
-        """Features of one item: ``{"text": (D,), "image": (D,)}`` float32, keys as in ``missrec.data``.
+        """Features of one item: ``{"text": (D,), "image": (D,)}`` float32, keys as in ``missrec.data.dataset``.
 
         ``text`` None or blank, or ``image`` None, gives an all-zero row for that modality. Invalid image
         bytes raise :class:`ImageDecodeError` (an item with a broken image is an error, not a missing image).

@@ -1,7 +1,7 @@
 """open_clip's image and text encoders as ONNX graphs, run with ONNX Runtime: ingestion and ``missrec prepare``
 without torch or open_clip.
 
-A CLIP directory (written by ``missrec export-clip``, :mod:`model_export.clip_export`)::
+A CLIP directory (written by ``missrec export-clip``, :mod:`model_export.clip`)::
 
     image_encoder.onnx   pixels (1, 3, S, S) f32 -> features (1, D) f32   (open_clip encode_image, not normalised)
     text_encoder.onnx    tokens (1, L) i64       -> features (1, D) f32   (open_clip encode_text, not normalised)
@@ -10,9 +10,9 @@ A CLIP directory (written by ``missrec export-clip``, :mod:`model_export.clip_ex
 
 The text graph takes the ids up to and including ``<end_of_text>`` (L = 2..C, :func:`trim_tokens`): the text
 transformer is causal and pools that position, so the zero padding after it changes nothing and is not computed.
-Preprocessing and tokenizing are the explicit, torch-free ones of :mod:`missrec.clip_preprocess`; images go
-through the same gate (:func:`~missrec.clip_preprocess.decode_image`) as with the torch encoder. One item per
-call, batch 1, as :class:`missrec.clip_encoder.ClipEncoder` (the offline and online paths stay identical).
+Preprocessing and tokenizing are the explicit, torch-free ones of :mod:`clip_features.preprocess`; images go
+through the same gate (:func:`~clip_features.preprocess.decode_image`) as with the torch encoder. One item per
+call, batch 1, as :class:`clip_features.torch_encoder.ClipEncoder` (the offline and online paths stay identical).
 This module imports neither torch nor open_clip.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from missrec.clip_preprocess import (
+from clip_features.preprocess import (
     MAX_IMAGE_PIXELS,
     MAX_UNCROPPED_ASPECT,
     ClipTokenizer,

@@ -8,7 +8,7 @@ all-zero row.
 
 Design notes:
 
-- Architecture is data: open_clip model configs (JSON). ``missrec/clip_configs/`` adds ``missrec-tiny-512``,
+- Architecture is data: open_clip model configs (JSON). ``clip_features/configs/`` adds ``missrec-tiny-512``,
   a tiny ViT + text transformer with ``embed_dim`` 512 (same feature width and image preprocessing as
   ViT-B/32) for fast tests and demos; it is registered with ``open_clip.add_model_config`` on import.
 - Weights are separate from architecture: ``pretrained`` is an open_clip tag (``"openai"``, downloads) or a
@@ -45,7 +45,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from missrec.clip_preprocess import (  # re-exported: the image gate is shared with the ONNX encoder
+from clip_features.preprocess import (  # re-exported: the image gate is shared with the ONNX encoder
     MAX_IMAGE_PIXELS,
     MAX_UNCROPPED_ASPECT,
     ImageDecodeError,
@@ -58,7 +58,7 @@ from missrec.clip_preprocess import (  # re-exported: the image gate is shared w
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "clip_configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
 TINY_MODEL = "missrec-tiny-512"
@@ -82,7 +82,7 @@ __all__ = [
 
 
 def register_model_configs() -> None:
-    """Make the JSON architectures in ``missrec/clip_configs`` known to open_clip (idempotent)."""
+    """Make the JSON architectures in ``clip_features/configs`` known to open_clip (idempotent)."""
     if TINY_MODEL not in open_clip.list_models():
         open_clip.add_model_config(CONFIG_DIR)
 
