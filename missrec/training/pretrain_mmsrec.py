@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from missrec.mmsrec import MMSRec
-from missrec.train import TrainOptions, deterministic
+from missrec.models.mmsrec import MMSRec
+from missrec.training.loop import TrainOptions, deterministic
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,30 @@
-"""Baselines evaluated through the same full-ranking evaluator: SASRec (ID-only) and popularity."""
+"""SASRec, the ID-only baseline: item + position embeddings, causal self-attention, dot-product scores (evaluated
+through the same full-ranking evaluator as every model)."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from missrec.config import SASRecConfig
-from missrec.data import Interactions
-from missrec.layers import CausalEncoder
-from missrec.protocol import TrainingLogits, softmax_loss
+from missrec.models.config import FrozenConfig
+from missrec.nn.layers import CausalEncoder
+from missrec.nn.protocol import TrainingLogits, softmax_loss
+
+
+@dataclass(frozen=True)
+class SASRecConfig(FrozenConfig):
+    """ID-only SASRec baseline (causal self-attention), sized like the UniSRec paper's baseline."""
+
+    num_items: int
+    hidden: int = 300
+    max_len: int = 50
+    n_heads: int = 2
+    ff_dim: int = 256
+    n_layers: int = 2
+    dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
 
 
 class SASRec(CausalEncoder):
@@ -47,39 +62,3 @@ class SASRec(CausalEncoder):
 
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """SASRec has no per-epoch work."""
-
-
-def training_sequences(train: Interactions) -> dict[int, np.ndarray]:
-    """Each user's full training sequence: the longest training prefix plus its target."""
-    longest: dict[int, int] = {}
-    for row, (user, length) in enumerate(zip(train.users.tolist(), train.lengths.tolist(), strict=True)):
-        if user not in longest or length >= train.lengths[longest[user]]:
-            longest[user] = row
-    return {
-        user: np.append(train.histories[row, : train.lengths[row]], train.targets[row]) for user, row in longest.items()
-    }
-
-
-def item_popularity(train: Interactions, num_items: int) -> np.ndarray:
-    """(num_items,) interaction counts over every user's training sequence; padding row 0 is 0.
-
-    Histories are truncated to the last ``max_len`` items, so very long sequences count only their tail.
-    """
-    counts = np.zeros(num_items, dtype=np.float64)
-    for seq in training_sequences(train).values():
-        np.add.at(counts, seq, 1.0)
-    counts[0] = 0.0
-    return counts
-
-
-class Popularity:
-    """Scores every item by its training popularity, whatever the history."""
-
-    training = False
-
-    def __init__(self, counts: np.ndarray) -> None:
-        self.scores = torch.from_numpy(counts.astype(np.float32))
-        self.scores[0] = float("-inf")
-
-    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.scores.to(items.device).expand(items.shape[0], -1).clone()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from missrec.model import MISSRec
+from missrec.models.missrec import MISSRec
 
 FEATURE_NORMS: tuple[str, ...] = ("none", "center", "standardize")
 

@@ -3,18 +3,57 @@ image sequence, score = cos_t + cos_v (one inner product of concatenated per-mod
 
 Reads top-down: MoE adapter -> item side -> user tower -> scores and fine-tuning loss. Pure tensor code; the item
 features are non-persistent buffers set by the caller (data, not weights). Pre-training (complementary sequence
-mixup, item drop, next-item and cross-modal contrastive losses) is in :mod:`missrec.msm4sr_pretrain`.
+mixup, item drop, next-item and cross-modal contrastive losses) is in :mod:`missrec.training.pretrain_msm4sr`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.config import MSM4SRConfig
-from missrec.layers import ByteDropout, CausalEncoder, ItemFeatureBuffers
-from missrec.protocol import TrainingLogits, softmax_loss
+from missrec.models.config import MODES, FeatureConfig, Mode, check_num_items
+from missrec.nn.layers import ByteDropout, CausalEncoder, ItemFeatureBuffers
+from missrec.nn.protocol import TrainingLogits, softmax_loss
+
+
+@dataclass(frozen=True)
+class MSM4SRConfig(FeatureConfig):
+    """MSM4SR (seed-towers spec A): MoE adapters per modality, one SASRec encoder shared by the text and the image
+    sequence, cos_t + cos_v scores. Pre-training objective parameters live here too (they are saved with the model).
+
+    ``num_items`` counts item rows including the padding row 0; ``mode`` transductive adds an ID embedding.
+    """
+
+    num_items: int
+    text_dim: int = 512
+    image_dim: int = 512
+    mode: Mode = "inductive"
+    hidden: int = 64
+    n_experts: int = 8
+    adapter_dropout: float = 0.2
+    max_len: int = 50
+    n_heads: int = 2
+    ff_dim: int = 256
+    n_layers: int = 2
+    dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    tau: float = 0.07
+    mixup_max: float = 0.5  # p ~ U(0, mixup_max) per batch
+    item_drop_max: float = 0.2  # q ~ U(0, item_drop_max) per batch
+    cross_modal_weight: float = 0.01  # lambda
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        check_num_items(self.num_items)
+        if self.n_experts < 1:
+            raise ValueError("n_experts must be >= 1")
+        if not (0.0 <= self.mixup_max <= 1.0 and 0.0 <= self.item_drop_max < 1.0):
+            raise ValueError("mixup_max must be in [0, 1] and item_drop_max in [0, 1)")
+        self.check_features(self.hidden, self.n_heads, self.mode)
 
 
 class MoEAdapter(nn.Module):

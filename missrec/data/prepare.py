@@ -23,14 +23,14 @@ Steps, each deterministic:
    truncated to the last ``max_len`` items.
 5. Features: one ``encode_item`` call per item on the image file's bytes, the same code path as online
    ingestion, so offline and online features of an item are bit-identical: the torch ``ClipEncoder`` or, with
-   ``missrec prepare --clip-onnx DIR``, the exported ONNX graphs (:class:`~missrec.clip_onnx.OnnxClipEncoder`) that
-   the service ingests with when ``MISSREC_CLIP_ONNX`` points at the same directory. Texts are
+   ``missrec prepare --clip-onnx DIR``, the exported ONNX graphs
+   (:class:`~clip_features.onnx_encoder.OnnxClipEncoder`) that the service ingests with when ``MISSREC_CLIP_ONNX`` points at the same directory. Texts are
    whitespace-normalised first (the form written to ``<name>.text``); blank text or no image -> zero row.
    Images are all decoded up front, so every broken or missing image is reported at once, before the slow
    encoding starts: an error naming the items, or with ``allow_bad_images=True`` a zero image row for each
    (listed in the summary and logged). An image that exists but does not decode is never silently dropped.
 
-Outputs, ``<name>.*`` in the layout of ``shared/data/scientific`` (read by :func:`missrec.data.load_dataset`):
+Outputs, ``<name>.*`` in the layout of ``shared/data/scientific`` (read by :func:`missrec.data.dataset.load_dataset`):
 ``train/valid/test.inter``, ``item2index``, ``user2index``, ``text`` (item-index order), ``feat1CLS`` (text),
 ``feat3CLS`` (image), plus ``<name>.prepare.json``: the encoder identity (model, weights, checksum), options
 and counts, so the service can check that it encodes cold-start items with the same CLIP.
@@ -52,8 +52,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from missrec.clip_preprocess import ImageDecodeError, ItemEncoder, decode_image, file_sha256
-from missrec.data import MAX_LEN, MODALITY_SUFFIXES, split_leave_one_out, write_atomic, write_dataset
+from clip_features.preprocess import ImageDecodeError, ItemEncoder, decode_image, file_sha256
+from missrec.data.dataset import MAX_LEN, MODALITY_SUFFIXES, split_leave_one_out, write_atomic, write_dataset
 
 log = logging.getLogger(__name__)
 

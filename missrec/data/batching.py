@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from missrec.data import Interactions
+from missrec.data.dataset import Interactions
 
 Batch = tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -13,11 +13,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.config import MISSRecConfig
-from missrec.fusion import item_score
-from missrec.interests import assign_in_batches, minibatch_kmeans, num_interests
-from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
-from missrec.protocol import TrainingLogits, softmax_loss
+from missrec.models.config import FeatureConfig, Mode, check_num_items
+from missrec.nn.fusion import item_score
+from missrec.nn.interests import assign_in_batches, minibatch_kmeans, num_interests
+from missrec.nn.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
+from missrec.nn.protocol import TrainingLogits, softmax_loss
+
+
+@dataclass(frozen=True)
+class MISSRecConfig(FeatureConfig):
+    """Architecture of a MISSRec model (sizes from the spec; only the data-dependent fields vary).
+
+    ``text_dim`` / ``image_dim`` are the raw feature widths of each modality; 0 means the modality is absent.
+    ``num_items`` counts item rows including the padding row 0.
+    """
+
+    num_items: int
+    text_dim: int = 512
+    image_dim: int = 512
+    mode: Mode = "inductive"
+    hidden: int = 300
+    max_len: int = 50
+    n_heads: int = 4
+    ff_dim: int = 256
+    n_encoder_layers: int = 1
+    n_decoder_layers: int = 1
+    dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+    tau: float = 0.07
+    interest_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        self.check_features(self.hidden, self.n_heads, self.mode)
+        check_num_items(self.num_items)
 
 
 @dataclass

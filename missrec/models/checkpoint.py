@@ -17,25 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from missrec.baselines import SASRec
-from missrec.config import MISSRecConfig, MMSRecConfig, MSM4SRConfig, SASRecConfig
-from missrec.data import SeqDataset
-from missrec.mmsrec import MMSRec
-from missrec.model import MISSRec
-from missrec.msm4sr import MSM4SR
-from missrec.train import restore_state
+from missrec.data.dataset import SeqDataset
+from missrec.families import FAMILIES, family_of
 
 log = logging.getLogger(__name__)
 
 FORMAT = "missrec-checkpoint"
 FORMAT_VERSION = 1
-# model_type -> (model class, config class): what a checkpoint can hold and how it is rebuilt.
-MODEL_KINDS: dict[str, tuple[type[nn.Module], Any]] = {
-    "missrec": (MISSRec, MISSRecConfig),
-    "sasrec": (SASRec, SASRecConfig),
-    "msm4sr": (MSM4SR, MSM4SRConfig),
-    "mmsrec": (MMSRec, MMSRecConfig),
-}
 
 
 class CheckpointError(ValueError):
@@ -70,11 +58,12 @@ def save_checkpoint(
     training: dict[str, Any] | None = None,
     cold_items: np.ndarray | None = None,
 ) -> Path:
-    """Write ``model`` (any of :data:`MODEL_KINDS`) and its metadata to ``path`` (parent folders created)."""
-    kinds = [kind for kind, (cls, _) in MODEL_KINDS.items() if type(model) is cls]
-    if not kinds:
-        raise TypeError(f"cannot checkpoint {type(model).__name__}")
-    model_type = kinds[0]
+    """Write ``model`` (the model of a trainable family, :mod:`missrec.families`) and its metadata to ``path``
+    (parent folders created)."""
+    try:
+        model_type = family_of(model).name
+    except TypeError:
+        raise TypeError(f"cannot checkpoint {type(model).__name__}") from None
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -113,9 +102,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
         raise CheckpointError(
             f"{path} has format version {payload.get('format_version')}, this code reads {FORMAT_VERSION}"
         )
-    if payload.get("model_type") not in MODEL_KINDS:
+    kind = FAMILIES.get(str(payload.get("model_type")))
+    if kind is None or not kind.trainable:
         raise CheckpointError(f"{path}: unknown model type {payload.get('model_type')!r}")
-    model_cls, config_cls = MODEL_KINDS[payload["model_type"]]
+    model_cls, config_cls = kind.model_class(), kind.config_class()
     try:
         model = model_cls(config_cls.from_dict(payload["config"]))
     except (TypeError, ValueError) as exc:
@@ -154,3 +144,14 @@ def attach_features(model: nn.Module, ds: SeqDataset, meta: dict[str, Any] | Non
     if expected and expected != ds.fingerprint:
         log.warning("dataset fingerprint differs from the checkpoint's (%s vs %s)", ds.fingerprint[:12], expected[:12])
     model.set_item_features({m: torch.from_numpy(ds.features[m]) for m in cfg.modalities})
+
+
+def restore_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict that also accepts buffers whose shape changed (interest centroids, cluster tables)."""
+    own = dict(model.named_buffers())
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            module_name, _, buffer_name = key.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            setattr(module, buffer_name, torch.empty_like(value))
+    model.load_state_dict(state)

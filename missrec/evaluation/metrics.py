@@ -2,7 +2,7 @@
 
 Ties are counted against the target (pessimistic): a model that gives many items the same score as the target
 cannot gain from it. The padding item is never ranked. The headline protocol is the served one: each row's
-history items are left out of the ranking (see :mod:`missrec.protocol`); both protocols come from one pass.
+history items are left out of the ranking (see :mod:`missrec.nn.protocol`); both protocols come from one pass.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from missrec.batching import chunks_of, row_costs
-from missrec.data import Interactions
-from missrec.protocol import PROTOCOLS, mask_history, mask_items
+from missrec.data.batching import chunks_of, row_costs
+from missrec.data.dataset import Interactions
+from missrec.nn.protocol import PROTOCOLS, mask_history, mask_items
 
 KS: tuple[int, ...] = (10, 50)
 MISS_RANK = 2**40  # rank of a target that cannot be recommended (banned): beyond any cut-off

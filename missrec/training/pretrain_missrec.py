@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from missrec.batching import epoch_order, iter_batches
-from missrec.config import MISSRecConfig
-from missrec.data import Interactions, SeqDataset
-from missrec.fusion import fuse_sims
-from missrec.model import MISSRec, interest_diversity, lengths_to_padding
-from missrec.train import deterministic
+from missrec.data.batching import epoch_order, iter_batches
+from missrec.data.dataset import Interactions, SeqDataset
+from missrec.models.missrec import MISSRec, MISSRecConfig, interest_diversity, lengths_to_padding
+from missrec.nn.fusion import fuse_sims
+from missrec.training.loop import deterministic
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Fine-tuning loop shared by every model: full-softmax loss, early stopping on validation NDCG@10.
 
-The loop, not the model, applies the deployment protocol (:mod:`missrec.protocol`): withheld items are masked out
+The loop, not the model, applies the deployment protocol (:mod:`missrec.nn.protocol`): withheld items are masked out
 of the training softmax and of the validation candidates, and validation ranks as served (history excluded,
 unless ``TrainOptions.exclude_history`` is False). A model supplies ``training_logits`` (full-softmax logits over
-all items, their labels and a regulariser: :class:`missrec.protocol.TrainingLogits`) and ``full_scores``; a
+all items, their labels and a regulariser: :class:`missrec.nn.protocol.TrainingLogits`) and ``full_scores``; a
 model that only has ``loss`` still trains, but not under the cold protocol (the loop could not mask its softmax).
 
 Batches are bucketed: rows are shuffled, then stably sorted by a cost key (history length; for MISSRec the number
@@ -26,10 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from missrec.batching import chunks_of, epoch_order, row_costs
-from missrec.data import Interactions
-from missrec.evaluate import evaluate
-from missrec.protocol import TrainingLogits, banned_items, softmax_loss
+from missrec.data.batching import chunks_of, epoch_order, row_costs
+from missrec.data.dataset import Interactions
+from missrec.evaluation.metrics import evaluate
+from missrec.models.checkpoint import restore_state
+from missrec.nn.protocol import TrainingLogits, banned_items, softmax_loss
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class TrainOptions:
     exclude_history: bool = True  # validation (early stopping) as served; False = ranked-history protocol
     train_exclude_history: bool = False  # lever: history items out of the training softmax too; False = paper
     lr_scales: tuple[tuple[str, float], ...] = ()  # lever: (parameter-name prefix, lr multiplier); () = paper
-    feature_norm: str = "none"  # lever for feature-based models (missrec.levers): none (paper), center, standardize
+    # lever for feature-based models (missrec.training.levers): none (paper), center, standardize
+    feature_norm: str = "none"
     # Lever: logit adjustment (Menon et al., ICLR 2021): train on logits + logit_adjust * log(prior), the prior
     # being each item's training popularity (Laplace-smoothed), and serve the plain logits. Popular items need
     # less score to win while training, so the model stops pushing rare items down. 0 = the paper's loss.
@@ -150,7 +152,7 @@ def training_log_prior(model: Any, train: Interactions, scale: float, device: to
     num_items = getattr(getattr(model, "cfg", None), "num_items", None)
     if num_items is None:
         raise TypeError(f"{type(model).__name__} has no cfg.num_items: logit_adjust needs the catalogue size")
-    from missrec.baselines import item_popularity
+    from missrec.models.popularity import item_popularity
 
     counts = item_popularity(train, num_items) + 1.0
     return (scale * torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))).to(device)
@@ -274,14 +276,3 @@ def _fit(
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
-
-
-def restore_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """load_state_dict that also accepts buffers whose shape changed (interest centroids, cluster tables)."""
-    own = dict(model.named_buffers())
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            module_name, _, buffer_name = key.rpartition(".")
-            module = model.get_submodule(module_name) if module_name else model
-            setattr(module, buffer_name, torch.empty_like(value))
-    model.load_state_dict(state)

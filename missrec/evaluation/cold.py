@@ -1,14 +1,18 @@
 """Cold-item protocol: withhold a random fraction of items from training and validation, then rank all items at
 test time, as an item ingested after training is. The loop masks the withheld items out of the training softmax
-and the validation candidates (:mod:`missrec.protocol`); here they leave the training and validation rows."""
+and the validation candidates (:mod:`missrec.nn.protocol`); here they leave the training and validation rows."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from missrec.data import Interactions, SeqDataset
+from missrec.data.dataset import Interactions, SeqDataset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,38 @@ def withhold_items(ds: SeqDataset, fraction: float, seed: int = 0) -> ColdSplit:
     return ColdSplit(cold=cold, train=remove_items(ds.train, cold), valid=remove_items(ds.valid, cold))
 
 
-def target_groups(rows: Interactions, cold: np.ndarray) -> dict[str, np.ndarray]:
-    """Boolean row masks: rows whose target is a cold item vs a warm one."""
-    is_cold = cold[rows.targets]
-    return {"cold": is_cold, "warm": ~is_cold}
+@dataclass(frozen=True)
+class TrainingData:
+    """What a model may see while training and validating (the cold protocol removes the withheld items).
+
+    withheld: (N,) bool or None; train/valid: rows without withheld items (valid: warm targets only).
+    """
+
+    train: Interactions
+    valid: Interactions
+    withheld: np.ndarray | None = None
+
+    @property
+    def known(self) -> torch.Tensor | None:
+        """(N,) bool: items that exist while training (padding excluded); None = every item."""
+        if self.withheld is None:
+            return None
+        known = ~self.withheld
+        known[0] = False
+        return torch.from_numpy(known)
+
+
+def training_data(ds: SeqDataset, cold_fraction: float | None, seed: int) -> TrainingData:
+    """The full training data, or the cold-protocol split (``cold_fraction`` of the items withheld)."""
+    if not cold_fraction:
+        return TrainingData(ds.train, ds.valid)
+    split = withhold_items(ds, cold_fraction, seed)
+    log.info(
+        "cold protocol: %d withheld items, %d/%d training rows kept, %d/%d valid rows kept",
+        split.cold.sum(),
+        len(split.train),
+        len(ds.train),
+        len(split.valid),
+        len(ds.valid),
+    )
+    return TrainingData(split.train, split.valid, split.cold)

@@ -7,76 +7,35 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from missrec.config import TunedConfig
-from missrec.data import SeqDataset
-from missrec.evaluate import ndcg_per_row, protocol_name
-from missrec.runs import METRIC_KEYS, MissingFeatures, RunResult, popularity, train_missrec, train_sasrec
-from missrec.seed_runs import train_mmsrec, train_msm4sr
-from missrec.stats import mean_std, paired_bootstrap
-from missrec.train import TrainOptions
+from missrec.data.dataset import SeqDataset
+from missrec.evaluation.metrics import ndcg_per_row, protocol_name
+from missrec.evaluation.report import METRIC_KEYS
+from missrec.evaluation.stats import mean_std, paired_bootstrap
+from missrec.families import FAMILIES
+from missrec.recipes import CompareRun
+from missrec.recipes.tuned import TunedConfig
+from missrec.training.loop import TrainOptions
+from missrec.training.run import MissingFeatures
 
 log = logging.getLogger(__name__)
 
-COLD_FRACTION = 0.15
-MODELS = (
-    "missrec_inductive",
-    "missrec_transductive",
-    "msm4sr_inductive",
-    "mmsrec",
-    "sasrec",
-    "popularity",
-    "missrec_inductive_cold",
-    "msm4sr_inductive_cold",
-    "mmsrec_cold",
-)
 REFERENCE = "sasrec"
-# --config lookup: tuned configs exist for the missrec and sasrec families (the seed towers run their spec's values)
-FAMILY = {name: name.split("_")[0] for name in MODELS}
-MSM4SR_PRETRAIN_EPOCHS = 20  # at most; early stopping on validation NDCG@10 as in fine-tuning
-# MMSRec (d 512, its item tower over the whole catalogue every step) costs ~1-3 min per epoch on the 2-core machine:
-# cap its epochs so the whole compare stays within 45 minutes.
-MMSREC_MAX_EPOCHS = 8
-Recipe = Callable[[SeqDataset, TrainOptions, dict[str, Any] | None], RunResult]
 
 
-def _msm4sr(name: str, cold_fraction: float | None = None) -> Recipe:
-    def recipe(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None) -> RunResult:
-        pre = min(MSM4SR_PRETRAIN_EPOCHS, opts.epochs)
-        return train_msm4sr(ds, opts, "inductive", pre, cold_fraction=cold_fraction, name=name, **(config or {}))
-
-    return recipe
-
-
-def _mmsrec(name: str, cold_fraction: float | None = None) -> Recipe:
-    def recipe(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None) -> RunResult:
-        capped = replace(opts, epochs=min(opts.epochs, MMSREC_MAX_EPOCHS))
-        return train_mmsrec(ds, capped, cold_fraction=cold_fraction, name=name, **(config or {}))
-
-    return recipe
+def compare_runs() -> dict[str, CompareRun]:
+    """Every run ``missrec compare`` knows, from the families' recipes: the warm runs in family order, then the
+    cold-protocol runs."""
+    runs = [run for f in FAMILIES.values() for run in f.recipe().COMPARE]
+    return {run.name: run for run in sorted(runs, key=lambda run: run.cold)}  # sorted() is stable
 
 
-RECIPES: dict[str, Recipe] = {
-    "missrec_inductive": lambda ds, o, c: train_missrec(ds, o, "inductive", name="missrec_inductive", config=c),
-    "missrec_transductive": lambda ds, o, c: train_missrec(
-        ds, o, "transductive", name="missrec_transductive", config=c
-    ),
-    "msm4sr_inductive": _msm4sr("msm4sr_inductive"),
-    "mmsrec": _mmsrec("mmsrec"),
-    "sasrec": lambda ds, o, c: train_sasrec(ds, o, config=c),
-    "popularity": lambda ds, o, c: popularity(ds, o),
-    "missrec_inductive_cold": lambda ds, o, c: train_missrec(
-        ds, o, "inductive", cold_fraction=COLD_FRACTION, name="missrec_inductive_cold", config=c
-    ),
-    "msm4sr_inductive_cold": _msm4sr("msm4sr_inductive_cold", COLD_FRACTION),
-    "mmsrec_cold": _mmsrec("mmsrec_cold", COLD_FRACTION),
-}
+MODELS: tuple[str, ...] = tuple(compare_runs())
 
 
 @dataclass
@@ -116,7 +75,7 @@ class Comparison:
         reference = np.mean(self.test_ndcg10[REFERENCE], axis=0)
         out = {}
         for model, per_seed in self.test_ndcg10.items():
-            if model == REFERENCE or model.endswith("_cold"):
+            if model == REFERENCE or model.endswith("_cold"):  # cold runs: trained on other rows
                 continue
             ours = np.mean(per_seed, axis=0)
             interval = paired_bootstrap(ours, reference, resamples=resamples)
@@ -138,7 +97,8 @@ def run_compare(
 ) -> Comparison:
     """Train and evaluate ``models`` once per seed. Models that cannot run on ``ds`` (no item features) are
     skipped with the reason; ``configs`` (family -> tuned config) replace the paper defaults."""
-    unknown = set(models) - set(RECIPES)
+    runs = compare_runs()
+    unknown = set(models) - set(runs)
     if unknown:
         raise ValueError(f"unknown models {sorted(unknown)}; choose from {MODELS}")
     seeds = seeds if seeds else [opts.seed]
@@ -148,11 +108,11 @@ def run_compare(
         for name in models:
             if name in result.skipped:
                 continue
-            tuned = (configs or {}).get(FAMILY[name])
+            tuned = (configs or {}).get(runs[name].family)
             run_opts = replace(opts, seed=seed, **(tuned.training if tuned else {}))
             started = time.perf_counter()
             try:
-                run = RECIPES[name](ds, run_opts, tuned.architecture if tuned else None)
+                run = runs[name].recipe(ds, run_opts, tuned.architecture if tuned else None)
             except MissingFeatures as exc:
                 result.skipped[name] = str(exc)
                 log.warning("skipping %s: %s", name, exc)

@@ -2,8 +2,8 @@
 next-item InfoNCE on each side + lambda x a symmetric cross-modal contrastive loss.
 
 :class:`MSM4SRPretraining` wraps a model with the pre-training loss and the model's own scores, so it trains
-through the project's one loop (:func:`missrec.train.fit`, early stopping on validation NDCG@10) and under the same
-cold-item protocol as fine-tuning.
+through the project's one loop (:func:`missrec.training.loop.fit`, early stopping on validation NDCG@10) and
+under the same cold-item protocol as fine-tuning.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.layers import lengths_to_padding
-from missrec.msm4sr import MSM4SR
-from missrec.pretrain import drop_items
+from missrec.models.msm4sr import MSM4SR
+from missrec.nn.layers import lengths_to_padding
+from missrec.training.pretrain_missrec import drop_items
 
 
 def complementary_mixup(
@@ -55,7 +55,7 @@ def cross_modal_nce(h_t: torch.Tensor, h_v: torch.Tensor, tau: float) -> torch.T
 
 
 class MSM4SRPretraining(nn.Module):
-    """The pre-training objective around an :class:`MSM4SR` (a Trainable for :func:`missrec.train.fit`).
+    """The pre-training objective around an :class:`MSM4SR` (a Trainable for :func:`missrec.training.loop.fit`).
 
     ``loss`` is the pre-training loss; ``full_scores`` are the model's (cos_t + cos_v), so early stopping on
     validation NDCG@10 measures what fine-tuning starts from. Random draws use the global torch generator, which the

@@ -11,13 +11,53 @@ shorter sequence computes the same function at a fraction of the cost).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.config import MMSRecConfig
-from missrec.layers import ByteDropout, EncoderLayer, ItemFeatureBuffers, TransformerStack, key_mask
-from missrec.protocol import TrainingLogits, softmax_loss
+from missrec.models.config import FeatureConfig, check_num_items
+from missrec.nn.layers import ByteDropout, EncoderLayer, ItemFeatureBuffers, TransformerStack, key_mask
+from missrec.nn.protocol import TrainingLogits, softmax_loss
+
+
+@dataclass(frozen=True)
+class MMSRecConfig(FeatureConfig):
+    """MMSRec (seed-towers spec B): two tokens per item, one bidirectional encoder as item tower and, with a [MASK]
+    readout, as user tower. No item IDs: always inductive. ``max_len`` is L (history L-1 items + [MASK])."""
+
+    num_items: int
+    text_dim: int = 512
+    image_dim: int = 512
+    hidden: int = 512
+    max_len: int = 20
+    n_heads: int = 8
+    ff_dim: int = 1024
+    n_layers: int = 2
+    dropout: float = 0.5
+    token_dropout: float = 0.2
+    layer_norm_eps: float = 1e-12
+    tau: float = 0.05
+    mask_prob: float = 0.2  # of real positions (the last is always masked)
+    random_prob: float = 0.1  # of the masked: a random item instead of [MASK]
+    keep_prob: float = 0.1  # of the masked: the original item kept
+    pretrain_tau: float = 0.05
+    # The catalogue table the fine-tuning loss scores against is built with dropout off (gradients still flow).
+    # With dropout on (the literal reading), two dropout draws of one item at init are less alike (cos 0.55) than
+    # two different items (0.64) on the real CLIP features, and fine-tuning barely moves (see docs/seed-towers.md).
+    candidates_with_dropout: bool = False
+
+    def __post_init__(self) -> None:
+        check_num_items(self.num_items)
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2 (at least one history item and the [MASK] slot)")
+        if not (0.0 <= self.mask_prob <= 1.0 and self.random_prob >= 0.0 and self.keep_prob >= 0.0):
+            raise ValueError("masking probabilities must be in [0, 1]")
+        if self.random_prob + self.keep_prob > 1.0:
+            raise ValueError("random_prob + keep_prob must be <= 1")
+        self.check_features(self.hidden, self.n_heads)
+
 
 # What masked-item fine-tuning does at a masked slot.
 MASK, RANDOM, KEEP = 0, 1, 2

@@ -1,6 +1,6 @@
 """Hyper-parameter search with Optuna: TPE sampling, median pruning on validation NDCG@10 after every epoch.
 
-The search space of each model family is declared next to its config (:data:`missrec.config.SEARCH_SPACES`).
+The search space of each tunable family is declared in its recipe (``missrec.recipes.<family>.SEARCH_SPACE``).
 The first trial is always the paper's defaults, so the table shows whether the search beat them on the same
 validation rows. Only validation is looked at (served protocol by default); the test split is never touched.
 """
@@ -12,21 +12,28 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
-from missrec.baselines import SASRec
-from missrec.config import SEARCH_SPACES, Mode, Param, SASRecConfig, TunedConfig
-from missrec.data import SeqDataset
-from missrec.runs import build_missrec, require_features
-from missrec.train import TrainOptions, fit
+from missrec.data.dataset import SeqDataset
+from missrec.families import family as family_of_name
+from missrec.families import tunable
+from missrec.models.config import Mode
+from missrec.recipes.tuned import Param, TunedConfig
+from missrec.training.loop import TrainOptions, fit
+from missrec.training.run import require_features
 
 log = logging.getLogger(__name__)
 
-# The paper's (spec's) values of every tunable parameter: trial 0.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "missrec": {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.5, "tau": 0.07, "interest_ratio": 0.5, "hidden": 300},
-    "sasrec": {"lr": 1e-3, "weight_decay": 0.0, "dropout": 0.5, "hidden": 300, "n_layers": 2},
-}
+
+def search_space(family: str) -> tuple[Param, ...]:
+    """The search space of a tunable family (ValueError for the others)."""
+    if family not in tunable():
+        raise ValueError(f"--model must be one of {tunable()}, got {family!r}")
+    return family_of_name(family).recipe().SEARCH_SPACE
+
+
+def defaults(family: str) -> dict[str, Any]:
+    """The paper's values of every tunable parameter of ``family``: the first trial."""
+    search_space(family)
+    return family_of_name(family).recipe().DEFAULTS
 
 
 @dataclass
@@ -65,14 +72,6 @@ def suggest(trial: Any, space: tuple[Param, ...]) -> tuple[dict[str, Any], dict[
     return arch, training
 
 
-def build_model(ds: SeqDataset, family: str, arch: dict[str, Any], seed: int, mode: Mode = "inductive") -> Any:
-    if family == "missrec":
-        require_features(ds, f"MISSRec ({mode})")
-        return build_missrec(ds, mode, seed, **arch)
-    torch.manual_seed(seed)
-    return SASRec(SASRecConfig(**({"num_items": ds.num_items, "max_len": ds.max_len} | arch)))
-
-
 def tune(
     ds: SeqDataset,
     family: str,
@@ -85,23 +84,22 @@ def tune(
     running when the budget ends stops at that epoch and keeps its best validation value)."""
     import optuna
 
-    if family not in SEARCH_SPACES:
-        raise ValueError(f"--model must be one of {tuple(SEARCH_SPACES)}, got {family!r}")
+    space = search_space(family)
+    recipe = family_of_name(family).recipe()
     if trials is None and time_budget is None:
         raise ValueError("give --trials or --time-budget (or both)")
-    if family == "missrec":
-        require_features(ds, f"MISSRec ({mode})")
-    space = SEARCH_SPACES[family]
+    if family_of_name(family).features:
+        require_features(ds, f"{family_of_name(family).model} ({mode})")
     started = time.perf_counter()
     deadline = started + time_budget if time_budget else float("inf")
     sampler = optuna.samplers.TPESampler(seed=opts.seed, n_startup_trials=4)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=3)
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
-    study.enqueue_trial(DEFAULTS[family])
+    study.enqueue_trial(recipe.DEFAULTS)
 
     def objective(trial: optuna.Trial) -> float:
         arch, training = suggest(trial, space)
-        model = build_model(ds, family, arch, opts.seed, mode)
+        model = recipe.build(ds, arch, opts.seed, mode)
         best = {"value": 0.0, "epochs": 0}
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -144,7 +142,7 @@ def tune(
     notes = {
         "dataset": ds.name,
         "fingerprint": ds.fingerprint,
-        "mode": mode if family == "missrec" else None,
+        "mode": mode if family_of_name(family).features else None,
         "protocol": "history_excluded" if opts.exclude_history else "history_ranked",
         "valid_ndcg@10": best.value,
         "paper_defaults_valid_ndcg@10": default_value,
