@@ -1,6 +1,6 @@
-"""Export open_clip's image and text encoders to a CLIP ONNX directory (read by :mod:`missrec.clip_onnx`).
+"""Export open_clip's image and text encoders to a CLIP ONNX directory (read by :mod:`clip_features.onnx_encoder`).
 
-The model is loaded through the one open_clip gate (:class:`missrec.clip_encoder.ClipEncoder`: a tag or a local
+The model is loaded through the one open_clip gate (:class:`clip_features.torch_encoder.ClipEncoder`: a tag or a local
 checkpoint, strict, ``weights_only``), its two encoders are exported with the same exporter as the towers
 (torch.export, opset 18, batch 1: items are encoded one at a time), and the result is checked end to end before
 anything is written in place: on real photos and real product texts (``samples``), ONNX Runtime through the
@@ -28,8 +28,7 @@ import onnx
 import torch
 from torch import nn
 
-from missrec.clip_encoder import ClipEncoder
-from missrec.clip_onnx import (
+from clip_features.onnx_encoder import (
     IMAGE_GRAPH,
     IMAGE_INPUT,
     MANIFEST_FILE,
@@ -41,8 +40,9 @@ from missrec.clip_onnx import (
     OnnxClipEncoder,
     trim_tokens,
 )
-from missrec.clip_preprocess import ClipTokenizer, ImageTransform, decode_image, file_sha256
-from model_export.onnx_export import OPSET, _export
+from clip_features.preprocess import ClipTokenizer, ImageTransform, decode_image, file_sha256
+from clip_features.torch_encoder import ClipEncoder
+from model_export.onnx import OPSET, export_graph
 from model_export.parity import PARITY_ATOL, ExportError, max_abs_diff
 
 log = logging.getLogger(__name__)
@@ -181,10 +181,10 @@ def export_clip(
     try:
         side = transform.image_size
         pixels = {IMAGE_INPUT: torch.zeros(1, 3, side, side)}
-        _export(_ImageEncoder(model), pixels, tmp / IMAGE_GRAPH, [OUTPUT], {IMAGE_INPUT: {}}, "dynamo")
+        export_graph(_ImageEncoder(model), pixels, tmp / IMAGE_GRAPH, [OUTPUT], {IMAGE_INPUT: {}}, "dynamo")
         tokens = torch.from_numpy(trim_tokens(ClipTokenizer(vocab, context_length)("a product title, colour, brand")))
         seq = {TEXT_INPUT: {1: ("text_length", 2, context_length)}}
-        _export(_TextEncoder(model), {TEXT_INPUT: tokens}, tmp / TEXT_GRAPH, [OUTPUT], seq, "dynamo")
+        export_graph(_TextEncoder(model), {TEXT_INPUT: tokens}, tmp / TEXT_GRAPH, [OUTPUT], seq, "dynamo")
         shutil.copyfile(vocab, tmp / VOCAB_FILE)
         info = reference.describe()
         manifest = ClipManifest(
