@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,14 +18,10 @@ from typing import Any
 
 import httpx
 
+from harness.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----- artefacts (the scripts build them once under var/; the tests use the session fixtures) ---------------------
@@ -40,7 +35,7 @@ def build_scientific_bundle(out: Path, data: Path | None = None, epochs: int = 2
 
 def script_artefacts(root: Path = ROOT / "var" / "reliability") -> tuple[Path, tuple[str, str]]:
     """(bundle, (clip model, checkpoint)) for the scripts: built once, reused while its checksums hold."""
-    from missrec.clip_encoder import TINY_MODEL, save_random_init_checkpoint
+    from clip_features.torch_encoder import TINY_MODEL, save_random_init_checkpoint
     from serving_core.bundle import BundleError, verify_checksums
 
     bundle = root / "bundle"
@@ -267,25 +262,3 @@ def abo_products(abo_dir: Path) -> list[dict]:
         text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
         products.append({"id": folder.name, "text": text + ".", "images": sorted(folder.glob("*.jpg"))})
     return products
-
-
-def cluster_ports(n: int) -> list[int]:
-    """n ports whose cluster bus ports (port + 10000) are free too (a node dies if its bus port is unusable)."""
-    import random
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(20000, 40000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    return ports

@@ -111,7 +111,7 @@ def clip_checkpoint(model: str, cache: Path) -> str:
     """A RANDOM-INIT open_clip checkpoint of ``model``, saved once under cache (no weights can be downloaded)."""
     path = cache / f"clip-random-{model}.pt"
     if not path.is_file():
-        from missrec.clip_encoder import save_random_init_checkpoint
+        from clip_features.torch_encoder import save_random_init_checkpoint
 
         save_random_init_checkpoint(model, path, seed=0)
     return str(path.resolve())

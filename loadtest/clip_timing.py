@@ -24,7 +24,7 @@ from loadtest.traffic import abo_products
 def time_model(model: str, products: list[dict], threads: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from missrec.clip_encoder import ClipEncoder
+    from clip_features.torch_encoder import ClipEncoder
 
     torch.set_num_threads(threads)
     encoder = ClipEncoder.random_init(model)

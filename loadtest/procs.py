@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from harness.launch import free_port
+from harness.ports import free_port
 
 __all__ = ["free_port"]  # re-exported: the load tests' launchers use the harness's
 

@@ -39,7 +39,7 @@ def abo_products(abo_dir: Path) -> list[dict[str, Any]]:
 
 def build_traffic(data_dir: Path, bundle_ids: list[str], abo_dir: Path | None, max_history: int = 50) -> dict:
     """Traffic of the real users of ``data_dir`` whose items all exist in the bundle (item ids ``bundle_ids``)."""
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     ds = load_dataset(data_dir)
     known = set(bundle_ids)

@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
+    from clip_features.onnx_encoder import OnnxClipEncoder
+    from clip_features.preprocess import file_sha256
+    from clip_features.torch_encoder import ClipEncoder, save_random_init_checkpoint
     from loadtest.traffic import abo_products
-    from missrec.clip_encoder import ClipEncoder, save_random_init_checkpoint
-    from missrec.clip_onnx import OnnxClipEncoder
-    from missrec.clip_preprocess import file_sha256
-    from model_export.clip_export import export_clip
+    from model_export.clip import export_clip
 
     torch.set_num_threads(1)
     checkpoint = args.work / f"{args.model}-random-init.pt"
