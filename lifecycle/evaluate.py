@@ -7,7 +7,7 @@ dataset's raw features through that bundle's item tower (as a swap re-embeds ing
 dataset does not hold are deleted. Every user row of the split (the held-out last event by default) is then served
 as the service serves it: user tower over the history, ``top_k`` over the index and the catalogue tail, the
 history excluded, k = the largest cut-off. A target's rank is its position in the served list (past the list:
-a miss). NDCG@10 per user gives the paired bootstrap interval of NEW - CURRENT (:func:`missrec.stats.
+a miss). NDCG@10 per user gives the paired bootstrap interval of NEW - CURRENT (:func:`missrec.evaluation.stats.
 paired_bootstrap`) and the verdict: ``ahead`` (interval above zero), ``behind`` or ``not distinguishable``.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from missrec.data import SeqDataset, load_dataset
-from missrec.evaluate import metrics_from_ranks, ndcg_per_row
-from missrec.stats import PairedInterval, paired_bootstrap
+from missrec.data.dataset import SeqDataset, load_dataset
+from missrec.evaluation.metrics import metrics_from_ranks, ndcg_per_row
+from missrec.evaluation.stats import PairedInterval, paired_bootstrap
 from service.catalogue import Catalogue, Snapshot
 from service.serving_model import ServingModel
 from service.settings import Settings

@@ -20,7 +20,7 @@ writes) the service's keys (``service.store``):
 
 The output is deterministic for the same Redis contents (users sorted by id, items in bundle then version order):
 every file but ``snapshot.json``'s ``created_at`` is byte-identical. It is written to a temporary folder next to
-``OUT`` and renamed into place, then loaded back with :func:`missrec.data.load_dataset`.
+``OUT`` and renamed into place, then loaded back with :func:`missrec.data.dataset.load_dataset`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ import redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from missrec.data import DatasetError, SeqDataset, load_dataset, split_leave_one_out, write_atomic, write_dataset
+from missrec.data.dataset import (
+    DatasetError,
+    SeqDataset,
+    load_dataset,
+    split_leave_one_out,
+    write_atomic,
+    write_dataset,
+)
 from service.store import ItemRecord, Store, parse_history_entry
 from serving_core.bundle import read_bundle
 

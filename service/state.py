@@ -13,7 +13,7 @@ Refusing to start (:class:`~service.replication.StartupRefused`, one clear line)
 ``MISSREC_CLIP_ONNX`` directory that is damaged, of another feature width than the bundle's, or contradicted by an
 explicit ``MISSREC_CLIP_MODEL`` / ``MISSREC_CLIP_PRETRAINED``.
 
-Ingestion: with ``MISSREC_CLIP_ONNX`` the encoders are ONNX Runtime graphs (:mod:`missrec.clip_onnx`) and the
+Ingestion: with ``MISSREC_CLIP_ONNX`` the encoders are ONNX Runtime graphs (:mod:`clip_features.onnx_encoder`) and the
 process imports neither torch nor open_clip; else open_clip (torch) is loaded from ``MISSREC_CLIP_PRETRAINED``.
 """
 
@@ -273,7 +273,7 @@ class ServiceState:
             self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
             return
         try:
-            from missrec.clip_encoder import ClipEncoder
+            from clip_features.torch_encoder import ClipEncoder
 
             self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
             import torch
@@ -294,8 +294,8 @@ def load_onnx_encoder(settings: Settings, expected_dim: int) -> Any:
 
     ``clip_model`` and ``clip_pretrained`` have defaults (ViT-B-32, openai); only values set explicitly are checked,
     and they must name the exported model and weights (the tag, or a checkpoint file with the manifest's sha256)."""
-    from missrec.clip_onnx import ClipOnnxError, OnnxClipEncoder
-    from missrec.clip_preprocess import file_sha256
+    from clip_features.onnx_encoder import ClipOnnxError, OnnxClipEncoder
+    from clip_features.preprocess import file_sha256
 
     s = settings
     try:

@@ -11,7 +11,7 @@ THUMBNAIL_QUALITY = 80
 def thumbnail(image: bytes) -> bytes:
     """A JPEG of at most THUMBNAIL_PIXELS on its longest side (aspect kept). Decoded through the same gate as
     the encoder (size and format checks), so it raises ImageDecodeError exactly when ingestion would."""
-    from missrec.clip_preprocess import decode_image
+    from clip_features.preprocess import decode_image
 
     picture = decode_image(image)
     picture.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))

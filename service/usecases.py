@@ -132,7 +132,7 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
         text = ""  # only NUL, controls or blanks: no text (it would be encoded as one)
     if not text and image is None:
         raise InvalidInput("an item needs a text, an image, or both")
-    from missrec.clip_preprocess import ImageDecodeError
+    from clip_features.preprocess import ImageDecodeError
 
     model = state.catalogue.current.model
     try:

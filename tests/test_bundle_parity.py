@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.checkpoint import attach_features, load_checkpoint
-from missrec.data import load_dataset
+from missrec.data.dataset import load_dataset
+from missrec.models.checkpoint import attach_features, load_checkpoint
 from serving_core.bundle import verify_checksums
 from serving_core.index import load_index
 from serving_core.scoring import ItemScorer

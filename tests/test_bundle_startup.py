@@ -18,7 +18,8 @@ import pytest
 import redis.asyncio as aredis
 from fastapi.testclient import TestClient
 
-from harness.launch import ROOT, free_port
+from harness.launch import ROOT
+from harness.ports import free_port
 from service.replication import StartupRefused
 from service.store import ItemRecord, Store
 from serving_core.bundle import FORMAT_VERSION, BundleWriter, read_manifest

@@ -1,4 +1,4 @@
-"""Tests for missrec.clip_encoder: the loading gate, safe image decoding, determinism and missing modalities.
+"""Tests for clip_features.torch_encoder: the loading gate, safe image decoding, determinism and missing modalities.
 
 Models are RANDOMLY INITIALISED (no pretrained CLIP weights can be downloaded here): the tests check plumbing,
 identity and safety, not semantics. Photos and texts are the real ABO samples.
@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from missrec.clip_encoder import (
+from clip_features.torch_encoder import (
     MAX_IMAGE_PIXELS,
     MAX_UNCROPPED_ASPECT,
     TINY_MODEL,

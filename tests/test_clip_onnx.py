@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from missrec.clip_encoder import TINY_MODEL, ClipEncoder, ImageDecodeError, decode_image
-from missrec.clip_onnx import MANIFEST_FILE, TEXT_GRAPH, ClipOnnxError, OnnxClipEncoder, read_manifest
-from missrec.clip_preprocess import ClipTokenizer, ImageTransform
-from model_export.clip_export import check_parity, explicit_transform, export_clip, sample_inputs
+from clip_features.onnx_encoder import MANIFEST_FILE, TEXT_GRAPH, ClipOnnxError, OnnxClipEncoder, read_manifest
+from clip_features.preprocess import ClipTokenizer, ImageTransform
+from clip_features.torch_encoder import TINY_MODEL, ClipEncoder, ImageDecodeError, decode_image
+from model_export.clip import check_parity, explicit_transform, export_clip, sample_inputs
 from model_export.parity import ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_export_writes_a_checked_directory(tiny_clip: tuple[str, str], tiny_clip
         77,
     )
     assert manifest.opset == 18 and manifest.pretrained == Path(tiny_clip[1]).name
-    from missrec.clip_preprocess import file_sha256
+    from clip_features.preprocess import file_sha256
 
     assert manifest.checkpoint_sha256 == file_sha256(tiny_clip[1])
     parity = manifest.parity
@@ -190,7 +190,8 @@ def test_the_export_command_fails_cleanly(tmp_path: Path, abo_dir: Path) -> None
          str(tmp_path / "missing.pt"), "--out", str(tmp_path / "clip"), "--samples", str(abo_dir)],
         capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )  # fmt: skip
-    assert out.returncode == 2 and "does not exist" in " ".join(out.stdout.split()), out.stdout + out.stderr[-2000:]
+    assert out.returncode == 2 and out.stderr.startswith("error: "), out.stderr[-2000:]
+    assert "does not exist" in out.stderr
 
 
 # ----- the CLIP directory's checks ---------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def test_the_onnx_encoder_imports_no_torch(tiny_clip_onnx: Path, abo_dir: Path) 
     photo = _photos(abo_dir)[0]
     code = (
         "import sys, json\n"
-        "from missrec.clip_onnx import OnnxClipEncoder\n"
+        "from clip_features.onnx_encoder import OnnxClipEncoder\n"
         f"e = OnnxClipEncoder({str(tiny_clip_onnx)!r})\n"
         f"f = e.encode_item('Yoga Bag. Iron Grey. Starter.', open({str(photo)!r}, 'rb').read())\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules,"

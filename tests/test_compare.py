@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from missrec.compare import Comparison, load_comparison, merge_comparisons, write_outputs
+from missrec.recipes.compare import Comparison, load_comparison, merge_comparisons, write_outputs
 
 KEYS = ("recall@10", "ndcg@10", "recall@50", "ndcg@50")
 

@@ -149,7 +149,7 @@ def test_overview_shows_the_model_the_catalogue_and_live_charts(page, service, b
 
 
 def test_user_view_shows_the_history_and_the_explained_top_k(page, service, scientific_dir, bundle_items, shots):
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     ds = load_dataset(scientific_dir)
     ids = list(bundle_items)

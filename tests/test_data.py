@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from missrec.data import DatasetError, load_dataset
+from missrec.data.dataset import DatasetError, load_dataset
 
 
 def test_loads_real_scientific(scientific_dir):

@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from missrec.baselines import SASRec
-from missrec.checkpoint import save_checkpoint
-from missrec.config import SASRecConfig
-from missrec.train import TrainOptions, fit
-from model_export import onnx_export
-from model_export.onnx_export import OPSET, ExportError, UserTowerGraph, export_bundle
-from model_export.parity import check_user_parity, random_histories
+from missrec.models.checkpoint import save_checkpoint
+from missrec.models.sasrec import SASRec, SASRecConfig
+from missrec.training.loop import TrainOptions, fit
+from model_export import bundle as export_module
+from model_export.bundle import export_bundle
+from model_export.missrec import UserTowerGraph, check_user_parity, export_user_tower
+from model_export.onnx import EXPORTER, OPSET
+from model_export.parity import ExportError, random_histories
 from serving_core import towers as towers_mod
 from serving_core.bundle import ITEM_TOWER, MISSREC_FUSION, USER_TOWER, BundleError, read_bundle, sha256_file
 from serving_core.towers import (
@@ -78,7 +79,7 @@ def test_bundle_validates_and_records_the_export(exported):
     bundle = read_bundle(root)
     loaded, table, centroids = bundle.manifest, bundle.table, bundle.centroids
     assert loaded.files == manifest.files and USER_TOWER in manifest.files and ITEM_TOWER in manifest.files
-    assert manifest.export["opset"] == OPSET and manifest.export["exporter"] == onnx_export.EXPORTER
+    assert manifest.export["opset"] == OPSET and manifest.export["exporter"] == EXPORTER
     parity = manifest.export["parity"]
     assert parity["user_max_abs_diff"] <= ATOL and parity["encode_max_abs_diff"] <= ATOL
     assert parity["item_max_abs_diff"] <= ATOL
@@ -155,7 +156,7 @@ def test_overwrite_replaces_the_bundle_only_when_the_new_one_is_complete(exporte
         (tmp / "user_tower.onnx").write_bytes(b"half")
         raise ExportError("parity")
 
-    monkeypatch.setattr(onnx_export, "write_bundle", failing)
+    monkeypatch.setattr(export_module, "write_bundle", failing)
     with pytest.raises(ExportError):
         export_bundle(checkpoint, ds.path, out, overwrite=True)
     assert (out / "stale.txt").exists()  # the old bundle is intact
@@ -165,7 +166,7 @@ def test_overwrite_replaces_the_bundle_only_when_the_new_one_is_complete(exporte
         (tmp / "new.txt").write_text("new")
         return manifest
 
-    monkeypatch.setattr(onnx_export, "write_bundle", complete)
+    monkeypatch.setattr(export_module, "write_bundle", complete)
     export_bundle(checkpoint, ds.path, out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temp or old folders left
@@ -198,7 +199,7 @@ def test_user_tower_runs_at_every_length_and_batch_size(exported):
 def test_legacy_exporter_graph_is_dynamic_too(exported, tmp_path):
     """The documented comparison: the TorchScript exporter also keeps every length dynamic for our layers."""
     model = exported[1]
-    onnx_export.export_user_tower(model, tmp_path / "user.onnx", exporter="torchscript")
+    export_user_tower(model, tmp_path / "user.onnx", exporter="torchscript")
     shapes = [(length, 3) for length in range(1, 51)]
     assert _worst_diff(open_session(tmp_path / "user.onnx", "cpu"), model, shapes) <= ATOL
 

@@ -1,4 +1,4 @@
-"""The numpy fusion twin (serving_core.fusion) agrees with missrec.fusion and MISSRec.score; the bound holds."""
+"""The numpy fusion twin (serving_core.fusion) agrees with missrec.nn.fusion and MISSRec.score; the bound holds."""
 
 import numpy as np
 import pytest

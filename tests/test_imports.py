@@ -60,7 +60,7 @@ def test_serving_core_and_recommend_path_import_no_torch():
 
 def test_the_clip_onnx_path_imports_no_torch():
     """Ingestion through the exported CLIP graphs (MISSREC_CLIP_ONNX) and its preprocessing need no torch."""
-    loaded = _imported_after(["missrec.clip_preprocess", "missrec.clip_onnx", "service.state"])
+    loaded = _imported_after(["clip_features.preprocess", "clip_features.onnx_encoder", "service.state"])
     assert "onnxruntime" in loaded and "PIL" in loaded
     assert not loaded & {"torch", "open_clip", "torchvision"}, sorted(loaded & {"torch", "open_clip", "torchvision"})
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from missrec.layers import ByteDropout, DecoderLayer, EncoderLayer, key_mask
+from missrec.nn.layers import ByteDropout, DecoderLayer, EncoderLayer, key_mask
 
 
 def _masks():

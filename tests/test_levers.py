@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.levers import feature_stats, fold_into_adapters, normalised
+from missrec.training.levers import feature_stats, fold_into_adapters, normalised
 from tests.helpers import tiny_dataset, tiny_missrec
 
 
@@ -32,8 +32,8 @@ def test_folded_adapters_on_raw_features_equal_the_trained_ones_on_normalised(tm
 
 def test_logit_adjustment_prior_and_loss(tmp_path):
     """The prior is log of the smoothed training popularity; adding it changes the loss, and it is off at 0."""
-    from missrec.baselines import item_popularity
-    from missrec.train import training_log_prior, training_loss
+    from missrec.models.popularity import item_popularity
+    from missrec.training.loop import training_log_prior, training_loss
 
     ds = tiny_dataset(tmp_path, num_users=60, num_items=40, num_topics=4)
     model = tiny_missrec(ds)
@@ -57,8 +57,8 @@ def test_logit_adjustment_prior_and_loss(tmp_path):
 
 def test_logit_adjustment_trains_and_lifts_rare_items(tmp_path):
     """Trained with the adjustment, the served (plain) scores rank rare items higher than the paper's loss does."""
-    from missrec.baselines import item_popularity
-    from missrec.train import TrainOptions, fit
+    from missrec.models.popularity import item_popularity
+    from missrec.training.loop import TrainOptions, fit
 
     ds = tiny_dataset(tmp_path, num_users=200, num_items=60, num_topics=4)
     counts = item_popularity(ds.train, ds.num_items)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lifecycle.evaluate import evaluate_bundles, score_bundle
 from lifecycle.snapshot import SNAPSHOT_FILE, SnapshotError, old_sequences, take_snapshot
-from missrec.data import load_dataset, split_leave_one_out
+from missrec.data.dataset import load_dataset, split_leave_one_out
 from missrec_cli.main import app as cli
 from service.store import Store
 from tests.service_helpers import abo_products, make_app
@@ -159,7 +159,7 @@ def test_merge_keeps_history_that_aged_out_without_doubling_the_overlap(
 
 
 def test_snapshot_refuses_a_dataset_that_is_not_the_bundles(deployment, redis_url, scientific_bundle, tmp_path):
-    from missrec.synthetic import generate_synthetic
+    from missrec.data.synthetic import generate_synthetic
 
     other = tmp_path / "synthetic"
     generate_synthetic(other, num_users=50, num_items=40, seed=0)
@@ -197,9 +197,10 @@ def test_snapshot_train_evaluate_and_swap_end_to_end(snapshot, scientific_bundle
 
     from harness.launch import InProcessServer
     from index_builder.build import build_index
-    from missrec.runs import save_run, train_missrec
-    from missrec.train import TrainOptions
-    from model_export.onnx_export import export_bundle
+    from missrec.recipes.missrec import train_missrec
+    from missrec.training.loop import TrainOptions
+    from missrec.training.run import save_run
+    from model_export.bundle import export_bundle
     from serving_core.bundle import read_bundle, read_manifest
 
     root = tmp_path / "bundles"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.evaluate import metrics_from_ranks, target_ranks
+from missrec.evaluation.metrics import metrics_from_ranks, target_ranks
 
 
 def test_ranks_count_higher_scores_and_ties_against_the_target():

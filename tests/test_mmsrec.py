@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.config import MMSRecConfig
-from missrec.mmsrec import KEEP, MASK, RANDOM, MMSRec, right_align, sample_masking
-from missrec.mmsrec_pretrain import multiview_loss, pretrain_items
-from missrec.protocol import banned_items, mask_items, softmax_loss
-from missrec.seed_runs import MMSREC_OPTIMISER, build_mmsrec, train_mmsrec
-from missrec.train import TrainOptions, fit, training_loss
+from missrec.models.mmsrec import KEEP, MASK, RANDOM, MMSRec, MMSRecConfig, right_align, sample_masking
+from missrec.nn.protocol import banned_items, mask_items, softmax_loss
+from missrec.recipes.mmsrec import MMSREC_OPTIMISER, build_mmsrec, train_mmsrec
+from missrec.training.loop import TrainOptions, fit, training_loss
+from missrec.training.pretrain_mmsrec import multiview_loss, pretrain_items
 from tests.helpers import assert_checkpoint_round_trip, tiny_dataset, withheld_outside
 
 SMALL = {"hidden": 16, "ff_dim": 32, "n_heads": 2, "dropout": 0.1}
@@ -220,7 +219,7 @@ def test_random_replacements_come_only_from_known_items():
 def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
     """Spec-size MMSRec (d 512, L 20) on the real CLIP features: the full ranking of 64 real users is one cosine of
     the user tower's vector with the item tower's vectors built from the raw features."""
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     real = load_dataset(scientific_dir)
     model = build_mmsrec(real).eval()

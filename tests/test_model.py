@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from missrec.config import MISSRecConfig
-from missrec.fusion import fuse, fuse_pair
-from missrec.interests import assign_in_batches, assign_nearest, minibatch_kmeans, num_interests
-from missrec.model import MISSRec, interest_diversity
+from missrec.models.missrec import MISSRec, MISSRecConfig, interest_diversity
+from missrec.nn.fusion import fuse, fuse_pair
+from missrec.nn.interests import assign_in_batches, assign_nearest, minibatch_kmeans, num_interests
 from tests.helpers import tiny_dataset, tiny_missrec
 
 

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.config import MSM4SRConfig
-from missrec.msm4sr import MSM4SR, MoEAdapter
-from missrec.msm4sr_pretrain import MSM4SRPretraining, complementary_mixup, cross_modal_nce, next_item_nce
-from missrec.pretrain import drop_items
-from missrec.protocol import banned_items, mask_items, softmax_loss
-from missrec.seed_runs import build_msm4sr, train_msm4sr
-from missrec.train import TrainOptions, fit, training_loss
+from missrec.models.msm4sr import MSM4SR, MoEAdapter, MSM4SRConfig
+from missrec.nn.protocol import banned_items, mask_items, softmax_loss
+from missrec.recipes.msm4sr import build_msm4sr, train_msm4sr
+from missrec.training.loop import TrainOptions, fit, training_loss
+from missrec.training.pretrain_missrec import drop_items
+from missrec.training.pretrain_msm4sr import MSM4SRPretraining, complementary_mixup, cross_modal_nce, next_item_nce
 from tests.helpers import assert_checkpoint_round_trip, tiny_dataset, withheld_outside
 
 SMALL = {"hidden": 16, "ff_dim": 32}
@@ -186,7 +185,7 @@ def test_inductive_scores_a_brand_new_item_from_features_alone(tmp_path):
 def test_real_scientific_users_rank_by_one_inner_product(scientific_dir):
     """Spec-size MSM4SR on the real 512-d CLIP features: the full ranking of 64 real users is one inner product of
     the user tower's vectors with the serving item tower's vectors (what an exact FAISS index would return)."""
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     real = load_dataset(scientific_dir)
     model = build_msm4sr(real).eval()

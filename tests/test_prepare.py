@@ -1,4 +1,4 @@
-"""Tests for missrec.prepare: raw catalog + log -> atomic dataset, checked through missrec.data.load_dataset.
+"""Tests for missrec.data.prepare: raw catalog + log -> atomic dataset, checked through load_dataset.
 
 The catalog points at the real ABO photos (read in place, never copied); the CLIP is the tiny random-init one.
 The interaction log is hand-made so that the expected result is known without re-running the algorithm:
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from missrec.clip_encoder import TINY_MODEL, ClipEncoder
-from missrec.data import Interactions, load_dataset
-from missrec.prepare import (
+from clip_features.torch_encoder import TINY_MODEL, ClipEncoder
+from missrec.data.dataset import Interactions, load_dataset
+from missrec.data.prepare import (
     Event,
     PrepareError,
     PrepareSummary,
@@ -175,7 +175,7 @@ def test_files_follow_the_scientific_layout(prepared: PrepareSummary, scientific
 def test_dropped_rows_and_keys_are_logged(
     inputs: tuple[Path, Path], tmp_path: Path, encoder: ClipEncoder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="missrec.prepare"):
+    with caplog.at_level(logging.WARNING, logger="missrec.data.prepare"):
         prepare_dataset(*inputs, tmp_path / "Shop", encoder, min_core=3, progress=False)
     assert "ignoring unknown keys {'price': 1}" in caplog.text
     assert "1 interaction rows with 1 item ids not in the catalog (e.g. zz)" in caplog.text
@@ -337,8 +337,8 @@ def test_prepare_through_onnx_gives_the_online_onnx_features(
     offline and online features are bit-identical, and within 1e-4 of open_clip's (the torch-prepared dataset)."""
     from typer.testing import CliRunner
 
-    from missrec.cli import app
-    from missrec.clip_onnx import OnnxClipEncoder
+    from clip_features.onnx_encoder import OnnxClipEncoder
+    from missrec_cli.main import app
 
     out = tmp_path / "ShopOnnx"
     args = ["prepare", "--items", str(inputs[0]), "--interactions", str(inputs[1]), "--out", str(out)]

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.baselines import SASRec, item_popularity
-from missrec.cold import withhold_items
-from missrec.config import SASRecConfig
-from missrec.data import Interactions
-from missrec.evaluate import MISS_RANK, compute_ranks, evaluate
-from missrec.protocol import banned_items, softmax_loss
-from missrec.runs import TrainingData, evaluate_run, training_data
-from missrec.train import TrainOptions, fit, training_loss
+from missrec.data.dataset import Interactions
+from missrec.evaluation.cold import TrainingData, training_data, withhold_items
+from missrec.evaluation.metrics import MISS_RANK, compute_ranks, evaluate
+from missrec.evaluation.report import evaluate_run
+from missrec.models.popularity import item_popularity
+from missrec.models.sasrec import SASRec, SASRecConfig
+from missrec.nn.protocol import banned_items, softmax_loss
+from missrec.training.loop import TrainOptions, fit, training_loss
 from tests.helpers import tiny_dataset, tiny_missrec
 
 
@@ -140,7 +140,7 @@ def test_training_as_served_leaves_history_out_of_the_softmax_but_keeps_a_repeat
 
 
 def test_lr_scales_put_matching_parameters_in_their_own_group(ds):
-    from missrec.train import param_groups
+    from missrec.training.loop import param_groups
 
     model = tiny_missrec(ds)
     params = list(model.parameters())

@@ -5,12 +5,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from missrec.cli import app
-from missrec.compare import run_compare
-from missrec.config import TunedConfig
-from missrec.data import load_dataset
-from missrec.runs import MissingFeatures, train_missrec
-from missrec.train import TrainOptions
+from missrec.data.dataset import load_dataset
+from missrec.recipes.compare import run_compare
+from missrec.recipes.missrec import train_missrec
+from missrec.recipes.tuned import TunedConfig
+from missrec.training.loop import TrainOptions
+from missrec.training.run import MissingFeatures
+from missrec_cli.main import app
 from tests.helpers import tiny_dataset
 
 ONE_EPOCH = TrainOptions(epochs=1, batch_size=128, progress=False)

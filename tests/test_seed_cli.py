@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from missrec.cli import app
+from missrec_cli.main import app
 
 runner = CliRunner()
 

@@ -11,19 +11,28 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from missrec.checkpoint import attach_features, load_checkpoint, save_checkpoint
-from missrec.clip_encoder import ClipEncoder
-from missrec.data import load_dataset
-from missrec.seed_runs import build_mmsrec, build_msm4sr
-from model_export import seed_export
-from model_export.onnx_export import ExportError, export_bundle
-from model_export.parity import random_histories
+from clip_features.torch_encoder import ClipEncoder
+from missrec.data.dataset import load_dataset
+from missrec.models.checkpoint import attach_features, load_checkpoint, save_checkpoint
+from missrec.recipes.mmsrec import build_mmsrec
+from missrec.recipes.msm4sr import build_msm4sr
+from model_export.bundle import export_bundle
+from model_export.inner_product import check_user_parity
+from model_export.mmsrec import MMSRecExport
+from model_export.msm4sr import MSM4SRExport
+from model_export.parity import ExportError, random_histories
 from serving_core.bundle import INNER_PRODUCT, ITEM_VECTOR, read_bundle, verify_checksums
 from serving_core.index import load_index
 from serving_core.scoring import ItemScorer
 from serving_core.topk import top_k
 from serving_core.towers import ItemArrays, feature_input, load_towers, open_session
 from tests.service_helpers import abo_products, make_app
+
+
+def _spec(model):
+    """The model's family export (what it puts in its inner_product bundle)."""
+    return (MSM4SRExport if type(model).__name__ == "MSM4SR" else MMSRecExport)(model)
+
 
 KINDS = ("msm4sr", "msm4sr-transductive", "mmsrec")
 N_USERS, K = 500, 50
@@ -64,7 +73,7 @@ def test_onnx_towers_match_pytorch_at_several_lengths_and_batch_sizes(seed_bundl
     model = _model(run, ds)
     towers = load_towers(bundle, "cpu")
     rng = np.random.default_rng(7)
-    for length in (1, 2, 5, 13, seed_export.history_len(model)):
+    for length in (1, 2, 5, 13, _spec(model).history_len):
         for batch in (1, 3, 32):
             items = random_histories(rng, batch, length, ds.num_items)
             lengths = (items > 0).sum(axis=1)
@@ -73,7 +82,7 @@ def test_onnx_towers_match_pytorch_at_several_lengths_and_batch_sizes(seed_bundl
             got = towers.user.encode([h[:n] for h, n in zip(items, lengths, strict=True)])
             assert np.abs(got - want).max() <= 1e-4, (length, batch)
     # longer histories than the model takes: the service truncates to the last max_len items, as the model does
-    n = seed_export.history_len(model)
+    n = _spec(model).history_len
     long = rng.integers(1, ds.num_items, size=(4, n + 9))
     with torch.no_grad():
         want = model.encode(torch.from_numpy(long[:, -n:]), torch.full((4,), n)).numpy()
@@ -185,7 +194,7 @@ def test_one_modality_model_exports_a_one_input_item_tower(build, ds, scientific
     assert manifest.modalities == ("text",) and set(manifest.dims.features) == {"text"}
     session = open_session(tmp_path / "bundle" / manifest.graphs["item"].file, "cpu")
     assert [i.name for i in session.get_inputs()] == [feature_input("text")]
-    assert read_bundle(tmp_path / "bundle").table.tokens.shape[1] == seed_export.token_dim(model)
+    assert read_bundle(tmp_path / "bundle").table.tokens.shape[1] == _spec(model).token_dim
 
 
 def test_parity_check_fails_when_the_graph_does_not_reproduce_the_model(seed_bundles, ds):
@@ -193,8 +202,8 @@ def test_parity_check_fails_when_the_graph_does_not_reproduce_the_model(seed_bun
     model = _model(run, ds)
     session = open_session(bundle / "user_tower.onnx", "cpu")
     tokens = read_bundle(bundle).table.tokens
-    assert seed_export.check_user_parity(model, session, tokens) <= 1e-4
+    assert check_user_parity(_spec(model), session, tokens) <= 1e-4
     with torch.no_grad():
         model.encoder.position.weight.mul_(1.5)  # the exported graph no longer is this model
     with pytest.raises(ExportError, match="disagree on the user vector"):
-        seed_export.check_user_parity(model, session, tokens)
+        check_user_parity(_spec(model), session, tokens)

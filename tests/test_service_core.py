@@ -13,7 +13,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 import service.metrics
-from harness.launch import InProcessServer, bundle_ids, free_port
+from harness.launch import InProcessServer, bundle_ids
+from harness.ports import free_port
 from service.embedded_redis import EmbeddedRedis
 from service.serving_model import ServingModel
 from service.settings import Settings

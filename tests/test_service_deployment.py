@@ -158,7 +158,7 @@ def test_ingestion_through_onnx_imports_no_torch(
     import numpy as np
     import redis.asyncio as aredis
 
-    from missrec.clip_encoder import ClipEncoder
+    from clip_features.torch_encoder import ClipEncoder
     from service.store import Store
 
     photo = sorted(abo_dir.glob("*/*.jpg"))[3]

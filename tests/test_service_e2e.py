@@ -26,7 +26,7 @@ def _ids(bundle):
 
 
 def test_events_then_recommend_matches_offline_topk(app_factory, scientific_bundle, scientific_dir):
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     ds = load_dataset(scientific_dir)
     ids = _ids(scientific_bundle)
@@ -140,8 +140,8 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
 
     import redis.asyncio as aredis
 
-    from missrec.clip_encoder import ClipEncoder
-    from missrec.prepare import prepare_dataset
+    from clip_features.torch_encoder import ClipEncoder
+    from missrec.data.prepare import prepare_dataset
     from service.store import Store
 
     product = abo_products(abo_dir)[1]
@@ -178,7 +178,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
     prepare_dataset(
         catalog / "items.jsonl", catalog / "events.csv", out, ClipEncoder(*tiny_clip), name="P", progress=False
     )
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     ds = load_dataset(out)
     row = ds.item_index()["same-1"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from missrec.stats import mean_std, paired_bootstrap
+from missrec.evaluation.stats import mean_std, paired_bootstrap
 
 
 def test_mean_and_sample_std():

@@ -259,9 +259,9 @@ def other_width_bundle(root, tmp_path_factory) -> Path:
     import torch
 
     from index_builder.build import build_index
-    from missrec.checkpoint import save_checkpoint
-    from missrec.train import TrainOptions, fit
-    from model_export.onnx_export import export_bundle
+    from missrec.models.checkpoint import save_checkpoint
+    from missrec.training.loop import TrainOptions, fit
+    from model_export.bundle import export_bundle
     from tests.helpers import tiny_dataset, tiny_missrec
 
     tmp = tmp_path_factory.mktemp("other-width")

@@ -1,4 +1,4 @@
-"""Tests for missrec.synthetic: the files load, are deterministic, and really carry the topic signal."""
+"""Tests for missrec.data.synthetic: the files load, are deterministic, and really carry the topic signal."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from missrec.data import SeqDataset, load_dataset
-from missrec.synthetic import generate_synthetic, read_topics
+from missrec.data.dataset import SeqDataset, load_dataset
+from missrec.data.synthetic import generate_synthetic, read_topics
 
 SMALL = {
     "num_users": 400,

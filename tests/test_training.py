@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from missrec.baselines import Popularity, SASRec, item_popularity
-from missrec.checkpoint import CheckpointError, attach_features, load_checkpoint, save_checkpoint
-from missrec.cold import remove_items, withhold_items
-from missrec.config import SASRecConfig
-from missrec.data import Interactions
-from missrec.evaluate import evaluate
-from missrec.pretrain import Pretrainer, PretrainOptions, drop_items, merge_domains, pretrain
-from missrec.runs import build_missrec, load_pretrained
-from missrec.train import TrainOptions, fit
+from missrec.data.dataset import Interactions
+from missrec.evaluation.cold import remove_items, withhold_items
+from missrec.evaluation.metrics import evaluate
+from missrec.models.checkpoint import CheckpointError, attach_features, load_checkpoint, save_checkpoint
+from missrec.models.popularity import Popularity, item_popularity
+from missrec.models.sasrec import SASRec, SASRecConfig
+from missrec.recipes.missrec import build_missrec, load_pretrained
+from missrec.training.loop import TrainOptions, fit
+from missrec.training.pretrain_missrec import Pretrainer, PretrainOptions, drop_items, merge_domains, pretrain
 from tests.helpers import tiny_dataset, tiny_missrec
 
 FAST = TrainOptions(epochs=6, batch_size=128, patience=3, progress=False, lr=3e-3)
@@ -156,7 +156,7 @@ def test_pretrain_then_finetune_freezes_transformer(ds, tmp_path):
 
 
 def test_chunked_batches_give_the_full_batch_gradient(ds):
-    from missrec.batching import split_by_cost
+    from missrec.data.batching import split_by_cost
 
     model = tiny_missrec(ds).eval()  # eval: no dropout, so both passes see the same function
     model.discover_interests(generator=torch.Generator().manual_seed(0))
@@ -187,7 +187,7 @@ def test_chunked_batches_give_the_full_batch_gradient(ds):
 
 
 def test_split_by_cost_respects_the_budget():
-    from missrec.batching import split_by_cost
+    from missrec.data.batching import split_by_cost
 
     keys = np.array([1, 1, 2, 2, 3, 10, 50])
     parts = split_by_cost(keys, budget=8)

@@ -5,9 +5,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from missrec.cli import app
-from missrec.config import SEARCH_SPACES, MISSRecConfig, SASRecConfig, TunedConfig
-from missrec.tune import DEFAULTS
+from missrec.families import tunable
+from missrec.models.missrec import MISSRecConfig
+from missrec.models.sasrec import SASRecConfig
+from missrec.recipes.tune import defaults, search_space
+from missrec.recipes.tuned import TunedConfig
+from missrec_cli.main import app
 
 runner = CliRunner()
 
@@ -19,13 +22,15 @@ def _ok(args):
 
 
 def test_search_spaces_hold_the_paper_defaults():
-    for family, space in SEARCH_SPACES.items():
-        assert {p.name for p in space} == set(DEFAULTS[family])
+    assert tunable() == ("missrec", "sasrec")
+    for family in tunable():
+        space = search_space(family)
+        assert {p.name for p in space} == set(defaults(family))
         for p in space:
-            value = DEFAULTS[family][p.name]
+            value = defaults(family)[p.name]
             assert value in p.choices if p.choices else p.low <= value <= p.high
-    assert MISSRecConfig(num_items=10).tau == DEFAULTS["missrec"]["tau"]
-    assert SASRecConfig(num_items=10).n_layers == DEFAULTS["sasrec"]["n_layers"]
+    assert MISSRecConfig(num_items=10).tau == defaults("missrec")["tau"]
+    assert SASRecConfig(num_items=10).n_layers == defaults("sasrec")["n_layers"]
 
 
 def test_tuned_config_refuses_unknown_and_dataset_sized_keys():
@@ -41,10 +46,10 @@ def test_tune_writes_a_config_that_train_and_compare_accept(tmp_path):
     data = tmp_path / "data"
     _ok(["synth", "--out", str(data), "--users", "80", "--items", "40", "--topics", "4"])
     cfg = tmp_path / "missrec.json"
-    out = _ok(["tune", "--model", "missrec", "--data", str(data), "--out", str(cfg), "--trials", "3", "--epochs", "1"])
-    assert "valid ndcg@10" in out and "paper defaults" in out
+    _ok(["tune", "--model", "missrec", "--data", str(data), "--out", str(cfg), "--trials", "3", "--epochs", "1"])
     written = json.loads(cfg.read_text())
     assert written["model"] == "missrec" and written["notes"]["trials"] == 3
+    assert written["notes"]["valid_ndcg@10"] >= (written["notes"]["paper_defaults_valid_ndcg@10"] or 0.0)
     assert set(written["architecture"]) == {"dropout", "tau", "interest_ratio", "hidden"}
     run = tmp_path / "run"
     _ok(["train", "--data", str(data), "--out", str(run), "--epochs", "1", "--config", str(cfg)])
