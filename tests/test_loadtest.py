@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from harness.launch import wait_ready
 from loadtest import procs
 from loadtest.stats import Histogram, read_samples, stage_deltas
 
@@ -90,10 +91,10 @@ def test_open_loop_locust_run_against_the_bare_app(tmp_path):
         "products": [{"text": "a lamp.", "image_base64": "aGk="}],
     }
     (tmp_path / "traffic.json").write_text(json.dumps(traffic))
-    port = procs.free_port()
+    port = free_port()
     bare = procs.serve_bare(port, tmp_path / "logs", None)
     try:
-        procs.wait_ready(f"http://127.0.0.1:{port}", bare, 60)
+        wait_ready(f"http://127.0.0.1:{port}", bare, 60)
         cmd = procs.locust_args(
             f"http://127.0.0.1:{port}", tmp_path / "traffic.json", tmp_path / "run", rate=40, users=2, duration=4,
             mix="user=50,history=20,events=20,ingest=10", tag="t", k=5,
