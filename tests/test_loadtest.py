@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from harness.launch import wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.stats import Histogram, read_samples, stage_deltas
 
