@@ -103,12 +103,12 @@ class Child:
 
 
 def start(
-    name: str, args: list[str], log: Path | None, env: dict[str, str] | None = None, cpus: list[int] | None = None
+    name: str, args: list[str], output: Path | None, env: dict[str, str] | None = None, cpus: list[int] | None = None
 ) -> Child:
     """Start ``args`` in the repository root with this checkout first on PYTHONPATH (prefixed with taskset when
-    ``cpus`` are given), output to ``log`` (a folder: ``log/<name>.log``; a ``.log`` file: appended; None:
+    ``cpus`` are given), output to ``output`` (a folder: ``output/<name>.log``; a ``.log`` file: appended; None:
     discarded)."""
-    log_path = None if log is None else (log if log.suffix == ".log" else log / f"{name}.log")
+    log_path = None if output is None else (output if output.suffix == ".log" else output / f"{name}.log")
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     if cpus and shutil.which("taskset"):
