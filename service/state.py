@@ -160,15 +160,18 @@ class ServiceState:
                     f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
                     + ANNOUNCED_HINT
                 )
-            onnx_encoder = None
+            encoder, encoder_error = None, None
             if settings.clip_onnx is not None:
-                onnx_encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
+                encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
         except BaseException:
             await client.aclose()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             raise
         store.max_len = model.max_len
+        if encoder is None:
+            encoder, encoder_error = await asyncio.to_thread(load_clip_encoder, settings, model.feature_dim_expected())
+        encoder_dim = encoder.dim if encoder is not None else None
         catalogue = Catalogue(model)
         replica_id = uuid.uuid4().hex[:12]
         replicator = Replicator(store, catalogue, metrics, settings.key_prefix, replica_id)
@@ -194,14 +197,12 @@ class ServiceState:
             replica_id=replica_id,
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
-            encoder=onnx_encoder,
-            switcher=BundleSwitcher(settings, catalogue, store, metrics, lambda: None, bundle, announcement, known),
-            shadow=Shadow(metrics),
+            encoder=encoder,
+            encoder_error=encoder_error,
+            switcher=BundleSwitcher(settings, catalogue, store, metrics, encoder_dim, bundle, announcement, known),
+            shadow=Shadow(settings, catalogue, encoder_dim, metrics),
         )
-        state.switcher.encoder_dim = state.encoder_dim
         batcher.start()
-        if onnx_encoder is None:
-            await asyncio.to_thread(state._load_encoder)
         if settings.warmup:
             await asyncio.to_thread(warmup, catalogue.current, settings.max_batch_size, metrics)
         try:
@@ -258,7 +259,7 @@ class ServiceState:
         if self._supervising:
             await stop_task(self._supervising)
         await self.switcher.stop()
-        await self.shadow.stop(self)
+        await self.shadow.stop()
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -266,27 +267,27 @@ class ServiceState:
         if self.embedded:
             await asyncio.to_thread(self.embedded.stop)
 
-    def _load_encoder(self) -> None:
-        """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path)."""
-        s = self.settings
-        if not s.clip_pretrained:
-            self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
-            return
-        try:
-            from missrec.clip_encoder import ClipEncoder
 
-            self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
-            import torch
+def load_clip_encoder(settings: Settings, expected_dim: int) -> tuple[Any, str | None]:
+    """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path),
+    or (None, why ingestion is off): ingestion is optional, the service serves recommendations anyway."""
+    s = settings
+    if not s.clip_pretrained:
+        return None, "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
+    try:
+        from missrec.clip_encoder import ClipEncoder
 
-            torch.set_num_threads(s.ingest_threads)  # an encode must not take every core from the recommend path
-            expected = self.catalogue.current.model.feature_dim_expected()
-            if self.encoder.dim != expected:
-                raise ValueError(
-                    f"CLIP {s.clip_model} gives {self.encoder.dim}-d features, the bundle expects {expected}"
-                )
-        except Exception as exc:  # ingestion is optional: serve recommendations anyway, say why in /readyz
-            self.encoder, self.encoder_error = None, f"ingestion unavailable: {exc}"
-            log.warning(self.encoder_error)
+        encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
+        import torch
+
+        torch.set_num_threads(s.ingest_threads)  # an encode must not take every core from the recommend path
+        if encoder.dim != expected_dim:
+            raise ValueError(f"CLIP {s.clip_model} gives {encoder.dim}-d features, the bundle expects {expected_dim}")
+    except Exception as exc:  # say why in /readyz
+        error = f"ingestion unavailable: {exc}"
+        log.warning(error)
+        return None, error
+    return encoder, None
 
 
 def load_onnx_encoder(settings: Settings, expected_dim: int) -> Any:

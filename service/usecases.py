@@ -10,17 +10,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import time
 from typing import Any
 
 import numpy as np
 from redis.exceptions import RedisError
 
+from service.bundle_root import resolve_bundle
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
 from service.recommender import Query, Recommendation, similar
 from service.schemas import RecommendRequest
+from service.serving_model import ServingModel
 from service.state import ServiceState
-from service.store import IdempotencyConflict, ItemRecord
+from service.store import Announcement, IdempotencyConflict, ItemRecord
+from serving_core.bundle import BundleError
+
+log = logging.getLogger(__name__)
 
 # A write that timed out may still run when Redis resumes (measured: a few per outage of a paused Redis).
 EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
@@ -238,6 +244,35 @@ async def status(state: ServiceState) -> dict[str, Any]:
         "uptime_seconds": time.time() - state.started_at,
         **state.metrics.summary(),
     }
+
+
+# ----- admin ----------------------------------------------------------------------------------------------------
+async def announce(state: ServiceState, given: str) -> Announcement:
+    """Check the bundle ``given`` names (inside the root, loads, can take over), then announce it to every replica.
+
+    Every refusal is a 4xx before anything is announced: outside the root or missing (nothing read from it), or a
+    bundle that fails its checks or cannot serve the stored items (422, with the reason)."""
+    path = resolve_bundle(state.settings.swap_root(), given)
+    try:
+        model = await asyncio.to_thread(ServingModel.load, path, state.settings)
+    except BundleError as exc:
+        raise InvalidInput(f"invalid bundle {path}: {exc}", {"bundle": str(path)}, code="invalid_bundle") from None
+    except Exception as exc:  # e.g. ONNX Runtime refusing a graph whose checksum was re-recorded
+        message = f"invalid bundle {path}: {type(exc).__name__}: {exc}"
+        raise InvalidInput(message, {"bundle": str(path)}, code="invalid_bundle") from None
+    records = list(state.catalogue.current.ingested.values())
+    if problem := await asyncio.to_thread(model.swap_problem, state.encoder_dim(), records):
+        raise InvalidInput(
+            f"bundle {path} cannot take over: {problem}", {"bundle": str(path)}, code="incompatible_bundle"
+        )
+    state.switcher.preloaded = model  # this replica's switch need not load it again
+    try:
+        announcement = await _redis(state, state.store.announce_bundle(str(path), model.version, state.replica_id))
+    except Exception:
+        state.switcher.preloaded = None
+        raise
+    log.info("announced bundle %s (%s, generation %d)", path, model.version, announcement.generation)
+    return announcement
 
 
 # ----- health ---------------------------------------------------------------------------------------------------
