@@ -29,11 +29,10 @@ import numpy as np
 from service.bundle_root import resolve_bundle
 from service.catalogue import Catalogue, Snapshot
 from service.metrics import Metrics
-from service.recommender import Query, Recommendation
+from service.recommender import Query, Recommendation, serve
 from service.serving_model import ServingModel
 from service.settings import Settings
 from serving_core.bundle import BundleError
-from serving_core.topk import top_k
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +44,9 @@ def search_one(snap: Snapshot, history: list[str], exclude: list[str], k: int) -
     rows, _ = snap.rows_for(history)
     if not rows:
         return []
-    rows = rows[-snap.model.max_len :]
     banned, _ = snap.rows_for(exclude)
-    users = snap.model.towers.user.encode([np.asarray(rows, dtype=np.int64)], snap.item_arrays())
-    found = top_k(
-        users, k, snap.index, snap.scorer(), exclude=[set(banned)], deleted=snap.deleted, options=snap.model.options
-    )
-    ids, _ = found.row(0)
-    return [snap.ids[int(r)] for r in ids]
+    (served,) = serve(snap, [np.asarray(rows, dtype=np.int64)], [k], [set(banned)])
+    return [snap.ids[int(r)] for r in served.rows]
 
 
 class Shadow:

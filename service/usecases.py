@@ -73,7 +73,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
             raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
     exclude, _ = snap.rows_for(req.exclude)  # deleted or unknown ids are never recommended anyway
     query = Query(
-        history=np.asarray(rows[-snap.model.max_len :], dtype=np.int64),
+        history=np.asarray(rows, dtype=np.int64),  # the user tower reads its last max_len items
         k=req.k,
         exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
         explain=req.explain,
