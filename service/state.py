@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
@@ -47,6 +47,9 @@ from service.shadow import Shadow
 from service.store import Announcement, Store
 from service.swap import BundleSwitcher
 from serving_core.bundle import BundleError
+
+if TYPE_CHECKING:
+    from missrec.clip_preprocess import ItemEncoder
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class ServiceState:
     embedded: EmbeddedRedis | None = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
-    encoder: Any = None
+    encoder: ItemEncoder | None = None
     encoder_error: str | None = None
     ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
     started_at: float = field(default_factory=time.time)
@@ -268,7 +271,7 @@ class ServiceState:
             await asyncio.to_thread(self.embedded.stop)
 
 
-def load_clip_encoder(settings: Settings, expected_dim: int) -> tuple[Any, str | None]:
+def load_clip_encoder(settings: Settings, expected_dim: int) -> tuple[ItemEncoder | None, str | None]:
     """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path),
     or (None, why ingestion is off): ingestion is optional, the service serves recommendations anyway."""
     s = settings
@@ -290,7 +293,7 @@ def load_clip_encoder(settings: Settings, expected_dim: int) -> tuple[Any, str |
     return encoder, None
 
 
-def load_onnx_encoder(settings: Settings, expected_dim: int) -> Any:
+def load_onnx_encoder(settings: Settings, expected_dim: int) -> ItemEncoder:
     """The CLIP ONNX encoder of ``MISSREC_CLIP_ONNX``, or :class:`StartupRefused` saying why it cannot be used.
 
     ``clip_model`` and ``clip_pretrained`` have defaults (ViT-B-32, openai); only values set explicitly are checked,

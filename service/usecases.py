@@ -8,11 +8,9 @@ Recommendations from an explicit history need no Redis and keep working during a
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -25,6 +23,9 @@ from service.serving_model import ServingModel
 from service.state import ServiceState
 from service.store import Announcement, IdempotencyConflict, ItemRecord
 from serving_core.bundle import BundleError
+
+if TYPE_CHECKING:
+    from missrec.clip_preprocess import ItemEncoder
 
 log = logging.getLogger(__name__)
 
@@ -115,23 +116,12 @@ async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[fl
 
 
 # ----- items ------------------------------------------------------------------------------------------------------
-def decode_base64_image(state: ServiceState, data: str) -> bytes:
-    limit = state.settings.max_image_bytes
-    if len(data) > (limit * 4) // 3 + 8:
-        raise PayloadTooLarge(f"image is larger than {limit} bytes")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("image_base64 is not valid base64") from None
-
-
 async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
-    """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once."""
+    """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once. ``image``: the
+    upload's bytes, within MISSREC_MAX_IMAGE_BYTES (the routers' one reader checks that)."""
     limits = state.settings
     if state.encoder is None:  # permanent until restarted with other settings: 501, no Retry-After
         raise Disabled(state.encoder_error or "ingestion unavailable", code="ingestion_disabled")
-    if image is not None and len(image) > limits.max_image_bytes:
-        raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
     if len(text) > limits.max_text_chars:
         raise PayloadTooLarge(f"text is longer than {limits.max_text_chars} characters")
     if not any(ch.isprintable() and not ch.isspace() for ch in text):
@@ -160,13 +150,21 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     return record, replaced
 
 
-def _embed(model: Any, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
-    """The item record (open_clip + item tower) with a thumbnail of its image (in an ingest worker thread)."""
+def _embed(model: ServingModel, encoder: ItemEncoder, item_id: str, text: str, image: bytes | None) -> ItemRecord:
+    """The item record (CLIP + item tower) with a thumbnail of its image (in an ingest worker thread).
+
+    The upload is decoded once, here, as the encoders decode it (:func:`~missrec.clip_preprocess.decode_image`: the
+    format allow-list and the encoder's pixel limit, checked on the header, :class:`ImageDecodeError` otherwise;
+    long images cropped, huge ones shrunk while decoding); the encoder and the thumbnail both take that picture."""
+    from missrec.clip_preprocess import MAX_UNCROPPED_ASPECT, decode_image
     from service.thumbnail import thumbnail
 
-    record = model.embed(encoder, item_id, text, image)
+    picture = None
     if image is not None:
-        record.thumbnail = thumbnail(image)
+        picture = decode_image(image, max_pixels=encoder.max_image_pixels, max_aspect=MAX_UNCROPPED_ASPECT)
+    record = model.embed(encoder, item_id, text, picture)
+    if picture is not None:
+        record.thumbnail = thumbnail(picture)
     return record
 
 
