@@ -1,7 +1,8 @@
 """Wiring: everything one app instance holds, built in the lifespan (:meth:`ServiceState.start`) and closed there.
 
 The bundle (a :class:`~service.serving_model.ServingModel`) inside the live :class:`~service.catalogue.Catalogue`,
-Redis (external or embedded) behind the :class:`~service.store.Store`, the :class:`~service.replication.Replicator`
+Redis (external or embedded) behind the three stores of :mod:`service.store` (histories, items, announcements) on
+one client, the :class:`~service.replication.Replicator`
 that follows the item stream, the micro-batcher of the recommend path and the cold-start encoder. The use cases
 (service.usecases) take this object; they hold no state of their own.
 
@@ -44,7 +45,7 @@ from service.replication import Replicator, StartupRefused, stop_task
 from service.serving_model import IncompatibleItem, ServingModel
 from service.settings import Settings
 from service.shadow import Shadow
-from service.store import Announcement, Store
+from service.store import Announcement, AnnouncementStore, HistoryStore, ItemStore
 from service.swap import BundleSwitcher
 from serving_core.bundle import BundleError
 
@@ -107,8 +108,10 @@ class IngestGate:
 class ServiceState:
     settings: Settings
     catalogue: Catalogue
-    store: Store
-    redis: Any
+    histories: HistoryStore
+    items: ItemStore
+    announcements: AnnouncementStore
+    redis: Any  # the one client the three stores share
     metrics: Metrics
     replicator: Replicator
     batcher: MicroBatcher[Query, Recommendation]
@@ -145,14 +148,9 @@ class ServiceState:
             embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
             url = await asyncio.to_thread(embedded.start)
         client = connect_redis(url, settings)
-        store = Store(
-            client,
-            prefix=settings.key_prefix,
-            ttl_seconds=settings.history_ttl_seconds,
-            stream_max_len=settings.stream_max_len,
-        )
+        announcements = AnnouncementStore(client, settings.key_prefix)
         try:
-            bundle, announcement, known = await cls._bundle_to_serve(settings, store)
+            bundle, announcement, known = await cls._bundle_to_serve(settings, announcements)
             try:
                 model = await asyncio.to_thread(ServingModel.load, bundle, settings)
             except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
@@ -171,13 +169,14 @@ class ServiceState:
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             raise
-        store.max_len = model.max_len
+        histories = HistoryStore(client, settings.key_prefix, model.max_len, settings.history_ttl_seconds)
+        items = ItemStore(client, settings.key_prefix, settings.stream_max_len)
         if encoder is None:
             encoder, encoder_error = await asyncio.to_thread(load_clip_encoder, settings, model.feature_dim_expected())
         encoder_dim = encoder.dim if encoder is not None else None
         catalogue = Catalogue(model)
         replica_id = uuid.uuid4().hex[:12]
-        replicator = Replicator(store, catalogue, metrics, settings.key_prefix, replica_id)
+        replicator = Replicator(items, catalogue, metrics, settings.key_prefix, replica_id)
         executor = ThreadPoolExecutor(2, "missrec-cpu")
         batcher: MicroBatcher[Query, Recommendation] = MicroBatcher(
             lambda queries: recommend_batch(catalogue.current, queries, metrics),
@@ -191,7 +190,9 @@ class ServiceState:
         state = cls(
             settings=settings,
             catalogue=catalogue,
-            store=store,
+            histories=histories,
+            items=items,
+            announcements=announcements,
             redis=client,
             metrics=metrics,
             replicator=replicator,
@@ -202,7 +203,9 @@ class ServiceState:
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
             encoder=encoder,
             encoder_error=encoder_error,
-            switcher=BundleSwitcher(settings, catalogue, store, metrics, encoder_dim, bundle, announcement, known),
+            switcher=BundleSwitcher(
+                settings, catalogue, announcements, histories, metrics, encoder_dim, bundle, announcement, known
+            ),
             shadow=Shadow(settings, catalogue, encoder_dim, metrics),
         )
         batcher.start()
@@ -225,11 +228,13 @@ class ServiceState:
         return state
 
     @staticmethod
-    async def _bundle_to_serve(settings: Settings, store: Store) -> tuple[Path, Announcement | None, bool]:
+    async def _bundle_to_serve(
+        settings: Settings, announcements: AnnouncementStore
+    ) -> tuple[Path, Announcement | None, bool]:
         """(bundle, announcement, whether Redis answered): the announced bundle when there is one, else
         MISSREC_BUNDLE (also when Redis is down: the replica stays unready until it has read the announcement)."""
         try:
-            announcement = await store.announced_bundle()
+            announcement = await announcements.announced_bundle()
         except RedisError as exc:
             log.warning("Redis unreachable at start-up (%s): the announced bundle is read later", type(exc).__name__)
             return settings.bundle, None, False

@@ -34,7 +34,7 @@ from service.recommender import warmup
 from service.replication import stop_task
 from service.serving_model import ServingModel
 from service.settings import Settings
-from service.store import Announcement, Store
+from service.store import Announcement, AnnouncementStore, HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,16 @@ class BundleSwitcher:
         self,
         settings: Settings,
         catalogue: Catalogue,
-        store: Store,
+        announcements: AnnouncementStore,
+        histories: HistoryStore,  # capped at the serving model's max_len: a switch updates it
         metrics: Metrics,
         encoder_dim: int | None,  # the ingestion encoder's feature width (None: ingestion disabled)
         bundle: Path,
         announcement: Announcement | None,
         known: bool,
     ) -> None:
-        self.settings, self.catalogue, self.store, self.metrics = settings, catalogue, store, metrics
+        self.settings, self.catalogue, self.metrics = settings, catalogue, metrics
+        self.announcements, self.histories = announcements, histories
         self.encoder_dim = encoder_dim
         version = catalogue.current.model.version
         self.active = Active(str(bundle), version, announcement, time.time())
@@ -113,9 +115,9 @@ class BundleSwitcher:
         while not self._closing:
             try:
                 if position is None:
-                    position = await self.store.last_bundle_event()
-                self.observe(await self.store.announced_bundle())
-                position = await self.store.wait_bundle_event(position, WATCH_BLOCK_MS)
+                    position = await self.announcements.last_bundle_event()
+                self.observe(await self.announcements.announced_bundle())
+                position = await self.announcements.wait_bundle_event(position, WATCH_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
@@ -189,7 +191,7 @@ class BundleSwitcher:
 
     def _switch(self, model: ServingModel, prepared: dict[tuple[str, int], dict[str, np.ndarray]]) -> None:
         snap = self.catalogue.switch(model, prepared)
-        self.store.max_len = model.max_len  # histories are capped at what the serving model reads
+        self.histories.max_len = model.max_len  # histories are capped at what the serving model reads
         self.metrics.bundle_reembedded.inc(sum(r.bundle_version != model.version for r in snap.ingested.values()))
         self.metrics.live_items.set(snap.live_count)
 

@@ -1,7 +1,7 @@
 """The service's use cases: what each route does, between parsing (routers) and the wire (errors).
 
 Each function takes the :class:`~service.state.ServiceState` and plain values, reads the current catalogue
-snapshot (never a lock), talks to Redis through the store and raises domain errors (service.errors).
+snapshot (never a lock), talks to Redis through the stores (service.store) and raises domain errors (service.errors).
 Recommendations from an explicit history need no Redis and keep working during an outage.
 """
 
@@ -61,7 +61,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         )
     if req.user_id is not None:
         with state.metrics.timed("history_read"):
-            history, _ = await _redis(state, state.store.history(req.user_id))
+            history, _ = await _redis(state, state.histories.history(req.user_id))
         snap = state.catalogue.current
         rows, skipped = snap.rows_for(history)  # items deleted since they were seen are skipped
     else:
@@ -92,14 +92,14 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
 async def append_events(
     state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
 ) -> tuple[int, bool]:
-    store = state.store
+    histories = state.histories
     try:
-        if key and (length := await store.applied_length(user_id, key, item_ids, timestamps)) is not None:
+        if key and (length := await histories.applied_length(user_id, key, item_ids, timestamps)) is not None:
             return length, False  # a retry of an applied call: its items may have been deleted since
         _, unknown = state.catalogue.current.rows_for(item_ids)
         if unknown:
             raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
-        return await store.append_events(user_id, item_ids, timestamps, key)
+        return await histories.append_events(user_id, item_ids, timestamps, key)
     except IdempotencyConflict:
         raise Conflict(
             "this idempotency key was already used for other item ids or timestamps; use a new key",
@@ -112,7 +112,7 @@ async def append_events(
 
 
 async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[float | None]]:
-    return await _redis(state, state.store.history(user_id))
+    return await _redis(state, state.histories.history(user_id))
 
 
 # ----- items ------------------------------------------------------------------------------------------------------
@@ -265,7 +265,8 @@ async def announce(state: ServiceState, given: str) -> Announcement:
         )
     state.switcher.preloaded = model  # this replica's switch need not load it again
     try:
-        announcement = await _redis(state, state.store.announce_bundle(str(path), model.version, state.replica_id))
+        call = state.announcements.announce_bundle(str(path), model.version, state.replica_id)
+        announcement = await _redis(state, call)
     except Exception:
         state.switcher.preloaded = None
         raise
@@ -288,7 +289,7 @@ async def readiness(state: ServiceState) -> dict[str, str]:
         "items": "replayed from Redis" if rep.ready else (rep.error or "waiting for Redis to replay the stored items"),
     }
     try:
-        await asyncio.wait_for(state.store.ping(), state.settings.redis_timeout_seconds)
+        await asyncio.wait_for(state.redis.ping(), state.settings.redis_timeout_seconds)
         checks["redis"] = "ok"
     except (RedisError, TimeoutError, OSError) as exc:
         checks["redis"] = f"unavailable: {type(exc).__name__}"

@@ -142,7 +142,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
 
     from missrec.clip_encoder import ClipEncoder
     from missrec.prepare import prepare_dataset
-    from service.store import Store
+    from service.store import ItemStore
 
     product = abo_products(abo_dir)[1]
     image = product["images"][0]
@@ -157,7 +157,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
 
     async def stored():
         redis = aredis.Redis.from_url(redis_url)
-        record = await Store(redis, prefix=key_prefix).get_item("same-1")
+        record = await ItemStore(redis, prefix=key_prefix).get_item("same-1")
         await redis.aclose()
         return record
 
@@ -184,3 +184,4 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
     row = ds.item_index()["same-1"]
     assert np.array_equal(ds.features["text"][row], online["text"])
     assert np.array_equal(ds.features["image"][row], online["image"])
+
