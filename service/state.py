@@ -2,9 +2,9 @@
 
 The bundle (a :class:`~service.serving_model.ServingModel`) inside the live :class:`~service.catalogue.Catalogue`,
 Redis (external or embedded) behind the three stores of :mod:`service.store` (histories, items, announcements) on
-one client, the :class:`~service.replication.Replicator`
-that follows the item stream, the micro-batcher of the recommend path and the cold-start encoder. The use cases
-(service.usecases) take this object; they hold no state of their own.
+one client, the :class:`~service.replication.Replicator` that follows the item stream, the micro-batcher of the
+recommend path, the cold-start encoder, the bundle switcher and the shadow. The use cases (service.usecases) take
+this object; they hold no state of their own.
 
 Redis outages: every Redis call has a bounded timeout and at most one immediate retry (on a broken connection
 only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` within ``redis_timeout_seconds``.
@@ -36,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service.bundle_root import inside_root
 from service.catalogue import Catalogue
 from service.embedded_redis import EmbeddedRedis, Supervisor
 from service.metrics import Metrics
@@ -241,7 +242,7 @@ class ServiceState:
         if announcement is None:
             return settings.bundle, None, True
         root = settings.swap_root()
-        if root is None or not Path(announcement.bundle).resolve().is_relative_to(root):
+        if not inside_root(root, Path(announcement.bundle).resolve()):
             raise StartupRefused(
                 f"the announced bundle {announcement.bundle} is outside this replica's bundle root {root} "
                 "(MISSREC_BUNDLE_ROOT)" + ANNOUNCED_HINT
