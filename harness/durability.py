@@ -21,7 +21,7 @@ import httpx
 import redis.asyncio as aredis
 
 from harness.launch import RedisServer, ServiceProcess, abo_products, bundle_ids, service_env
-from service.store import Store
+from service.store import HistoryStore, ItemStore
 
 API_KEY = "durability-" + uuid.uuid4().hex
 
@@ -158,9 +158,9 @@ def _ingest_request(write: Write) -> dict:
 async def _redis_state(url: str, prefix: str, users: list[str]) -> tuple[dict[str, list[str]], dict[str, bool]]:
     """(user -> history item ids, item id -> deleted?) as stored in Redis."""
     client = aredis.Redis.from_url(url)
-    store = Store(client, prefix=prefix)
-    histories = {u: (await store.history(u))[0] for u in users}
-    items = {r.item_id: r.deleted for r in await store.all_items()}
+    stored = HistoryStore(client, prefix=prefix)
+    histories = {u: (await stored.history(u))[0] for u in users}
+    items = {r.item_id: r.deleted for r in await ItemStore(client, prefix=prefix).all_items()}
     await client.aclose()
     return histories, items
 

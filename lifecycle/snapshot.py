@@ -20,7 +20,7 @@ writes) the service's keys (``service.store``):
 
 The output is deterministic for the same Redis contents (users sorted by id, items in bundle then version order):
 every file but ``snapshot.json``'s ``created_at`` is byte-identical. It is written to a temporary folder next to
-``OUT`` and renamed into place, then loaded back with :func:`missrec.data.dataset.load_dataset`.
+``OUT`` and renamed into place, then loaded back with :func:`missrec.data.load_dataset`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from missrec.data.dataset import (
     write_atomic,
     write_dataset,
 )
-from service.store import ItemRecord, Store, parse_history_entry
+from service.store import ItemRecord, ItemStore, parse_history_entry
 from serving_core.bundle import read_bundle
 
 SNAPSHOT_FILE = "snapshot.json"
@@ -128,7 +128,7 @@ def scan_histories(
     bar.close()
 
 
-def read_items(client: redis.Redis | RedisCluster, store: Store, batch: int = 500) -> list[ItemRecord]:
+def read_items(client: redis.Redis | RedisCluster, store: ItemStore, batch: int = 500) -> list[ItemRecord]:
     """Every stored item change (latest per id), in version order (deterministic)."""
     ids = [i.decode() for i in client.zrange(store.ids_key, 0, -1)]
     records = []
@@ -221,7 +221,7 @@ def take_snapshot(
     old = old_sequences(load_dataset(merge)) if merge is not None else {}
 
     client = connect(redis_url, cluster)
-    store = Store(client, prefix)  # type: ignore[arg-type]  # only its key names are used
+    store = ItemStore(client, prefix)  # type: ignore[arg-type]  # only its key names are used
     counts = Counts()
     try:
         records = read_items(client, store)

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from harness.launch import ROOT
 from harness.ports import free_port
 from service.replication import StartupRefused
-from service.store import ItemRecord, Store
+from service.store import ItemRecord, ItemStore
 from serving_core.bundle import FORMAT_VERSION, BundleWriter, read_manifest
 from tests.service_helpers import make_app
 
@@ -149,7 +149,7 @@ def test_app_refuses_stored_items_its_bundle_cannot_serve(
 
     async def put() -> None:
         client = aredis.Redis.from_url(redis_url)
-        await Store(client, prefix=key_prefix).put_item(bad, origin="test")
+        await ItemStore(client, prefix=key_prefix).put_item(bad, origin="test")
         await client.aclose()
 
     asyncio.run(put())

@@ -18,14 +18,14 @@ from service.recommender import Recommendation, RecommendedRow
 from service.routers.recommend import _render_batch, response_dict
 from service.schemas import BatchRecommendResponse, RecommendResponse
 from service.settings import Settings
-from service.store import CoalescedLists, Store
+from service.store import CoalescedLists, HistoryStore
 
 
 def test_concurrent_history_reads_share_one_pipeline(redis_url, key_prefix):
     async def run():
         redis = Redis.from_url(redis_url)
         try:
-            store = Store(redis, prefix=key_prefix)
+            store = HistoryStore(redis, prefix=key_prefix)
             for u in range(20):
                 await store.append_events(f"user-{u}", [f"item-{u}-{j}" for j in range(u % 4 + 1)], None)
             before = store._lists.flushes

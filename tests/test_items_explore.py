@@ -155,6 +155,35 @@ def test_thumbnail_of_an_ingested_photo(client, table, abo_dir):
     assert client.get("/v1/items/nothing-here/image").json()["error"]["code"] == "not_found"
 
 
+def test_an_upload_is_decoded_once_and_encodes_as_its_bytes_do(scientific_bundle, tiny_clip, abo_dir, monkeypatch):
+    """The ingest path decodes the image once (Pillow opens the bytes as often as one decode does, not twice as
+    often) and the encoder and thumbnail take that picture: the features are exactly those of the raw bytes, and a
+    photo's thumbnail is the one made from a full decode of it."""
+    from PIL import Image
+
+    from clip_features.preprocess import decode_image
+    from clip_features.torch_encoder import ClipEncoder
+    from service.serving_model import ServingModel
+    from service.settings import Settings
+    from service.thumbnail import thumbnail
+    from service.usecases import _embed
+
+    model = ServingModel.load(scientific_bundle, Settings(bundle=scientific_bundle, onnx_provider="cpu"))
+    encoder = ClipEncoder(*tiny_clip)
+    product = abo_products(abo_dir)[2]
+    photo = product["images"][0].read_bytes()
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
+    decode_image(photo)
+    once, opened[:] = len(opened), []
+    record = _embed(model, encoder, "once", product["text"], photo)
+    assert len(opened) == once > 0
+    expected = encoder.encode_item(product["text"], photo)
+    for m in ("text", "image"):
+        np.testing.assert_array_equal(np.frombuffer(record.arrays[f"feature_{m}"], dtype=np.float32), expected[m])
+    assert record.thumbnail == thumbnail(decode_image(photo))
+
+
 def test_console_is_served_from_the_package(client):
     page = client.get("/console/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

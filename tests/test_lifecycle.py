@@ -19,7 +19,7 @@ from lifecycle.evaluate import evaluate_bundles, score_bundle
 from lifecycle.snapshot import SNAPSHOT_FILE, SnapshotError, old_sequences, take_snapshot
 from missrec.data.dataset import load_dataset, split_leave_one_out
 from missrec_cli.main import app as cli
-from service.store import Store
+from service.store import HistoryStore, ItemStore
 from tests.service_helpers import abo_products, make_app
 
 N_USERS = 40
@@ -58,7 +58,7 @@ def _deploy(client, ds, abo_dir, redis_url, prefix, cluster=False):
     # so it is written through the service's own store
     async def stray_event() -> None:
         conn = (RedisCluster if cluster else Redis).from_url(redis_url)
-        await Store(conn, prefix).append_events(ds.user_ids[1], ["from-an-older-bundle"], [T0 + 1e6])
+        await HistoryStore(conn, prefix).append_events(ds.user_ids[1], ["from-an-older-bundle"], [T0 + 1e6])
         await conn.aclose()
 
     asyncio.run(stray_event())
@@ -110,7 +110,7 @@ def test_snapshot_holds_every_history_in_time_order_and_every_live_item(snapshot
         for m in ds.modalities:
             assert np.array_equal(snap.features[m][row], ds.features[m][old])  # the bundle's frozen features
     client = redis.Redis.from_url(redis_url)
-    stored = client.hgetall(Store(client, prefix).item_prefix + new[0])  # type: ignore[arg-type]
+    stored = client.hgetall(ItemStore(client, prefix).item_prefix + new[0])  # type: ignore[arg-type]
     for m in ds.modalities:  # an ingested item: the raw CLIP features the service stored at ingest
         raw = np.frombuffer(stored[f"a:feature_{m}".encode()], dtype=np.float32)
         assert np.array_equal(snap.features[m][snap.item_ids.index(new[0]) + 1], raw) and np.abs(raw).sum() > 0

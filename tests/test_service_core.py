@@ -145,3 +145,78 @@ def test_a_snapshot_never_changes_while_writers_publish(scientific_bundle, tmp_p
     assert after.n == before.n + 5 and after.row("new-3") == before.n + 3 and before.row("new-3") is None
     assert after.index_rows == after.n and before.index_rows == before.n  # the tail was folded into a copy
     assert before.index is not after.index and before.index.ntotal == before.n
+
+
+def test_the_one_serving_path_serves_what_the_three_copies_computed(scientific_bundle):
+    """service.recommender.serve against the code it replaced (the recommender's batch, shadow's one request and
+    evaluate-bundle's batch each ran the user tower and top_k themselves, cutting histories to max_len): the same
+    rows, scores, proofs and explanation weights, per user, with mixed k, exclusions, a tail of ingested rows and a
+    delete; a history longer than max_len serves as its last max_len items."""
+    from service.catalogue import Catalogue
+    from service.recommender import serve
+    from serving_core.topk import top_k
+
+    model = ServingModel.load(scientific_bundle, Settings(bundle=scientific_bundle, onnx_provider="cpu"))
+    catalogue = Catalogue(model)
+    d, rng = model.manifest.dims, np.random.default_rng(0)
+
+    def raw() -> dict[str, bytes]:
+        return {
+            f"feature_{m}": rng.standard_normal(d.feature(m)).astype(np.float32).tobytes() for m in ("text", "image")
+        }
+
+    catalogue.apply([ItemRecord(f"new-{i}", i + 1, bundle_version="another", arrays=raw()) for i in range(3)])
+    catalogue.apply([ItemRecord(model.bundle.table.ids[5], 9, deleted=True)])
+    snap, max_len = catalogue.current, model.max_len
+    assert snap.index_rows < snap.n and snap.deleted[5]  # a tail past the index, and a delete
+    live = np.flatnonzero(~snap.deleted)
+    histories = [rng.choice(live, size=size) for size in (1, 3, max_len, max_len + 30, 7, 2 * max_len)]
+    ks = [10, 50, 10, 7, 50, 10]
+    exclude = [set(h.tolist()) for h in histories]
+    exclude[3], exclude[4] = set(), {int(live[0]), snap.n - 1}
+    explain = [True, False, False, True, False, False]
+
+    def before(members: list[int], k: int, users: np.ndarray | None = None) -> object:
+        """The removed copies: cut to max_len, one tower call (or the batch's user vectors), one top_k."""
+        if users is None:
+            users = model.towers.user.encode([histories[b][-max_len:] for b in members], snap.item_arrays())
+        return top_k(
+            users,
+            k,
+            snap.index,
+            snap.scorer(),
+            exclude=[exclude[b] for b in members],
+            deleted=snap.deleted,
+            explain=any(explain[b] for b in members),
+            options=model.options,
+        )
+
+    def same(got: object, found: object, j: int) -> None:
+        rows, scores = found.row(j)
+        np.testing.assert_array_equal(got.rows, rows)
+        np.testing.assert_array_equal(got.scores, scores)
+        assert got.exact == bool(found.user_exact[j])
+
+    served = serve(snap, histories, ks, exclude, explain)
+    everyone = list(range(len(histories)))
+    users = model.towers.user.encode([h[-max_len:] for h in histories], snap.item_arrays())
+    for k in (10, 50, 7):  # the recommender's batch: one tower call, then one search per k
+        members = [b for b in everyone if ks[b] == k]
+        found = before(members, k, users[members])
+        for j, b in enumerate(members):
+            same(served[b], found, j)
+            if any(explain[m] for m in members):
+                np.testing.assert_array_equal(served[b].weights, found.weights[j])
+            else:
+                assert served[b].weights is None
+    assert [len(s.rows) for s in served] == ks
+    assert not set(served[5].rows.tolist()) & exclude[5] and not snap.deleted[served[4].rows].any()
+    explain = [False] * len(histories)
+    found = before(everyone, 50)  # evaluate-bundle: a batch with one k
+    for b, got in enumerate(serve(snap, histories, [50] * len(histories), exclude)):
+        same(got, found, b)
+    for b in everyone:  # shadow scoring: one request at a time
+        same(serve(snap, [histories[b]], [ks[b]], [exclude[b]])[0], before([b], ks[b]), 0)
+    long, last = serve(snap, [histories[5], histories[5][-max_len:]], [10, 10], [set(), set()])
+    np.testing.assert_array_equal(long.rows, last.rows)
+    np.testing.assert_array_equal(long.scores, last.scores)

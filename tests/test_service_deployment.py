@@ -159,7 +159,7 @@ def test_ingestion_through_onnx_imports_no_torch(
     import redis.asyncio as aredis
 
     from clip_features.torch_encoder import ClipEncoder
-    from service.store import Store
+    from service.store import ItemStore
 
     photo = sorted(abo_dir.glob("*/*.jpg"))[3]
     text = "Yoga Bag. Iron Grey. Starter."
@@ -195,7 +195,7 @@ print(json.dumps({{"torch": "torch" in sys.modules, "open_clip": "open_clip" in 
     async def stored():
         client = aredis.Redis.from_url(redis_url)
         try:
-            return await Store(client, prefix=key_prefix).get_item("onnx-new")
+            return await ItemStore(client, prefix=key_prefix).get_item("onnx-new")
         finally:
             await client.aclose()
 

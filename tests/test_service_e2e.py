@@ -142,7 +142,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
 
     from clip_features.torch_encoder import ClipEncoder
     from missrec.data.prepare import prepare_dataset
-    from service.store import Store
+    from service.store import ItemStore
 
     product = abo_products(abo_dir)[1]
     image = product["images"][0]
@@ -157,7 +157,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
 
     async def stored():
         redis = aredis.Redis.from_url(redis_url)
-        record = await Store(redis, prefix=key_prefix).get_item("same-1")
+        record = await ItemStore(redis, prefix=key_prefix).get_item("same-1")
         await redis.aclose()
         return record
 
@@ -184,3 +184,50 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
     row = ds.item_index()["same-1"]
     assert np.array_equal(ds.features["text"][row], online["text"])
     assert np.array_equal(ds.features["image"][row], online["image"])
+
+
+def test_the_stores_keep_the_documented_key_layout(redis_url, key_prefix):
+    """Deployments keep their data across versions: the keys (names, types, encodings) the three stores write are
+    the ones service.store documents, on one client."""
+    import asyncio
+    import hashlib
+    import json
+
+    import redis as sync_redis
+    from redis.asyncio import Redis
+
+    from service.store import AnnouncementStore, HistoryStore, ItemRecord, ItemStore
+
+    user, p = "ü-1", key_prefix
+    tag = hashlib.sha1(user.encode()).hexdigest()[:20]
+
+    async def write() -> None:
+        client = Redis.from_url(redis_url)
+        try:
+            histories = HistoryStore(client, p, max_len=2, ttl_seconds=600)
+            await histories.append_events(user, ["a", "b", "c"], [1.0, 2.0, 3.5], idempotency_key="k1")
+            items = ItemStore(client, p)
+            await items.put_item(ItemRecord("it", text="t", arrays={"tokens": b"\0" * 8}, ints={"x": 3}), "o")
+            await AnnouncementStore(client, p).announce_bundle("/b", "v1", "r1")
+        finally:
+            await client.aclose()
+
+    asyncio.run(write())
+    r = sync_redis.Redis.from_url(redis_url)
+    user_keys = {
+        f"{p}:u:{{{tag}}}:hist",
+        f"{p}:u:{{{tag}}}:id",
+        f"{p}:u:{{{tag}}}:idem:" + hashlib.sha1(b"k1").hexdigest(),
+    }
+    items = {f"{p}:{{items}}:{k}" for k in ("item:it", "ids", "version", "epoch", "events")}
+    bundle = {f"{p}:{{bundle}}:{k}" for k in ("current", "generation", "events")}
+    assert {k.decode() for k in r.scan_iter(match=f"{p}:*")} == user_keys | items | bundle
+    assert r.lrange(f"{p}:u:{{{tag}}}:hist", 0, -1) == [b"2.0\x1fb", b"3.5\x1fc"]  # capped at max_len, oldest first
+    assert r.get(f"{p}:u:{{{tag}}}:id") == user.encode() and 0 < r.ttl(f"{p}:u:{{{tag}}}:hist") <= 600
+    stored = r.hgetall(f"{p}:{{items}}:item:it")
+    assert stored[b"version"] == b"1" and stored[b"text"] == b"t" and stored[b"a:tokens"] == b"\0" * 8
+    assert stored[b"i:x"] == b"3" and stored[b"deleted"] == b"0"
+    assert r.zscore(f"{p}:{{items}}:ids", "it") == 1 and r.type(f"{p}:{{items}}:events") == b"stream"
+    announced = json.loads(r.get(f"{p}:{{bundle}}:current"))
+    assert [announced[k] for k in ("generation", "bundle", "version", "by")] == [1, "/b", "v1", "r1"]
+    r.close()

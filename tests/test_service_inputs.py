@@ -144,6 +144,20 @@ def test_json_ingest_with_base64(client):
     assert r.headers["location"] == "/v1/items/b64-1"
 
 
+def test_the_image_byte_limit_is_one_for_both_readers(client):
+    """MISSREC_MAX_IMAGE_BYTES (200,000 here) exactly: a multipart file and base64 JSON of the limit are read (and
+    refused as images), one byte more is 413 from either."""
+    import base64
+
+    for size, status, code in ((200_000, 422, "invalid_image"), (200_001, 413, "payload_too_large")):
+        data = b"\0" * size
+        form = client.post("/v1/items", data={"item_id": "lim", "text": "t"}, files={"image": ("a.png", data)})
+        _error(form, status, code)
+        body = {"item_id": "lim", "text": "t", "image_base64": base64.b64encode(data).decode()}
+        _error(client.post("/v1/items", json=body), status, code)
+    assert client.get("/v1/items/lim").status_code == 404
+
+
 def test_body_limit_and_missing_resources(client):
     _error(
         client.post(

@@ -369,12 +369,12 @@ def _announce(redis_url: str, prefix: str, path: Path, version: str) -> None:
 
     import redis.asyncio as aredis
 
-    from service.store import Store
+    from service.store import AnnouncementStore
 
     async def run() -> None:
         client = aredis.Redis.from_url(redis_url)
         try:
-            await Store(client, prefix=prefix).announce_bundle(str(path), version, "test")
+            await AnnouncementStore(client, prefix=prefix).announce_bundle(str(path), version, "test")
         finally:
             await client.aclose()
 
