@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aredis
 
-from harness.launch import RedisServer, ServiceProcess, abo_products, bundle_ids, service_env
+from harness.abo import abo_products
+from harness.launch import RedisServer, ServiceProcess, bundle_ids, service_env
 from service.store import HistoryStore, ItemStore
 
 API_KEY = "durability-" + uuid.uuid4().hex

@@ -309,20 +309,3 @@ def make_app(bundle: Path, redis_url: str, key_prefix: str, tiny_clip: tuple[str
         **({"max_wait_ms": 1.0} | extra),
     )
     return create_app(settings)
-
-
-def abo_products(abo_dir: Path) -> list[dict]:
-    """The real ABO sample products: id (ASIN folder), text ("name. style. brand."), sorted photo paths."""
-    import ast
-
-    products = []
-    for folder in sorted(p for p in abo_dir.iterdir() if p.is_dir()):
-        meta = ast.literal_eval((folder / "metadata.txt").read_text(encoding="utf-8"))
-
-        def first(field: str, meta: dict = meta) -> str:
-            raw = meta.get(field, "")
-            return raw.split("value=", 1)[1].split("}", 1)[0] if "value=" in raw else ""
-
-        text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
-        products.append({"id": folder.name, "text": text + ".", "images": sorted(folder.glob("*.jpg"))})
-    return products

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clip_features.onnx_encoder import OnnxClipEncoder
     from clip_features.preprocess import file_sha256
     from clip_features.torch_encoder import ClipEncoder, save_random_init_checkpoint
-    from loadtest.traffic import abo_products
+    from harness.abo import abo_photos
     from model_export.clip import export_clip
 
     torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_clip(args.model, checkpoint, clip_dir, args.abo, overwrite=True)
         export_s = time.perf_counter() - t0
     encoders = {"torch": ClipEncoder(args.model, checkpoint), "onnxruntime": OnnxClipEncoder(clip_dir, threads=1)}
-    items = [(p["text"], base64.b64decode(p["image_base64"])) for p in abo_products(args.abo)]
+    items = [(p["text"], base64.b64decode(p["image_base64"])) for p in abo_photos(args.abo)]
     for encoder in encoders.values():  # warm-up, discarded
         for text, image in items[:2]:
             encoder.encode_item(text, image)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
 
 
@@ -40,6 +41,14 @@ def scientific_dir() -> Path:
 def abo_dir() -> Path:
     """../shared/data/abo-samples: real product photos and metadata."""
     return _shared_path("data", "abo-samples")
+
+
+@pytest.fixture(scope="session")
+def abo_products(abo_dir) -> list[dict]:
+    """The real ABO products (id, text, photo paths), read by the one reader (:func:`harness.abo.abo_products`)."""
+    from harness.abo import abo_products as read
+
+    return read(abo_dir)
 
 
 # ----- Redis: the machine's server when one answers on 127.0.0.1:6379, else an embedded one we start -------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +21,9 @@ from loadtest.stacks import (
     parse_frame,
     summarise,
 )
+from tests.paths import TEST_DATA
 
-STACKS = Path(__file__).parent / "data" / "py-spy-service-stacks.txt"
+STACKS = TEST_DATA / "py-spy-service-stacks.txt"
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 # The bucket of each line of STACKS (py-spy 0.4.3 --native, `missrec serve` under loadtest.profile), read by hand

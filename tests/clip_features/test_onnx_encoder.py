@@ -24,8 +24,7 @@ from clip_features.preprocess import ClipTokenizer, ImageTransform
 from clip_features.torch_encoder import TINY_MODEL, ClipEncoder, ImageDecodeError, decode_image
 from model_export.clip import check_parity, explicit_transform, export_clip, sample_inputs
 from model_export.parity import ExportError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_helpers import abo_products, make_app, offline_topk
+from tests.service_helpers import make_app, offline_topk
 
 
 @pytest.fixture
@@ -77,8 +77,8 @@ def test_exactly_k_items_with_heavy_exclusion(app_factory, scientific_bundle):
         assert len(again) == 100 and not set(top) & {i["item_id"] for i in again}
 
 
-def test_ingest_recommend_delete_restart(app_factory, abo_dir):
-    products = abo_products(abo_dir)
+def test_ingest_recommend_delete_restart(app_factory, abo_dir, abo_products):
+    products = abo_products
     lamp = next(p for p in products if len(p["images"]) >= 3)
     new_ids = [f"abo-{lamp['id']}-{i}" for i in range(len(lamp["images"]))]
     app = app_factory()
@@ -110,8 +110,8 @@ def test_ingest_recommend_delete_restart(app_factory, abo_dir):
         assert client.get(f"/v1/items/{target}").status_code == 404
 
 
-def test_two_instances_see_each_others_items_within_a_second(app_factory, abo_dir):
-    product = abo_products(abo_dir)[0]
+def test_two_instances_see_each_others_items_within_a_second(app_factory, abo_dir, abo_products):
+    product = abo_products[0]
     image = product["images"][0].read_bytes()
     with TestClient(app_factory()) as a, TestClient(app_factory()) as b:
         history = b.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 1}).json()
@@ -133,7 +133,9 @@ def test_two_instances_see_each_others_items_within_a_second(app_factory, abo_di
         assert "replicated-1" in [i["item_id"] for i in body["items"]]
 
 
-def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_clip, tmp_path, redis_url, key_prefix):
+def test_same_item_same_features_offline_and_online(
+    app_factory, abo_dir, tiny_clip, tmp_path, redis_url, key_prefix, abo_products
+):
     """`missrec prepare` (offline) and POST /v1/items (online) give bit-identical CLIP features."""
     import asyncio
     import json
@@ -144,7 +146,7 @@ def test_same_item_same_features_offline_and_online(app_factory, abo_dir, tiny_c
     from missrec.data.prepare import prepare_dataset
     from service.store import ItemStore
 
-    product = abo_products(abo_dir)[1]
+    product = abo_products[1]
     image = product["images"][0]
     with TestClient(app_factory()) as client:
         with image.open("rb") as fh:

@@ -26,7 +26,7 @@ from serving_core.index import load_index
 from serving_core.scoring import ItemScorer
 from serving_core.topk import top_k
 from serving_core.towers import ItemArrays, feature_input, load_towers, open_session
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 
 def _spec(model):
@@ -126,7 +126,7 @@ def test_bundle_topk_equals_pytorch_full_ranking(seed_bundles, ds, kind):
 
 @pytest.mark.parametrize("kind", ["msm4sr", "mmsrec"])
 def test_service_end_to_end_on_a_bundle_of_each_model(
-    seed_bundles, ds, kind, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path
+    seed_bundles, ds, kind, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path, abo_products
 ):
     _, bundle = seed_bundles(kind)
     ids = ["", *ds.item_ids]
@@ -156,7 +156,7 @@ def test_service_end_to_end_on_a_bundle_of_each_model(
         again = client.post("/v1/recommend", json={"user_id": ds.user_ids[user], "k": 20, "exclude": top}).json()
         assert len(again["items"]) == 20 and not set(top) & {i["item_id"] for i in again["items"]}
 
-        product = next(p for p in abo_products(abo_dir) if len(p["images"]) >= 2)
+        product = next(p for p in abo_products if len(p["images"]) >= 2)
         new_ids = [f"abo-{kind}-{i}" for i in range(2)]
         for item_id, image in zip(new_ids, product["images"], strict=False):
             r = client.post(

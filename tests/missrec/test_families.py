@@ -3,14 +3,13 @@ named after it, and no other module spells the list out."""
 
 import ast
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 from missrec.families import FAMILIES, family, family_of, trainable, tunable
 from missrec.models.config import FrozenConfig
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("clip_features", "missrec", "missrec_cli", "model_export", "lifecycle", "service", "serving_core")
 
 pytestmark = pytest.mark.oracle

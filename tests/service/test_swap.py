@@ -22,7 +22,7 @@ from missrec_cli.main import app as cli
 from service.store import ItemRecord
 from serving_core.bundle import read_manifest
 from serving_core.towers import load_towers
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 KEY = "swap-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -144,9 +144,9 @@ def test_paths_outside_the_root_are_refused_before_any_load(
 
 
 def test_swap_reembeds_ingested_items_and_every_replica_converges(
-    root, versions, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path
+    root, versions, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path, abo_products
 ):
-    photos = [p["images"][0] for p in abo_products(abo_dir)[:2]]
+    photos = [p["images"][0] for p in abo_products[:2]]
     ids = bundle_ids(root / "a")
     towers = {name: load_towers(root / name, "cpu") for name in ("a", "b")}
     apps = [_app(root, redis_url, key_prefix, tiny_clip, tmp_path / f"r{i}") for i in (0, 1)]

@@ -3,7 +3,6 @@ the errors they print, and that every command the README names exists."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from missrec.training.loop import TrainOptions, fit
 from missrec_cli.main import app
 from serving_core.bundle import read_bundle
 from tests.helpers import tiny_dataset, tiny_missrec
+from tests.paths import ROOT
 
 
 def test_export_then_build_index(tmp_path):
@@ -59,7 +59,7 @@ def test_export_of_the_seed_towers(build, tmp_path):
 
 def test_every_command_the_readme_names_exists():
     """The README's command-line block lists the whole `missrec` command; each one is registered once."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     block = readme.split("## Command line", 1)[1].split("```", 2)[1]
     named = set(re.findall(r"^missrec ([a-z-]+)", block, flags=re.M))
     names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]

@@ -26,7 +26,7 @@ from serving_core.bundle import (
     creation_info,
 )
 from serving_core.towers import tower_graphs
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 # the legacy exporter is enough for these two small graphs (no attention: nothing length-specific to bake in; the
 # test serves histories of other lengths than the export example)
@@ -112,7 +112,9 @@ def bundle(tmp_path_factory):
     return root, user, table
 
 
-def test_an_inner_product_bundle_is_served_end_to_end(bundle, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path):
+def test_an_inner_product_bundle_is_served_end_to_end(
+    bundle, redis_url, key_prefix, tiny_clip, abo_dir, tmp_path, abo_products
+):
     root, user, table = bundle
     history = ["ip5", "ip17", "ip42"]
     with TestClient(make_app(root, redis_url, key_prefix, tiny_clip, tmp_path)) as client:
@@ -134,7 +136,7 @@ def test_an_inner_product_bundle_is_served_end_to_end(bundle, redis_url, key_pre
         again = client.post("/v1/recommend", json={"history": history, "k": 10, "exclude": exclude}).json()
         assert len(again["items"]) == 10 and not {i["item_id"] for i in again["items"]} & set(exclude)
 
-        product = abo_products(abo_dir)[0]
+        product = abo_products[0]
         image = product["images"][0].read_bytes()
         r = client.post("/v1/items", data={"item_id": "abo-ip", "text": product["text"]}, files={"image": image})
         assert r.status_code == 201, r.text

@@ -12,9 +12,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from tests.paths import ROOT
 from tests.service_helpers import make_app
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_fresh(script: str) -> dict:
@@ -32,11 +31,12 @@ def _run_fresh(script: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_service_runs_against_redis_cluster(redis_cluster, scientific_bundle, tiny_clip, tmp_path, abo_dir):
-    from tests.service_helpers import abo_products
+def test_service_runs_against_redis_cluster(
+    redis_cluster, scientific_bundle, tiny_clip, tmp_path, abo_dir, abo_products
+):
 
     app = make_app(scientific_bundle, redis_cluster, "missrec-cluster", tiny_clip, tmp_path, redis_cluster=True)
-    product = abo_products(abo_dir)[0]
+    product = abo_products[0]
     users = [f"cluster-user-{i}" for i in range(20)]  # spread over many slots
     with TestClient(app) as client:
         for u in users:

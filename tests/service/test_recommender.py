@@ -19,7 +19,7 @@ from service.embedded_redis import EmbeddedRedis
 from service.serving_model import ServingModel
 from service.settings import Settings
 from service.store import ItemRecord
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 
 def _documented() -> tuple[list[str], list[str]]:
@@ -39,14 +39,14 @@ def _value(text: str, series: str) -> float:
     return total
 
 
-def test_every_documented_metric_moves(scientific_bundle, abo_dir, key_prefix, tiny_clip, tmp_path):
+def test_every_documented_metric_moves(scientific_bundle, abo_dir, key_prefix, tiny_clip, tmp_path, abo_products):
     """Drive each use case (recommend by history and by user, popular fallback, events, ingest, delete, a Redis
     failure) and check that every series the docs name has moved, each stage label included."""
     names, stages = _documented()
     assert {"queue", "rescore", "request"} <= set(stages)
     redis = EmbeddedRedis(tmp_path / "redis", port=free_port())
     url = redis.start()
-    product = abo_products(abo_dir)[0]
+    product = abo_products[0]
     app = make_app(scientific_bundle, url, key_prefix, tiny_clip, tmp_path, warmup=False)
     ids = bundle_ids(scientific_bundle)
     try:

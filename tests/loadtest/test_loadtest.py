@@ -17,8 +17,7 @@ from harness.launch import wait_ready
 from harness.ports import free_port
 from loadtest import procs
 from loadtest.stats import Histogram, read_samples, stage_deltas
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def test_bare_app_has_the_service_shapes():

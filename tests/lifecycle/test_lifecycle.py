@@ -20,7 +20,7 @@ from lifecycle.snapshot import SNAPSHOT_FILE, SnapshotError, old_sequences, take
 from missrec.data.dataset import load_dataset, split_leave_one_out
 from missrec_cli.main import app as cli
 from service.store import HistoryStore, ItemStore
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 N_USERS = 40
 T0 = 1_700_000_000.0
@@ -31,9 +31,9 @@ def ds(scientific_dir):
     return load_dataset(scientific_dir)
 
 
-def _deploy(client, ds, abo_dir, redis_url, prefix, cluster=False):
+def _deploy(client, ds, abo_products, redis_url, prefix, cluster=False):
     """Write a deployment's worth of traffic through the API; returns what the snapshot must contain."""
-    products = [p for p in abo_products(abo_dir) if p["images"]][:3]
+    products = [p for p in abo_products if p["images"]][:3]
     new = [f"abo-life-{i}" for i in range(3)]
     for item_id, product in zip(new, products, strict=True):
         image = product["images"][0].read_bytes()
@@ -66,7 +66,7 @@ def _deploy(client, ds, abo_dir, redis_url, prefix, cluster=False):
 
 
 @pytest.fixture(scope="module")
-def deployment(scientific_bundle, ds, redis_url, tiny_clip, abo_dir, tmp_path_factory):
+def deployment(scientific_bundle, ds, redis_url, tiny_clip, abo_products, tmp_path_factory):
     import uuid
 
     from tests.helpers import drop_redis_keys
@@ -74,7 +74,7 @@ def deployment(scientific_bundle, ds, redis_url, tiny_clip, abo_dir, tmp_path_fa
     prefix = f"missrec-test-life-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp("life")
     with TestClient(make_app(scientific_bundle, redis_url, prefix, tiny_clip, tmp)) as client:
-        written = _deploy(client, ds, abo_dir, redis_url, prefix)
+        written = _deploy(client, ds, abo_products, redis_url, prefix)
     yield prefix, written
     drop_redis_keys(redis_url, prefix)
 
@@ -174,12 +174,12 @@ def test_snapshot_refuses_a_dataset_that_is_not_the_bundles(deployment, redis_ur
 
 
 def test_snapshot_against_redis_cluster(
-    redis_cluster, scientific_bundle, scientific_dir, ds, tiny_clip, abo_dir, tmp_path
+    redis_cluster, scientific_bundle, scientific_dir, ds, tiny_clip, abo_products, tmp_path
 ):
     with TestClient(
         make_app(scientific_bundle, redis_cluster, "missrec-life-cluster", tiny_clip, tmp_path, redis_cluster=True)
     ) as client:
-        written = _deploy(client, ds, abo_dir, redis_cluster, "missrec-life-cluster", cluster=True)
+        written = _deploy(client, ds, abo_products, redis_cluster, "missrec-life-cluster", cluster=True)
     r = CliRunner().invoke(
         cli, ["snapshot", "--redis", redis_cluster, "--cluster", "--prefix", "missrec-life-cluster", "--bundle",
               str(scientific_bundle), "--data", str(scientific_dir), "--out", str(tmp_path / "c")],

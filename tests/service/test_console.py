@@ -23,9 +23,9 @@ import pytest
 
 from harness.launch import InProcessServer
 from tests.helpers import drop_redis_keys
-from tests.service_helpers import abo_products, make_app
+from tests.paths import ROOT
+from tests.service_helpers import make_app
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "console-test-key-0123456789"
 TIMEOUT_MS = 15_000
 
@@ -205,8 +205,8 @@ def test_playground_builds_a_history_from_search_and_recommends(page, service, s
     page.screenshot(path=shots / "console-playground.png", full_page=False)
 
 
-def test_ingest_through_the_form_is_recommendable_and_errors_are_readable(page, service, abo_dir, shots):
-    product = next(p for p in abo_products(abo_dir) if p["images"])
+def test_ingest_through_the_form_is_recommendable_and_errors_are_readable(page, service, abo_dir, shots, abo_products):
+    product = next(p for p in abo_products if p["images"])
     item_id = f"console-{product['id']}"
     page.goto("/console/#ingest")
     view = page.locator("#view-ingest")
@@ -241,8 +241,10 @@ def test_ingest_through_the_form_is_recommendable_and_errors_are_readable(page, 
     assert message.startswith("Error: image rejected:") and "HTTP 422, invalid_image" in message, message
 
 
-def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(page, service, abo_dir, bundle_items, shots):
-    product = abo_products(abo_dir)[-1]
+def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(
+    page, service, abo_dir, bundle_items, shots, abo_products
+):
+    product = abo_products[-1]
     item_id = f"console-item-{product['id']}"
     with _api(service) as api, product["images"][0].open("rb") as photo:
         r = api.post("/v1/items", data={"item_id": item_id, "text": product["text"]}, files={"image": photo})

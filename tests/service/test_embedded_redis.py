@@ -7,13 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import redis
 
 from service.embedded_redis import EmbeddedRedis
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def test_acknowledged_writes_survive_a_restart(tmp_path):

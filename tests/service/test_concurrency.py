@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from harness.launch import InProcessServer, bundle_ids
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 TASKS, CALLS, PER_CALL = 8, 10, 3
 
@@ -92,14 +92,14 @@ def _live_items(url: str) -> float:
     return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("missrec_live_items ")))
 
 
-def test_ingest_delete_recommend_at_once_never_serve_a_deleted_item(server, scientific_bundle, abo_dir):
+def test_ingest_delete_recommend_at_once_never_serve_a_deleted_item(server, scientific_bundle, abo_dir, abo_products):
     url = server.url
     ids = bundle_ids(scientific_bundle)
     query = ids[1:4]
     live_before = _live_items(url)
     top = [i["item_id"] for i in httpx.post(f"{url}/v1/recommend", json={"history": query, "k": 60}).json()["items"]]
     victims = top[:40]  # the items this query would be served: deleting them must show at once
-    photos = [(p["text"], image) for p in abo_products(abo_dir) for image in p["images"]][:8]
+    photos = [(p["text"], image) for p in abo_products for image in p["images"]][:8]
     deleted_at: dict[str, float] = {}  # item -> when its 204 arrived
     ingested: list[str] = []
     served: list[tuple[float, list[str]]] = []  # (request sent, items returned)

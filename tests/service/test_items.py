@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.service_helpers import abo_products, make_app
+from tests.paths import ROOT
+from tests.service_helpers import make_app
 
 
 @pytest.fixture
@@ -104,9 +105,9 @@ def test_search_bad_input_is_422(client, query):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input", r.text
 
 
-def test_search_and_status_follow_ingest_and_delete(client, table, abo_dir):
+def test_search_and_status_follow_ingest_and_delete(client, table, abo_dir, abo_products):
     ids = table[0]
-    product = abo_products(abo_dir)[0]
+    product = abo_products[0]
     before = client.get("/v1/status").json()
     assert before["catalogue"] == {
         "bundle_items": len(ids) - 1,
@@ -137,10 +138,10 @@ def test_search_and_status_follow_ingest_and_delete(client, table, abo_dir):
     assert after["batch_size"]["count"] >= 1 and after["requests"]["/v1/recommend"] >= 1
 
 
-def test_thumbnail_of_an_ingested_photo(client, table, abo_dir):
+def test_thumbnail_of_an_ingested_photo(client, table, abo_dir, abo_products):
     from PIL import Image
 
-    product = abo_products(abo_dir)[1]
+    product = abo_products[1]
     photo = product["images"][0]
     with photo.open("rb") as fh:
         r = client.post("/v1/items", data={"item_id": "abo-thumb"}, files={"image": (photo.name, fh)})
@@ -155,7 +156,9 @@ def test_thumbnail_of_an_ingested_photo(client, table, abo_dir):
     assert client.get("/v1/items/nothing-here/image").json()["error"]["code"] == "not_found"
 
 
-def test_an_upload_is_decoded_once_and_encodes_as_its_bytes_do(scientific_bundle, tiny_clip, abo_dir, monkeypatch):
+def test_an_upload_is_decoded_once_and_encodes_as_its_bytes_do(
+    scientific_bundle, tiny_clip, abo_dir, monkeypatch, abo_products
+):
     """The ingest path decodes the image once (Pillow opens the bytes as often as one decode does, not twice as
     often) and the encoder and thumbnail take that picture: the features are exactly those of the raw bytes, and a
     photo's thumbnail is the one made from a full decode of it."""
@@ -170,7 +173,7 @@ def test_an_upload_is_decoded_once_and_encodes_as_its_bytes_do(scientific_bundle
 
     model = ServingModel.load(scientific_bundle, Settings(bundle=scientific_bundle, onnx_provider="cpu"))
     encoder = ClipEncoder(*tiny_clip)
-    product = abo_products(abo_dir)[2]
+    product = abo_products[2]
     photo = product["images"][0].read_bytes()
     opened, real_open = [], Image.open
     monkeypatch.setattr(Image, "open", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
@@ -200,9 +203,8 @@ def test_console_is_served_from_the_package(client):
 def test_every_console_file_is_package_data():
     """The console ships in the wheel: pyproject's package-data globs cover every file of service/console/."""
     import tomllib
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
     files = [p.relative_to(root / "service") for p in (root / "service" / "console").rglob("*") if p.is_file()]
     assert files and all(any(f.match(g) for g in globs) for f in files), (files, globs)

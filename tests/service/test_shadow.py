@@ -17,7 +17,7 @@ from harness.launch import InProcessServer
 from missrec_cli.main import app as cli
 from service.shadow import search_one
 from serving_core.bundle import read_manifest
-from tests.service_helpers import abo_products, make_app
+from tests.service_helpers import make_app
 
 KEY = "shadow-test-key"
 AUTH = {"X-API-Key": KEY}
@@ -89,10 +89,12 @@ def test_the_candidate_scores_requests_beside_the_serving_bundle(root, redis_url
         assert _metric(c.get("/metrics").text, "missrec_shadow_active") == 0
 
 
-def test_the_candidate_follows_every_item_change(root, redis_url, key_prefix, tiny_clip, tmp_path, abo_dir):
+def test_the_candidate_follows_every_item_change(
+    root, redis_url, key_prefix, tiny_clip, tmp_path, abo_dir, abo_products
+):
     from serving_core.towers import load_towers
 
-    product = abo_products(abo_dir)[0]
+    product = abo_products[0]
     photo = product["images"][0].read_bytes()
     with TestClient(_app(root, redis_url, key_prefix, tiny_clip, tmp_path)) as c:
         before = c.post("/v1/items", data={"item_id": "shadow-before", "text": product["text"]}, files={"image": photo},
