@@ -295,3 +295,19 @@ def swap_root(scientific_bundle, scientific_bundle_b, tmp_path_factory) -> Path:
     shutil.copytree(scientific_bundle, root / "a")
     shutil.copytree(scientific_bundle_b, root / "b")
     return root
+
+
+# ----- tiers ------------------------------------------------------------------------------------------------------
+# oracle: marked in its modules (seconds); slow: the process tier, marked in its modules, plus every test that uses
+# a Redis Cluster (redis-server processes of its own); service: the in-process service tier, every other test that
+# talks to the real Redis (the app in this process). `pytest -m "not slow"` is the inner loop.
+PROCESS_FIXTURES = frozenset({"redis_cluster"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if "redis_url" in names and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.service)

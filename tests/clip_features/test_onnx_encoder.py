@@ -183,6 +183,7 @@ def test_failed_export_leaves_nothing(tiny_clip: tuple[str, str], tmp_path: Path
         export_clip(*tiny_clip, tmp_path / "clip", abo_dir)
 
 
+@pytest.mark.slow  # the process tier: the CLI as a subprocess
 def test_the_export_command_fails_cleanly(tmp_path: Path, abo_dir: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "missrec_cli.main", "export-clip", "--model", TINY_MODEL, "--pretrained",

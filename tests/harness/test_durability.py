@@ -5,7 +5,11 @@ nothing, and the restarted index matches Redis. (CI-sized: `scripts/reliability.
 
 from __future__ import annotations
 
+import pytest
+
 from harness.durability import run_durability
+
+pytestmark = pytest.mark.slow  # the process tier: a service and a redis-server SIGKILLed
 
 KINDS = ("events", "ingest", "delete")
 

@@ -8,6 +8,8 @@ from harness.launch import InProcessServer, RedisServer, bundle_ids
 from harness.outage import run_outage
 from tests.service_helpers import make_app
 
+pytestmark = pytest.mark.slow  # the process tier: a redis-server of its own stopped and killed under load
+
 
 @pytest.fixture
 def own_redis(tmp_path):

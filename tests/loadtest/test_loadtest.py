@@ -81,7 +81,7 @@ def test_read_samples_drops_warmup_and_counts_errors(tmp_path):
     assert (stats.t_start, stats.t_stop) == (101.0, 111.0)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the process tier: locust and the bare app as processes
 def test_open_loop_locust_run_against_the_bare_app(tmp_path):
     """A 4 s open-loop run at 40 req/s: the locustfile, the pacing and the samples, end to end (about 10 s)."""
     traffic = {
@@ -163,7 +163,7 @@ def test_scale_bundle_keeps_real_items_and_builds_the_index(scientific_bundle, s
     assert (out / "user_tower.onnx").read_bytes() == (scientific_bundle / "user_tower.onnx").read_bytes()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the process tier: two replicas, Redis and locust as processes
 def test_scaleout_demo_two_replicas_one_redis(scientific_bundle, scientific_dir, abo_dir, tmp_path, capsys):
     """The scale-out guide's local example, short: 2 replicas + Redis, locust on both, ingests seen across."""
     import importlib.util

@@ -119,6 +119,7 @@ def test_missing_py_spy_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.slow  # the process tier: the service, locust and py-spy as processes
 def test_profile_command_sees_the_tower_and_http(scientific_bundle, scientific_dir, tmp_path):
     _py_spy_or_fail()
     from loadtest.profile import main

@@ -122,6 +122,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "inductive" in result.output
 
 
+@pytest.mark.slow  # the process tier: the CLI as a subprocess
 def test_errors_stay_on_one_line_in_a_narrow_terminal(tmp_path):
     """A path in an error is never broken over lines (it could not be copied), whatever COLUMNS says; errors go
     to standard error with exit code 2, and a [bracketed] part is printed as it is, not read as markup."""

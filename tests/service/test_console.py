@@ -26,6 +26,8 @@ from tests.helpers import drop_redis_keys
 from tests.paths import ROOT
 from tests.service_helpers import make_app
 
+pytestmark = pytest.mark.slow  # the process tier: a headless Chromium
+
 KEY = "console-test-key-0123456789"
 TIMEOUT_MS = 15_000
 

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import redis
 
 from service.embedded_redis import EmbeddedRedis
 from tests.paths import ROOT
+
+pytestmark = pytest.mark.slow  # the process tier: services and redis-servers as subprocesses, killed
 
 
 def test_acknowledged_writes_survive_a_restart(tmp_path):

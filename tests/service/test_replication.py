@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 from harness.launch import RedisServer
 from tests.service_helpers import make_app
 
+pytestmark = pytest.mark.slow  # the process tier: a redis-server of its own, flushed and restarted
+
 WAIT_S = 15.0
 
 

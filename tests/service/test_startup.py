@@ -25,6 +25,8 @@ from service.store import ItemRecord, ItemStore
 from serving_core.bundle import FORMAT_VERSION, BundleWriter, read_manifest
 from tests.service_helpers import make_app
 
+pytestmark = pytest.mark.slow  # the process tier: the service as a subprocess
+
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundle, tmp_path / "bundle"))
