@@ -164,7 +164,7 @@ class ImageTransform:
     already of that size is left untouched. ``CenterCrop(S)``: offsets ``int(round((side - S) / 2))``, a Pillow
     crop (after the resize both sides are >= S, so torchvision's padding branch never runs). Then RGB,
     ``to_tensor`` (uint8 / 255 in float32, channels first) and ``(x - mean) / std`` in float32.
-    ``tests/test_clip_onnx.py`` checks the output against open_clip's transform on real photos.
+    ``tests/clip_features/test_onnx_encoder.py`` checks the output against open_clip's transform on real photos.
     """
 
     image_size: int = 224
@@ -198,7 +198,7 @@ class ImageTransform:
 
 # ----- the CLIP BPE tokenizer without torch ------------------------------------------------------------------------
 # open_clip's SimpleTokenizer (clean="lower", no reduction mask) returns a torch tensor; this is a torch-free encoder
-# over the same vocabulary file, checked token for token against it in tests/test_clip_onnx.py.
+# over the same vocabulary file, checked token for token against it in tests/clip_features/test_onnx_encoder.py.
 START_OF_TEXT, END_OF_TEXT = "<start_of_text>", "<end_of_text>"
 N_MERGES = 49152 - 256 - 2  # merges the CLIP vocabulary uses (the file holds more)
 _WORD_PATTERN = rf"{START_OF_TEXT}|{END_OF_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+"

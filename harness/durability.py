@@ -3,7 +3,7 @@ writers streaming events (with idempotency keys), ingests of real ABO photos and
 service SIGKILLed mid-stream and restarted, the unacknowledged calls retried as a client would (same idempotency
 key, same item id), then every write checked in Redis, through the API, and in the restarted index.
 
-Shared by tests/test_durability.py (CI-sized) and ``scripts/reliability.py durability`` (longer, several kills).
+Shared by tests/harness/test_durability.py (CI-sized) and ``scripts/reliability.py durability`` (longer, several kills).
 """
 
 from __future__ import annotations

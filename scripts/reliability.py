@@ -1,4 +1,4 @@
-"""Reliability scenarios at full size (the CI-sized versions are tests/test_fuzz.py, test_reliability.py and
+"""Reliability scenarios at full size (the CI-sized versions are tests/harness/test_fuzz.py, test_reliability.py and
 test_durability.py); their figures are in docs/reliability.md.
 
     flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py fuzz [--examples 60] [--random]

@@ -17,7 +17,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--console-screenshots",
         action="store_true",
-        help="tests/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
+        help="tests/service/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
     )
 
 

@@ -59,6 +59,13 @@ def test_serving_core_and_recommend_path_import_no_torch():
     assert "torch" not in loaded and "open_clip" not in loaded and "missrec" not in loaded
 
 
+def test_the_service_imports_nothing_of_the_model_package():
+    """Every module of service/ (CLIP comes from clip_features), imported together: no missrec, no torch."""
+    loaded = _imported_after(_modules("service"))
+    assert "clip_features" in loaded
+    assert not loaded & {"missrec", "torch", "open_clip"}, sorted(loaded & {"missrec", "torch", "open_clip"})
+
+
 def test_the_clip_onnx_path_imports_no_torch():
     """Ingestion through the exported CLIP graphs (MISSREC_CLIP_ONNX) and its preprocessing need no torch."""
     loaded = _imported_after(["clip_features.preprocess", "clip_features.onnx_encoder", "service.state"])

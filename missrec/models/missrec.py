@@ -99,9 +99,9 @@ class MISSRec(nn.Module):
         self.token_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.token_dropout = ByteDropout(cfg.dropout)
         # Same parameters and function as nn.Transformer(d, n_heads, 1, 1, ff_dim, dropout, "gelu",
-        # batch_first=True): post-LN layers and a final LayerNorm on each stack (tests/test_layers.py proves the
-        # equivalence), written batch-first so training avoids nn.MultiheadAttention's transposes and exported
-        # graphs keep every axis dynamic. Encoder and decoder are separate so each can be called alone.
+        # batch_first=True): post-LN layers and a final LayerNorm on each stack (tests/missrec/nn/test_layers.py
+        # proves the equivalence), written batch-first so training avoids nn.MultiheadAttention's transposes and
+        # exported graphs keep every axis dynamic. Encoder and decoder are separate so each can be called alone.
         self.encoder = TransformerStack(
             [EncoderLayer(d, cfg.n_heads, cfg.ff_dim, cfg.dropout) for _ in range(cfg.n_encoder_layers)],
             nn.LayerNorm(d),

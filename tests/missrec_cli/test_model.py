@@ -73,7 +73,7 @@ def test_training_commands_end_to_end(tmp_path):
     assert len(ndcg["values"]) == 2 and ndcg["mean"] == sum(ndcg["values"]) / 2
     assert set(compared["versus_sasrec"]) == {"missrec_inductive", "popularity"}
     assert compared["versus_sasrec"]["popularity"]["verdict"] in ("ahead", "behind", "not distinguishable")
-    # every model is in the table; the seed towers' compare runs in tests/test_seed_cli.py
+    # every model is in the table; the seed towers' compare runs in tests/missrec_cli/test_model_families.py
     assert {"msm4sr_inductive", "mmsrec", "msm4sr_inductive_cold", "mmsrec_cold"} <= set(MODELS)
     assert (tmp_path / "c.png").stat().st_size > 1000
 

@@ -65,7 +65,7 @@ def test_every_documented_metric_moves(scientific_bundle, abo_dir, key_prefix, t
             text = client.get("/metrics").text
     finally:
         redis.stop()
-    # the swap and shadow metrics move in tests/test_swap.py and tests/test_shadow.py
+    # the swap and shadow metrics move in tests/service/test_swap.py and tests/service/test_shadow.py
     for name in (n for n in names if not n.startswith(("bundle_", "shadow_"))):
         series = f"missrec_{name}"
         if name in ("stage_seconds", "batch_size"):

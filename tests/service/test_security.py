@@ -22,8 +22,8 @@ GUARDED = {
     ("POST", "/v1/users/{user_id}/events"),
     ("POST", "/v1/items"),
     ("DELETE", "/v1/items/{item_id}"),
-    ("POST", "/v1/admin/bundle"),  # admin: also 403 without MISSREC_API_KEY (tests/test_swap.py)
-    ("PUT", "/v1/admin/shadow"),  # admin (tests/test_shadow.py)
+    ("POST", "/v1/admin/bundle"),  # admin: also 403 without MISSREC_API_KEY (tests/service/test_swap.py)
+    ("PUT", "/v1/admin/shadow"),  # admin (tests/service/test_shadow.py)
     ("DELETE", "/v1/admin/shadow"),
 }
 
