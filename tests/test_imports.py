@@ -62,7 +62,7 @@ def test_serving_core_and_recommend_path_import_no_torch():
 def test_the_service_imports_nothing_of_the_model_package():
     """Every module of service/ (CLIP comes from clip_features), imported together: no missrec, no torch."""
     loaded = _imported_after(_modules("service"))
-    assert "clip_features" in loaded
+    assert {"fastapi", "redis", "onnxruntime"} <= loaded  # the real modules were imported
     assert not loaded & {"missrec", "torch", "open_clip"}, sorted(loaded & {"missrec", "torch", "open_clip"})
 
 
