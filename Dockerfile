@@ -28,6 +28,7 @@ RUN --mount=type=secret,id=pip_cert \
     && python3 -m venv /opt/build-venv \
     && /opt/build-venv/bin/pip install --no-cache-dir build==1.2.2
 COPY pyproject.toml README.md ./
+COPY clip_features ./clip_features
 COPY missrec ./missrec
 COPY model_export ./model_export
 COPY index_builder ./index_builder

@@ -3,7 +3,7 @@ writers streaming events (with idempotency keys), ingests of real ABO photos and
 service SIGKILLed mid-stream and restarted, the unacknowledged calls retried as a client would (same idempotency
 key, same item id), then every write checked in Redis, through the API, and in the restarted index.
 
-Shared by tests/test_durability.py (CI-sized) and ``scripts/reliability.py durability`` (longer, several kills).
+Shared by tests/harness/test_durability.py (CI-sized) and ``scripts/reliability.py durability`` (longer, several kills).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 import httpx
 import redis.asyncio as aredis
 
-from harness.launch import RedisServer, ServiceProcess, abo_products, bundle_ids, service_env
-from service.store import Store
+from harness.abo import abo_products
+from harness.launch import RedisServer, ServiceProcess, bundle_ids, service_env
+from service.store import HistoryStore, ItemStore
 
 API_KEY = "durability-" + uuid.uuid4().hex
 
@@ -158,9 +159,9 @@ def _ingest_request(write: Write) -> dict:
 async def _redis_state(url: str, prefix: str, users: list[str]) -> tuple[dict[str, list[str]], dict[str, bool]]:
     """(user -> history item ids, item id -> deleted?) as stored in Redis."""
     client = aredis.Redis.from_url(url)
-    store = Store(client, prefix=prefix)
-    histories = {u: (await store.history(u))[0] for u in users}
-    items = {r.item_id: r.deleted for r in await store.all_items()}
+    stored = HistoryStore(client, prefix=prefix)
+    histories = {u: (await stored.history(u))[0] for u in users}
+    items = {r.item_id: r.deleted for r in await ItemStore(client, prefix=prefix).all_items()}
     await client.aclose()
     return histories, items
 

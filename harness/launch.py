@@ -6,27 +6,27 @@ Scripts import this installed package, never ``tests/``; the same scenario code 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from harness.ports import free_port
+
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----- artefacts (the scripts build them once under var/; the tests use the session fixtures) ---------------------
@@ -40,7 +40,7 @@ def build_scientific_bundle(out: Path, data: Path | None = None, epochs: int = 2
 
 def script_artefacts(root: Path = ROOT / "var" / "reliability") -> tuple[Path, tuple[str, str]]:
     """(bundle, (clip model, checkpoint)) for the scripts: built once, reused while its checksums hold."""
-    from missrec.clip_encoder import TINY_MODEL, save_random_init_checkpoint
+    from clip_features.torch_encoder import TINY_MODEL, save_random_init_checkpoint
     from serving_core.bundle import BundleError, verify_checksums
 
     bundle = root / "bundle"
@@ -60,62 +60,121 @@ def bundle_ids(bundle: Path) -> list[str]:
     return json.loads((bundle / "items" / "ids.json").read_text())
 
 
+# ----- child processes: the one launcher of the tests, the load tests and the scripts --------------------------
+@dataclass
+class Child:
+    """A child process with its log file; stop() sends SIGTERM, then SIGKILL after a grace period."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path | None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s: killing it", self.name, grace)
+            self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL and reap (a no-op when it already exited)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, n: int = 30) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start(
+    name: str, args: list[str], output: Path | None, env: dict[str, str] | None = None, cpus: list[int] | None = None
+) -> Child:
+    """Start ``args`` in the repository root with this checkout first on PYTHONPATH (prefixed with taskset when
+    ``cpus`` are given), output to ``output`` (a folder: ``output/<name>.log``; a ``.log`` file: appended; None:
+    discarded)."""
+    log_path = None if output is None else (output if output.suffix == ".log" else output / f"{name}.log")
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    if cpus and shutil.which("taskset"):
+        args = ["taskset", "-c", ",".join(map(str, cpus)), *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    with log_path.open("ab") if log_path is not None else contextlib.nullcontext(subprocess.DEVNULL) as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    log.info("started %s (pid %d)%s: %s", name, proc.pid, f" on cpus {cpus}" if cpus else "", " ".join(args[-8:]))
+    return Child(name, proc, log_path)
+
+
+def wait_ready(url: str, child: Child | None = None, timeout: float = 600.0, poll: float = 0.25) -> float:
+    """Wait until GET url/readyz is 200; returns the seconds it took. RuntimeError as soon as the child died,
+    TimeoutError after ``timeout``."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll)
+    raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
+
+
 # ----- the service as a real process ------------------------------------------------------------------------------
 class ServiceProcess:
     """``uvicorn service.main:app`` in a child process (settings through MISSREC_* variables), so it can be
-    SIGKILLed and restarted like a pod."""
+    SIGKILLed and restarted like a pod. Launched by :func:`start`, like every child of the tests and tools."""
 
     def __init__(self, env: dict[str, str], port: int | None = None, log_path: Path | None = None) -> None:
         self.env = env
         self.port = port or free_port()
         self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child: Child | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.child.proc if self.child is not None else None
+
     def start(self, timeout: float = 120.0) -> float:
         """Start and wait for /readyz 200; returns the seconds it took."""
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", **self.env}
-        out = self.log_path.open("ab") if self.log_path else subprocess.DEVNULL
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode} (log: {self.log_path})")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"service not ready within {timeout} s (log: {self.log_path})")
+        args = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.child = start("service", args, self.log_path, {"OPENBLAS_NUM_THREADS": "1", **self.env})
+        try:
+            return wait_ready(self.url, self.child, timeout, poll=0.1)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"service not ready within {timeout} s (log: {self.log_path})") from None
 
     def kill(self) -> None:
         """SIGKILL: no shutdown work, like an OOM kill or a node loss."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-        self.process = None
+        if self.child is not None:
+            self.child.kill()
+        self.child = None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
+        if self.child is not None:
+            self.child.stop(grace=15.0)
+        self.child = None
 
 
 def service_env(bundle: Path, redis_url: str, prefix: str, clip: tuple[str, str], data_dir: Path, **extra: str):
@@ -250,42 +309,3 @@ def make_app(bundle: Path, redis_url: str, key_prefix: str, tiny_clip: tuple[str
         **({"max_wait_ms": 1.0} | extra),
     )
     return create_app(settings)
-
-
-def abo_products(abo_dir: Path) -> list[dict]:
-    """The real ABO sample products: id (ASIN folder), text ("name. style. brand."), sorted photo paths."""
-    import ast
-
-    products = []
-    for folder in sorted(p for p in abo_dir.iterdir() if p.is_dir()):
-        meta = ast.literal_eval((folder / "metadata.txt").read_text(encoding="utf-8"))
-
-        def first(field: str, meta: dict = meta) -> str:
-            raw = meta.get(field, "")
-            return raw.split("value=", 1)[1].split("}", 1)[0] if "value=" in raw else ""
-
-        text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
-        products.append({"id": folder.name, "text": text + ".", "images": sorted(folder.glob("*.jpg"))})
-    return products
-
-
-def cluster_ports(n: int) -> list[int]:
-    """n ports whose cluster bus ports (port + 10000) are free too (a node dies if its bus port is unusable)."""
-    import random
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
-
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(20000, 40000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    return ports

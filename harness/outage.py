@@ -1,4 +1,4 @@
-"""A Redis outage under load against a real service: the scenario behind tests/test_reliability.py and
+"""A Redis outage under load against a real service: the scenario behind tests/harness/test_outage.py and
 ``scripts/reliability.py outage`` (kill or pause the redis-server mid-traffic, measure what clients saw)."""
 
 from __future__ import annotations

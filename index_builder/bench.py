@@ -10,7 +10,7 @@ rank^-0.8 (about 100 to 44k items at 1M); each cluster has a shared centre plus 
 image-specific direction, so that users who lean towards one modality make the dynamic fusion matter;
 items = normalise(centre + modality direction + noise); users = unit vectors near a cluster centre leaning towards
 text or image by a random amount. Part (a) of the benchmark (ONNX Runtime vs PyTorch eager user tower) lives with
-the towers (index_builder/towers.py, model_export/onnx_export.py), not here.
+the towers (index_builder/towers.py, model_export/missrec.py), not here.
 """
 
 from __future__ import annotations

@@ -5,10 +5,11 @@
 Catalogue` whose live items are the dataset's: dataset items a bundle does not hold are ingested from the
 dataset's raw features through that bundle's item tower (as a swap re-embeds ingested items), bundle items the
 dataset does not hold are deleted. Every user row of the split (the held-out last event by default) is then served
-as the service serves it: user tower over the history, ``top_k`` over the index and the catalogue tail, the
-history excluded, k = the largest cut-off. A target's rank is its position in the served list (past the list:
-a miss). NDCG@10 per user gives the paired bootstrap interval of NEW - CURRENT (:func:`missrec.stats.
-paired_bootstrap`) and the verdict: ``ahead`` (interval above zero), ``behind`` or ``not distinguishable``.
+as the service serves it, through :func:`service.recommender.serve`: user tower over the history, exact top-k over
+the index and the catalogue tail, the history excluded, k = the largest cut-off. A target's rank is its position in
+the served list (past the list: a miss). NDCG@10 per user gives the paired bootstrap interval of NEW - CURRENT
+(:func:`missrec.evaluation.stats.paired_bootstrap`) and the verdict: ``ahead`` (interval above zero), ``behind``
+or ``not distinguishable``.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from missrec.data import SeqDataset, load_dataset
-from missrec.evaluate import metrics_from_ranks, ndcg_per_row
-from missrec.stats import PairedInterval, paired_bootstrap
+from missrec.data.dataset import SeqDataset, load_dataset
+from missrec.evaluation.metrics import metrics_from_ranks, ndcg_per_row
+from missrec.evaluation.stats import PairedInterval, paired_bootstrap
 from service.catalogue import Catalogue, Snapshot
+from service.recommender import serve
 from service.serving_model import ServingModel
 from service.settings import Settings
 from service.store import ItemRecord
 from serving_core.bundle import MISSREC_FUSION
-from serving_core.topk import top_k
 
 KS = (10, 50)
 BATCH = 256
@@ -108,24 +109,14 @@ def score_bundle(bundle: Path, ds: SeqDataset, split: str = "test", settings: Se
         histories, targets = [], []
         for r in range(start, stop):
             items = [ds.item_ids[i - 1] for i in rows.histories[r, : rows.lengths[r]]]
-            served, _ = snap.rows_for(items)
-            histories.append(np.asarray(served, dtype=np.int64))
+            known, _ = snap.rows_for(items)
+            histories.append(np.asarray(known, dtype=np.int64))
             targets.append(snap.row(ds.item_ids[rows.targets[r] - 1]))
-        users = model.towers.user.encode(histories, snap.item_arrays())
-        found = top_k(
-            users,
-            k,
-            snap.index,
-            snap.scorer(),
-            exclude=[set(h.tolist()) for h in histories],
-            deleted=snap.deleted,
-            options=model.options,
-        )
-        for b, target in enumerate(targets):
-            ids, _ = found.row(b)
-            hit = np.flatnonzero(ids == target)
+        served = serve(snap, histories, [k] * len(histories), [set(h.tolist()) for h in histories])
+        for one, b, target in zip(served, range(start, stop), targets, strict=True):
+            hit = np.flatnonzero(one.rows == target)
             if hit.size:
-                ranks[start + b] = int(hit[0])
+                ranks[b] = int(hit[0])
     fusion = model.manifest.scorer.kind == MISSREC_FUSION
     return BundleScore(
         bundle=str(bundle),

@@ -41,8 +41,15 @@ import redis
 from redis.cluster import RedisCluster
 from tqdm import tqdm
 
-from missrec.data import DatasetError, SeqDataset, load_dataset, split_leave_one_out, write_atomic, write_dataset
-from service.store import ItemRecord, Store, parse_history_entry
+from missrec.data.dataset import (
+    DatasetError,
+    SeqDataset,
+    load_dataset,
+    split_leave_one_out,
+    write_atomic,
+    write_dataset,
+)
+from service.store import ItemRecord, ItemStore, parse_history_entry
 from serving_core.bundle import read_bundle
 
 SNAPSHOT_FILE = "snapshot.json"
@@ -121,7 +128,7 @@ def scan_histories(
     bar.close()
 
 
-def read_items(client: redis.Redis | RedisCluster, store: Store, batch: int = 500) -> list[ItemRecord]:
+def read_items(client: redis.Redis | RedisCluster, store: ItemStore, batch: int = 500) -> list[ItemRecord]:
     """Every stored item change (latest per id), in version order (deterministic)."""
     ids = [i.decode() for i in client.zrange(store.ids_key, 0, -1)]
     records = []
@@ -214,7 +221,7 @@ def take_snapshot(
     old = old_sequences(load_dataset(merge)) if merge is not None else {}
 
     client = connect(redis_url, cluster)
-    store = Store(client, prefix)  # type: ignore[arg-type]  # only its key names are used
+    store = ItemStore(client, prefix)  # type: ignore[arg-type]  # only its key names are used
     counts = Counts()
     try:
         records = read_items(client, store)

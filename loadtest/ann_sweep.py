@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     towers = load_towers(args.bundle, "cpu", 1)
     index, info = load_index(args.bundle, towers.manifest, "cpu")

@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from harness.launch import Child, wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.report import GEN_CPU_LIMIT, main_table, print_report, write_outputs
 from loadtest.stats import read_samples, stage_deltas
@@ -111,7 +113,7 @@ def clip_checkpoint(model: str, cache: Path) -> str:
     """A RANDOM-INIT open_clip checkpoint of ``model``, saved once under cache (no weights can be downloaded)."""
     path = cache / f"clip-random-{model}.pt"
     if not path.is_file():
-        from missrec.clip_encoder import save_random_init_checkpoint
+        from clip_features.torch_encoder import save_random_init_checkpoint
 
         save_random_init_checkpoint(model, path, seed=0)
     return str(path.resolve())
@@ -194,14 +196,14 @@ def main(argv: list[str] | None = None) -> dict:
              len(traffic["products"]))  # fmt: skip
     pretrained = args.clip_pretrained or clip_checkpoint(args.clip_model, out.parent)
 
-    children: list[procs.Child] = []
+    children: list[Child] = []
     redis_server = None
     try:
         url_redis = args.redis_url
         if not url_redis:
             from service.embedded_redis import EmbeddedRedis
 
-            redis_server = EmbeddedRedis(out / "redis", port=procs.free_port(), fsync=args.redis_fsync)
+            redis_server = EmbeddedRedis(out / "redis", port=free_port(), fsync=args.redis_fsync)
             url_redis = redis_server.start()
             procs.pin(redis_server.process.pid, client_cpus)
         env = {
@@ -210,11 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
             "MISSREC_ONNX_PROVIDER": args.onnx_provider, "MISSREC_FAISS_DEVICE": args.faiss_device,
         }  # fmt: skip
         env |= dict(e.split("=", 1) for e in args.env)
-        port = procs.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus)
         children.append(svc)
-        load_s = procs.wait_ready(url, svc, args.ready_timeout)
+        load_s = wait_ready(url, svc, args.ready_timeout)
         checks = httpx.get(f"{url}/readyz").json()["checks"]
         log.info("service ready in %.1f s: %s", load_s, checks)
         pids = {"service": svc.pid} | ({"redis": redis_server.process.pid} if redis_server else {})
@@ -232,10 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
 
                 others = []
                 if args.other_replica:
-                    port_b = procs.free_port()
+                    port_b = free_port()
                     b = procs.serve_service(args.bundle.resolve(), port_b, out / "logs", env, client_cpus, "replica-b")
                     children.append(b)
-                    procs.wait_ready(f"http://127.0.0.1:{port_b}", b, args.ready_timeout)
+                    wait_ready(f"http://127.0.0.1:{port_b}", b, args.ready_timeout)
                     others.append(f"http://127.0.0.1:{port_b}")
                 ingest = measure(url, others, traffic["products"], n=args.ingest_probes, tag=f"{run_id}-probe")
                 log.info("ingest -> visible: %s", json.dumps(ingest))
@@ -244,10 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
             svc.stop()
             bare_runs: list[dict] = []
             if args.bare:
-                port = procs.free_port()
+                port = free_port()
                 bare = procs.serve_bare(port, out / "logs", service_cpus)
                 children.append(bare)
-                procs.wait_ready(f"http://127.0.0.1:{port}", bare, 60)
+                wait_ready(f"http://127.0.0.1:{port}", bare, 60)
                 meter.add("service", bare.pid)
                 bare_runs = drive("bare", f"http://127.0.0.1:{port}", rates, args, ctx, scrape=False)
                 bare.stop()

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from loadtest.traffic import abo_products
+from harness.abo import abo_photos
 
 
 def time_model(model: str, products: list[dict], threads: int, repeats: int) -> dict[str, float]:
     import torch
 
-    from missrec.clip_encoder import ClipEncoder
+    from clip_features.torch_encoder import ClipEncoder
 
     torch.set_num_threads(threads)
     encoder = ClipEncoder.random_init(model)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
-    products = abo_products(args.abo)
+    products = abo_photos(args.abo)
     rows = [time_model(m, products, t, args.repeats) for m in args.models for t in args.threads]
     print(f"{'model':<18} {'threads':>7} {'items':>5} {'item p50':>9} {'item p99':>9} {'image p50':>9} {'text p50':>9}")
     for r in rows:

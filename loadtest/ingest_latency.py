@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from loadtest.traffic import abo_products
+from harness.abo import abo_photos
 
 
 def _poll(client: httpx.Client, item_id: str, k: int, t0: float, poll_s: float, timeout_s: float) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
-    report = measure(args.primary, args.other, abo_products(args.abo), n=args.n, k=args.k)
+    report = measure(args.primary, args.other, abo_photos(args.abo), n=args.n, k=args.k)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

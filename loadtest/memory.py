@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from harness.launch import wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.bench import clip_checkpoint
 
@@ -133,17 +135,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not url_redis:
             from service.embedded_redis import EmbeddedRedis
 
-            redis_server = EmbeddedRedis(out / "redis", port=procs.free_port())
+            redis_server = EmbeddedRedis(out / "redis", port=free_port())
             url_redis = redis_server.start()
         env = {
             "MISSREC_REDIS_URL": url_redis, "MISSREC_KEY_PREFIX": tag, "MISSREC_DATA_DIR": str(out / "state"),
             "MISSREC_CLIP_MODEL": args.clip_model, "MISSREC_CLIP_PRETRAINED": clip_checkpoint(args.clip_model, out),
         }  # fmt: skip
         env |= dict(e.split("=", 1) for e in args.env)
-        port = procs.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         svc = procs.serve_service(bundle, port, out / "logs", env, None)
-        ready_s = procs.wait_ready(url, svc)
+        ready_s = wait_ready(url, svc)
         steps.append({"step": "ready", "seconds": round(ready_s, 1), **memory(svc.pid, bundle)})
         with httpx.Client(base_url=url, timeout=60.0) as client:
             steps.append({"step": "requests", **recommend(client, hists), **memory(svc.pid, bundle)})

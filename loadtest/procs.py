@@ -1,6 +1,6 @@
-"""Child processes of a load test: the service, the bare app, Redis and locust, pinned to CPU sets, with CPU meters.
-
-Everything here talks to processes and HTTP only; nothing imports the service.
+"""What a load test adds to the harness's launcher (:func:`harness.launch.start`): CPU sets to pin the service,
+the bare app and locust to, CPU meters, the locust command line. Everything here talks to processes and HTTP
+only; nothing imports the service.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -18,12 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import psutil
 
-from harness.launch import free_port
-
-__all__ = ["free_port"]  # re-exported: the load tests' launchers use the harness's
+from harness.launch import Child, start
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,54 +56,6 @@ def pin(pid: int, cpus: list[int] | None) -> None:
         subprocess.run(["taskset", "-a", "-cp", ",".join(map(str, cpus)), str(pid)], check=True, capture_output=True)
 
 
-@dataclass
-class Child:
-    """A child process with its log file; stop() sends SIGTERM, then SIGKILL after a grace period."""
-
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, grace: float = 15.0) -> None:
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s: killing it", self.name, grace)
-            self.proc.kill()
-            self.proc.wait()
-
-    def tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def start(
-    name: str, args: list[str], log_dir: Path, env: dict[str, str] | None = None, cpus: list[int] | None = None
-) -> Child:
-    """Start args (prefixed with taskset when cpus are given) with output to log_dir/name.log."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    if cpus and shutil.which("taskset"):
-        args = ["taskset", "-c", ",".join(map(str, cpus)), *args]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    with log_path.open("wb") as fh:
-        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
-    log.info("started %s (pid %d)%s: %s", name, proc.pid, f" on cpus {cpus}" if cpus else "", " ".join(args[-8:]))
-    return Child(name, proc, log_path)
-
-
 def thread_env(cpus: list[int] | None) -> dict[str, str]:
     """Thread counts that match a pinned CPU set (ONNX Runtime, OpenMP/FAISS, torch, BLAS)."""
     if not cpus:
@@ -131,21 +79,6 @@ def serve_bare(port: int, log_dir: Path, cpus: list[int] | None) -> Child:
     args = [sys.executable, "-m", "uvicorn", "loadtest.bare_app:app", "--host", "127.0.0.1", "--port", str(port)]
     args += ["--workers", "1", "--log-level", "info", "--no-access-log", "--timeout-graceful-shutdown", "10"]
     return start("bare", args, log_dir, thread_env(cpus), cpus)
-
-
-def wait_ready(url: str, child: Child | None = None, timeout: float = 600.0) -> float:
-    """Wait until GET url/readyz is 200; returns the seconds it took. Fails early if the child died."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if child is not None and not child.alive():
-            raise RuntimeError(f"{child.name} exited ({child.proc.returncode}):\n{child.tail()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2.0).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} was not ready within {timeout:.0f} s")
 
 
 @dataclass

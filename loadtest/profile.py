@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.launch import Child, start, wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.stacks import Profile, parse_collapsed, summarise
 from loadtest.stats import read_samples
@@ -166,8 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from service.embedded_redis import EmbeddedRedis
 
-    redis_server = EmbeddedRedis(out / "redis", port=procs.free_port(), fsync="always")
-    children: list[procs.Child] = []
+    redis_server = EmbeddedRedis(out / "redis", port=free_port(), fsync="always")
+    children: list[Child] = []
     try:
         url_redis = redis_server.start()
         procs.pin(redis_server.process.pid, client_cpus)
@@ -176,25 +178,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "MISSREC_CLIP_PRETRAINED": "",  # ingestion off: no torch in the process, recommend traffic only
         }  # fmt: skip
         env |= dict(e.split("=", 1) for e in args.env)
-        port = procs.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus)
         children.append(svc)
-        load_s = procs.wait_ready(url, svc, args.ready_timeout)
+        load_s = wait_ready(url, svc, args.ready_timeout)
         log.info("service ready in %.1f s", load_s)
         with procs.CpuMeter({"service": svc.pid}) as meter:
             seeded = asyncio.run(seed_histories(url, traffic["users"]))
             log.info("seeded %d user histories; driving %s for %.0f s", seeded, load, args.warmup + args.seconds)
             samples = out / "runs" / "profile.csv"
             samples.parent.mkdir(parents=True, exist_ok=True)
-            locust = procs.start("locust", procs.locust_args(
+            locust = start("locust", procs.locust_args(
                 url, traffic_path, samples.with_suffix(""), rate=rate, users=users,
                 duration=args.warmup + args.seconds, mix=args.mix, tag=run_id, k=args.k,
             ), out / "logs", {}, client_cpus)  # fmt: skip
             children.append(locust)
             time.sleep(args.warmup)
             spy_args = record_args(exe, svc.pid, out / "profile.txt", args.seconds, args.sample_rate, native)
-            spy = procs.start("py-spy", spy_args, out / "logs", {}, client_cpus)
+            spy = start("py-spy", spy_args, out / "logs", {}, client_cpus)
             children.append(spy)
             if spy.proc.wait(args.seconds + 120) != 0 or not (out / "profile.txt").is_file():
                 raise ProfilerMissing(f"py-spy failed ({spy.proc.returncode}):\n{spy.tail()}")

@@ -66,7 +66,7 @@ def scale_bundle(
     overwrite: bool = False,
 ) -> IndexInfo:
     """Write the bundle ``out`` with ``items`` items (base items first) and its index; returns the index info."""
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     if out.exists():
         if not overwrite:

@@ -51,7 +51,7 @@ RULES: tuple[tuple[str, str, str, str], ...] = (
     # -- libraries the request path calls (stack scope) ------------------------------------------------------
     ("logging / access log", STACK, r"(^|/)logging/|uvicorn/logging\.py", ""),
     ("metrics / prometheus / telemetry", STACK, r"prometheus_client|service/metrics\.py", ""),
-    ("Redis client + history store", STACK, r"(^|/)redis/|hiredis|service/store\.py", ""),
+    ("Redis client + history store", STACK, r"(^|/)redis/|hiredis|service/store(\.py|/)", ""),
     ("pydantic validation", STACK, r"pydantic", ""),
     ("JSON serialisation", STACK, r"(^|/)json/|_json|orjson|fastapi/encoders\.py", ""),
     ("JSON serialisation", STACK, r"starlette/responses\.py", r"^render$"),

@@ -30,6 +30,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from harness.launch import Child, wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.bench import clip_checkpoint, machine, memory_mib, seed_histories
 
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ids = json.loads((a / "items/ids.json").read_text(encoding="utf-8"))
     traffic = build_traffic(args.data, ids, args.abo)
     traffic_path = write_traffic(out / "traffic.json", traffic)
-    redis_server = EmbeddedRedis(out / "redis", port=procs.free_port())
-    children: list[procs.Child] = []
+    redis_server = EmbeddedRedis(out / "redis", port=free_port())
+    children: list[Child] = []
     try:
         redis_url = redis_server.start()
         env = {
@@ -143,11 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "MISSREC_CLIP_MODEL": args.clip_model, "MISSREC_CLIP_PRETRAINED": clip_checkpoint(args.clip_model, out),
             "MISSREC_API_KEY": KEY, "MISSREC_BUNDLE_ROOT": str(root),
         }  # fmt: skip
-        port = procs.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         svc = procs.serve_service(a, port, out / "logs", env, None)
         children.append(svc)
-        log.info("service ready in %.1f s", procs.wait_ready(url, svc))
+        log.info("service ready in %.1f s", wait_ready(url, svc))
         asyncio.run(seed_histories(url, traffic["users"], headers=AUTH))
         os.environ["MISSREC_API_KEY"] = KEY  # locust's writes carry it (loadtest/locustfile.py)
         rss_before = memory_mib(svc.pid)

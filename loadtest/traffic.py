@@ -10,36 +10,19 @@ writes it from a dataset in the atomic format (real Scientific users by default)
 
 from __future__ import annotations
 
-import ast
-import base64
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from harness.abo import abo_photos
 
 DEFAULT_MIX = "user=80,history=7.5,events=12,ingest=0.5"  # relative weights of the request kinds (locustfile)
 
 
-def abo_products(abo_dir: Path) -> list[dict[str, Any]]:
-    """Real ABO sample products: text ("name. colour. brand.") and every photo of each product, as base64."""
-    products = []
-    for folder in sorted(p for p in Path(abo_dir).iterdir() if p.is_dir()):
-        meta = ast.literal_eval((folder / "metadata.txt").read_text(encoding="utf-8"))
-
-        def first(name: str, meta: dict = meta) -> str:
-            raw = meta.get(name, "")
-            return raw.split("value=", 1)[1].split("}", 1)[0] if "value=" in raw else ""
-
-        text = ". ".join(x for x in (first("model_name") or first("style"), first("color"), first("brand")) if x)
-        for photo in sorted(folder.glob("*.jpg")):
-            products.append({"text": text + ".", "image_base64": base64.b64encode(photo.read_bytes()).decode()})
-    return products
-
-
 def build_traffic(data_dir: Path, bundle_ids: list[str], abo_dir: Path | None, max_history: int = 50) -> dict:
     """Traffic of the real users of ``data_dir`` whose items all exist in the bundle (item ids ``bundle_ids``)."""
-    from missrec.data import load_dataset
+    from missrec.data.dataset import load_dataset
 
     ds = load_dataset(data_dir)
     known = set(bundle_ids)
@@ -57,7 +40,7 @@ def build_traffic(data_dir: Path, bundle_ids: list[str], abo_dir: Path | None, m
         "users": users,
         "items": [i for _, i in items],
         "item_weights": [round(float(counts[j]), 3) for j, _ in items],
-        "products": abo_products(abo_dir) if abo_dir else [],
+        "products": abo_photos(abo_dir) if abo_dir else [],
     }
 
 

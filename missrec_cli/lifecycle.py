@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from missrec_cli.serving import _fail, console
+from missrec_cli.common import console, fail
 
 
 def snapshot(
@@ -28,7 +28,7 @@ def snapshot(
     """Write every user history and every live item of a deployment as a training dataset (chronological
     leave-one-out), with a manifest of where it came from and what was left out."""
     from lifecycle.snapshot import SnapshotError, take_snapshot
-    from missrec.data import DatasetError
+    from missrec.data.dataset import DatasetError
     from serving_core.bundle import BundleError
 
     try:
@@ -37,10 +37,10 @@ def snapshot(
             overwrite=overwrite, progress=True,
         )  # fmt: skip
     except (SnapshotError, BundleError, DatasetError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except Exception as exc:  # redis-py's connection and response errors
         if type(exc).__module__.startswith("redis"):
-            raise _fail(f"Redis at {redis_url}: {exc}") from None
+            raise fail(f"Redis at {redis_url}: {exc}") from None
         raise
     console.print_json(json.dumps(snap.manifest["counts"]))
     console.print(
@@ -61,15 +61,15 @@ def evaluate_bundle(
     """Compare two bundles through the serving path (ONNX towers + index, history excluded) on held-out events,
     with a paired bootstrap interval of the per-user NDCG@10 difference."""
     from lifecycle.evaluate import evaluate_bundles
-    from missrec.data import DatasetError
+    from missrec.data.dataset import DatasetError
     from serving_core.bundle import BundleError
 
     if split not in ("test", "valid"):
-        raise _fail(f"--split must be test or valid, got {split!r}")
+        raise fail(f"--split must be test or valid, got {split!r}")
     try:
         cmp = evaluate_bundles(bundle, against, data, split=split)
     except (BundleError, DatasetError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     table = Table(title=f"{cmp.split} rows of {data} ({cmp.users} users), served with history excluded")
     metrics = list(cmp.new.metrics)
     for col in ("bundle", "version", *metrics, "embedded", "seconds"):

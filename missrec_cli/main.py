@@ -1,24 +1,31 @@
-"""The ``missrec`` console script: the model commands (missrec.cli) plus the serving commands (missrec_cli.serving).
-
-The model package's own app is left as it is (``python -m missrec.cli`` has the model commands only); this one
-holds the same commands and callback, and the serving ones."""
+"""The ``missrec`` console script: the model commands (:mod:`missrec_cli.model`), the data commands
+(:mod:`missrec_cli.data`), the serving commands (:mod:`missrec_cli.serving`) and the lifecycle commands
+(:mod:`missrec_cli.lifecycle`), each module importing what its commands need only when they run."""
 
 from __future__ import annotations
 
+import logging
+from typing import Annotated
+
 import typer
 
-from missrec.cli import app as model_app
-from missrec_cli import lifecycle
-from missrec_cli.serving import register
+from missrec_cli import data, lifecycle, model, serving
 
 app = typer.Typer(
     help="MISSRec: train, evaluate, export and serve multi-modal sequential recommenders.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.registered_callback = model_app.registered_callback
-app.registered_commands.extend(model_app.registered_commands)
-register(app)
+
+
+@app.callback()
+def main(log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+model.register(app)
+data.register(app)
+serving.register(app)
 lifecycle.register(app)
 
 __all__ = ["app"]

@@ -25,10 +25,11 @@ def train_export_index(
     """Train MISSRec on ``data`` (run in out/run), export the bundle to out/bundle and index it.
 
     Returns (bundle directory, index description, the run's metrics)."""
-    from missrec.data import load_dataset
-    from missrec.runs import save_run, train_missrec
-    from missrec.train import TrainOptions
-    from model_export.onnx_export import export_bundle
+    from missrec.data.dataset import load_dataset
+    from missrec.recipes.missrec import train_missrec
+    from missrec.training.loop import TrainOptions
+    from missrec.training.run import save_run
+    from model_export.bundle import export_bundle
 
     ds = load_dataset(data)
     opts = TrainOptions(epochs=epochs, patience=patience, seed=seed, progress=progress is not False)

@@ -8,21 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+from missrec_cli.common import console, fail
 
 if TYPE_CHECKING:
     import httpx
 
-console = Console()
 log = logging.getLogger(__name__)
 
 QUICKSTART_DIR = Path("var/quickstart")
 DEMO_CLIP_MODEL = "missrec-tiny-512"
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {message}")
-    return typer.Exit(code=2)
 
 
 def export(
@@ -32,15 +27,16 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle.")] = False,
 ) -> None:
     """Export towers (ONNX, parity-checked), item table and manifest into a serving bundle."""
-    from missrec.checkpoint import CheckpointError
-    from missrec.data import DatasetError
-    from model_export.onnx_export import ExportError, export_bundle
+    from missrec.data.dataset import DatasetError
+    from missrec.models.checkpoint import CheckpointError
+    from model_export.bundle import export_bundle
+    from model_export.parity import ExportError
     from serving_core.bundle import BundleError
 
     try:
         manifest = export_bundle(checkpoint, data, out, overwrite=overwrite)
     except (ExportError, BundleError, CheckpointError, DatasetError, FileExistsError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     parity = manifest.export.get("parity", {})
     scorer = manifest.scorer
     fusion = f", K={manifest.num_interests}, alpha={scorer.alpha:.4f}" if scorer.kind == "missrec_fusion" else ""
@@ -60,13 +56,13 @@ def export_clip(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
 ) -> None:
     """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4)."""
-    from model_export.clip_export import export_clip as run_export
+    from model_export.clip import export_clip as run_export
     from model_export.parity import ExportError
 
     try:
         manifest = run_export(model, pretrained, out, samples, overwrite=overwrite)
     except (ExportError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     console.print(f"exported {manifest.model_name} CLIP encoders ({manifest.dim}-d) to {out}; parity {manifest.parity}")
 
 
@@ -82,11 +78,11 @@ def build_index(
     from serving_core.bundle import BundleError
 
     if device not in ("auto", "cpu", "gpu"):
-        raise _fail("--device must be auto, cpu or gpu")
+        raise fail("--device must be auto, cpu or gpu")
     try:
         info = run_build(bundle, factory=factory, device=device)
     except (BundleError, RuntimeError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     summary = dataclasses.asdict(info)
     report = summary["details"].pop("recall_report", None)
     console.print_json(data=summary)
@@ -106,7 +102,7 @@ def serve(
     if bundle is not None:
         os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
     if not os.environ.get("MISSREC_BUNDLE"):
-        raise _fail("no bundle: pass --bundle or set MISSREC_BUNDLE (or run `missrec quickstart`)")
+        raise fail("no bundle: pass --bundle or set MISSREC_BUNDLE (or run `missrec quickstart`)")
     from service.settings import get_settings
 
     uvicorn.run(
@@ -148,13 +144,13 @@ def swap(
 
     if require_better:
         if against is None or data is None:
-            raise _fail("--require-better needs --against CURRENT and --data DIR")
+            raise fail("--require-better needs --against CURRENT and --data DIR")
         from lifecycle.evaluate import evaluate_bundles
 
         try:
             cmp = evaluate_bundles(Path(bundle), against, data)
         except (ValueError, OSError) as exc:  # BundleError and DatasetError are ValueErrors
-            raise _fail(str(exc)) from None
+            raise fail(str(exc)) from None
         iv = cmp.interval
         console.print(
             f"NDCG@10 {cmp.new.metrics['ndcg@10']:.4f} vs {cmp.current.metrics['ndcg@10']:.4f}: "
@@ -168,9 +164,9 @@ def swap(
     try:
         r = httpx.post(f"{base}/v1/admin/bundle", json={"bundle": bundle}, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        raise _fail(f"{base}: {exc}") from None
+        raise fail(f"{base}: {exc}") from None
     if r.status_code != 202:
-        raise _fail(f"{r.status_code} {_error_text(r)}")
+        raise fail(f"{r.status_code} {_error_text(r)}")
     announced = r.json()
     console.print(f"announced {announced['version']} ({announced['bundle']}, generation {announced['generation']})")
     if not wait:
@@ -221,18 +217,18 @@ def shadow(
     headers = {"X-API-Key": api_key} if api_key else {}
     base = url.rstrip("/")
     if stop == (bundle is not None):
-        raise _fail("give either --bundle (start) or --stop")
+        raise fail("give either --bundle (start) or --stop")
     try:
         if stop:
             r = httpx.delete(f"{base}/v1/admin/shadow", headers=headers, timeout=30.0)
             if r.status_code != 204:
-                raise _fail(f"{r.status_code} {_error_text(r)}")
+                raise fail(f"{r.status_code} {_error_text(r)}")
             console.print("shadow off")
             return
         r = httpx.put(f"{base}/v1/admin/shadow", json={"bundle": bundle, "fraction": fraction}, headers=headers,
                       timeout=timeout)  # fmt: skip
         if r.status_code != 202:
-            raise _fail(f"{r.status_code} {_error_text(r)}")
+            raise fail(f"{r.status_code} {_error_text(r)}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = httpx.get(f"{base}/v1/admin/shadow", headers=headers, timeout=10.0).json()
@@ -244,7 +240,7 @@ def shadow(
                 raise typer.Exit(code=1)
             time.sleep(0.2)
     except httpx.HTTPError as exc:
-        raise _fail(f"{base}: {exc}") from None
+        raise fail(f"{base}: {exc}") from None
     console.print(f"[bold red]timeout:[/] the candidate did not load in {timeout:g} s")
     raise typer.Exit(code=1)
 
@@ -259,7 +255,7 @@ def _error_text(r: httpx.Response) -> str:
 
 def _demo_clip(root: Path) -> tuple[str, str]:
     """A random-init open_clip checkpoint for the demo (no pretrained weights can be assumed offline)."""
-    from missrec.clip_encoder import save_random_init_checkpoint
+    from clip_features.torch_encoder import save_random_init_checkpoint
 
     path = root / "clip-random-init.pt"
     if not path.is_file():
@@ -268,7 +264,7 @@ def _demo_clip(root: Path) -> tuple[str, str]:
 
 
 def _quickstart_bundle(root: Path, epochs: int) -> Path:
-    from missrec.synthetic import generate_synthetic
+    from missrec.data.synthetic import generate_synthetic
     from missrec_cli.pipeline import train_export_index
     from serving_core.bundle import BundleError, verify_checksums
 

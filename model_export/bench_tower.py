@@ -28,8 +28,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from missrec.checkpoint import attach_features, load_checkpoint
-from missrec.data import load_dataset
+from missrec.data.dataset import load_dataset
+from missrec.models.checkpoint import attach_features, load_checkpoint
 from serving_core.towers import load_towers
 
 

@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     import onnxruntime as ort
     import torch
 
-    from loadtest.traffic import abo_products
-    from missrec.clip_encoder import ClipEncoder, save_random_init_checkpoint
-    from missrec.clip_onnx import OnnxClipEncoder
-    from missrec.clip_preprocess import file_sha256
-    from model_export.clip_export import export_clip
+    from clip_features.onnx_encoder import OnnxClipEncoder
+    from clip_features.preprocess import file_sha256
+    from clip_features.torch_encoder import ClipEncoder, save_random_init_checkpoint
+    from harness.abo import abo_photos
+    from model_export.clip import export_clip
 
     torch.set_num_threads(1)
     checkpoint = args.work / f"{args.model}-random-init.pt"
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_clip(args.model, checkpoint, clip_dir, args.abo, overwrite=True)
         export_s = time.perf_counter() - t0
     encoders = {"torch": ClipEncoder(args.model, checkpoint), "onnxruntime": OnnxClipEncoder(clip_dir, threads=1)}
-    items = [(p["text"], base64.b64decode(p["image_base64"])) for p in abo_products(args.abo)]
+    items = [(p["text"], base64.b64decode(p["image_base64"])) for p in abo_photos(args.abo)]
     for encoder in encoders.values():  # warm-up, discarded
         for text, image in items[:2]:
             encoder.encode_item(text, image)

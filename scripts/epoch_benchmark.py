@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from missrec.baselines import SASRec
-from missrec.config import SASRecConfig
-from missrec.data import load_dataset
-from missrec.evaluate import compute_ranks
-from missrec.runs import build_missrec
-from missrec.synthetic import generate_synthetic
-from missrec.train import TrainOptions, fit
+from missrec.data.dataset import load_dataset
+from missrec.data.synthetic import generate_synthetic
+from missrec.evaluation.metrics import compute_ranks
+from missrec.models.sasrec import SASRec, SASRecConfig
+from missrec.recipes.missrec import build_missrec
+from missrec.training.loop import TrainOptions, fit
 
 
 def _timed(fn) -> float:

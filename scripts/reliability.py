@@ -1,4 +1,4 @@
-"""Reliability scenarios at full size (the CI-sized versions are tests/test_fuzz.py, test_reliability.py and
+"""Reliability scenarios at full size (the CI-sized versions are tests/harness/test_fuzz.py, test_reliability.py and
 test_durability.py); their figures are in docs/reliability.md.
 
     flock /tmp/missrec-cpu.lock .venv/bin/python scripts/reliability.py fuzz [--examples 60] [--random]
@@ -190,7 +190,7 @@ def measure_encode(encoder, data: bytes) -> tuple[float, float, str]:
     """(peak RSS growth MiB, seconds, outcome) of one encode; the kernel's peak is reset first (clear_refs)."""
     import ctypes
 
-    from missrec.clip_encoder import ImageDecodeError
+    from clip_features.torch_encoder import ImageDecodeError
 
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back first, so the growth is this encode's
     with open("/proc/self/clear_refs", "w") as fh:
@@ -255,7 +255,7 @@ def images(
     import statistics
     import threading
 
-    from missrec.clip_encoder import TINY_MODEL, ClipEncoder
+    from clip_features.torch_encoder import TINY_MODEL, ClipEncoder
 
     abo = SHARED / "data" / "abo-samples"
     adversarial = adversarial_images(abo)

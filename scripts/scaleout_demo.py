@@ -24,6 +24,8 @@ from urllib.parse import quote
 
 import httpx
 
+from harness.launch import Child, start, wait_ready
+from harness.ports import free_port
 from loadtest import procs
 from loadtest.bench import clip_checkpoint, seed_histories
 from loadtest.ingest_latency import measure
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     traffic_path = write_traffic(out / "traffic.json", traffic)
     from service.embedded_redis import EmbeddedRedis
 
-    children: list[procs.Child] = []
-    redis_server = EmbeddedRedis(out / "redis", port=procs.free_port(), fsync="everysec")
+    children: list[Child] = []
+    redis_server = EmbeddedRedis(out / "redis", port=free_port(), fsync="everysec")
     try:
         env = {
             "MISSREC_REDIS_URL": redis_server.start(),
@@ -62,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
             "MISSREC_CLIP_PRETRAINED": clip_checkpoint("missrec-tiny-512", out),
             "MISSREC_DATA_DIR": str(out / "state"),
         }
-        ports = [procs.free_port(), procs.free_port()]
+        ports = [free_port(), free_port()]
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         for name, port in zip("AB", ports, strict=True):
             children.append(
                 procs.serve_service(args.bundle.resolve(), port, out / "logs", env, None, f"replica-{name}")
             )
         for url, child in zip(urls, children, strict=True):
-            log.info("%s ready in %.1f s", url, procs.wait_ready(url, child))
+            log.info("%s ready in %.1f s", url, wait_ready(url, child))
 
         # shared state: histories written through A are read through B
         asyncio.run(seed_histories(urls[0], traffic["users"]))
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                     url, traffic_path, out / f"locust-{name}", rate=args.rate, users=4, duration=args.duration + 3,
                     mix=DEFAULT_MIX, tag=f"{tag}-{name}", k=10,
                 )  # fmt: skip
-                started.append(procs.start(f"locust-{name}", cmd, out / "logs"))
+                started.append(start(f"locust-{name}", cmd, out / "logs"))
             for child in started:
                 child.proc.wait(args.duration + 120)
             for name in "AB":

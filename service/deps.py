@@ -9,7 +9,6 @@ from urllib.parse import unquote_to_bytes
 from fastapi import Depends, Header, Request
 
 from service.errors import Forbidden, InvalidInput, Unauthorized, Unavailable, UnsupportedMedia
-from service.settings import Settings
 from service.state import ServiceState
 
 
@@ -19,10 +18,6 @@ async def get_state(request: Request) -> ServiceState:
     if state is None or not state.ready:
         raise Unavailable("service is starting", code="not_ready")
     return state
-
-
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 async def require_api_key(
@@ -69,7 +64,6 @@ async def require_utf8_path(request: Request) -> None:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 WriteAccess = Depends(require_api_key)
 AdminAccess = Depends(require_admin_key)
 JSONBody = Depends(require_json)

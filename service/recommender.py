@@ -1,12 +1,15 @@
 """The recommend path: plain functions over one catalogue snapshot (ONNX Runtime + FAISS + numpy; no torch).
 
 One micro-batch runs :func:`recommend_batch` in a worker thread against the snapshot that was current when the
-batch started; nothing here locks or mutates shared state.
+batch started; nothing here locks or mutates shared state. :func:`serve` is the one serving path (histories ->
+user tower -> exact top-k), also taken by shadow scoring and ``missrec evaluate-bundle``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +45,76 @@ class Recommendation:
     fallback: str | None = None
 
 
+@dataclass(frozen=True)
+class Served:
+    """One user's exact top-k on a snapshot: item rows best first, their exact scores, whether the result is proven
+    equal to brute force, and the explanation weights (k, M) when any user of its search asked for them."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    exact: bool
+    weights: np.ndarray | None = None
+
+
+def serve(
+    snap: Snapshot,
+    histories: Sequence[np.ndarray],
+    ks: Sequence[int],
+    exclude: Sequence[Iterable[int]],
+    explain: Sequence[bool] | None = None,
+    metrics: Metrics | None = None,
+) -> list[Served]:
+    """The one serving path, "these histories on this snapshot": the user tower over every history at once
+    (internal rows, oldest first, each non-empty: the tower reads the last ``max_len`` items of each, the one place
+    histories are cut), then each user's exact top-k with its own k, exclusions and explanation flag. The recommend
+    route's micro-batches, shadow scoring and ``missrec evaluate-bundle`` serve through here. With ``metrics``:
+    the ``user_tower``, ``search`` and ``rescore`` stages."""
+    with _timed(metrics, "user_tower"):
+        users = snap.model.towers.user.encode(histories, snap.item_arrays())
+    return rank(snap, users, ks, exclude, explain, metrics)
+
+
+def rank(
+    snap: Snapshot,
+    users: np.ndarray,
+    ks: Sequence[int],
+    exclude: Sequence[Iterable[int]],
+    explain: Sequence[bool] | None = None,
+    metrics: Metrics | None = None,
+    stage: str = "search",
+) -> list[Served]:
+    """Exact top-k of query vectors (B, D), each with its own k and exclusions: one search per distinct k (timed as
+    ``stage``), in the order the k first appear."""
+    wanted = explain if explain is not None else [False] * len(ks)
+    by_k: dict[int, list[int]] = {}
+    for b, k in enumerate(ks):
+        by_k.setdefault(k, []).append(b)
+    out: list[Served] = [None] * len(ks)  # type: ignore[list-item]
+    for k, members in by_k.items():
+        with _timed(metrics, stage):
+            found = top_k(
+                users[members],
+                k,
+                snap.index,
+                snap.scorer(),
+                exclude=[exclude[b] for b in members],
+                deleted=snap.deleted,
+                explain=any(wanted[b] for b in members),
+                options=snap.model.options,
+            )
+        if metrics is not None:
+            metrics.stage.labels("rescore").observe(found.rescore_seconds)
+        for j, b in enumerate(members):
+            rows, scores = found.row(j)
+            weights = found.weights[j] if found.weights is not None else None
+            out[b] = Served(rows, scores, bool(found.user_exact[j]), weights)
+    return out
+
+
+def _timed(metrics: Metrics | None, stage: str) -> contextlib.AbstractContextManager[Any]:
+    return metrics.timed(stage) if metrics is not None else contextlib.nullcontext()
+
+
 def recommend_batch(current: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
     """One micro-batch against the current snapshot; a query whose rows come from a snapshot of another model (a
     bundle swap happened since it was resolved) runs on that model, with the newest such snapshot in the batch:
@@ -63,54 +136,32 @@ def recommend_batch(current: Snapshot, queries: list[Query], metrics: Metrics) -
 
 
 def _recommend_on(snap: Snapshot, queries: list[Query], metrics: Metrics) -> list[Recommendation | Exception]:
-    """One group of queries on one snapshot: popularity for empty histories, user tower + exact top-k for the
-    others."""
+    """One group of queries on one snapshot: popularity for empty histories, :func:`serve` for the others."""
     results: list[Recommendation | Exception] = [None] * len(queries)  # type: ignore[list-item]
-    personal = [i for i, q in enumerate(queries) if q.history.size]
+    slots = [i for i, q in enumerate(queries) if q.history.size]
     for i, q in enumerate(queries):
         if not q.history.size:
             results[i] = popular(snap, q)
-    if not personal:
+    if not slots:
         return results
-    with metrics.timed("user_tower"):
-        users = snap.model.towers.user.encode([queries[i].history for i in personal], snap.item_arrays())
-    by_k: dict[int, list[int]] = {}
-    for j, i in enumerate(personal):
-        by_k.setdefault(queries[i].k, []).append(j)
-    for k, members in by_k.items():
-        slots = [personal[j] for j in members]
-        for slot, rec in zip(slots, search(snap, users[members], k, [queries[s] for s in slots], metrics), strict=True):
-            results[slot] = rec
+    personal = [queries[i] for i in slots]
+    histories, ks = [q.history for q in personal], [q.k for q in personal]
+    served = serve(snap, histories, ks, [q.exclude for q in personal], [q.explain for q in personal], metrics)
+    for slot, q, one in zip(slots, personal, served, strict=True):
+        results[slot] = recommendation(snap, one, q.explain)
     return results
 
 
-def search(
-    snap: Snapshot, users: np.ndarray, k: int, queries: list[Query], metrics: Metrics, stage: str = "search"
-) -> list[Recommendation]:
-    """Exact top-k of users (G, D) with one k, each with its query's exclusions (timed as ``stage``)."""
-    scorer = snap.scorer()
-    with metrics.timed(stage):
-        found = top_k(
-            users,
-            k,
-            snap.index,
-            scorer,
-            exclude=[q.exclude for q in queries],
-            deleted=snap.deleted,
-            explain=any(q.explain for q in queries),
-            options=snap.model.options,
-        )
-    metrics.stage.labels("rescore").observe(found.rescore_seconds)
-    names = scorer.explained_by
-    out = []
-    for b, q in enumerate(queries):
-        rows, scores = found.row(b)
-        notes: list[dict[str, Any] | None] = [None] * len(rows)
-        if q.explain and found.weights is not None:
-            notes = [explanation(snap, int(r), names, found.weights[b, c]) for c, r in enumerate(rows)]
-        items = [RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(rows, scores, notes, strict=True)]
-        out.append(Recommendation(items=items, exact=bool(found.user_exact[b]), model_version=snap.model.version))
-    return out
+def recommendation(snap: Snapshot, served: Served, explain: bool) -> Recommendation:
+    """The wire-ready items of one served top-k (with explanations when asked for)."""
+    notes: list[dict[str, Any] | None] = [None] * len(served.rows)
+    if explain and served.weights is not None:
+        names = snap.scorer().explained_by
+        notes = [explanation(snap, int(r), names, served.weights[c]) for c, r in enumerate(served.rows)]
+    items = [
+        RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(served.rows, served.scores, notes, strict=True)
+    ]
+    return Recommendation(items=items, exact=served.exact, model_version=snap.model.version)
 
 
 def item_query(snap: Snapshot, row: int) -> np.ndarray:
@@ -130,8 +181,8 @@ def item_query(snap: Snapshot, row: int) -> np.ndarray:
 
 def similar(snap: Snapshot, row: int, k: int, explain: bool, metrics: Metrics) -> Recommendation:
     """The exact top-k items for an item's own query vector (:func:`item_query`), the item itself excluded."""
-    query = Query(history=np.empty(0, dtype=np.int64), k=k, exclude={row}, explain=explain)
-    return search(snap, item_query(snap, row), k, [query], metrics, stage="similar")[0]
+    served = rank(snap, item_query(snap, row), [k], [{row}], [explain], metrics, stage="similar")[0]
+    return recommendation(snap, served, explain)
 
 
 def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:

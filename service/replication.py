@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from service.catalogue import Catalogue
 from service.metrics import Metrics
 from service.serving_model import IncompatibleItem
-from service.store import ItemChange, ItemRecord, Store
+from service.store import ItemChange, ItemRecord, ItemStore
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ async def stop_task(task: asyncio.Task[Any], every_s: float = 0.5) -> None:
 class Replicator:
     """Keeps one replica's catalogue equal to what Redis stores. ``ready`` once the first replay is done."""
 
-    def __init__(self, store: Store, catalogue: Catalogue, metrics: Metrics, key_prefix: str, origin: str) -> None:
-        self.store, self.catalogue, self.metrics, self.key_prefix = store, catalogue, metrics, key_prefix
+    def __init__(self, items: ItemStore, catalogue: Catalogue, metrics: Metrics, key_prefix: str, origin: str) -> None:
+        self.items, self.catalogue, self.metrics, self.key_prefix = items, catalogue, metrics, key_prefix
         self.origin = origin  # this replica's id, written with its changes
         self.ready = False
         self.stream_healthy = False
@@ -69,10 +69,10 @@ class Replicator:
 
     async def replay(self) -> None:
         """Bring the catalogue up to date with Redis (every ingested item and deletion), then turn ready."""
-        snap = await self.store.snapshot()
+        snap = await self.items.snapshot()
         self.epoch, self._stream_version, self._last_event = snap.epoch, snap.counter, snap.last_event
         self._replays += 1
-        records = await self.store.all_items()
+        records = await self.items.all_items()
         applied = await asyncio.to_thread(self.catalogue.apply, records)
         log.info("replayed %d item changes from Redis (%d applied)", len(records), applied)
         self.ready = True
@@ -111,7 +111,7 @@ class Replicator:
         while not self._closing:
             try:
                 replays = self._replays
-                events = await self.store.read_events(self._last_event, STREAM_BLOCK_MS)
+                events = await self.items.read_events(self._last_event, STREAM_BLOCK_MS)
                 self.stream_healthy = True
                 for event_id, fields in events:
                     if self._replays != replays:
@@ -121,7 +121,7 @@ class Replicator:
                         break  # rebuilt from Redis: the stream position was reset
                 if time.monotonic() - checked >= EPOCH_CHECK_S:
                     checked = time.monotonic()
-                    if (epoch := await self.store.epoch()) != self.epoch:
+                    if (epoch := await self.items.epoch()) != self.epoch:
                         await self.rebuild(f"item epoch is {epoch or 'missing'}, was {self.epoch}")
             except asyncio.CancelledError:
                 raise
@@ -144,7 +144,7 @@ class Replicator:
         self._stream_version = version
         if not self.catalogue.is_newer(item_id, version):
             return True  # our own change, or already replayed
-        record = await self.store.get_item(item_id)
+        record = await self.items.get_item(item_id)
         if record is not None and record.version >= version:
             applied = await asyncio.to_thread(self.catalogue.apply, [record])
             if applied:
@@ -180,7 +180,7 @@ class Replicator:
         above one already seen (its counter went back), rebuild first, so the acknowledged change is served.
         RedisError propagates (the caller answers 503)."""
         floor, epoch = self._stream_version, self.epoch  # every version issued from here on is above floor
-        change = await self.store.put_item(record, origin=self.origin, op=op)
+        change = await self.items.put_item(record, origin=self.origin, op=op)
         if change.epoch != epoch or change.version <= floor:
             await self.rebuild(f"{op} of {record.item_id!r} got version {change.version} of epoch {change.epoch}")
         else:

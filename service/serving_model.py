@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from serving_core.bundle import MISSREC_FUSION, Bundle, BundleError, Manifest, r
 from serving_core.index import is_ivf, load_index
 from serving_core.topk import SearchOptions, is_exact_index
 from serving_core.towers import Towers, open_towers
+
+if TYPE_CHECKING:
+    from clip_features.preprocess import ImageInput, ItemEncoder
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,9 @@ class ServingModel:
         return dims.pop() if len(dims) == 1 else -1
 
     # ----- cold-start items ----------------------------------------------------------------------------------
-    def embed(self, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
-        """CLIP features (open_clip or its ONNX graphs) -> item tower -> an ItemRecord to persist (worker thread)."""
+    def embed(self, encoder: ItemEncoder, item_id: str, text: str, image: ImageInput | None) -> ItemRecord:
+        """CLIP features (open_clip or its ONNX graphs) -> item tower -> an ItemRecord to persist (worker thread).
+        ``image``: bytes, or the picture the ingest path decoded (the encoders take either)."""
         feats = encoder.encode_item(text or None, image)
         out = self._item_tower({m: feats[m][None] for m in self.manifest.modalities})
         # every modality's raw features, not only this bundle's: a later bundle may take others (a swap re-embeds)

@@ -22,20 +22,17 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
+from service.bundle_root import resolve_bundle
 from service.catalogue import Catalogue, Snapshot
 from service.metrics import Metrics
-from service.recommender import Query, Recommendation
+from service.recommender import Query, Recommendation, serve
 from service.serving_model import ServingModel
-from service.swap import resolve_bundle
+from service.settings import Settings
 from serving_core.bundle import BundleError
-from serving_core.topk import top_k
-
-if TYPE_CHECKING:
-    from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +44,23 @@ def search_one(snap: Snapshot, history: list[str], exclude: list[str], k: int) -
     rows, _ = snap.rows_for(history)
     if not rows:
         return []
-    rows = rows[-snap.model.max_len :]
     banned, _ = snap.rows_for(exclude)
-    users = snap.model.towers.user.encode([np.asarray(rows, dtype=np.int64)], snap.item_arrays())
-    found = top_k(
-        users, k, snap.index, snap.scorer(), exclude=[set(banned)], deleted=snap.deleted, options=snap.model.options
-    )
-    ids, _ = found.row(0)
-    return [snap.ids[int(r)] for r in ids]
+    (served,) = serve(snap, [np.asarray(rows, dtype=np.int64)], [k], [set(banned)])
+    return [snap.ids[int(r)] for r in served.rows]
 
 
 class Shadow:
-    """This replica's shadow candidate (one at a time)."""
+    """This replica's shadow candidate (one at a time), beside the serving ``catalogue``."""
 
-    def __init__(self, metrics: Metrics, rng: random.Random | None = None) -> None:
-        self.metrics = metrics
+    def __init__(
+        self,
+        settings: Settings,
+        catalogue: Catalogue,
+        encoder_dim: int | None,  # the ingestion encoder's feature width (None: ingestion disabled)
+        metrics: Metrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings, self.serving, self.encoder_dim, self.metrics = settings, catalogue, encoder_dim, metrics
         self.rng = rng or random.Random()
         self.state: State = "off"
         self.bundle: str | None = None
@@ -77,43 +76,43 @@ class Shadow:
         self._loader: asyncio.Task[None] | None = None
 
     # ----- control -------------------------------------------------------------------------------------------
-    async def start(self, state: ServiceState, given: str, fraction: float) -> dict[str, Any]:
+    async def start(self, given: str, fraction: float) -> dict[str, Any]:
         """Check the path (4xx before anything is read), then load it in the background; returns the status."""
-        path = resolve_bundle(state.settings.swap_root(), given)
-        await self.stop(state)
+        path = resolve_bundle(self.settings.swap_root(), given)
+        await self.stop()
         self._generation += 1
         self.state, self.bundle, self.version, self.fraction, self.error = "loading", str(path), None, fraction, None
         self.scored, self.overlap_sum, self.seconds_sum = 0, 0.0, {"serving": 0.0, "candidate": 0.0}
         generation = self._generation
-        self._loader = asyncio.get_running_loop().create_task(self._load(state, path, generation), name="shadow-load")
+        self._loader = asyncio.get_running_loop().create_task(self._load(path, generation), name="shadow-load")
         return self.status()
 
-    async def _load(self, state: ServiceState, path: Path, generation: int) -> None:
+    async def _load(self, path: Path, generation: int) -> None:
         try:
-            model = await asyncio.to_thread(ServingModel.load, path, state.settings)
-            records = list(state.catalogue.current.ingested.values())
-            if problem := await asyncio.to_thread(model.swap_problem, state.encoder_dim(), records):
+            model = await asyncio.to_thread(ServingModel.load, path, self.settings)
+            records = list(self.serving.current.ingested.values())
+            if problem := await asyncio.to_thread(model.swap_problem, self.encoder_dim, records):
                 raise BundleError(f"cannot shadow the stored items: {problem}")
             candidate = Catalogue(model)
-            await asyncio.to_thread(state.catalogue.follow, candidate)  # every item change from here on, too
+            await asyncio.to_thread(self.serving.follow, candidate)  # every item change from here on, too
         except Exception as exc:  # the serving bundle is untouched whatever happens here
             if generation == self._generation:
                 self.state, self.error = "failed", f"shadow bundle {path}: {type(exc).__name__}: {exc}"
                 log.error("%s", self.error)
             return
         if generation != self._generation:  # stopped or replaced while loading
-            state.catalogue.unfollow(candidate)
+            self.serving.unfollow(candidate)
             return
         self.catalogue, self.version, self.state = candidate, model.version, "active"
         self.metrics.shadow_active.set(1)
         log.info("shadowing %s (%s) on %.0f%% of recommendations", path, model.version, 100 * self.fraction)
 
-    async def stop(self, state: ServiceState) -> None:
+    async def stop(self) -> None:
         self._generation += 1
         if self._loader is not None and not self._loader.done():
             self._loader.cancel()
         if self.catalogue is not None:
-            state.catalogue.unfollow(self.catalogue)
+            self.serving.unfollow(self.catalogue)
         self.catalogue, self.state, self.error = None, "off", None
         self.metrics.shadow_active.set(0)
 

@@ -1,9 +1,10 @@
 """Wiring: everything one app instance holds, built in the lifespan (:meth:`ServiceState.start`) and closed there.
 
 The bundle (a :class:`~service.serving_model.ServingModel`) inside the live :class:`~service.catalogue.Catalogue`,
-Redis (external or embedded) behind the :class:`~service.store.Store`, the :class:`~service.replication.Replicator`
-that follows the item stream, the micro-batcher of the recommend path and the cold-start encoder. The use cases
-(service.usecases) take this object; they hold no state of their own.
+Redis (external or embedded) behind the three stores of :mod:`service.store` (histories, items, announcements) on
+one client, the :class:`~service.replication.Replicator` that follows the item stream, the micro-batcher of the
+recommend path, the cold-start encoder, the bundle switcher and the shadow. The use cases (service.usecases) take
+this object; they hold no state of their own.
 
 Redis outages: every Redis call has a bounded timeout and at most one immediate retry (on a broken connection
 only, never after a timeout), so a failure becomes 503 ``redis_unavailable`` within ``redis_timeout_seconds``.
@@ -13,7 +14,7 @@ Refusing to start (:class:`~service.replication.StartupRefused`, one clear line)
 ``MISSREC_CLIP_ONNX`` directory that is damaged, of another feature width than the bundle's, or contradicted by an
 explicit ``MISSREC_CLIP_MODEL`` / ``MISSREC_CLIP_PRETRAINED``.
 
-Ingestion: with ``MISSREC_CLIP_ONNX`` the encoders are ONNX Runtime graphs (:mod:`missrec.clip_onnx`) and the
+Ingestion: with ``MISSREC_CLIP_ONNX`` the encoders are ONNX Runtime graphs (:mod:`clip_features.onnx_encoder`) and the
 process imports neither torch nor open_clip; else open_clip (torch) is loaded from ``MISSREC_CLIP_PRETRAINED``.
 """
 
@@ -26,7 +27,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
@@ -35,6 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from service.bundle_root import inside_root
 from service.catalogue import Catalogue
 from service.embedded_redis import EmbeddedRedis, Supervisor
 from service.metrics import Metrics
@@ -44,9 +46,12 @@ from service.replication import Replicator, StartupRefused, stop_task
 from service.serving_model import IncompatibleItem, ServingModel
 from service.settings import Settings
 from service.shadow import Shadow
-from service.store import Announcement, Store
+from service.store import Announcement, AnnouncementStore, HistoryStore, ItemStore
 from service.swap import BundleSwitcher
 from serving_core.bundle import BundleError
+
+if TYPE_CHECKING:
+    from clip_features.preprocess import ItemEncoder
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +109,10 @@ class IngestGate:
 class ServiceState:
     settings: Settings
     catalogue: Catalogue
-    store: Store
-    redis: Any
+    histories: HistoryStore
+    items: ItemStore
+    announcements: AnnouncementStore
+    redis: Any  # the one client the three stores share
     metrics: Metrics
     replicator: Replicator
     batcher: MicroBatcher[Query, Recommendation]
@@ -114,7 +121,7 @@ class ServiceState:
     embedded: EmbeddedRedis | None = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
-    encoder: Any = None
+    encoder: ItemEncoder | None = None
     encoder_error: str | None = None
     ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
     started_at: float = field(default_factory=time.time)
@@ -142,14 +149,9 @@ class ServiceState:
             embedded = EmbeddedRedis(settings.data_dir / "redis", fsync=settings.embedded_redis_fsync)
             url = await asyncio.to_thread(embedded.start)
         client = connect_redis(url, settings)
-        store = Store(
-            client,
-            prefix=settings.key_prefix,
-            ttl_seconds=settings.history_ttl_seconds,
-            stream_max_len=settings.stream_max_len,
-        )
+        announcements = AnnouncementStore(client, settings.key_prefix)
         try:
-            bundle, announcement, known = await cls._bundle_to_serve(settings, store)
+            bundle, announcement, known = await cls._bundle_to_serve(settings, announcements)
             try:
                 model = await asyncio.to_thread(ServingModel.load, bundle, settings)
             except BundleError as exc:  # checksum, format version, shapes, dimensions: never serve a bad bundle
@@ -160,18 +162,22 @@ class ServiceState:
                     f"the announced bundle {bundle} is {model.version}, announced as {announcement.version}"
                     + ANNOUNCED_HINT
                 )
-            onnx_encoder = None
+            encoder, encoder_error = None, None
             if settings.clip_onnx is not None:
-                onnx_encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
+                encoder = await asyncio.to_thread(load_onnx_encoder, settings, model.feature_dim_expected())
         except BaseException:
             await client.aclose()
             if embedded is not None:
                 await asyncio.to_thread(embedded.stop)
             raise
-        store.max_len = model.max_len
+        histories = HistoryStore(client, settings.key_prefix, model.max_len, settings.history_ttl_seconds)
+        items = ItemStore(client, settings.key_prefix, settings.stream_max_len)
+        if encoder is None:
+            encoder, encoder_error = await asyncio.to_thread(load_clip_encoder, settings, model.feature_dim_expected())
+        encoder_dim = encoder.dim if encoder is not None else None
         catalogue = Catalogue(model)
         replica_id = uuid.uuid4().hex[:12]
-        replicator = Replicator(store, catalogue, metrics, settings.key_prefix, replica_id)
+        replicator = Replicator(items, catalogue, metrics, settings.key_prefix, replica_id)
         executor = ThreadPoolExecutor(2, "missrec-cpu")
         batcher: MicroBatcher[Query, Recommendation] = MicroBatcher(
             lambda queries: recommend_batch(catalogue.current, queries, metrics),
@@ -185,7 +191,9 @@ class ServiceState:
         state = cls(
             settings=settings,
             catalogue=catalogue,
-            store=store,
+            histories=histories,
+            items=items,
+            announcements=announcements,
             redis=client,
             metrics=metrics,
             replicator=replicator,
@@ -194,14 +202,14 @@ class ServiceState:
             replica_id=replica_id,
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
-            encoder=onnx_encoder,
-            switcher=BundleSwitcher(settings, catalogue, store, metrics, lambda: None, bundle, announcement, known),
-            shadow=Shadow(metrics),
+            encoder=encoder,
+            encoder_error=encoder_error,
+            switcher=BundleSwitcher(
+                settings, catalogue, announcements, histories, metrics, encoder_dim, bundle, announcement, known
+            ),
+            shadow=Shadow(settings, catalogue, encoder_dim, metrics),
         )
-        state.switcher.encoder_dim = state.encoder_dim
         batcher.start()
-        if onnx_encoder is None:
-            await asyncio.to_thread(state._load_encoder)
         if settings.warmup:
             await asyncio.to_thread(warmup, catalogue.current, settings.max_batch_size, metrics)
         try:
@@ -221,18 +229,20 @@ class ServiceState:
         return state
 
     @staticmethod
-    async def _bundle_to_serve(settings: Settings, store: Store) -> tuple[Path, Announcement | None, bool]:
+    async def _bundle_to_serve(
+        settings: Settings, announcements: AnnouncementStore
+    ) -> tuple[Path, Announcement | None, bool]:
         """(bundle, announcement, whether Redis answered): the announced bundle when there is one, else
         MISSREC_BUNDLE (also when Redis is down: the replica stays unready until it has read the announcement)."""
         try:
-            announcement = await store.announced_bundle()
+            announcement = await announcements.announced_bundle()
         except RedisError as exc:
             log.warning("Redis unreachable at start-up (%s): the announced bundle is read later", type(exc).__name__)
             return settings.bundle, None, False
         if announcement is None:
             return settings.bundle, None, True
         root = settings.swap_root()
-        if root is None or not Path(announcement.bundle).resolve().is_relative_to(root):
+        if not inside_root(root, Path(announcement.bundle).resolve()):
             raise StartupRefused(
                 f"the announced bundle {announcement.bundle} is outside this replica's bundle root {root} "
                 "(MISSREC_BUNDLE_ROOT)" + ANNOUNCED_HINT
@@ -258,7 +268,7 @@ class ServiceState:
         if self._supervising:
             await stop_task(self._supervising)
         await self.switcher.stop()
-        await self.shadow.stop(self)
+        await self.shadow.stop()
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -266,36 +276,36 @@ class ServiceState:
         if self.embedded:
             await asyncio.to_thread(self.embedded.stop)
 
-    def _load_encoder(self) -> None:
-        """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path)."""
-        s = self.settings
-        if not s.clip_pretrained:
-            self.encoder_error = "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
-            return
-        try:
-            from missrec.clip_encoder import ClipEncoder
 
-            self.encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
-            import torch
+def load_clip_encoder(settings: Settings, expected_dim: int) -> tuple[ItemEncoder | None, str | None]:
+    """The open_clip (torch) encoder for ingestion when no ONNX one is configured (never on the recommend path),
+    or (None, why ingestion is off): ingestion is optional, the service serves recommendations anyway."""
+    s = settings
+    if not s.clip_pretrained:
+        return None, "ingestion disabled: MISSREC_CLIP_PRETRAINED is not set"
+    try:
+        from clip_features.torch_encoder import ClipEncoder
 
-            torch.set_num_threads(s.ingest_threads)  # an encode must not take every core from the recommend path
-            expected = self.catalogue.current.model.feature_dim_expected()
-            if self.encoder.dim != expected:
-                raise ValueError(
-                    f"CLIP {s.clip_model} gives {self.encoder.dim}-d features, the bundle expects {expected}"
-                )
-        except Exception as exc:  # ingestion is optional: serve recommendations anyway, say why in /readyz
-            self.encoder, self.encoder_error = None, f"ingestion unavailable: {exc}"
-            log.warning(self.encoder_error)
+        encoder = ClipEncoder(s.clip_model, s.clip_pretrained)
+        import torch
+
+        torch.set_num_threads(s.ingest_threads)  # an encode must not take every core from the recommend path
+        if encoder.dim != expected_dim:
+            raise ValueError(f"CLIP {s.clip_model} gives {encoder.dim}-d features, the bundle expects {expected_dim}")
+    except Exception as exc:  # say why in /readyz
+        error = f"ingestion unavailable: {exc}"
+        log.warning(error)
+        return None, error
+    return encoder, None
 
 
-def load_onnx_encoder(settings: Settings, expected_dim: int) -> Any:
+def load_onnx_encoder(settings: Settings, expected_dim: int) -> ItemEncoder:
     """The CLIP ONNX encoder of ``MISSREC_CLIP_ONNX``, or :class:`StartupRefused` saying why it cannot be used.
 
     ``clip_model`` and ``clip_pretrained`` have defaults (ViT-B-32, openai); only values set explicitly are checked,
     and they must name the exported model and weights (the tag, or a checkpoint file with the manifest's sha256)."""
-    from missrec.clip_onnx import ClipOnnxError, OnnxClipEncoder
-    from missrec.clip_preprocess import file_sha256
+    from clip_features.onnx_encoder import ClipOnnxError, OnnxClipEncoder
+    from clip_features.preprocess import file_sha256
 
     s = settings
     try:

@@ -22,23 +22,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from redis.exceptions import RedisError
 
+from service.bundle_root import inside_root
 from service.catalogue import Catalogue
-from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.recommender import warmup
 from service.replication import stop_task
 from service.serving_model import ServingModel
 from service.settings import Settings
-from service.store import Announcement, Store
-from serving_core.bundle import BundleError
-
-if TYPE_CHECKING:
-    from service.state import ServiceState
+from service.store import Announcement, AnnouncementStore, HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +46,6 @@ Phase = Literal["active", "loading", "failed"]
 class SwapRefused(ValueError):
     """A bundle this replica must not switch to (outside the bundle root, changed since it was announced, or
     unable to serve the stored items)."""
-
-
-def resolve_bundle(root: Path | None, given: str) -> Path:
-    """The bundle directory ``given`` names (relative: to ``root``), resolved with symlinks, if it lies inside
-    ``root``; otherwise :class:`~service.errors.InvalidInput` (422), before anything is read from it."""
-    if root is None:
-        raise InvalidInput("no bundle root: set MISSREC_BUNDLE or MISSREC_BUNDLE_ROOT", code="bundle_outside_root")
-    if not given.strip() or "\x00" in given:
-        raise InvalidInput("bundle must be a directory path", code="invalid_bundle_path")
-    try:
-        path = (root / given).resolve()  # an absolute ``given`` replaces root
-        inside, is_dir = path.is_relative_to(root), path.is_dir()
-    except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
-        raise InvalidInput(f"bundle {given!r}: {exc}", code="invalid_bundle_path") from None
-    if not inside:
-        raise InvalidInput(
-            f"bundle {given!r} resolves to {path}, outside the bundle root {root} (MISSREC_BUNDLE_ROOT)",
-            {"bundle": given, "bundle_root": str(root)},
-            code="bundle_outside_root",
-        )
-    if not is_dir:
-        raise InvalidInput(f"bundle {given!r}: no directory {path}", {"bundle": given}, code="bundle_not_found")
-    return path
 
 
 @dataclass(frozen=True)
@@ -93,14 +66,16 @@ class BundleSwitcher:
         self,
         settings: Settings,
         catalogue: Catalogue,
-        store: Store,
+        announcements: AnnouncementStore,
+        histories: HistoryStore,  # capped at the serving model's max_len: a switch updates it
         metrics: Metrics,
-        encoder_dim: Any,  # () -> int | None: the ingestion encoder's feature width (None: ingestion disabled)
+        encoder_dim: int | None,  # the ingestion encoder's feature width (None: ingestion disabled)
         bundle: Path,
         announcement: Announcement | None,
         known: bool,
     ) -> None:
-        self.settings, self.catalogue, self.store, self.metrics = settings, catalogue, store, metrics
+        self.settings, self.catalogue, self.metrics = settings, catalogue, metrics
+        self.announcements, self.histories = announcements, histories
         self.encoder_dim = encoder_dim
         version = catalogue.current.model.version
         self.active = Active(str(bundle), version, announcement, time.time())
@@ -140,9 +115,9 @@ class BundleSwitcher:
         while not self._closing:
             try:
                 if position is None:
-                    position = await self.store.last_bundle_event()
-                self.observe(await self.store.announced_bundle())
-                position = await self.store.wait_bundle_event(position, WATCH_BLOCK_MS)
+                    position = await self.announcements.last_bundle_event()
+                self.observe(await self.announcements.announced_bundle())
+                position = await self.announcements.wait_bundle_event(position, WATCH_BLOCK_MS)
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
@@ -199,7 +174,7 @@ class BundleSwitcher:
         """Load, check and warm up the announced bundle, and re-embed the live ingested items (worker thread)."""
         root = self.settings.swap_root()
         path = Path(target.bundle).resolve()
-        if root is None or not path.is_relative_to(root):
+        if not inside_root(root, path):
             raise SwapRefused(f"{path} is outside this replica's bundle root {root} (MISSREC_BUNDLE_ROOT)")
         model, self.preloaded = self.preloaded, None
         if model is None or model.bundle.root != path or model.version != target.version:
@@ -207,7 +182,7 @@ class BundleSwitcher:
         if model.version != target.version:
             raise SwapRefused(f"the bundle there is {model.version}, announced as {target.version} (changed since?)")
         records = list(self.catalogue.current.ingested.values())
-        if problem := model.swap_problem(self.encoder_dim(), records):
+        if problem := model.swap_problem(self.encoder_dim, records):
             raise SwapRefused(problem)
         if self.settings.warmup:
             warmup(Catalogue(model).current, self.settings.max_batch_size, self.metrics)
@@ -216,7 +191,7 @@ class BundleSwitcher:
 
     def _switch(self, model: ServingModel, prepared: dict[tuple[str, int], dict[str, np.ndarray]]) -> None:
         snap = self.catalogue.switch(model, prepared)
-        self.store.max_len = model.max_len  # histories are capped at what the serving model reads
+        self.histories.max_len = model.max_len  # histories are capped at what the serving model reads
         self.metrics.bundle_reembedded.inc(sum(r.bundle_version != model.version for r in snap.ingested.values()))
         self.metrics.live_items.set(snap.live_count)
 
@@ -253,34 +228,3 @@ class BundleSwitcher:
             "error": self.error if self.phase == "failed" else None,
             "last_swap_seconds": self.last_swap_seconds,
         }
-
-
-# ----- the admin use cases ----------------------------------------------------------------------------------------
-async def announce(state: ServiceState, given: str) -> Announcement:
-    """Check the bundle ``given`` names (inside the root, loads, can take over), then announce it to every replica.
-
-    Every refusal is a 4xx before anything is announced: outside the root or missing (nothing read from it), or a
-    bundle that fails its checks or cannot serve the stored items (422, with the reason)."""
-    from service.usecases import _redis
-
-    path = resolve_bundle(state.settings.swap_root(), given)
-    try:
-        model = await asyncio.to_thread(ServingModel.load, path, state.settings)
-    except BundleError as exc:
-        raise InvalidInput(f"invalid bundle {path}: {exc}", {"bundle": str(path)}, code="invalid_bundle") from None
-    except Exception as exc:  # e.g. ONNX Runtime refusing a graph whose checksum was re-recorded
-        message = f"invalid bundle {path}: {type(exc).__name__}: {exc}"
-        raise InvalidInput(message, {"bundle": str(path)}, code="invalid_bundle") from None
-    records = list(state.catalogue.current.ingested.values())
-    if problem := await asyncio.to_thread(model.swap_problem, state.encoder_dim(), records):
-        raise InvalidInput(
-            f"bundle {path} cannot take over: {problem}", {"bundle": str(path)}, code="incompatible_bundle"
-        )
-    state.switcher.preloaded = model  # this replica's switch need not load it again
-    try:
-        announcement = await _redis(state, state.store.announce_bundle(str(path), model.version, state.replica_id))
-    except Exception:
-        state.switcher.preloaded = None
-        raise
-    log.info("announced bundle %s (%s, generation %d)", path, model.version, announcement.generation)
-    return announcement

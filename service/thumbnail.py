@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 THUMBNAIL_PIXELS = 192  # longest side
 THUMBNAIL_QUALITY = 80
 
 
-def thumbnail(image: bytes) -> bytes:
-    """A JPEG of at most THUMBNAIL_PIXELS on its longest side (aspect kept). Decoded through the same gate as
-    the encoder (size and format checks), so it raises ImageDecodeError exactly when ingestion would."""
-    from missrec.clip_preprocess import decode_image
-
-    picture = decode_image(image)
+def thumbnail(picture: Image) -> bytes:
+    """A JPEG of at most THUMBNAIL_PIXELS on its longest side (aspect kept) of the uploaded image as the ingest path
+    decoded it (once, for the encoder too). Shrinks ``picture`` in place: the caller is done with it."""
     picture.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
     out = io.BytesIO()
     picture.save(out, format="JPEG", quality=THUMBNAIL_QUALITY)

@@ -1,26 +1,33 @@
 """The service's use cases: what each route does, between parsing (routers) and the wire (errors).
 
 Each function takes the :class:`~service.state.ServiceState` and plain values, reads the current catalogue
-snapshot (never a lock), talks to Redis through the store and raises domain errors (service.errors).
+snapshot (never a lock), talks to Redis through the stores (service.store) and raises domain errors (service.errors).
 Recommendations from an explicit history need no Redis and keep working during an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.exceptions import RedisError
 
+from service.bundle_root import resolve_bundle
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
 from service.recommender import Query, Recommendation, similar
 from service.schemas import RecommendRequest
+from service.serving_model import ServingModel
 from service.state import ServiceState
-from service.store import IdempotencyConflict, ItemRecord
+from service.store import Announcement, IdempotencyConflict, ItemRecord
+from serving_core.bundle import BundleError
+
+if TYPE_CHECKING:
+    from clip_features.preprocess import ItemEncoder
+
+log = logging.getLogger(__name__)
 
 # A write that timed out may still run when Redis resumes (measured: a few per outage of a paused Redis).
 EVENTS_RETRY_HINT = "; the events may have been stored: retry with the same idempotency key (applied once)"
@@ -54,7 +61,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         )
     if req.user_id is not None:
         with state.metrics.timed("history_read"):
-            history, _ = await _redis(state, state.store.history(req.user_id))
+            history, _ = await _redis(state, state.histories.history(req.user_id))
         snap = state.catalogue.current
         rows, skipped = snap.rows_for(history)  # items deleted since they were seen are skipped
     else:
@@ -67,7 +74,7 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
             raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
     exclude, _ = snap.rows_for(req.exclude)  # deleted or unknown ids are never recommended anyway
     query = Query(
-        history=np.asarray(rows[-snap.model.max_len :], dtype=np.int64),
+        history=np.asarray(rows, dtype=np.int64),  # the user tower reads its last max_len items
         k=req.k,
         exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
         explain=req.explain,
@@ -85,14 +92,14 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
 async def append_events(
     state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
 ) -> tuple[int, bool]:
-    store = state.store
+    histories = state.histories
     try:
-        if key and (length := await store.applied_length(user_id, key, item_ids, timestamps)) is not None:
+        if key and (length := await histories.applied_length(user_id, key, item_ids, timestamps)) is not None:
             return length, False  # a retry of an applied call: its items may have been deleted since
         _, unknown = state.catalogue.current.rows_for(item_ids)
         if unknown:
             raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
-        return await store.append_events(user_id, item_ids, timestamps, key)
+        return await histories.append_events(user_id, item_ids, timestamps, key)
     except IdempotencyConflict:
         raise Conflict(
             "this idempotency key was already used for other item ids or timestamps; use a new key",
@@ -105,34 +112,23 @@ async def append_events(
 
 
 async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[float | None]]:
-    return await _redis(state, state.store.history(user_id))
+    return await _redis(state, state.histories.history(user_id))
 
 
 # ----- items ------------------------------------------------------------------------------------------------------
-def decode_base64_image(state: ServiceState, data: str) -> bytes:
-    limit = state.settings.max_image_bytes
-    if len(data) > (limit * 4) // 3 + 8:
-        raise PayloadTooLarge(f"image is larger than {limit} bytes")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidInput("image_base64 is not valid base64") from None
-
-
 async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
-    """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once."""
+    """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once. ``image``: the
+    upload's bytes, within MISSREC_MAX_IMAGE_BYTES (the routers' one reader checks that)."""
     limits = state.settings
     if state.encoder is None:  # permanent until restarted with other settings: 501, no Retry-After
         raise Disabled(state.encoder_error or "ingestion unavailable", code="ingestion_disabled")
-    if image is not None and len(image) > limits.max_image_bytes:
-        raise PayloadTooLarge(f"image is larger than {limits.max_image_bytes} bytes")
     if len(text) > limits.max_text_chars:
         raise PayloadTooLarge(f"text is longer than {limits.max_text_chars} characters")
     if not any(ch.isprintable() and not ch.isspace() for ch in text):
         text = ""  # only NUL, controls or blanks: no text (it would be encoded as one)
     if not text and image is None:
         raise InvalidInput("an item needs a text, an image, or both")
-    from missrec.clip_preprocess import ImageDecodeError
+    from clip_features.preprocess import ImageDecodeError
 
     model = state.catalogue.current.model
     try:
@@ -154,13 +150,21 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     return record, replaced
 
 
-def _embed(model: Any, encoder: Any, item_id: str, text: str, image: bytes | None) -> ItemRecord:
-    """The item record (open_clip + item tower) with a thumbnail of its image (in an ingest worker thread)."""
+def _embed(model: ServingModel, encoder: ItemEncoder, item_id: str, text: str, image: bytes | None) -> ItemRecord:
+    """The item record (CLIP + item tower) with a thumbnail of its image (in an ingest worker thread).
+
+    The upload is decoded once, here, as the encoders decode it (:func:`~clip_features.preprocess.decode_image`: the
+    format allow-list and the encoder's pixel limit, checked on the header, :class:`ImageDecodeError` otherwise;
+    long images cropped, huge ones shrunk while decoding); the encoder and the thumbnail both take that picture."""
+    from clip_features.preprocess import MAX_UNCROPPED_ASPECT, decode_image
     from service.thumbnail import thumbnail
 
-    record = model.embed(encoder, item_id, text, image)
+    picture = None
     if image is not None:
-        record.thumbnail = thumbnail(image)
+        picture = decode_image(image, max_pixels=encoder.max_image_pixels, max_aspect=MAX_UNCROPPED_ASPECT)
+    record = model.embed(encoder, item_id, text, picture)
+    if picture is not None:
+        record.thumbnail = thumbnail(picture)
     return record
 
 
@@ -240,6 +244,36 @@ async def status(state: ServiceState) -> dict[str, Any]:
     }
 
 
+# ----- admin ----------------------------------------------------------------------------------------------------
+async def announce(state: ServiceState, given: str) -> Announcement:
+    """Check the bundle ``given`` names (inside the root, loads, can take over), then announce it to every replica.
+
+    Every refusal is a 4xx before anything is announced: outside the root or missing (nothing read from it), or a
+    bundle that fails its checks or cannot serve the stored items (422, with the reason)."""
+    path = resolve_bundle(state.settings.swap_root(), given)
+    try:
+        model = await asyncio.to_thread(ServingModel.load, path, state.settings)
+    except BundleError as exc:
+        raise InvalidInput(f"invalid bundle {path}: {exc}", {"bundle": str(path)}, code="invalid_bundle") from None
+    except Exception as exc:  # e.g. ONNX Runtime refusing a graph whose checksum was re-recorded
+        message = f"invalid bundle {path}: {type(exc).__name__}: {exc}"
+        raise InvalidInput(message, {"bundle": str(path)}, code="invalid_bundle") from None
+    records = list(state.catalogue.current.ingested.values())
+    if problem := await asyncio.to_thread(model.swap_problem, state.encoder_dim(), records):
+        raise InvalidInput(
+            f"bundle {path} cannot take over: {problem}", {"bundle": str(path)}, code="incompatible_bundle"
+        )
+    state.switcher.preloaded = model  # this replica's switch need not load it again
+    try:
+        call = state.announcements.announce_bundle(str(path), model.version, state.replica_id)
+        announcement = await _redis(state, call)
+    except Exception:
+        state.switcher.preloaded = None
+        raise
+    log.info("announced bundle %s (%s, generation %d)", path, model.version, announcement.generation)
+    return announcement
+
+
 # ----- health ---------------------------------------------------------------------------------------------------
 async def readiness(state: ServiceState) -> dict[str, str]:
     snap = state.catalogue.current
@@ -255,7 +289,7 @@ async def readiness(state: ServiceState) -> dict[str, str]:
         "items": "replayed from Redis" if rep.ready else (rep.error or "waiting for Redis to replay the stored items"),
     }
     try:
-        await asyncio.wait_for(state.store.ping(), state.settings.redis_timeout_seconds)
+        await asyncio.wait_for(state.redis.ping(), state.settings.redis_timeout_seconds)
         checks["redis"] = "ok"
     except (RedisError, TimeoutError, OSError) as exc:
         checks["redis"] = f"unavailable: {type(exc).__name__}"

@@ -1,10 +1,10 @@
-"""Numpy twin of missrec.fusion: fused item scores and explanation weights for serving (float32, no torch).
+"""Numpy twin of missrec.nn.fusion: fused item scores and explanation weights for serving (float32, no torch).
 
 Spec section 5. For one user u and item i with unit modality vectors t_i, v_i:
     s_t = u . t_i, s_v = u . v_i,  w = softmax(alpha [s_t, s_v]),  s = w_t s_t + w_v s_v
     = m + (d/2) tanh(alpha d / 2)  with m = (s_t + s_v)/2, d = s_t - s_v    (the serving identity)
 Item score: s (inductive), (u . e_i + 2 s) / 3 (transductive, e_i the unit ID vector), s_t (one modality).
-tests/test_fusion_twin.py proves agreement with missrec.fusion and MISSRec.score.
+tests/serving_core/test_fusion.py proves agreement with missrec.nn.fusion and MISSRec.score.
 """
 
 from __future__ import annotations

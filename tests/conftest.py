@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
+
 SHARED = Path(os.environ.get("MISSREC_SHARED", ROOT.parent / "shared"))
 
 
@@ -16,7 +17,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--console-screenshots",
         action="store_true",
-        help="tests/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
+        help="tests/service/test_console.py writes its screenshots to docs/figures/console-*.png (else to a temp dir)",
     )
 
 
@@ -42,6 +43,14 @@ def abo_dir() -> Path:
     return _shared_path("data", "abo-samples")
 
 
+@pytest.fixture(scope="session")
+def abo_products(abo_dir) -> list[dict]:
+    """The real ABO products (id, text, photo paths), read by the one reader (:func:`harness.abo.abo_products`)."""
+    from harness.abo import abo_products as read
+
+    return read(abo_dir)
+
+
 # ----- Redis: the machine's server when one answers on 127.0.0.1:6379, else an embedded one we start -------------
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
@@ -57,7 +66,7 @@ def redis_url(tmp_path_factory) -> Iterator[str]:
         return
     except (redis.ConnectionError, redis.TimeoutError):
         pass
-    from harness.launch import free_port
+    from harness.ports import free_port
     from service.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), port=free_port())
@@ -76,7 +85,7 @@ def redis_cluster(tmp_path_factory):
 
     import redis
 
-    from harness.launch import cluster_ports
+    from harness.ports import cluster_ports
     from service.embedded_redis import redis_server_binary
 
     base = tmp_path_factory.mktemp("cluster")
@@ -151,9 +160,10 @@ def _trained_run(data: Path, tmp_path_factory, name: str, epochs: int, seed: int
 
     MISSREC_TEST_CACHE=DIR (inner loop only; CI never sets it) keeps the run between sessions, keyed by the
     sources of missrec/, so a change to the model code trains again."""
-    from missrec.data import load_dataset
-    from missrec.runs import save_run, train_missrec
-    from missrec.train import TrainOptions
+    from missrec.data.dataset import load_dataset
+    from missrec.recipes.missrec import train_missrec
+    from missrec.training.loop import TrainOptions
+    from missrec.training.run import save_run
 
     cache = os.environ.get("MISSREC_TEST_CACHE")
     target = Path(cache) / f"{name}-{_source_key('missrec')}" if cache else None
@@ -167,7 +177,7 @@ def _trained_run(data: Path, tmp_path_factory, name: str, epochs: int, seed: int
 def _exported_bundle(run: Path, data: Path, tmp_path_factory, name: str) -> Path:
     """Serving bundle (ONNX towers + item table + exact Flat index) of ``run`` (cached like it)."""
     from index_builder.build import build_index
-    from model_export.onnx_export import export_bundle
+    from model_export.bundle import export_bundle
     from serving_core.bundle import BundleError, verify_checksums
 
     cache = os.environ.get("MISSREC_TEST_CACHE")
@@ -210,7 +220,7 @@ def scientific_bundle_b(scientific_dir, tmp_path_factory) -> Path:
 def tiny_clip(tmp_path_factory) -> tuple[str, str]:
     """(model name, local checkpoint path) of a RANDOM-INIT open_clip architecture saved to disk: the real
     loading path, no pretrained weights (none can be downloaded here)."""
-    from missrec.clip_encoder import TINY_MODEL, save_random_init_checkpoint
+    from clip_features.torch_encoder import TINY_MODEL, save_random_init_checkpoint
 
     path = save_random_init_checkpoint(TINY_MODEL, tmp_path_factory.mktemp("clip") / "tiny.pt", seed=0)
     return TINY_MODEL, str(path)
@@ -219,7 +229,7 @@ def tiny_clip(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def tiny_clip_onnx(tiny_clip, abo_dir, tmp_path_factory) -> Path:
     """``tiny_clip`` exported by ``missrec export-clip``'s code (parity-checked on the real ABO photos and texts)."""
-    from model_export.clip_export import export_clip
+    from model_export.clip import export_clip
 
     out = tmp_path_factory.mktemp("clip-onnx") / "tiny"
     export_clip(tiny_clip[0], tiny_clip[1], out, abo_dir)
@@ -228,11 +238,11 @@ def tiny_clip_onnx(tiny_clip, abo_dir, tmp_path_factory) -> Path:
 
 # ----- MSM4SR and MMSRec bundles from the REAL Scientific data (export and serving tests) -------------------------
 SEED_MODELS = {
-    # kind -> (trainer name, overrides): one epoch each. MMSRec at hidden 64 (spec: 512) keeps the test fast; the
-    # export and serving paths do not depend on the width.
-    "msm4sr": ("train_msm4sr", {}),
-    "msm4sr-transductive": ("train_msm4sr", {"mode": "transductive"}),
-    "mmsrec": ("train_mmsrec", {"hidden": 64, "n_heads": 2, "ff_dim": 256}),
+    # kind -> (family, trainer name, overrides): one epoch each. MMSRec at hidden 64 (spec: 512) keeps the test
+    # fast; the export and serving paths do not depend on the width.
+    "msm4sr": ("msm4sr", "train_msm4sr", {}),
+    "msm4sr-transductive": ("msm4sr", "train_msm4sr", {"mode": "transductive"}),
+    "mmsrec": ("mmsrec", "train_mmsrec", {"hidden": 64, "n_heads": 2, "ff_dim": 256}),
 }
 
 
@@ -241,11 +251,11 @@ def seed_bundles(scientific_dir, tmp_path_factory):
     """kind -> (run dir with checkpoint.pt, bundle with an exact Flat index), built on first use per kind (cached
     under MISSREC_TEST_CACHE like ``scientific_bundle``)."""
     from index_builder.build import build_index
-    from missrec import seed_runs
-    from missrec.data import load_dataset
-    from missrec.runs import save_run
-    from missrec.train import TrainOptions
-    from model_export.onnx_export import export_bundle
+    from missrec.data.dataset import load_dataset
+    from missrec.families import family
+    from missrec.training.loop import TrainOptions
+    from missrec.training.run import save_run
+    from model_export.bundle import export_bundle
     from serving_core.bundle import BundleError, verify_checksums
 
     cache = os.environ.get("MISSREC_TEST_CACHE")
@@ -263,9 +273,9 @@ def seed_bundles(scientific_dir, tmp_path_factory):
                 return built[kind]
         except BundleError:
             pass
-        trainer, overrides = SEED_MODELS[kind]
+        name, trainer, overrides = SEED_MODELS[kind]
         ds = load_dataset(scientific_dir)
-        result = getattr(seed_runs, trainer)(ds, TrainOptions(epochs=1, progress=False), **overrides)
+        result = getattr(family(name).recipe(), trainer)(ds, TrainOptions(epochs=1, progress=False), **overrides)
         save_run(result, ds, run)
         export_bundle(run / "checkpoint.pt", scientific_dir, bundle, overwrite=True)
         build_index(bundle, factory="Flat", device="cpu", progress=False)
@@ -285,3 +295,19 @@ def swap_root(scientific_bundle, scientific_bundle_b, tmp_path_factory) -> Path:
     shutil.copytree(scientific_bundle, root / "a")
     shutil.copytree(scientific_bundle_b, root / "b")
     return root
+
+
+# ----- tiers ------------------------------------------------------------------------------------------------------
+# oracle: marked in its modules (seconds); slow: the process tier, marked in its modules, plus every test that uses
+# a Redis Cluster (redis-server processes of its own); service: the in-process service tier, every other test that
+# talks to the real Redis (the app in this process). `pytest -m "not slow"` is the inner loop.
+PROCESS_FIXTURES = frozenset({"redis_cluster"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if "redis_url" in names and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.service)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from missrec.data import SeqDataset, load_dataset
-from missrec.model import MISSRec
-from missrec.runs import build_missrec
-from missrec.synthetic import generate_synthetic
+from missrec.data.dataset import SeqDataset, load_dataset
+from missrec.data.synthetic import generate_synthetic
+from missrec.models.missrec import MISSRec
+from missrec.recipes.missrec import build_missrec
 
 
 def tiny_dataset(root: Path, modalities: tuple[str, ...] = ("text", "image"), **kw) -> SeqDataset:
@@ -40,7 +40,7 @@ def assert_checkpoint_round_trip(model, ds: SeqDataset, path: Path, kind: str, c
     few test histories cut to ``width``; returns the raw checkpoint dict for further checks."""
     import torch
 
-    from missrec.checkpoint import attach_features, load_checkpoint, save_checkpoint
+    from missrec.models.checkpoint import attach_features, load_checkpoint, save_checkpoint
 
     path = save_checkpoint(path, model)
     raw = torch.load(path, weights_only=True)

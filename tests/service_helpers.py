@@ -1,4 +1,4 @@
-"""Helpers for service tests: the harness's app and ABO products, and the bundle's own brute-force top-k."""
+"""Helpers for service tests: the harness's app and the bundle's own brute-force top-k."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.launch import abo_products, make_app
+from harness.launch import make_app
 
-__all__ = ["abo_products", "make_app", "offline_topk"]
+__all__ = ["make_app", "offline_topk"]
 
 
 def offline_topk(bundle: Path, history_rows: list[int], k: int, exclude: set[int]) -> tuple[list[int], np.ndarray]:

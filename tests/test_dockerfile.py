@@ -7,15 +7,13 @@ import hashlib
 import json
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 import typer.main
 
 from missrec_cli.main import app as cli_app
 from service.settings import Settings
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import ROOT
 
 
 def _instructions(text: str) -> list[tuple[str, str, str]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from service import swap
+from service import usecases
 from service.deps import AdminAccess, JSONBody, StateDep
 from service.schemas import BundleAnnouncement, BundleStatus, ErrorResponse, ShadowRequest, ShadowStatus, SwapRequest
 
@@ -28,7 +28,7 @@ async def swap_bundle(body: SwapRequest, state: StateDep) -> JSONResponse:
     checked here first (inside MISSREC_BUNDLE_ROOT, checksums, shapes, towers, the stored items' raw features):
     422 with the reason, nothing announced. 202: announced; each replica loads, warms up and re-embeds the
     ingested items in the background, then switches at once (GET shows loading, active or failed)."""
-    announcement = await swap.announce(state, body.bundle)
+    announcement = await usecases.announce(state, body.bundle)
     return JSONResponse(status_code=202, content=BundleAnnouncement(**vars(announcement)).model_dump())
 
 
@@ -45,7 +45,7 @@ async def set_shadow(body: ShadowRequest, state: StateDep) -> JSONResponse:
     """Score ``fraction`` of this replica's recommend requests with the candidate bundle too, after answering
     them from the serving one (clients never see the candidate). 202: loading in the background (GET shows
     loading, active or failed, with overlap@k and latency per model); it replaces any earlier candidate."""
-    status = await state.shadow.start(state, body.bundle, body.fraction)
+    status = await state.shadow.start(body.bundle, body.fraction)
     return JSONResponse(status_code=202, content=ShadowStatus(**status).model_dump())
 
 
@@ -58,5 +58,5 @@ async def shadow_status(state: StateDep) -> ShadowStatus:
 @router.delete("/shadow", status_code=204, responses=ERRORS, dependencies=[AdminAccess])
 async def stop_shadow(state: StateDep) -> Response:
     """Stop scoring with the candidate (no-op when none is set)."""
-    await state.shadow.stop(state)
+    await state.shadow.stop()
     return Response(status_code=204)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 from typing import Annotated
 from urllib.parse import quote
@@ -83,9 +85,7 @@ async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, s
         raise InvalidInput("item_id and text must be form fields, not files")
     data = None
     if isinstance(image, UploadFile):
-        data = await image.read(state.settings.max_image_bytes + 1)
-        if len(data) > state.settings.max_image_bytes:
-            raise PayloadTooLarge(f"image is larger than {state.settings.max_image_bytes} bytes")
+        data = await _image_bytes(image, state.settings.max_image_bytes)
     elif image is not None and image != "":
         raise InvalidInput("image must be an uploaded file")
     return item_id, text, data
@@ -101,8 +101,25 @@ async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, b
             {"loc": ["body", *(str(p) for p in e["loc"])], "msg": e["msg"], "type": e["type"]} for e in exc.errors()
         ]
         raise InvalidInput("request does not match the schema", {"errors": problems}) from None
-    image = usecases.decode_base64_image(state, body.image_base64) if body.image_base64 else None
+    image = await _image_bytes(body.image_base64, state.settings.max_image_bytes) if body.image_base64 else None
     return body.item_id, body.text, image
+
+
+async def _image_bytes(upload: UploadFile | str, limit: int) -> bytes:
+    """An uploaded image's bytes, from a multipart file or base64 text: the one place their size is checked (413
+    above ``limit``, MISSREC_MAX_IMAGE_BYTES). Neither reader takes in more than the limit allows: a file is read up
+    to one byte past it, base64 longer than ``limit`` bytes can encode is not decoded."""
+    data = None
+    if isinstance(upload, UploadFile):
+        data = await upload.read(limit + 1)
+    elif len(upload) <= (limit * 4) // 3 + 8:
+        try:
+            data = base64.b64decode(upload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput("image_base64 is not valid base64") from None
+    if data is None or len(data) > limit:
+        raise PayloadTooLarge(f"image is larger than {limit} bytes")
+    return data
 
 
 @router.post(

@@ -1,0 +1,1 @@
+"""Datasets: the atomic format (reading, writing, splits), batching, `missrec prepare` and SYNTHETIC data."""

@@ -1,0 +1,1 @@
+"""Full-ranking evaluation: metrics, the cold-item protocol and few-interaction views, the run report, statistics."""

@@ -1,0 +1,2 @@
+"""The models, one family per module (model + config; see missrec.families), the popularity baseline and
+checkpoints."""

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop, levers, one pre-training module per family that has one, the run path."""
