@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from missrec import fusion as tf
+from missrec.nn import fusion as tf
 from serving_core import fusion as nf
 from serving_core.bundle import MISSREC_FUSION, Fusion, ItemTable, Scorer, static_vectors
 from tests.helpers import tiny_dataset, tiny_missrec
