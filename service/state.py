@@ -183,7 +183,6 @@ class ServiceState:
             lambda queries: recommend_batch(catalogue.current, queries, metrics),
             settings.max_batch_size,
             settings.max_wait_ms / 1000.0,
-            executor,
             on_batch=metrics.batch_size.observe,
             on_wait=metrics.stage.labels("queue").observe,
             adaptive=settings.linger == "adaptive",
