@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="run the bare baseline")
     p.add_argument("--max", action=argparse.BooleanOptionalAction, default=True, help="run the closed-loop maximum")
     p.add_argument("--env", action="append", default=[], help="extra service setting, e.g. MISSREC_MAX_WAIT_MS=1")
+    p.add_argument(
+        "--model-work",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the model's own work alone (loadtest.model_work, on --service-cpus, batch 1 and 16)",
+    )
     p.add_argument("--ready-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
     if not args.pin:
@@ -173,6 +179,24 @@ def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scra
     return results
 
 
+def model_work(args, env: dict[str, str], cpus: list[int] | None, out: Path) -> dict | None:
+    """The model's own work per user alone (loadtest.model_work at batch 1 and 16, on the service's CPUs, with the
+    service's code: its PYTHONPATH), microseconds per stage."""
+    path = out / "model_work.json"
+    script = str(Path(__file__).with_name("model_work.py"))  # a file: the service's own modules come from its path
+    cmd = [sys.executable, script, "--bundle", str(args.bundle), "--data", str(args.data),
+           "--batches", "1", "16", "--repeats", "200", "--k", str(args.k), "--json", str(path)]  # fmt: skip
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+    run_env = os.environ | procs.thread_env(cpus) | {"PYTHONPATH": env.get("PYTHONPATH", os.getcwd())}
+    done = subprocess.run(cmd, env=run_env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log.warning("model work not measured: %s", done.stderr.strip().splitlines()[-1:] or done.returncode)
+        return None
+    log.info("model work alone:\n%s", done.stdout.strip())
+    return json.loads(path.read_text(encoding="utf-8"))["rows"]
+
+
 # ----- main -------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -244,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for child in children[1:]:
                     child.stop()
             svc.stop()
+            work = model_work(args, env, service_cpus, out) if args.model_work else None
             bare_runs: list[dict] = []
             if args.bare:
                 port = free_port()
@@ -262,8 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
             "service_memory": memory,
             "readyz": checks, "pinning": {"service": service_cpus, "clients": client_cpus},
             "settings": {k: v for k, v in env.items() if k not in ("MISSREC_REDIS_URL",)}, "mix": args.mix,
-            "rates": rates, "ingest": ingest, "table": rows,
+            "rates": rates, "ingest": ingest, "table": rows, "model_work": work,
         }  # fmt: skip
+        args.model_work_rows = work
         summary |= print_report(rows, service_runs, bare_runs, ingest, args)
         summary["elapsed_s"] = round(time.monotonic() - began, 1)
         write_outputs(out, rows, service_runs, bare_runs, summary)
