@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="run the bare baseline")
     p.add_argument("--max", action=argparse.BooleanOptionalAction, default=True, help="run the closed-loop maximum")
     p.add_argument("--env", action="append", default=[], help="extra service setting, e.g. MISSREC_MAX_WAIT_MS=1")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the service (missrec serve)")
     p.add_argument(
         "--model-work",
         action=argparse.BooleanOptionalAction,
@@ -109,10 +110,28 @@ def machine() -> dict[str, Any]:
     }
 
 
-def memory_mib(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory (VmRSS, VmHWM) of a live process, MiB."""
+def memory_mib(pid: int) -> dict[str, Any]:
+    """Resident and peak resident memory (VmRSS, VmHWM) of a live process, MiB; with worker processes (uvicorn
+    --workers) also each worker's RSS and PSS (proportional set size: pages shared with the others, e.g. the
+    memory-mapped bundle in the page cache, counted once across them)."""
+    import psutil
+
     fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
-    return {k: round(int(fields[f].split()[0]) / 1024, 1) for k, f in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+    out: dict[str, Any] = {
+        k: round(int(fields[f].split()[0]) / 1024, 1) for k, f in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))
+    }
+    workers = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            info = child.memory_full_info()
+            workers.append(
+                {"pid": child.pid, "rss_mib": round(info.rss / 2**20, 1), "pss_mib": round(info.pss / 2**20, 1)}
+            )
+        except psutil.Error:
+            continue
+    if workers:
+        out["workers"] = workers
+    return out
 
 
 def clip_checkpoint(model: str, cache: Path) -> str:
@@ -238,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         env |= dict(e.split("=", 1) for e in args.env)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus)
+        svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus, workers=args.workers)
         children.append(svc)
         load_s = wait_ready(url, svc, args.ready_timeout)
         checks = httpx.get(f"{url}/readyz").json()["checks"]
