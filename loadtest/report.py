@@ -87,7 +87,7 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
 
     st = Table(title="service per-stage timings from its /metrics (ms; per batch for user_tower and search)")
     for col in ("run", "batch mean", "history_read p50/p99", "user_tower mean/p99", "search mean/p99",
-                "request p50/p99", "client rec:user p50/p99", "svc CPU ms/req"):  # fmt: skip
+                "request p50/p99", "client rec:user p50/p99", "svc CPU ms/req", "GC gen2 n / p99 ms"):  # fmt: skip
         st.add_column(col, justify="right")
     summary_stages = []
     for s in service:
@@ -108,13 +108,15 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
         st.add_row(
             s["name"], f"{batch.mean:.1f}" if batch else "-", pair("history_read"), pair("user_tower", True),
             pair("search", True), pair("request"), f"{rec.get('p50_ms', '-')} / {rec.get('p99_ms', '-')}",
-            _ms(per_req),
+            _ms(per_req), f"{g['gc:2'].count:.0f} / {1e3 * g['gc:2'].quantile(0.99):.1f}" if "gc:2" in g else "-",
         )  # fmt: skip
         summary_stages.append({
             "run": s["name"], "batch_mean": batch.mean if batch else None, "svc_cpu_ms_per_req": per_req,
             **{f"{k.split(':', 1)[1]}_{q}_ms": round(1e3 * (h.mean if q == "mean" else h.quantile(p)), 3)
                for k, h in g.items() if k.startswith("stage:")
                for q, p in (("mean", 0), ("p50", 0.5), ("p99", 0.99))},
+            **{f"gc{k.split(':', 1)[1]}_{q}": round(v, 3) for k, h in g.items() if k.startswith("gc:")
+               for q, v in (("count", h.count), ("total_ms", 1e3 * h.total), ("p99_ms", 1e3 * h.quantile(0.99)))},
         })  # fmt: skip
     console.print(st)
 
