@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="a fixed rate low enough that requests never overlap (the lone-request latency; 0 = skip)",
     )
+    p.add_argument(
+        "--lone-closed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one closed-loop client (back to back: a lone client that never waits between requests)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per fixed-rate run (after warm-up)")
     p.add_argument("--sat-duration", type=float, default=15.0, help="seconds of the closed-loop maximum run")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded at the start of every run")
@@ -164,10 +170,12 @@ async def seed_histories(url: str, users: list[dict], concurrency: int = 8, head
 
 
 # ----- runs -------------------------------------------------------------------------------------------------------
-def one_run(name: str, url: str, rate: float, args, ctx: dict, scrape: bool) -> dict[str, Any]:
+def one_run(
+    name: str, url: str, rate: float, args, ctx: dict, scrape: bool, users: int | None = None
+) -> dict[str, Any]:
     """A locust run against url; RunStats + CPU of every metered process + (service) per-stage deltas."""
     before = httpx.get(f"{url}/metrics", timeout=10).text if scrape else ""
-    users = args.sat_users if rate <= 0 else args.users
+    users = users or (args.sat_users if rate <= 0 else args.users)
     duration = (args.sat_duration if rate <= 0 else args.duration) + args.warmup
     samples = procs.run_locust(
         url, ctx["traffic"], ctx["runs"] / name, rate=rate, users=users, duration=duration, mix=args.mix,
@@ -195,6 +203,8 @@ def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scra
         rates = sorted({max(1.0, round(f * top)) for f in args.fractions} | ({args.lone_rate} - {0.0}))
     for r in rates:
         results.append(one_run(f"{label}-r{r:g}", url, r, args, ctx, scrape))
+    if args.lone_closed:  # one client, the next request sent as soon as the answer arrives
+        results.append(one_run(f"{label}-c1", url, -1.0, args, ctx, scrape, users=1))
     return results
 
 

@@ -26,7 +26,7 @@ def _cpu(x: float | None) -> str:
 
 def _closed(runs: list[dict]) -> dict | None:
     """The closed-loop (maximum throughput) run of a list, if any."""
-    return next((r for r in runs if r["stats"].target <= 0), None)
+    return next((r for r in runs if r["stats"].target == 0), None)
 
 
 def _per_req(run: dict | None) -> float | None:
@@ -45,7 +45,7 @@ def main_table(service: list[dict], bare: list[dict]) -> list[dict[str, Any]]:
         b = by_target.get(st.target)
         bt: RunStats | None = b["stats"] if b else None
         rows.append({
-            "target_rps": "max" if st.target <= 0 else f"{st.target:g}",
+            "target_rps": "lone" if st.target < 0 else "max" if st.target == 0 else f"{st.target:g}",
             "svc_rps": round(st.achieved, 1), "svc_p50": st.p50, "svc_p95": st.p95, "svc_p99": st.p99,
             "svc_err": st.errors, "svc_cpu": s["cpu"].get("service"), "svc_cpu_ms_req": _per_req(s),
             "svc_gen_cpu": s["cpu"].get("locust"), "svc_lag_p99": st.lag_p99, "svc_sustained": st.sustained,
@@ -73,7 +73,9 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
 
     for r in rows:
         t.add_row(
-            r["target_rps"] if r["target_rps"] != "max" else f"max (closed, {args.sat_users} clients)",
+            {"max": f"max (closed, {args.sat_users} clients)", "lone": "lone (closed, 1 client)"}.get(
+                r["target_rps"], r["target_rps"]
+            ),
             f"{r['svc_rps']:.1f}", _ms(r["svc_p50"]), _ms(r["svc_p95"]), _ms(r["svc_p99"]), str(r["svc_err"]),
             _ms(r["svc_cpu_ms_req"]), _cpu(r["svc_gen_cpu"]), _ms(r["svc_lag_p99"]),
             opt(r["bare_rps"]), _ms(r["bare_p50"]), _ms(r["bare_p95"]), _ms(r["bare_p99"]), opt(r["bare_err"]),
@@ -179,6 +181,18 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
                 f"  lone p50 {ls.p50:.2f} ms vs bare p50 + model work alone = {floor:.2f} ms: "
                 f"{ls.p50 - floor:+.2f} ms (aim within 1 ms, and p50 < 2.5 ms)"
             )
+    c1, c1_bare = (next((r for r in runs if r["stats"].target < 0), None) for runs in (service, bare))
+    if c1:
+        p50s = c1["stats"].p50
+        out["lone_closed"] = {
+            "service_p50_ms": round(p50s, 2),
+            "bare_p50_ms": c1_bare and round(c1_bare["stats"].p50, 2),
+        }
+        lines.append(
+            f"lone client, closed loop (1 client, back to back): p50 service {p50s:.2f} ms"
+            + (f", bare {c1_bare['stats'].p50:.2f} ms" if c1_bare else "")
+            + (f"; bare p50 + model work alone = {c1_bare['stats'].p50 + serve1:.2f} ms" if c1_bare and serve1 else "")
+        )
     sustained = [r["stats"].target for r in fixed if r["stats"].sustained]
     if sustained:
         out["max_sustained_open_loop"] = max(sustained)
