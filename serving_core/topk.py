@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from serving_core.scan import scan_top_k
 from serving_core.scoring import ItemScorer
 
 DEFAULT_TOL = 1e-4  # > float32 rounding of two 300-d unit inner products (static via FAISS, exact via numpy)
@@ -310,6 +311,12 @@ def _full_scan(s: _Search, scan: list[int]) -> None:
     users = s.users[order]
     n_items = s.dead.shape[0]
     chunk = max(4096, _SCAN_BUDGET // max(1, users.shape[0]))
+    if n_items <= chunk:  # one chunk (serving_core.scan): the scores masked in place, one selection
+        found = scan_top_k(s.items.exact(users), s.dead, [s.excl[b] for b in order], s.k)
+        for b, (ids, sc) in zip(order, found, strict=True):
+            s.finish(b, ids, sc, n_items, True)
+        s.rescore_s += time.perf_counter() - started
+        return
     best_ids = np.full((len(order), 0), -1, dtype=np.int64)
     best_sc = np.full((len(order), 0), -np.inf, dtype=np.float32)
     counts = np.zeros(len(order), dtype=np.int64)
