@@ -226,3 +226,33 @@ def test_unavailable_items_come_back_without_re_embedding_and_similar_filters(cl
     r = client.post(f"/v1/items/{ids[7]}/similar", json={"k": 5, "filter": f}).json()
     assert all(attrs[i["item_id"]]["brand"] == brand for i in r["items"]) and r["exact"] is True
     assert r["matched"] == sum(a.get("brand") == brand for a in attrs.values())
+
+
+def test_availability_replicates_and_survives_a_restart(attr_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
+    """Replica a hides 40 items: replica b stops returning them within the replication bound (1 s); a replica
+    started afterwards replays them hidden, with an attribute patched on a."""
+    import time
+
+    root, ids, attrs = attr_bundle
+    apps = [make_app(root, redis_url, key_prefix, tiny_clip, tmp_path / f"r{i}", warmup=False) for i in range(3)]
+    brand = attrs[ids[3]]["brand"]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        hide = ids[1:41]
+        for item in hide:
+            assert a.patch(f"/v1/items/{item}", json={"available": False}).status_code == 200
+        assert a.patch(f"/v1/items/{ids[50]}", json={"attributes": {"brand": brand}}).status_code == 200
+        acked = time.monotonic()
+        f = {"op": "eq", "field": "brand", "value": brand}
+        while True:
+            got = b.post(f"/v1/items/{ids[100]}/similar", json={"k": 1000}).json()["items"]
+            shown = {i["item_id"] for i in got}
+            matched = b.post(f"/v1/items/{ids[100]}/similar", json={"k": 1000, "filter": f}).json()
+            if not shown & set(hide) and ids[50] in {i["item_id"] for i in matched["items"]}:
+                break
+            assert time.monotonic() - acked < 1.0, "replica b still serves a hidden item 1 s after the ack"
+            time.sleep(0.02)
+    with TestClient(apps[2]) as c:  # a restart: replayed from Redis
+        got = c.post(f"/v1/items/{ids[100]}/similar", json={"k": 1000}).json()["items"]
+        assert not {i["item_id"] for i in got} & set(hide) and len(got) == 1000
+        assert c.get(f"/v1/items/{ids[50]}").json()["attributes"] == {"brand": brand}
+        assert c.get(f"/v1/items/{ids[1]}").json()["available"] is False
