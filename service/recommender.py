@@ -18,6 +18,7 @@ import numpy as np
 from service.catalogue import Snapshot
 from service.metrics import Metrics
 from serving_core.bundle import INNER_PRODUCT, static_vectors
+from serving_core.explain import LeaveOneOut, leave_one_out
 from serving_core.filtered import filtered_top_k
 from serving_core.topk import TopK, top_k
 
@@ -52,12 +53,14 @@ class Recommendation:
 @dataclass(frozen=True)
 class Served:
     """One user's exact top-k on a snapshot: item rows best first, their exact scores, whether the result is proven
-    equal to brute force, and the explanation weights (k, M) when any user of its search asked for them."""
+    equal to brute force, the explanation weights (k, M) when any user of its search asked for them, and the user
+    vector the scores come from."""
 
     rows: np.ndarray
     scores: np.ndarray
     exact: bool
     weights: np.ndarray | None = None
+    user: np.ndarray | None = None
 
 
 def serve(
@@ -113,7 +116,7 @@ def rank(
         for j, b in enumerate(members):
             rows, scores = found.row(j)
             weights = found.weights[j] if found.weights is not None else None
-            out[b] = Served(rows, scores, bool(found.user_exact[j]), weights)
+            out[b] = Served(rows, scores, bool(found.user_exact[j]), weights, users[b])
     return out
 
 
@@ -215,17 +218,57 @@ def _recommend_on(snap: Snapshot, queries: list[Query], metrics: Metrics) -> lis
     histories, ks = [q.history for q in personal], [q.k for q in personal]
     served = serve(snap, histories, ks, [q.exclude for q in personal], [q.explain for q in personal], metrics,
                    [q.allowed for q in personal], [q.max_per for q in personal])  # fmt: skip
-    for slot, q, one in zip(slots, personal, served, strict=True):
-        results[slot] = recommendation(snap, one, q.explain)
+    wanted = [j for j, q in enumerate(personal) if q.explain]
+    because: list[LeaveOneOut | None] = [None] * len(personal)
+    if wanted:
+        found = leave_one_out(
+            snap.model.towers.user,
+            snap.scorer(),
+            [histories[j] for j in wanted],
+            [served[j].rows for j in wanted],
+            [served[j].scores for j in wanted],
+            snap.item_arrays(),
+        )
+        for j, loo in zip(wanted, found, strict=True):
+            because[j] = loo
+    for j, (slot, q, one) in enumerate(zip(slots, personal, served, strict=True)):
+        results[slot] = recommendation(snap, one, q.explain, q.history, because[j])
     return results
 
 
-def recommendation(snap: Snapshot, served: Served, explain: bool) -> Recommendation:
-    """The wire-ready items of one served top-k (with explanations when asked for)."""
+BECAUSE_TOP = 3  # history items named per recommended item
+
+
+def recommendation(
+    snap: Snapshot,
+    served: Served,
+    explain: bool,
+    history: np.ndarray | None = None,
+    because: LeaveOneOut | None = None,
+) -> Recommendation:
+    """The wire-ready items of one served top-k; with ``explain``, each item's explanation: the fusion weights
+    and interest cluster, the split of its score into parts (:meth:`ItemScorer.split`) and, given the
+    leave-one-out contributions of the ``history`` it was served for, the history items it is there because of."""
     notes: list[dict[str, Any] | None] = [None] * len(served.rows)
-    if explain and served.weights is not None:
-        names = snap.scorer().explained_by
-        notes = [explanation(snap, int(r), names, served.weights[c]) for c, r in enumerate(served.rows)]
+    if explain:
+        scorer = snap.scorer()
+        names = scorer.explained_by if served.weights is not None else ()
+        none = np.zeros(0, dtype=np.float32)
+        notes = [
+            explanation(snap, int(r), names, served.weights[c] if served.weights is not None else none)
+            for c, r in enumerate(served.rows)
+        ]
+        parts = None
+        if served.user is not None and served.rows.size:
+            parts = scorer.split(served.user[None, :], served.rows[None, :].astype(np.int64))
+        for c, note in enumerate(notes):
+            note["score_split"] = [] if parts is None else score_split(scorer.split_by, parts[0, c])
+            note["because"] = None
+            if history is not None:  # [] for a one-item history: there is nothing to leave out
+                note["because"] = [
+                    {"item_id": snap.ids[item], "position": p, "contribution": drop}
+                    for item, p, drop in (because.top(c, BECAUSE_TOP, history) if because is not None else [])
+                ]
     items = [
         RecommendedRow(snap.ids[r], float(s), e) for r, s, e in zip(served.rows, served.scores, notes, strict=True)
     ]
@@ -265,13 +308,21 @@ def similar(
 def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:
     """Text/image weights of an item for this user and the interest cluster of the leading modality (MISSRec)."""
     w = {name: float(weights[j]) for j, name in enumerate(names)}
-    lead = max(w, key=lambda m: w[m])
-    cluster = snap.clusters.get(lead)
+    lead = max(w, key=lambda m: w[m], default=None)
+    cluster = snap.clusters.get(lead) if lead is not None else None
     return {
         "text_weight": w.get("text", 0.0),
         "image_weight": w.get("image", 0.0),
         "interest": int(cluster[row]) if cluster is not None else None,
     }
+
+
+def score_split(names: tuple[str, ...], parts: np.ndarray) -> list[dict[str, Any]]:
+    """Each part's score and share of the item's score (parts sum to the score; shares sum to 1 and are negative
+    for a part that pulls the score down)."""
+    total = float(parts.sum())
+    safe = total if abs(total) > 1e-12 else 1.0
+    return [{"part": n, "score": float(v), "share": float(v) / safe} for n, v in zip(names, parts, strict=True)]
 
 
 def popular(snap: Snapshot, q: Query) -> Recommendation:

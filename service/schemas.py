@@ -75,7 +75,10 @@ class RecommendRequest(Shaping):
     exclude_seen: bool = Field(True, strict=True, description="Leave out the items of the history.")
     exclude: list[Identifier] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     explain: bool = Field(
-        False, strict=True, description="Add text/image fusion weights and the interest cluster per item."
+        False,
+        strict=True,
+        description="Explain each item: the split of its score by modality, the history items it comes from "
+        "(leave-one-out contributions), fusion weights and interest cluster. Costs one extra user-tower pass.",
     )
 
     @model_validator(mode="after")
@@ -152,11 +155,37 @@ class SimilarRequest(Shaping):
 # ----- responses ------------------------------------------------------------------------------------------------
 
 
+class ScorePart(BaseModel):
+    part: str = Field(description="A part of the score: a modality (`text`, `image`), `id` (transductive MISSRec).")
+    score: float = Field(description="This part's additive term; the parts sum to the item's score.")
+    share: float = Field(description="score / the item's score: the shares sum to 1 (negative: it pulls down).")
+
+
+class BecauseItem(BaseModel):
+    item_id: str = Field(description="A history item behind this recommendation.")
+    position: int = Field(description="Its place in the history used (oldest first, 0-based; skipped ids excluded).")
+    contribution: float = Field(
+        description="How much the item's score drops when this history item is left out (the same user tower and "
+        "scorer on the history without it): positive = it pushed the recommendation up."
+    )
+
+
 class Explanation(BaseModel):
-    text_weight: float = Field(description="Share of the score from the text side (MISSRec: fusion weight).")
-    image_weight: float = Field(description="Share of the score from the image side.")
+    text_weight: float = Field(
+        description="Fusion weight of the text side (MISSRec: dynamic-fusion softmax weight, not a share of the "
+        "score: see score_split; inner_product models: the text block's share of the score)."
+    )
+    image_weight: float = Field(description="Fusion weight of the image side (as text_weight).")
     interest: int | None = Field(
         None, description="Interest cluster of the modality that carries more weight (models with interests)."
+    )
+    score_split: list[ScorePart] = Field(
+        default_factory=list, description="The score split into its additive parts: the actual modality shares."
+    )
+    because: list[BecauseItem] | None = Field(
+        None,
+        description="Up to 3 history items with the largest leave-one-out contributions, largest first ([] for a "
+        "one-item history; absent where there is no history, e.g. similar items).",
     )
 
 
