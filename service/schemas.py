@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -14,6 +15,16 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     model_validator,
+)
+
+from service.filters import (
+    FILTER_DESCRIPTION,
+    FILTER_SCHEMA_EXTRA,
+    MAX_PER_DESCRIPTION,
+    MAX_PER_FIELDS,
+    FieldName,
+    Filter,
+    check_bounds,
 )
 
 # External ids: 1..256 characters, no C0 or C1 control characters, not only blanks (unicode is fine).
@@ -40,10 +51,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+BoundedFilter = Annotated[Filter | None, AfterValidator(check_bounds)]
+Cap = Annotated[int, Field(ge=1, le=MAX_K, strict=True)]
+MaxPer = Annotated[dict[FieldName, Cap], Field(max_length=MAX_PER_FIELDS)]
+
+
+class Shaping(_Strict):
+    """What every top-k request may add: a filter over item attributes and a cap per field value."""
+
+    filter: BoundedFilter = Field(None, description=FILTER_DESCRIPTION, json_schema_extra=FILTER_SCHEMA_EXTRA)
+    max_per: MaxPer | None = Field(None, description=MAX_PER_DESCRIPTION, examples=[{"brand": 2}])
+
+
 # ----- requests -------------------------------------------------------------------------------------------------
 
 
-class RecommendRequest(_Strict):
+class RecommendRequest(Shaping):
     """Top-k for a user: by ``user_id`` (history read from Redis) or by an explicit ``history`` (oldest first)."""
 
     user_id: Identifier | None = Field(None, examples=["u1"])
@@ -113,6 +136,20 @@ class ItemJSONRequest(_Strict):
     item_id: Identifier
     text: str = Field("", max_length=MAX_TEXT_CHARS)
     image_base64: str | None = Field(None, description="Base64 image bytes (JPEG, PNG, WEBP, GIF, BMP).")
+    attributes: dict[str, Any] | None = Field(None, description="Values of the bundle's attribute fields.")
+    available: bool = Field(True, strict=True, description="False: kept, never recommended until made available.")
+
+
+class ItemPatch(_Strict):
+    """PATCH /v1/items/{id}: attributes (replacing all of them) and/or availability; nothing is re-embedded."""
+
+    attributes: dict[str, Any] | None = Field(None, description="The item's attributes (all of them).")
+    available: bool | None = Field(None, strict=True, description="False: never recommended nor similar.")
+
+
+class SimilarRequest(Shaping):
+    k: int | None = Field(None, ge=1, le=MAX_K, strict=True, description="Items returned (default 10).")
+    explain: bool = Field(False, strict=True)
 
 
 # ----- responses ------------------------------------------------------------------------------------------------
@@ -165,6 +202,7 @@ class RecommendResponse(BaseModel):
     fallback: Literal["popular"] | None = Field(None, description="'popular' when there was no history to use.")
     exact: bool = Field(description="True when the top-k is provably the model's exact full-catalogue top-k.")
     history_length: int
+    matched: int | None = Field(None, description="With a filter: live available items matching it.")
     skipped_item_ids: list[str] = Field(
         default_factory=list,
         description="History ids left out because the items were deleted (and, in a stored history, unknown ids).",
@@ -215,6 +253,8 @@ class ItemResponse(BaseModel):
     image_cluster: int | None = None
     created_at: float | None = None
     has_image: bool = Field(False, description="True when a thumbnail of the ingested image is stored (GET .../image).")
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    available: bool = True
 
 
 class ItemSummary(BaseModel):
@@ -234,6 +274,7 @@ class SimilarResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str
     exact: bool = Field(description="True when the list is provably the scorer's exact top-k over the catalogue.")
+    matched: int | None = Field(None, description="With a filter: live available items matching it.")
 
 
 class Histogram(BaseModel):

@@ -58,6 +58,11 @@ class ItemScorer:
         ids = None if self.id_vectors is None else self.id_vectors[start:stop]
         return ItemScorer(self.scorer, {m: v[start:stop] for m, v in self.vectors.items()}, ids, self.max_gap)
 
+    def take(self, rows: np.ndarray) -> ItemScorer:
+        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset of the table)."""
+        ids = None if self.id_vectors is None else self.id_vectors[rows]
+        return ItemScorer(self.scorer, {m: v[rows] for m, v in self.vectors.items()}, ids, self.max_gap)
+
     def exact(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact float32 scores of users (B, D): against every row (B, N), or rows (B, C) -> (B, C)."""
         if self.scorer.kind == INNER_PRODUCT:
