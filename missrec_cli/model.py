@@ -69,6 +69,14 @@ def train(
     lr_scale: LrScales = None,
     feature_norm: FeatureNorm = "none",
     logit_adjust: LogitAdjust = 0.0,
+    id_dropout: Annotated[
+        float,
+        typer.Option(
+            help="Hybrid (missrec and msm4sr, --mode transductive): drop each item's ID embedding with this "
+            "probability per training step, so that an item without an ID (ingested later) scores on its content. "
+            "0: off (the papers' transductive models)."
+        ),
+    ] = 0.0,
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
     NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
@@ -107,12 +115,17 @@ def train(
         "logit_adjust": logit_adjust,
     }
     opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
+    architecture = dict(tuned.architecture) if tuned and tuned.architecture else {}
+    if id_dropout:
+        if model not in ("missrec", "msm4sr"):
+            raise fail(f"--id-dropout applies to missrec and msm4sr only, not {model}")
+        architecture["id_dropout"] = id_dropout
     request = TrainRequest(
         mode=mode,
         pretrained=pretrained,
         pretrain_epochs=pretrain_epochs,
         cold_fraction=cold_fraction,
-        architecture=tuned.architecture if tuned else None,
+        architecture=architecture or None,
     )
     try:
         run = fam.recipe().train(ds, opts, request)
@@ -136,6 +149,7 @@ def train(
             "lr_scales": [list(x) for x in lr_scales(lr_scale)],
             "feature_norm": feature_norm,
             "logit_adjust": logit_adjust,
+            "id_dropout": id_dropout,
         },
     )
     label = f"{model}_{mode}" if len(fam.modes) > 1 else model

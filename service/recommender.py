@@ -306,13 +306,14 @@ def similar(
 
 
 def explanation(snap: Snapshot, row: int, names: tuple[str, ...], weights: np.ndarray) -> dict[str, Any]:
-    """Text/image weights of an item for this user and the interest cluster of the leading modality (MISSRec)."""
+    """Text/image weights of an item for this user (None for a scorer with nothing to weigh, e.g. MMSRec's one
+    cosine) and the interest cluster of the leading modality (MISSRec)."""
     w = {name: float(weights[j]) for j, name in enumerate(names)}
     lead = max(w, key=lambda m: w[m], default=None)
     cluster = snap.clusters.get(lead) if lead is not None else None
     return {
-        "text_weight": w.get("text", 0.0),
-        "image_weight": w.get("image", 0.0),
+        "text_weight": w.get("text", 0.0) if w else None,
+        "image_weight": w.get("image", 0.0) if w else None,
         "interest": int(cluster[row]) if cluster is not None else None,
     }
 

@@ -171,11 +171,12 @@ class BecauseItem(BaseModel):
 
 
 class Explanation(BaseModel):
-    text_weight: float = Field(
+    text_weight: float | None = Field(
         description="Fusion weight of the text side (MISSRec: dynamic-fusion softmax weight, not a share of the "
-        "score: see score_split; inner_product models: the text block's share of the score)."
+        "score: see score_split; inner_product models: the text block's share of the score; null: the model's "
+        "score has no sides to weigh, e.g. MMSRec's one cosine)."
     )
-    image_weight: float = Field(description="Fusion weight of the image side (as text_weight).")
+    image_weight: float | None = Field(description="Fusion weight of the image side (as text_weight).")
     interest: int | None = Field(
         None, description="Interest cluster of the modality that carries more weight (models with interests)."
     )

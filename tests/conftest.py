@@ -38,6 +38,12 @@ def scientific_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def scientific_full_dir() -> Path:
+    """../shared/data/scientific-full: the full Amazon Scientific (UniSRec processing), text only, 384-d MiniLM."""
+    return _shared_path("data", "scientific-full")
+
+
+@pytest.fixture(scope="session")
 def abo_dir() -> Path:
     """../shared/data/abo-samples: real product photos and metadata."""
     return _shared_path("data", "abo-samples")
@@ -242,6 +248,8 @@ SEED_MODELS = {
     # fast; the export and serving paths do not depend on the width.
     "msm4sr": ("msm4sr", "train_msm4sr", {}),
     "msm4sr-transductive": ("msm4sr", "train_msm4sr", {"mode": "transductive"}),
+    # the ID + content hybrid: transductive, each item's ID dropped with probability 0.5 per training step
+    "msm4sr-hybrid": ("msm4sr", "train_msm4sr", {"mode": "transductive", "id_dropout": 0.5}),
     "mmsrec": ("mmsrec", "train_mmsrec", {"hidden": 64, "n_heads": 2, "ff_dim": 256}),
 }
 

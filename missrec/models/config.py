@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any, Literal, Self
 
+import torch
+
 Mode = Literal["inductive", "transductive"]
 MODES: tuple[str, ...] = ("inductive", "transductive")
 
@@ -55,3 +57,27 @@ class FeatureConfig(FrozenConfig):
 def check_num_items(num_items: int) -> None:
     if num_items < 2:
         raise ValueError("num_items counts the padding row and must be >= 2")
+
+
+def check_id_dropout(id_dropout: float, mode: str) -> None:
+    """The hybrid's ID dropout: a share in [0, 1), and only where there are item IDs (transductive mode)."""
+    if not 0.0 <= id_dropout < 1.0:
+        raise ValueError(f"id_dropout must be in [0, 1), got {id_dropout}")
+    if id_dropout and mode != "transductive":
+        raise ValueError("id_dropout needs item IDs: transductive mode")
+
+
+def id_keep_mask(num_items: int, id_dropout: float, device: torch.device) -> torch.Tensor:
+    """(N,) float 1/0: which item rows keep their ID embedding this training step (each dropped with probability
+    ``id_dropout``, torch's global generator, seeded by the training loop); a dropped item has no ID, like an item
+    ingested after training."""
+    return (torch.rand(num_items, device=device) >= id_dropout).to(torch.float32)
+
+
+def forget_unknown_ids(item_id: torch.nn.Embedding | None, known: torch.Tensor | None) -> None:
+    """Zero the ID embedding rows of items withheld from training (cold protocol, hybrid): such an item never had
+    an ID to learn, so it is scored like an item ingested after training, on its content alone."""
+    if item_id is None or known is None:
+        return
+    with torch.no_grad():
+        item_id.weight[~known.to(item_id.weight.device)] = 0.0

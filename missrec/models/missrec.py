@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.models.config import FeatureConfig, Mode, check_num_items
+from missrec.models.config import FeatureConfig, Mode, check_id_dropout, check_num_items, id_keep_mask
 from missrec.nn.fusion import item_score
 from missrec.nn.interests import assign_in_batches, minibatch_kmeans, num_interests
 from missrec.nn.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
@@ -42,10 +42,12 @@ class MISSRecConfig(FeatureConfig):
     layer_norm_eps: float = 1e-12
     tau: float = 0.07
     interest_ratio: float = 0.5
+    id_dropout: float = 0.0  # hybrid (transductive): share of items whose ID embedding is dropped per training step
 
     def __post_init__(self) -> None:
         self.check_features(self.hidden, self.n_heads, self.mode)
         check_num_items(self.num_items)
+        check_id_dropout(self.id_dropout, self.mode)
 
 
 @dataclass
@@ -156,8 +158,11 @@ class MISSRec(nn.Module):
         tokens = torch.stack(list(adapted.values())).sum(dim=0)  # (N, D)
         ids = None
         if self.item_id is not None:
-            tokens = tokens + self.item_id.weight
-            ids = F.normalize(self.item_id.weight, dim=-1)
+            weight = self.item_id.weight
+            if self.training and self.cfg.id_dropout > 0:  # the hybrid: these items score on content alone
+                weight = weight * id_keep_mask(weight.shape[0], self.cfg.id_dropout, weight.device)[:, None]
+            tokens = tokens + weight
+            ids = F.normalize(weight, dim=-1)
         normed = {m: F.normalize(a, dim=-1) for m, a in adapted.items()}
         return ItemTables(tokens=tokens, normed=normed, ids=ids)
 

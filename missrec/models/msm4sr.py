@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from missrec.models.config import MODES, FeatureConfig, Mode, check_num_items
+from missrec.models.config import MODES, FeatureConfig, Mode, check_id_dropout, check_num_items, id_keep_mask
 from missrec.nn.layers import ByteDropout, CausalEncoder, ItemFeatureBuffers
 from missrec.nn.protocol import TrainingLogits, softmax_loss
 
@@ -44,6 +44,7 @@ class MSM4SRConfig(FeatureConfig):
     mixup_max: float = 0.5  # p ~ U(0, mixup_max) per batch
     item_drop_max: float = 0.2  # q ~ U(0, item_drop_max) per batch
     cross_modal_weight: float = 0.01  # lambda
+    id_dropout: float = 0.0  # hybrid (transductive): share of items whose ID embedding is dropped per training step
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -54,6 +55,7 @@ class MSM4SRConfig(FeatureConfig):
         if not (0.0 <= self.mixup_max <= 1.0 and 0.0 <= self.item_drop_max < 1.0):
             raise ValueError("mixup_max must be in [0, 1] and item_drop_max in [0, 1)")
         self.check_features(self.hidden, self.n_heads, self.mode)
+        check_id_dropout(self.id_dropout, self.mode)
 
 
 class MoEAdapter(nn.Module):
@@ -128,6 +130,8 @@ class MSM4SR(ItemFeatureBuffers, nn.Module):
     def item_table(self) -> torch.Tensor:
         """z of every catalogue item (N, M, D), row 0 (padding) zero."""
         ids = torch.arange(self.cfg.num_items, device=self.encoder.position.weight.device)
+        if self.item_id is not None and self.training and self.cfg.id_dropout > 0:  # the hybrid: content alone
+            ids = ids * id_keep_mask(self.cfg.num_items, self.cfg.id_dropout, ids.device).to(ids.dtype)
         return self.item_tokens(self.features(), ids)
 
     @staticmethod

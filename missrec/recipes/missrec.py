@@ -14,7 +14,7 @@ from torch import nn
 from missrec.data.dataset import SeqDataset
 from missrec.evaluation.cold import TrainingData
 from missrec.models.checkpoint import attach_features, load_checkpoint
-from missrec.models.config import Mode
+from missrec.models.config import Mode, forget_unknown_ids
 from missrec.models.missrec import MISSRec, MISSRecConfig
 from missrec.recipes import COLD_FRACTION, CompareRun, TrainRequest
 from missrec.recipes.tuned import Param
@@ -110,20 +110,27 @@ def train_missrec(
 
     config: architecture overrides (MISSRecConfig fields, e.g. from ``missrec tune``); ``opts.feature_norm``:
     the feature-normalisation lever of :mod:`missrec.training.levers` ("none" = the paper)."""
-    if cold_fraction and mode != "inductive":
-        raise ValueError("the cold-item protocol needs inductive mode (transductive items need a trained ID)")
+    hybrid = bool((config or {}).get("id_dropout"))
+    if cold_fraction and mode != "inductive" and not hybrid:
+        raise ValueError(
+            "the cold-item protocol needs inductive mode or the hybrid (transductive items need a trained ID; "
+            "the hybrid, id_dropout > 0, scores an item without one on its content)"
+        )
     require_features(ds, f"MISSRec ({mode})")
     model = build_missrec(ds, mode, opts.seed, **(config or {}))
     params = load_pretrained(model, pretrained) if pretrained else None
     stats: FeatureStats | None = None
+    known: torch.Tensor | None = None
 
     def normalise(model: nn.Module, data: TrainingData) -> None:  # statistics of the items known in training
-        nonlocal stats
+        nonlocal stats, known
+        known = data.known
         stats = feature_stats(ds.features, None if data.known is None else data.known.numpy(), opts.feature_norm)
         if stats is not None:
             model.set_item_features(normalised({m: ds.features[m] for m in model.cfg.modalities}, stats))
 
     def fold_back(model: nn.Module) -> None:
+        forget_unknown_ids(model.item_id, known)  # withheld items have no ID (only transductive models have IDs)
         if stats is not None:
             fold_into_adapters(model, stats)  # back to the spec's format: adapters over raw features
             attach_features(model, ds)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from missrec.data.dataset import Interactions, SeqDataset
+from missrec.evaluation.cold import TrainingData
 from missrec.models.checkpoint import attach_features
-from missrec.models.config import Mode
+from missrec.models.config import Mode, forget_unknown_ids
 from missrec.models.msm4sr import MSM4SR, MSM4SRConfig
 from missrec.recipes import COLD_FRACTION, CompareRun, Recipe, TrainRequest
 from missrec.training.loop import TrainOptions, fit
@@ -50,11 +51,19 @@ def train_msm4sr(
 ) -> RunResult:
     """MSM4SR: ``pretrain_epochs`` of mixup + item-drop pre-training (early stopping on validation NDCG@10, same
     patience), then full-softmax fine-tuning of everything."""
-    if cold_fraction and mode != "inductive":
-        raise ValueError("the cold-item protocol needs the inductive (no-ID) MSM4SR")
+    if cold_fraction and mode != "inductive" and not overrides.get("id_dropout"):
+        raise ValueError("the cold-item protocol needs the inductive (no-ID) MSM4SR or the hybrid (id_dropout > 0)")
     require_features(ds, f"MSM4SR ({mode})")
     opts = replace(opts, **MSM4SR_OPTIMISER)
     model = build_msm4sr(ds, mode, opts.seed, **overrides)
+    known: torch.Tensor | None = None
+
+    def remember(model: nn.Module, data: TrainingData) -> None:
+        nonlocal known
+        known = data.known
+
+    def forget(model: nn.Module) -> None:  # withheld items have no ID (cold protocol, hybrid)
+        forget_unknown_ids(model.item_id, known)
 
     def pretrain(model: nn.Module, train: Interactions, valid: Interactions, known: torch.Tensor | None) -> dict:
         stage = replace(opts, epochs=pretrain_epochs, chunk_tokens=WHOLE_BATCH, train_exclude_history=False)
@@ -62,12 +71,28 @@ def train_msm4sr(
         return stage_info(result)
 
     name = name or f"msm4sr_{mode}"
-    return train_model(ds, model, opts, name, cold_fraction, pretrain=pretrain if pretrain_epochs > 0 else None)
+    return train_model(
+        ds,
+        model,
+        opts,
+        name,
+        cold_fraction,
+        pretrain=pretrain if pretrain_epochs > 0 else None,
+        before_fit=remember,
+        after_fit=forget,
+    )
 
 
 def train(ds: SeqDataset, opts: TrainOptions, request: TrainRequest) -> RunResult:
     pre = PRETRAIN_EPOCHS if request.pretrain_epochs is None else request.pretrain_epochs
-    return train_msm4sr(ds, opts, request.mode, pre, request.cold_fraction)  # type: ignore[arg-type]
+    return train_msm4sr(
+        ds,
+        opts,
+        request.mode,
+        pre,
+        request.cold_fraction,
+        **(request.architecture or {}),  # type: ignore[arg-type]
+    )
 
 
 def _compare(name: str, cold_fraction: float | None = None) -> Recipe:

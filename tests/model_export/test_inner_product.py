@@ -34,7 +34,7 @@ def _spec(model):
     return (MSM4SRExport if type(model).__name__ == "MSM4SR" else MMSRecExport)(model)
 
 
-KINDS = ("msm4sr", "msm4sr-transductive", "mmsrec")
+KINDS = ("msm4sr", "msm4sr-transductive", "msm4sr-hybrid", "mmsrec")
 N_USERS, K = 500, 50
 
 
@@ -90,7 +90,7 @@ def test_onnx_towers_match_pytorch_at_several_lengths_and_batch_sizes(seed_bundl
     # the item tower on real features of catalogue items reproduces the table (inductive: no ID part)
     rows = np.arange(1, 65)
     out = towers.item.encode(ds.features["text"][rows], ds.features["image"][rows])
-    if kind != "msm4sr-transductive":
+    if kind not in ("msm4sr-transductive", "msm4sr-hybrid"):
         assert np.abs(out[ITEM_VECTOR] - towers.table.vectors[ITEM_VECTOR][rows]).max() <= 1e-4
         assert np.abs(out["tokens"] - towers.table.tokens[rows]).max() <= 1e-4
     else:  # the table rows carry the ID embeddings a new item does not have
@@ -147,8 +147,10 @@ def test_service_end_to_end_on_a_bundle_of_each_model(
         assert [i["item_id"] for i in body["items"]] == [ids[r] for r in want]
         np.testing.assert_allclose([i["score"] for i in body["items"]], scores[want], atol=1e-4)
         for item in body["items"]:
-            if kind == "mmsrec":  # one cosine: MMSRec explains nothing
-                assert item["explanation"] is None
+            if kind == "mmsrec":  # one cosine: no sides to weigh or split, but the history items behind it
+                e = item["explanation"]
+                assert e["text_weight"] is None and e["image_weight"] is None and e["score_split"] == []
+                assert e["because"] and {b["item_id"] for b in e["because"]} <= {ids[r] for r in rows}
             else:  # each half's share of cos_t + cos_v
                 e = item["explanation"]
                 assert e["interest"] is None and e["text_weight"] + e["image_weight"] == pytest.approx(1.0, abs=1e-4)

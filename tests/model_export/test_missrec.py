@@ -38,10 +38,10 @@ ONE_EPOCH = TrainOptions(epochs=1, batch_size=256, progress=False)
 ATOL = 1e-4
 
 
-def _train_and_export(root, modalities=("text", "image"), mode="inductive", **data_kw):
+def _train_and_export(root, modalities=("text", "image"), mode="inductive", id_dropout=0.0, **data_kw):
     """Dataset, trained model (clusters refreshed so stored lookups = nearest centroid), checkpoint, bundle."""
     ds = tiny_dataset(root / "data", modalities=modalities, **data_kw)
-    model = tiny_missrec(ds, mode=mode)
+    model = tiny_missrec(ds, mode=mode, id_dropout=id_dropout)
     fit(model, ds.train, ds.valid, ONE_EPOCH)
     model.discover_interests(generator=torch.Generator().manual_seed(0))
     model.eval()
@@ -288,9 +288,13 @@ def test_item_tower_matches_the_model(exported, towers):
 
 
 # ----- other model variants ---------------------------------------------------------------------------------------
-def test_transductive_model_exports_with_id_embeddings(tmp_path):
-    ds, model, _, manifest, root = _train_and_export(tmp_path, mode="transductive", num_users=100)
+@pytest.mark.parametrize("id_dropout", [0.0, 0.5])  # 0.5: the ID + content hybrid, trained with ID dropout
+def test_transductive_model_exports_with_id_embeddings(tmp_path, id_dropout):
+    ds, model, _, manifest, root = _train_and_export(
+        tmp_path, mode="transductive", id_dropout=id_dropout, num_users=100
+    )
     assert manifest.scorer.transductive is True
+    # the same graphs: an item without an ID (the item tower's output, ingested after training) is its content
     t = load_towers(root, providers="cpu")
     ids = model.item_id.weight.detach()
     np.testing.assert_allclose(t.table.id_vectors, F.normalize(ids, dim=-1).numpy(), atol=1e-6)
