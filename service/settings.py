@@ -123,7 +123,15 @@ class Settings(BaseSettings):
     )
     max_events: int = Field(MAX_EVENTS, ge=1, le=MAX_EVENTS, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
-    max_concurrency: int = Field(512, ge=1, description="Requests in flight before new ones get 503.")
+    max_concurrency: int = Field(
+        512, ge=1, description="Requests being processed (body read) before new ones get 503 (and /readyz 503)."
+    )
+    body_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Time a request body may take to arrive (408 and the connection closed after)."
+    )
+    max_pending_bodies: int = Field(
+        1024, ge=1, description="Request bodies arriving at once before new requests get 503 (a slow body holds one)."
+    )
 
     def check_limits(self) -> None:
         """Refuse limits above what the published schema allows (settings built with overrides skip validation)."""
