@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import MAX_BATCH_REQUESTS, MAX_EVENTS, MAX_HISTORY, MAX_K, MAX_TEXT_CHARS
 
+BLANK_KEY = (
+    "the API key is set but blank (an empty variable or secret would open the write and admin routes to anyone): "
+    "set a secret, or unset MISSREC_API_KEY"
+)
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Each field is read from ``MISSREC_<FIELD>`` (e.g. ``MISSREC_REDIS_URL``)."""
@@ -134,7 +139,8 @@ class Settings(BaseSettings):
     )
 
     def check_limits(self) -> None:
-        """Refuse limits above what the published schema allows (settings built with overrides skip validation)."""
+        """Refuse limits above what the published schema allows, and a blank API key (settings built with overrides skip
+        validation)."""
         caps = {
             "max_k": MAX_K,
             "max_history": MAX_HISTORY,
@@ -142,6 +148,8 @@ class Settings(BaseSettings):
             "max_events": MAX_EVENTS,
             "max_text_chars": MAX_TEXT_CHARS,
         }
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError(f"MISSREC_API_KEY: {BLANK_KEY}")
         for name, cap in caps.items():
             value = getattr(self, name)
             if not 1 <= value <= cap:
@@ -151,6 +159,13 @@ class Settings(BaseSettings):
         """The resolved directory swaps are confined to (None without a bundle)."""
         root = self.bundle_root or (self.bundle.resolve().parent if self.bundle is not None else None)
         return root.resolve() if root is not None else None
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(BLANK_KEY)
+        return value
 
     @field_validator("bundle", "data_dir", "bundle_root", "clip_onnx", mode="before")
     @classmethod
