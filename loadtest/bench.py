@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=5.0,
         help="a fixed rate low enough that requests never overlap (the lone-request latency; 0 = skip)",
     )
+    p.add_argument(
+        "--lone-closed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run one closed-loop client (back to back: a lone client that never waits between requests)",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per fixed-rate run (after warm-up)")
     p.add_argument("--sat-duration", type=float, default=15.0, help="seconds of the closed-loop maximum run")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded at the start of every run")
@@ -78,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True, help="run the bare baseline")
     p.add_argument("--max", action=argparse.BooleanOptionalAction, default=True, help="run the closed-loop maximum")
     p.add_argument("--env", action="append", default=[], help="extra service setting, e.g. MISSREC_MAX_WAIT_MS=1")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the service (missrec serve)")
+    p.add_argument(
+        "--model-work",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the model's own work alone (loadtest.model_work, on --service-cpus, batch 1 and 16)",
+    )
     p.add_argument("--ready-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
     if not args.pin:
@@ -103,10 +116,28 @@ def machine() -> dict[str, Any]:
     }
 
 
-def memory_mib(pid: int) -> dict[str, float]:
-    """Resident and peak resident memory (VmRSS, VmHWM) of a live process, MiB."""
+def memory_mib(pid: int) -> dict[str, Any]:
+    """Resident and peak resident memory (VmRSS, VmHWM) of a live process, MiB; with worker processes (uvicorn
+    --workers) also each worker's RSS and PSS (proportional set size: pages shared with the others, e.g. the
+    memory-mapped bundle in the page cache, counted once across them)."""
+    import psutil
+
     fields = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
-    return {k: round(int(fields[f].split()[0]) / 1024, 1) for k, f in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))}
+    out: dict[str, Any] = {
+        k: round(int(fields[f].split()[0]) / 1024, 1) for k, f in (("rss_mib", "VmRSS"), ("peak_rss_mib", "VmHWM"))
+    }
+    workers = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            info = child.memory_full_info()
+            workers.append(
+                {"pid": child.pid, "rss_mib": round(info.rss / 2**20, 1), "pss_mib": round(info.pss / 2**20, 1)}
+            )
+        except psutil.Error:
+            continue
+    if workers:
+        out["workers"] = workers
+    return out
 
 
 def clip_checkpoint(model: str, cache: Path) -> str:
@@ -139,10 +170,12 @@ async def seed_histories(url: str, users: list[dict], concurrency: int = 8, head
 
 
 # ----- runs -------------------------------------------------------------------------------------------------------
-def one_run(name: str, url: str, rate: float, args, ctx: dict, scrape: bool) -> dict[str, Any]:
+def one_run(
+    name: str, url: str, rate: float, args, ctx: dict, scrape: bool, users: int | None = None
+) -> dict[str, Any]:
     """A locust run against url; RunStats + CPU of every metered process + (service) per-stage deltas."""
     before = httpx.get(f"{url}/metrics", timeout=10).text if scrape else ""
-    users = args.sat_users if rate <= 0 else args.users
+    users = users or (args.sat_users if rate <= 0 else args.users)
     duration = (args.sat_duration if rate <= 0 else args.duration) + args.warmup
     samples = procs.run_locust(
         url, ctx["traffic"], ctx["runs"] / name, rate=rate, users=users, duration=duration, mix=args.mix,
@@ -170,7 +203,27 @@ def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scra
         rates = sorted({max(1.0, round(f * top)) for f in args.fractions} | ({args.lone_rate} - {0.0}))
     for r in rates:
         results.append(one_run(f"{label}-r{r:g}", url, r, args, ctx, scrape))
+    if args.lone_closed:  # one client, the next request sent as soon as the answer arrives
+        results.append(one_run(f"{label}-c1", url, -1.0, args, ctx, scrape, users=1))
     return results
+
+
+def model_work(args, env: dict[str, str], cpus: list[int] | None, out: Path) -> dict | None:
+    """The model's own work per user alone (loadtest.model_work at batch 1 and 16, on the service's CPUs, with the
+    service's code: its PYTHONPATH), microseconds per stage."""
+    path = out / "model_work.json"
+    script = str(Path(__file__).with_name("model_work.py"))  # a file: the service's own modules come from its path
+    cmd = [sys.executable, script, "--bundle", str(args.bundle), "--data", str(args.data),
+           "--batches", "1", "16", "--repeats", "200", "--k", str(args.k), "--json", str(path)]  # fmt: skip
+    if cpus:
+        cmd = ["taskset", "-c", ",".join(map(str, cpus)), *cmd]
+    run_env = os.environ | procs.thread_env(cpus) | {"PYTHONPATH": env.get("PYTHONPATH", os.getcwd())}
+    done = subprocess.run(cmd, env=run_env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        log.warning("model work not measured: %s", done.stderr.strip().splitlines()[-1:] or done.returncode)
+        return None
+    log.info("model work alone:\n%s", done.stdout.strip())
+    return json.loads(path.read_text(encoding="utf-8"))["rows"]
 
 
 # ----- main -------------------------------------------------------------------------------------------------------
@@ -214,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         env |= dict(e.split("=", 1) for e in args.env)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus)
+        svc = procs.serve_service(args.bundle.resolve(), port, out / "logs", env, service_cpus, workers=args.workers)
         children.append(svc)
         load_s = wait_ready(url, svc, args.ready_timeout)
         checks = httpx.get(f"{url}/readyz").json()["checks"]
@@ -244,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for child in children[1:]:
                     child.stop()
             svc.stop()
+            work = model_work(args, env, service_cpus, out) if args.model_work else None
             bare_runs: list[dict] = []
             if args.bare:
                 port = free_port()
@@ -262,8 +316,9 @@ def main(argv: list[str] | None = None) -> dict:
             "service_memory": memory,
             "readyz": checks, "pinning": {"service": service_cpus, "clients": client_cpus},
             "settings": {k: v for k, v in env.items() if k not in ("MISSREC_REDIS_URL",)}, "mix": args.mix,
-            "rates": rates, "ingest": ingest, "table": rows,
+            "rates": rates, "ingest": ingest, "table": rows, "model_work": work,
         }  # fmt: skip
+        args.model_work_rows = work
         summary |= print_report(rows, service_runs, bare_runs, ingest, args)
         summary["elapsed_s"] = round(time.monotonic() - began, 1)
         write_outputs(out, rows, service_runs, bare_runs, summary)

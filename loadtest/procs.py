@@ -5,6 +5,7 @@ only; nothing imports the service.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -65,11 +66,18 @@ def thread_env(cpus: list[int] | None) -> dict[str, str]:
 
 
 def serve_service(
-    bundle: Path, port: int, log_dir: Path, env: dict[str, str], cpus: list[int] | None, name: str = "service"
+    bundle: Path,
+    port: int,
+    log_dir: Path,
+    env: dict[str, str],
+    cpus: list[int] | None,
+    name: str = "service",
+    workers: int = 1,
 ) -> Child:
-    """`missrec serve` (1 uvicorn worker), the production command."""
+    """`missrec serve` (``workers`` uvicorn worker processes), the production command."""
     exe = str(Path(sys.executable).with_name("missrec"))
     args = [exe, "serve", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
+    args += ["--workers", str(workers)] if workers != 1 else []
     return start(name, args, log_dir, env | thread_env(cpus), cpus)
 
 
@@ -104,7 +112,12 @@ class CpuMeter:
         for name, p in list(self._procs.items()):
             try:
                 t = p.cpu_times()
-                self.samples[name].append((now, t.user + t.system))
+                total = t.user + t.system
+                for child in p.children(recursive=True):  # uvicorn --workers N: the workers are children
+                    with contextlib.suppress(psutil.Error):
+                        c = child.cpu_times()
+                        total += c.user + c.system
+                self.samples[name].append((now, total))
             except psutil.Error:
                 pass
 

@@ -26,7 +26,7 @@ def _cpu(x: float | None) -> str:
 
 def _closed(runs: list[dict]) -> dict | None:
     """The closed-loop (maximum throughput) run of a list, if any."""
-    return next((r for r in runs if r["stats"].target <= 0), None)
+    return next((r for r in runs if r["stats"].target == 0), None)
 
 
 def _per_req(run: dict | None) -> float | None:
@@ -45,7 +45,7 @@ def main_table(service: list[dict], bare: list[dict]) -> list[dict[str, Any]]:
         b = by_target.get(st.target)
         bt: RunStats | None = b["stats"] if b else None
         rows.append({
-            "target_rps": "max" if st.target <= 0 else f"{st.target:g}",
+            "target_rps": "lone" if st.target < 0 else "max" if st.target == 0 else f"{st.target:g}",
             "svc_rps": round(st.achieved, 1), "svc_p50": st.p50, "svc_p95": st.p95, "svc_p99": st.p99,
             "svc_err": st.errors, "svc_cpu": s["cpu"].get("service"), "svc_cpu_ms_req": _per_req(s),
             "svc_gen_cpu": s["cpu"].get("locust"), "svc_lag_p99": st.lag_p99, "svc_sustained": st.sustained,
@@ -73,7 +73,9 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
 
     for r in rows:
         t.add_row(
-            r["target_rps"] if r["target_rps"] != "max" else f"max (closed, {args.sat_users} clients)",
+            {"max": f"max (closed, {args.sat_users} clients)", "lone": "lone (closed, 1 client)"}.get(
+                r["target_rps"], r["target_rps"]
+            ),
             f"{r['svc_rps']:.1f}", _ms(r["svc_p50"]), _ms(r["svc_p95"]), _ms(r["svc_p99"]), str(r["svc_err"]),
             _ms(r["svc_cpu_ms_req"]), _cpu(r["svc_gen_cpu"]), _ms(r["svc_lag_p99"]),
             opt(r["bare_rps"]), _ms(r["bare_p50"]), _ms(r["bare_p95"]), _ms(r["bare_p99"]), opt(r["bare_err"]),
@@ -87,7 +89,7 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
 
     st = Table(title="service per-stage timings from its /metrics (ms; per batch for user_tower and search)")
     for col in ("run", "batch mean", "history_read p50/p99", "user_tower mean/p99", "search mean/p99",
-                "request p50/p99", "client rec:user p50/p99", "svc CPU ms/req"):  # fmt: skip
+                "request p50/p99", "client rec:user p50/p99", "svc CPU ms/req", "GC gen2 n / p99 ms"):  # fmt: skip
         st.add_column(col, justify="right")
     summary_stages = []
     for s in service:
@@ -108,13 +110,15 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
         st.add_row(
             s["name"], f"{batch.mean:.1f}" if batch else "-", pair("history_read"), pair("user_tower", True),
             pair("search", True), pair("request"), f"{rec.get('p50_ms', '-')} / {rec.get('p99_ms', '-')}",
-            _ms(per_req),
+            _ms(per_req), f"{g['gc:2'].count:.0f} / {1e3 * g['gc:2'].quantile(0.99):.1f}" if "gc:2" in g else "-",
         )  # fmt: skip
         summary_stages.append({
             "run": s["name"], "batch_mean": batch.mean if batch else None, "svc_cpu_ms_per_req": per_req,
             **{f"{k.split(':', 1)[1]}_{q}_ms": round(1e3 * (h.mean if q == "mean" else h.quantile(p)), 3)
                for k, h in g.items() if k.startswith("stage:")
                for q, p in (("mean", 0), ("p50", 0.5), ("p99", 0.99))},
+            **{f"gc{k.split(':', 1)[1]}_{q}": round(v, 3) for k, h in g.items() if k.startswith("gc:")
+               for q, v in (("count", h.count), ("total_ms", 1e3 * h.total), ("p99_ms", 1e3 * h.quantile(0.99)))},
         })  # fmt: skip
     console.print(st)
 
@@ -146,6 +150,18 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
         hs: RunStats = half["stats"]
         out["half_max"] = {"target": hs.target, "p99_ms": round(hs.p99, 2), "achieved": round(hs.achieved, 1)}
         lines.append(f"p99 at about half the service's maximum ({hs.target:g} req/s): {hs.p99:.2f} ms (aim <= 15 ms)")
+    work = getattr(args, "model_work_rows", None)
+    serve1 = 1e-3 * work["1"]["serve"] if work and "1" in work else None  # ms per user at batch 1
+    if work and smax and _per_req(smax):
+        serve16 = 1e-3 * work["16"]["serve"] if "16" in work else None
+        cpu = _per_req(smax)
+        out["model_work_ms"] = {"batch1": serve1, "batch16": serve16}
+        ref = serve16 or serve1  # the service's batches at its maximum are ~8-16 requests: the batch-16 work
+        lines.append(
+            f"service CPU per request at the maximum: {cpu:.3f} ms; the model's own work alone (serve: tower + "
+            f"top-k + response items) {serve1:.3f} ms at batch 1, {serve16 or float('nan'):.3f} ms per user at "
+            f"batch 16 -> {cpu / ref:.2f}x the batch-16 work (aim <= 1.5x)"
+        )
     lone_rate = getattr(args, "lone_rate", 0.0)
     lone = next((r for r in fixed if r["stats"].target == lone_rate), None) if lone_rate else None
     lone_bare = next((r for r in bare if r["stats"].target == lone_rate), None) if lone_rate else None
@@ -159,6 +175,24 @@ def print_report(rows: list[dict], service: list[dict], bare: list[dict], ingest
         lines.append(
             f"lone request ({lone_rate:g} req/s, open loop): p50 service {ls.p50:.2f} ms, bare {lb.p50:.2f} ms, "
             f"difference {ls.p50 - lb.p50:.2f} ms (aim <= 2 ms); recommend by user id p50 {rec_s} vs {rec_b} ms"
+        )
+        if serve1 is not None:
+            floor = lb.p50 + serve1
+            lines.append(
+                f"  lone p50 {ls.p50:.2f} ms vs bare p50 + model work alone = {floor:.2f} ms: "
+                f"{ls.p50 - floor:+.2f} ms (aim within 1 ms, and p50 < 2.5 ms)"
+            )
+    c1, c1_bare = (next((r for r in runs if r["stats"].target < 0), None) for runs in (service, bare))
+    if c1:
+        p50s = c1["stats"].p50
+        out["lone_closed"] = {
+            "service_p50_ms": round(p50s, 2),
+            "bare_p50_ms": c1_bare and round(c1_bare["stats"].p50, 2),
+        }
+        lines.append(
+            f"lone client, closed loop (1 client, back to back): p50 service {p50s:.2f} ms"
+            + (f", bare {c1_bare['stats'].p50:.2f} ms" if c1_bare else "")
+            + (f"; bare p50 + model work alone = {c1_bare['stats'].p50 + serve1:.2f} ms" if c1_bare and serve1 else "")
         )
     sustained = [r["stats"].target for r in fixed if r["stats"].sustained]
     if sustained:

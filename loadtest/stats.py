@@ -137,14 +137,17 @@ class Histogram:
 
 
 def parse_histograms(text: str) -> dict[str, Histogram]:
-    """{"stage:<name>": ..., "batch_size": ...} from the service's /metrics text."""
+    """{"stage:<name>": ..., "gc:<generation>": ..., "batch_size": ...} from the service's /metrics text."""
     out: dict[str, Histogram] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in ("missrec_stage_seconds", "missrec_batch_size"):
+        if family.name not in ("missrec_stage_seconds", "missrec_batch_size", "missrec_gc_seconds"):
             continue
         parts: dict[str, dict[str, Any]] = {}
         for s in family.samples:
-            key = f"stage:{s.labels['stage']}" if "stage" in s.labels else "batch_size"
+            if "stage" in s.labels:
+                key = f"stage:{s.labels['stage']}"
+            else:
+                key = f"gc:{s.labels['generation']}" if "generation" in s.labels else "batch_size"
             h = parts.setdefault(key, {"buckets": [], "sum": 0.0, "count": 0.0})
             if s.name.endswith("_bucket"):
                 h["buckets"].append((float(s.labels["le"]), float(s.value)))

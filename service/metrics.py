@@ -19,6 +19,7 @@ Names (all prefixed ``missrec_``):
     shadow_requests_total{result}  recommendations scored by the shadow candidate: scored, dropped (busy), failed
     shadow_overlap             histogram: overlap@k of the serving and the candidate top-k of one request
     shadow_seconds{model}      histogram: user tower + search of one shadowed request, model = serving|candidate
+    gc_seconds{generation}     histogram: pauses of the garbage collector (service.gc_pauses)
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class Metrics:
         )
         self.shadow_seconds = Histogram(
             "missrec_shadow_seconds", "Shadowed request, per model", ["model"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.gc_seconds = Histogram(
+            "missrec_gc_seconds", "Garbage-collector pauses", ["generation"], buckets=LATENCY_BUCKETS, registry=r
         )
 
     @contextmanager

@@ -1,133 +1,176 @@
 """Micro-batching: concurrent requests are grouped (up to max_batch) and one batch at a time runs off the event
-loop in a worker thread.
+loop, in the batcher's own worker thread.
 
-Batches also form by themselves: while one batch runs, new requests queue, and the next batch takes all of them
-at once. ``max_wait`` > 0 additionally lets a batch linger for batch-mates. Measured on 2 cores (Scientific
-bundle, ABBA order, docs/benchmarks.md): lingering 2 ms costs about 2 ms of p50 at 100 req/s, but its slightly
-bigger batches cut CPU per request, which at 200-280 req/s kept p99 at 41-90 ms where 0 ms gave 98-805 ms and
-once failed to sustain 280 req/s. Hence the adaptive linger (the default): a batch lingers only while the worker
-is busy (its busy fraction over recent batches, an exponential average, is at least ``busy_to_linger``), so an
-idle service answers at once and a loaded one still forms bigger batches. ``adaptive=False`` always lingers."""
+The hand-off is one thread-safe queue put (event loop -> worker) and one ``call_soon_threadsafe`` per batch
+(worker -> event loop): no collector task, no executor future chain. Batches form by themselves: while one batch
+runs, new requests queue, and the worker's next batch takes everything queued at once (up to ``max_batch``).
+
+Lingering (``max_wait`` > 0) lets a batch wait for batch-mates. ``adaptive`` (the default) lingers only when the
+measured arrival rate makes a fuller batch likely within the wait: the rate counts only the requests that arrived
+while others were still in flight (a lone client, which sends its next request after the answer, never counts, so
+it never waits for company), decayed over ``rate_window_s``; a batch lingers when that rate times ``max_wait``
+expects at least ``linger_arrivals`` batch-mates. ``adaptive=False`` always lingers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
+import queue
+import threading
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-BUSY_TO_LINGER = 0.5  # adaptive linger: linger once the worker is busy at least half of the time
-BUSY_DECAY = 0.8  # weight of the previous average per batch (about the last 5 batches count)
+LINGER_ARRIVALS = 1.0  # adaptive linger: linger when at least one batch-mate is expected within the wait
+RATE_WINDOW_S = 0.1  # the arrival rate's memory (exponential decay time constant)
+_STOP = object()
 
 
 class MicroBatcher(Generic[T, R]):
-    """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in ``executor`` and returns one result (or an
-    Exception instance, raised to that caller alone) per input, in order. ``on_batch(size)`` sees every batch,
-    ``on_wait(seconds)`` every request's queue wait (submit -> its batch starts)."""
+    """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in the batcher's worker thread and returns one result
+    (or an Exception instance, raised to that caller alone) per input, in order. ``on_batch(size)`` sees every
+    batch, ``on_wait(seconds)`` every request's queue wait (submit -> its batch starts); both run in the worker
+    thread."""
 
     def __init__(
         self,
         fn: Callable[[list[T]], Sequence[R | Exception]],
         max_batch: int,
         max_wait_s: float,
-        executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
         adaptive: bool = True,
-        busy_to_linger: float = BUSY_TO_LINGER,
+        linger_arrivals: float = LINGER_ARRIVALS,
+        rate_window_s: float = RATE_WINDOW_S,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.fn, self.max_batch, self.max_wait_s = fn, max_batch, max_wait_s
-        self.executor, self.on_batch, self.on_wait = executor, on_batch, on_wait
-        self.adaptive, self.busy_to_linger = adaptive, busy_to_linger
-        self.busy = 0.0  # exponential average of the worker's busy fraction (batch run time / batch cycle time)
+        self.on_batch, self.on_wait = on_batch, on_wait
+        self.adaptive, self.linger_arrivals, self.rate_window_s = adaptive, linger_arrivals, rate_window_s
         self.lingered = 0  # batches that lingered (tests)
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R], float]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self.in_flight = 0  # submitted, not yet answered (event-loop thread only)
+        self._rate = 0.0  # overlapping arrivals per second, exponentially decayed (written on the event loop)
+        self._rate_at = time.perf_counter()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
+    # ----- event-loop side ------------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+        if self._thread is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._work, name="micro-batcher", daemon=True)
+            self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while not self._queue.empty():
-            _, fut, _ = self._queue.get_nowait()
-            if not fut.done():
-                fut.set_exception(RuntimeError("service is shutting down"))
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(thread.join)
+        while True:  # whatever was submitted after the stop marker
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is not _STOP and not entry[1].done():
+                entry[1].set_exception(RuntimeError("service is shutting down"))
+
+    def arrival_rate(self, now: float | None = None) -> float:
+        """Requests per second that arrived while others were in flight (decayed to ``now``)."""
+        now = time.perf_counter() if now is None else now
+        return self._rate * math.exp(-(now - self._rate_at) / self.rate_window_s)
 
     async def submit(self, item: T) -> R:
-        if self._task is None:
+        if self._thread is None or self._loop is None:
             raise RuntimeError("micro-batcher is not running")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[R] = loop.create_future()
-        await self._queue.put((item, fut, loop.time()))
-        return await fut
+        now = time.perf_counter()
+        if self.in_flight:  # someone else is waiting: this arrival could have been a batch-mate
+            self._rate = self.arrival_rate(now) + 1.0 / self.rate_window_s
+            self._rate_at = now
+        fut: asyncio.Future[R] = self._loop.create_future()
+        self.in_flight += 1
+        try:
+            self._queue.put((item, fut, now))
+            return await fut
+        finally:
+            self.in_flight -= 1
 
-    async def _collect(self) -> tuple[list[tuple[T, asyncio.Future[R], float]], float]:
-        """The next batch, and how long it lingered for batch-mates (0.0 when it did not)."""
-        batch = [await self._queue.get()]
-        while len(batch) < self.max_batch and not self._queue.empty():  # everything queued meanwhile, no waiting
-            batch.append(self._queue.get_nowait())
-        if self.max_wait_s <= 0 or (self.adaptive and self.busy < self.busy_to_linger):
-            return batch, 0.0
-        self.lingered += 1
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.max_wait_s
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+    def _resolve(self, futures: list[asyncio.Future[R]], results: Sequence[R | Exception]) -> None:
+        for fut, result in zip(futures, results, strict=True):
+            if fut.done():
                 continue
-            remaining = deadline - loop.time()
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+    # ----- worker side ----------------------------------------------------------------------------------------
+    def _should_linger(self) -> bool:
+        if self.max_wait_s <= 0:
+            return False
+        return not self.adaptive or self.arrival_rate() * self.max_wait_s >= self.linger_arrivals
+
+    def _collect(self, first: Any) -> tuple[list[Any], bool]:
+        """The batch that starts with ``first``: everything queued meanwhile, then (when lingering) what arrives
+        within the wait. Second value: the stop marker was seen."""
+        batch, stopping = [first], False
+        while len(batch) < self.max_batch:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is _STOP:
+                return batch, True
+            batch.append(entry)
+        if len(batch) >= self.max_batch or not self._should_linger():
+            return batch, stopping
+        self.lingered += 1
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
+                entry = self._queue.get(timeout=remaining)
+            except queue.Empty:
                 break
-        return batch, loop.time() - started
+            if entry is _STOP:
+                return batch, True
+            batch.append(entry)
+        return batch, stopping
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        cycle_start = loop.time()
-        while True:
-            batch, lingered_s = await self._collect()
-            now = loop.time()
-            live = [(x, f) for x, f, _ in batch if not f.cancelled()]
+    def _work(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stopping = self._collect(first)
+            now = time.perf_counter()
+            live = [(x, f, queued) for x, f, queued in batch if not f.done()]  # done: cancelled by its caller
             if not live:
                 continue
-            if self.on_batch:
-                self.on_batch(len(live))
-            if self.on_wait:
-                for _, f, queued in batch:
-                    if not f.cancelled():
-                        self.on_wait(now - queued)
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, [x for x, _ in live])
+                if self.on_batch:
+                    self.on_batch(len(live))
+                if self.on_wait:
+                    for _, _, queued in live:
+                        self.on_wait(now - queued)
+                results: Sequence[R | Exception] = self.fn([x for x, _, _ in live])
+                if len(results) != len(live):
+                    raise RuntimeError(f"batch function returned {len(results)} results for {len(live)} inputs")
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("micro-batch of %d failed", len(live))
                 results = [exc] * len(live)
-            done = loop.time()
-            # busy fraction of this cycle (previous batch's end -> this batch's end, its linger left out): the run
-            # over the cycle; lingering must not make a busy worker look idle
-            fraction = (done - now) / max(done - cycle_start - lingered_s, 1e-9)
-            self.busy = BUSY_DECAY * self.busy + (1 - BUSY_DECAY) * fraction
-            cycle_start = done
-            for (_, fut), result in zip(live, results, strict=True):
-                if fut.done():
-                    continue
-                if isinstance(result, Exception):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
+            with contextlib.suppress(RuntimeError):  # the loop closed under us (shutdown)
+                loop.call_soon_threadsafe(self._resolve, [f for _, f, _ in live], results)

@@ -79,10 +79,17 @@ class Settings(BaseSettings):
     )
     linger: Literal["adaptive", "fixed"] = Field(
         "adaptive",
-        description="adaptive: a batch lingers (up to max_wait_ms) only while the batch worker is busy at least "
-        "half of the time, so an idle service answers at once; fixed: every batch lingers.",
+        description="adaptive: a batch lingers (up to max_wait_ms) only when the rate of requests arriving while "
+        "others are in flight expects a batch-mate within the wait, so a lone client never waits for company; "
+        "fixed: every batch lingers.",
     )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
+    gc_freeze: bool = Field(
+        True,
+        description="At the end of start-up move every object alive to the garbage collector's permanent "
+        "generation (gc.freeze), so full collections stop walking the start-up heap while requests wait "
+        "(missrec_gc_seconds shows the pauses).",
+    )
     access_log: bool = Field(
         False,
         description="uvicorn's access log line per request (off by default: formatting it costs ~5% of a core "

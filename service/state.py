@@ -21,6 +21,7 @@ process imports neither torch nor open_clip; else open_clip (torch) is loaded fr
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from redis.exceptions import RedisError
 from service.bundle_root import inside_root
 from service.catalogue import Catalogue
 from service.embedded_redis import EmbeddedRedis, Supervisor
+from service.gc_pauses import GcWatch, freeze
 from service.metrics import Metrics
 from service.micro_batch import MicroBatcher
 from service.recommender import Query, Recommendation, recommend_batch, warmup
@@ -126,6 +128,7 @@ class ServiceState:
     ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
     started_at: float = field(default_factory=time.time)
     supervisor: Supervisor | None = None
+    gc_watch: GcWatch | None = None
     _supervising: asyncio.Task[None] | None = None
     _closing: bool = False
 
@@ -183,7 +186,6 @@ class ServiceState:
             lambda queries: recommend_batch(catalogue.current, queries, metrics),
             settings.max_batch_size,
             settings.max_wait_ms / 1000.0,
-            executor,
             on_batch=metrics.batch_size.observe,
             on_wait=metrics.stage.labels("queue").observe,
             adaptive=settings.linger == "adaptive",
@@ -225,6 +227,10 @@ class ServiceState:
         if embedded is not None:
             state.supervisor = Supervisor(embedded)
             state._supervising = asyncio.get_running_loop().create_task(state._supervise(), name="embedded-redis")
+        state.gc_watch = GcWatch(metrics.gc_seconds)
+        state.gc_watch.install()
+        if settings.gc_freeze:  # the start-up heap leaves the collector's walks (service.gc_pauses)
+            log.info("gc: %d start-up objects frozen", await asyncio.to_thread(freeze))
         log.info("replica %s started", state.replica_id)
         return state
 
@@ -265,6 +271,10 @@ class ServiceState:
 
     async def close(self) -> None:
         self._closing = True
+        if self.gc_watch is not None:
+            self.gc_watch.remove()
+            if self.settings.gc_freeze:
+                gc.unfreeze()  # what this process keeps after the service is collectable again (tests, reloads)
         if self._supervising:
             await stop_task(self._supervising)
         await self.switcher.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -28,15 +27,13 @@ class Recorder:
 
 
 async def _with_batcher(rec: Recorder, max_batch: int, max_wait_s: float, body, adaptive: bool = False):
-    pool = ThreadPoolExecutor(1)
     sizes: list[int] = []
-    batcher = MicroBatcher(rec, max_batch, max_wait_s, pool, on_batch=sizes.append, adaptive=adaptive)
+    batcher = MicroBatcher(rec, max_batch, max_wait_s, on_batch=sizes.append, adaptive=adaptive, rate_window_s=2.0)
     batcher.start()
     try:
         return await body(batcher), sizes
     finally:
         await batcher.stop()
-        pool.shutdown()
 
 
 def test_requests_queued_during_a_batch_form_the_next_batch_without_waiting():
@@ -62,6 +59,7 @@ def test_a_lone_request_runs_alone_and_max_batch_caps_batches():
     async def body(batcher):
         alone = await batcher.submit(5)
         rec.hold.clear()
+        rec.entered.clear()
         first = asyncio.ensure_future(batcher.submit(0))
         await asyncio.to_thread(rec.entered.wait, 10)
         rest = [asyncio.ensure_future(batcher.submit(x)) for x in range(1, 11)]
@@ -108,8 +106,8 @@ def test_an_error_reaches_only_its_own_caller():
 
 
 def test_adaptive_linger_answers_an_idle_service_at_once():
-    """Sparse traffic (the worker idle nearly all the time): no batch lingers, so a lone request does not wait
-    out max_wait; with a fixed linger the same request waits it out."""
+    """Sparse traffic: no batch lingers, so a lone request does not wait out max_wait; with a fixed linger the
+    same request waits it out."""
     rec = Recorder()
 
     async def body(batcher):
@@ -120,35 +118,71 @@ def test_adaptive_linger_answers_an_idle_service_at_once():
             await batcher.submit(x)
             waits.append(loop.time() - started)
             await asyncio.sleep(0.02)  # idle between requests
-        return waits, batcher.lingered, batcher.busy
+        return waits, batcher.lingered
 
-    (waits, lingered, busy), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=True))
-    assert lingered == 0 and busy < 0.5 and max(waits) < 0.3, (waits, busy)
-    (waits_fixed, lingered_fixed, _), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=False))
+    (waits, lingered), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=True))
+    assert lingered == 0 and max(waits) < 0.3, waits
+    (waits_fixed, lingered_fixed), _ = asyncio.run(_with_batcher(rec, 8, 0.3, body, adaptive=False))
     assert lingered_fixed == 5 and min(waits_fixed) >= 0.29
 
 
-def test_adaptive_linger_lingers_once_the_worker_is_busy():
-    """A worker kept busy (each batch takes long, requests arrive back to back) reaches the busy fraction and
-    then lingers, forming batches of the requests that arrive within the wait."""
+class Slow(Recorder):
+    def __call__(self, xs):
+        threading.Event().wait(0.03)  # a batch costs 30 ms
+        return super().__call__(xs)
 
-    class Slow(Recorder):
-        def __call__(self, xs):
-            threading.Event().wait(0.03)  # a batch costs 30 ms
-            return super().__call__(xs)
 
+def test_a_lone_client_sending_back_to_back_never_waits_for_company():
+    """One client, the next request sent the moment the previous answer arrives, the worker busy nearly all the
+    time: no request arrives while another is in flight, so no batch lingers (the linger tax of a busy-fraction
+    rule, which lingered here)."""
     rec = Slow()
 
     async def body(batcher):
-        for x in range(12):  # back to back: the worker is busy nearly all the time
+        for x in range(12):
             await batcher.submit(x)
-        busy_before = batcher.busy
+        return batcher.lingered, batcher.arrival_rate()
+
+    (lingered, rate), sizes = asyncio.run(_with_batcher(rec, 8, 0.2, body, adaptive=True))
+    assert lingered == 0 and rate == 0.0 and sizes == [1] * 12
+
+
+def test_adaptive_linger_lingers_once_requests_overlap():
+    """Requests that arrive while others are in flight raise the arrival rate; once it expects a batch-mate within
+    the wait, batches linger and take the requests that arrive within it."""
+    rec = Slow()
+
+    async def body(batcher):
+        async def client(base):
+            for x in range(6):
+                await batcher.submit(base + x)
+
+        await asyncio.gather(*(client(10 * c) for c in range(4)))  # four overlapping clients
+        rate = batcher.arrival_rate()
         lingered_before = batcher.lingered
         first = asyncio.ensure_future(batcher.submit(100))
         await asyncio.sleep(0.05)  # inside the linger of the batch that holds 100
         second = asyncio.ensure_future(batcher.submit(101))
-        return busy_before, lingered_before, await first, await second
+        return rate, lingered_before, await first, await second
 
-    (busy, lingered, a, b), sizes = asyncio.run(_with_batcher(rec, 8, 0.2, body, adaptive=True))
-    assert busy >= 0.5 and lingered >= 1, (busy, lingered)
+    (rate, lingered, a, b), sizes = asyncio.run(_with_batcher(rec, 8, 0.2, body, adaptive=True))
+    assert rate * 0.2 >= 1.0 and lingered >= 1, (rate, lingered)
     assert (a, b) == (200, 202) and sizes[-1] == 2
+
+
+def test_a_cancelled_caller_is_left_out_and_stop_fails_nothing_answered():
+    rec = Recorder()
+
+    async def body(batcher):
+        rec.hold.clear()
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.to_thread(rec.entered.wait, 10)
+        gone, kept = asyncio.ensure_future(batcher.submit(2)), asyncio.ensure_future(batcher.submit(3))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        await asyncio.sleep(0.02)
+        rec.hold.set()
+        return await first, await kept, batcher.in_flight
+
+    (one, three, in_flight), sizes = asyncio.run(_with_batcher(rec, 64, 0.0, body))
+    assert (one, three, in_flight) == (2, 6, 0) and rec.batches == [[1], [3]] and sizes == [1, 1]

@@ -311,3 +311,29 @@ def test_rescore_time_is_measured(catalog):
     fusion, vecs, _, static, users = _setup(catalog, 0.4)
     res = fused_topk(users, 10, _flat(static), vecs, fusion)
     assert res.rescore_seconds > 0
+
+
+def test_the_chunked_full_scan_and_the_one_chunk_scan_agree_with_brute_force(catalog, monkeypatch):
+    """A table scanned in one chunk is selected in place (serving_core.scan); a larger one chunk by chunk with the
+    running best merged: both give the brute-force answer, with exclusions, tombstones and a three-way tie."""
+    vectors, ids, users = catalog
+    fusion = Fusion(("text", "image"), 0.4, 0.07, False)
+    best = int(brute_force(users[:1], 1, vectors, fusion)[0][0][0])
+    vecs = {m: v.copy() for m, v in vectors.items()}
+    copies = [r for r in (7, 4500, 4999) if r != best][:2]
+    for v in vecs.values():
+        v[copies] = v[best]  # identical items: a tie across the chunk boundary at 4096
+    index = _flat(_static(vecs, ids, fusion))
+    rng = np.random.default_rng(5)
+    dead = rng.random(N) < 0.2
+    dead[[best, *copies]] = False
+    exclude = [set(rng.integers(1, N, 30).tolist()) - {best, *copies} for _ in range(users.shape[0])]
+    oracle = brute_force(users, 2, vecs, fusion, exclude=exclude, dead=dead)
+    scan = {**STRATEGIES["exact_scan"], "exclude": exclude, "deleted": dead}
+    whole = fused_topk(users, 2, index, vecs, fusion, **scan)
+    monkeypatch.setattr("serving_core.topk._SCAN_BUDGET", 1)  # chunks of 4096 rows: two for N = 5000
+    chunked = fused_topk(users, 2, index, vecs, fusion, **scan)
+    for res in (whole, chunked):
+        assert res.exact
+        assert_same(res, oracle)
+    assert whole.row(0)[0].tolist() == sorted([best, *copies])[:2] == chunked.row(0)[0].tolist()
