@@ -10,7 +10,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
-from service.middleware import BodyLimit, ConcurrencyLimit, ContentEncoding, HeadAsGet, Load, RequestMetrics
+from service.middleware import (
+    BodyLimit,
+    ConcurrencyLimit,
+    ContentEncoding,
+    EdgeHeaders,
+    HeadAsGet,
+    Load,
+    RequestMetrics,
+)
 from service.replication import StartupRefused
 from service.routers import admin, health, items, recommend, users
 from service.settings import Settings, get_settings
@@ -61,5 +69,6 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ContentEncoding)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(EdgeHeaders)  # every answer, the middleware's own errors included
     app.add_middleware(RequestMetrics, metrics_of=lambda: getattr(app.state.service, "metrics", None))
     return app

@@ -101,3 +101,30 @@ def test_readyz_says_when_the_replica_is_saturated(server_of, scientific_bundle)
     finally:
         release.set()
         holder.join(10)
+
+
+def test_every_answer_says_nosniff_and_binary_ones_run_nothing(server_of):
+    """A thumbnail (here of a JPEG whose comment is a script), JSON, /metrics and the middleware's own errors carry
+    ``X-Content-Type-Options: nosniff`` and a CSP that runs nothing; the console keeps its own CSP."""
+    from tests.service.test_thumbnail import SCRIPT, _jpeg_with_metadata
+
+    server = server_of()
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        r = client.post("/v1/items", data={"item_id": "polyglot", "text": "a red square"},
+                        files={"image": ("p.jpg", _jpeg_with_metadata(), "image/jpeg")})  # fmt: skip
+        assert r.status_code == 201, r.text
+        image = client.get("/v1/items/polyglot/image")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+        assert SCRIPT not in image.content
+        answers = [
+            image,
+            client.get("/metrics"),
+            client.get("/v1/items/no-such-item"),
+            client.post("/v1/recommend", content=b"{}", headers={"content-encoding": "gzip"}),  # middleware's 415
+        ]
+        for answer in answers:
+            assert answer.headers["x-content-type-options"] == "nosniff", answer.request.url
+            assert answer.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'; sandbox"
+        console = client.get("/console/")
+        assert console.headers["x-content-type-options"] == "nosniff"
+        assert "script-src" in console.headers["content-security-policy"]
