@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     bundle_root: Path | None = Field(
         None,
         description="Directory every bundle a swap (POST /v1/admin/bundle) names must resolve inside (symlinks "
-        "followed); unset = the directory that holds MISSREC_BUNDLE.",
+        "followed); unset = the directory that holds MISSREC_BUNDLE (the bundle itself when that is /).",
     )
 
     # --- Redis ---------------------------------------------------------------------------------------------
@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         "others are in flight expects a batch-mate within the wait, so a lone client never waits for company; "
         "fixed: every batch lingers.",
     )
+    max_queue_ms: float | None = Field(
+        500.0,
+        gt=0,
+        le=60_000,
+        description="Longest queue wait of a recommendation before its batch starts: above capacity, requests that "
+        "would wait longer get 503 (Retry-After) at once instead of late answers (unset = no bound).",
+    )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
     gc_freeze: bool = Field(
         True,
@@ -117,6 +124,11 @@ class Settings(BaseSettings):
     ingest_threads: int = Field(
         1, ge=1, le=256, description="Threads of an encode (1 leaves the other cores to recommendations)."
     )
+
+    search_concurrency: int = Field(
+        1, ge=1, le=64, description="Item searches (GET /v1/items?q=, a Python scan) run at once (1: the rest queue)."
+    )
+    search_queue: int = Field(4, ge=0, le=10_000, description="Searches waiting for a slot before new ones get 503.")
 
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")
@@ -163,9 +175,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"MISSREC_{name.upper()}={value} is outside 1..{cap}, the limit the API publishes")
 
     def swap_root(self) -> Path | None:
-        """The resolved directory swaps are confined to (None without a bundle)."""
-        root = self.bundle_root or (self.bundle.resolve().parent if self.bundle is not None else None)
-        return root.resolve() if root is not None else None
+        """The resolved directory swaps are confined to (None without a bundle): MISSREC_BUNDLE_ROOT, else the
+        directory holding MISSREC_BUNDLE, but never the filesystem root (a container's ``MISSREC_BUNDLE=/bundle``
+        would let a swap name any directory of the machine): then the bundle directory itself."""
+        if self.bundle_root is not None:
+            return self.bundle_root.resolve()
+        if self.bundle is None:
+            return None
+        bundle = self.bundle.resolve()
+        return bundle if bundle.parent == bundle.parent.parent else bundle.parent
 
     @field_validator("api_key")
     @classmethod
