@@ -4,15 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bootstrap lint
+.PHONY: run test bootstrap bootstrap-test lint
 
 bootstrap:
 	@bash scripts/bootstrap.sh
 
+bootstrap-test:  # the test bootstrap: also a Chromium for the console's browser tests (never for `make run`)
+	@bash scripts/bootstrap.sh --browser
+
 run: bootstrap
 	$(VENV)/bin/missrec quickstart
 
-test: bootstrap
+test: bootstrap-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m pytest

@@ -56,6 +56,8 @@ SNAPSHOT_FILE = "snapshot.json"
 FORMAT = "missrec-snapshot"
 MIN_EVENTS = 3  # test + valid + one training target need three events
 SCAN_COUNT = 1000
+MAX_USER_EVENTS = 10_000  # most events read per user (the service keeps the serving model's max_len, ~50)
+BAD_EXAMPLES = 5
 DELETED, UNKNOWN = -1, -2  # history events on a deleted item, or on an id the catalogue never held
 
 
@@ -78,7 +80,22 @@ class Counts:
     ingested_items: int = 0
     deleted_items_left_out: int = 0
     items_missing_a_modality: int = 0
+    events_beyond_cap: int = 0
+    bad_records: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BadRecords:
+    """Redis contents the snapshot skipped (a malformed history or item record): how many, and the first reasons."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, why: str) -> None:
+        self.count += 1
+        if len(self.examples) < BAD_EXAMPLES:
+            self.examples.append(why)
 
 
 def redacted(url: str) -> str:
@@ -99,23 +116,42 @@ def _glob_escape(text: str) -> str:
 
 
 def scan_histories(
-    client: redis.Redis | RedisCluster, prefix: str, batch: int = 500, progress: bool = False
-) -> Iterator[tuple[str, list[tuple[float | None, str]]]]:
-    """(user id, [(timestamp, item id), ...] in list order) for every history under ``prefix``, read in
-    pipelined batches of ``batch`` keys (SCAN runs on every primary of a cluster)."""
+    client: redis.Redis | RedisCluster,
+    prefix: str,
+    batch: int = 500,
+    progress: bool = False,
+    max_events: int = 10_000,
+    bad: BadRecords | None = None,
+) -> Iterator[tuple[str, list[tuple[float | None, str]], int]]:
+    """(user id, [(timestamp, item id), ...] in list order, events left out) for every history under ``prefix``,
+    read in pipelined batches of ``batch`` keys (SCAN runs on every primary of a cluster). At most the last
+    ``max_events`` entries of a list are read (the service keeps far fewer), so one user costs bounded memory.
+    A history that is not a list of well-formed entries, or a user id that is not UTF-8, is skipped and counted in
+    ``bad`` (with the first few reasons), never raised."""
     match = f"{_glob_escape(prefix)}:u:*:hist"
     keys: list[bytes] = []
+    bad = bad if bad is not None else BadRecords()
     bar = tqdm(desc="user histories", unit="user", disable=not progress)
 
-    def flush() -> Iterator[tuple[str, list[tuple[float | None, str]]]]:
+    def flush() -> Iterator[tuple[str, list[tuple[float | None, str]], int]]:
         pipe = client.pipeline(transaction=False)
         for key in keys:
-            pipe.lrange(key, 0, -1)
+            pipe.llen(key)
+            pipe.lrange(key, -max_events, -1)
             pipe.get(key[: -len(b"hist")] + b"id")
-        replies = pipe.execute()
-        for key, entries, user in zip(keys, replies[::2], replies[1::2], strict=True):
-            tag = key.decode().rsplit(":", 2)[-2].strip("{}")
-            yield (user.decode() if user is not None else f"h:{tag}"), [parse_history_entry(e) for e in entries]
+        replies = pipe.execute(raise_on_error=False)
+        for key, length, entries, user in zip(keys, replies[::3], replies[1::3], replies[2::3], strict=True):
+            try:
+                for reply in (length, entries, user):
+                    if isinstance(reply, Exception):
+                        raise ValueError(f"{type(reply).__name__}: {reply}")
+                tag = key.decode("utf-8", "backslashreplace").rsplit(":", 2)[-2].strip("{}")
+                name = user.decode() if user is not None else f"h:{tag}"
+                events = [parse_history_entry(e) for e in entries]
+            except (ValueError, UnicodeDecodeError) as exc:
+                bad.add(f"history {key.decode('utf-8', 'backslashreplace')!r}: {exc}")
+                continue
+            yield name, events, max(int(length) - len(entries), 0)
         bar.update(len(keys))
         keys.clear()
 
@@ -128,16 +164,32 @@ def scan_histories(
     bar.close()
 
 
-def read_items(client: redis.Redis | RedisCluster, store: ItemStore, batch: int = 500) -> list[ItemRecord]:
-    """Every stored item change (latest per id), in version order (deterministic)."""
-    ids = [i.decode() for i in client.zrange(store.ids_key, 0, -1)]
+def read_items(
+    client: redis.Redis | RedisCluster, store: ItemStore, batch: int = 500, bad: BadRecords | None = None
+) -> list[ItemRecord]:
+    """Every stored item change (latest per id), in version order (deterministic). A record that does not parse
+    (or whose id is not UTF-8) is skipped and counted in ``bad``."""
+    bad = bad if bad is not None else BadRecords()
+    ids = []
+    for raw in client.zrange(store.ids_key, 0, -1):
+        try:
+            ids.append(raw.decode())
+        except UnicodeDecodeError:
+            bad.add(f"item id {raw!r} is not UTF-8")
     records = []
     for start in range(0, len(ids), batch):
         chunk = ids[start : start + batch]
         pipe = client.pipeline(transaction=False)
         for item_id in chunk:
             pipe.hgetall(store.item_prefix + item_id)
-        records += [ItemRecord.from_hash(i, d) for i, d in zip(chunk, pipe.execute(), strict=True) if d]
+        for item_id, data in zip(chunk, pipe.execute(raise_on_error=False), strict=True):
+            try:
+                if isinstance(data, Exception):
+                    raise ValueError(f"{type(data).__name__}: {data}")
+                if data:
+                    records.append(ItemRecord.from_hash(item_id, data))
+            except (ValueError, UnicodeDecodeError) as exc:
+                bad.add(f"item {item_id!r}: {exc}")
     return records
 
 
@@ -203,6 +255,7 @@ def take_snapshot(
     name: str = "Snapshot",
     overwrite: bool = False,
     progress: bool = False,
+    max_user_events: int = MAX_USER_EVENTS,
 ) -> Snapshot:
     """Write the dataset of the deployment at ``redis_url`` (served by ``bundle``, built from ``data``) to ``out``."""
     out = Path(out)
@@ -223,8 +276,9 @@ def take_snapshot(
     client = connect(redis_url, cluster)
     store = ItemStore(client, prefix)  # type: ignore[arg-type]  # only its key names are used
     counts = Counts()
+    bad = BadRecords()
     try:
-        records = read_items(client, store)
+        records = read_items(client, store, bad=bad)
         # ----- the live catalogue: bundle items (not deleted), then ingested ones in version order ----------
         changed = {r.item_id: r for r in records}
         modalities = base.modalities
@@ -250,24 +304,24 @@ def take_snapshot(
                 if record.item_id not in in_bundle:
                     counts.deleted_items_left_out += 1
                 continue
-            item_ids.append(record.item_id)
-            texts.append(record.text)
-            missing = False
+            vectors: dict[str, np.ndarray] = {}
             for m in modalities:
+                width = base.features[m].shape[1]
                 raw = record.arrays.get(f"feature_{m}")
                 if raw is None:
-                    missing = True
-                    rows[m].append(np.zeros(base.features[m].shape[1], np.float32))
                     continue
-                vec = np.frombuffer(raw, dtype=np.float32)
-                if vec.shape != (base.features[m].shape[1],):
-                    raise SnapshotError(
-                        f"ingested item {record.item_id!r} has {vec.size}-d {m} features, the dataset {m} "
-                        f"features are {base.features[m].shape[1]}-d"
-                    )
-                rows[m].append(vec)
-            counts.items_missing_a_modality += missing
-            counts.ingested_items += record.item_id not in in_bundle
+                vec = np.frombuffer(raw[: len(raw) - len(raw) % 4], dtype=np.float32)
+                if len(raw) % 4 or vec.shape != (width,):
+                    bad.add(f"item {record.item_id!r}: {len(raw)} bytes of {m} features, the dataset's are {width}-d")
+                    break
+                vectors[m] = vec
+            else:
+                item_ids.append(record.item_id)
+                texts.append(record.text)
+                for m in modalities:
+                    rows[m].append(vectors.get(m, np.zeros(base.features[m].shape[1], np.float32)))
+                counts.items_missing_a_modality += len(vectors) < len(modalities)
+                counts.ingested_items += record.item_id not in in_bundle
         index = {item: k for k, item in enumerate(item_ids)}
         deleted = {r.item_id for r in records if r.deleted}
 
@@ -278,9 +332,11 @@ def take_snapshot(
             )
 
         sequences: dict[str, np.ndarray] = {}
-        for user, events in scan_histories(client, prefix, progress=progress):
+        histories = scan_histories(client, prefix, progress=progress, max_events=max_user_events, bad=bad)
+        for user, events, beyond in histories:
             counts.users_seen += 1
             counts.events_read += len(events)
+            counts.events_beyond_cap += beyond
             order = sorted(range(len(events)), key=lambda j: (events[j][0] or 0.0, j))  # stable: list order
             sequences[user] = encode([events[j][1] for j in order])
     finally:
@@ -309,6 +365,7 @@ def take_snapshot(
         kept.append(usable)
         counts.events_written += len(usable)
     counts.users_written = len(user_ids)
+    counts.bad_records = bad.count
     if not kept:
         raise SnapshotError(f"no user in {redacted(redis_url)} (prefix {prefix!r}) has {MIN_EVENTS}+ usable events")
     splits = split_leave_one_out(kept, base.max_len)
@@ -326,6 +383,8 @@ def take_snapshot(
         "data": {"path": str(data), "fingerprint": base.fingerprint},
         "merged": {"path": str(merge), "users": len(old)} if merge is not None else None,
         "counts": asdict(counts),
+        "max_user_events": max_user_events,
+        "bad_records": bad.examples,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from missrec_cli.common import console, fail
@@ -24,6 +25,9 @@ def snapshot(
     ] = None,
     name: Annotated[str, typer.Option(help="Dataset name (<Name>.train.inter ...).")] = "Snapshot",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.")] = False,
+    max_user_events: Annotated[
+        int, typer.Option(min=3, help="Most events read per user (the latest; the service keeps far fewer).")
+    ] = 10_000,
 ) -> None:
     """Write every user history and every live item of a deployment as a training dataset (chronological
     leave-one-out), with a manifest of where it came from and what was left out."""
@@ -34,7 +38,7 @@ def snapshot(
     try:
         snap = take_snapshot(
             redis_url, bundle, data, out, prefix=prefix, cluster=cluster, merge=merge, name=name,
-            overwrite=overwrite, progress=True,
+            overwrite=overwrite, progress=True, max_user_events=max_user_events,
         )  # fmt: skip
     except (SnapshotError, BundleError, DatasetError, OSError) as exc:
         raise fail(str(exc)) from None
@@ -43,6 +47,9 @@ def snapshot(
             raise fail(f"Redis at {redis_url}: {exc}") from None
         raise
     console.print_json(json.dumps(snap.manifest["counts"]))
+    if skipped := snap.manifest["counts"]["bad_records"]:
+        first = escape(snap.manifest["bad_records"][0])
+        console.print(f"skipped {skipped} malformed Redis records (first: {first}; up to 5 listed in snapshot.json)")
     console.print(
         f"wrote {snap.dataset.name} ({len(snap.dataset.item_ids)} items, {len(snap.dataset.user_ids)} users) to {out}"
     )

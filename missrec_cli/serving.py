@@ -103,15 +103,22 @@ def serve(
         os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
     if not os.environ.get("MISSREC_BUNDLE"):
         raise fail("no bundle: pass --bundle or set MISSREC_BUNDLE (or run `missrec quickstart`)")
-    from service.settings import get_settings
+    from pydantic import ValidationError
 
+    from service.settings import Settings
+
+    try:
+        settings = Settings()  # refused here, in one line, rather than in uvicorn's import of the app
+    except ValidationError as exc:
+        problems = "; ".join(f"MISSREC_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise fail(f"refusing to start: {problems}") from None
     uvicorn.run(
         "service.main:app",
         host=host,
         port=port,
         workers=workers,
         log_level="info",
-        access_log=get_settings().access_log,  # also applied by the app itself (service/app.py)
+        access_log=settings.access_log,  # also applied by the app itself (service/app.py)
         timeout_graceful_shutdown=10,
     )
 

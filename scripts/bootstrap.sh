@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment and install what it needs.
 # Re-installs only when pyproject.toml changed since the last install (stamp file inside the venv).
+# Usage: scripts/bootstrap.sh [--browser]   (--browser: also a Chromium for the console's browser tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MISSREC_VENV:-.venv}
@@ -21,8 +22,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[all,dev]"
     echo "$want" > "$stamp"
 fi
-# The console's browser tests (tests/test_console.py) drive the system's Chromium (Playwright downloads no
-# browser here). Install Debian's when none is on PATH and we may (root with apt-get); else say how.
+# The console's browser tests (tests/service/test_console.py) drive the system's Chromium (Playwright downloads no
+# browser here). Only the test bootstrap (`--browser`, from `make test`) installs Debian's when none is on PATH and
+# we may (root with apt-get), else says how; `make run` never installs a browser.
+[ "${1:-}" = "--browser" ] || exit 0
 if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ -z "${MISSREC_NO_APT:-}" ]; then
         echo "bootstrap: installing chromium for the console's browser tests (apt-get)"

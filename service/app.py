@@ -10,7 +10,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.errors import install_error_handlers
-from service.middleware import BodyLimit, ConcurrencyLimit, ContentEncoding, HeadAsGet, RequestMetrics
+from service.middleware import (
+    BodyLimit,
+    ConcurrencyLimit,
+    ContentEncoding,
+    EdgeHeaders,
+    HeadAsGet,
+    Load,
+    RequestMetrics,
+)
 from service.replication import StartupRefused
 from service.routers import admin, health, items, recommend, users
 from service.settings import Settings, get_settings
@@ -52,13 +60,15 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     )
     app.state.settings = settings
     app.state.service = None
+    app.state.load = Load(settings.max_concurrency, settings.max_pending_bodies)  # /readyz reads it
     install_error_handlers(app)
     for router in (recommend.router, users.router, items.router, health.router, admin.router):
         app.include_router(router)
     app.mount("/console", ConsoleFiles(), name="console")
-    app.add_middleware(ConcurrencyLimit, limit=settings.max_concurrency)
+    app.add_middleware(ConcurrencyLimit, load=app.state.load, body_timeout=settings.body_timeout_seconds)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(ContentEncoding)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(EdgeHeaders)  # every answer, the middleware's own errors included
     app.add_middleware(RequestMetrics, metrics_of=lambda: getattr(app.state.service, "metrics", None))
     return app

@@ -28,7 +28,7 @@ async def require_api_key(
     if expected is None:
         return
     given = (x_api_key or "").encode()
-    if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+    if not given.strip() or not hmac.compare_digest(given, expected.get_secret_value().encode()):
         raise Unauthorized("missing or wrong X-API-Key")
 
 

@@ -105,6 +105,9 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
+            # a session of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches the service only,
+            # whose shutdown stops the supervisor and then this server (else it died first and was restarted)
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -9,11 +9,18 @@ Lingering (``max_wait`` > 0) lets a batch wait for batch-mates. ``adaptive`` (th
 measured arrival rate makes a fuller batch likely within the wait: the rate counts only the requests that arrived
 while others were still in flight (a lone client, which sends its next request after the answer, never counts, so
 it never waits for company), decayed over ``rate_window_s``; a batch lingers when that rate times ``max_wait``
-expects at least ``linger_arrivals`` batch-mates. ``adaptive=False`` always lingers."""
+expects at least ``linger_arrivals`` batch-mates. ``adaptive=False`` always lingers.
+
+Overload sheds fast (``max_queue_s``): above capacity the queue would grow without bound and every answer come
+later and later. A request that finds the oldest queued one already waiting longer than ``max_queue_s`` is refused
+at once (:class:`QueueTimeout`, 503 with Retry-After at the edge), and a queued request whose wait passed it by the
+time its batch starts is answered with the same error instead of being computed late: the queue wait of every
+request that is computed stays within ``max_queue_s``."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -33,6 +40,10 @@ RATE_WINDOW_S = 0.1  # the arrival rate's memory (exponential decay time constan
 _STOP = object()
 
 
+class QueueTimeout(Exception):
+    """Shed: the request would wait (or has waited) longer than the batcher's ``max_queue_s``."""
+
+
 class MicroBatcher(Generic[T, R]):
     """``await submit(x)`` -> ``fn([x, ...])[i]``. ``fn`` runs in the batcher's worker thread and returns one result
     (or an Exception instance, raised to that caller alone) per input, in order. ``on_batch(size)`` sees every
@@ -49,6 +60,7 @@ class MicroBatcher(Generic[T, R]):
         adaptive: bool = True,
         linger_arrivals: float = LINGER_ARRIVALS,
         rate_window_s: float = RATE_WINDOW_S,
+        max_queue_s: float | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -56,6 +68,11 @@ class MicroBatcher(Generic[T, R]):
         self.on_batch, self.on_wait = on_batch, on_wait
         self.adaptive, self.linger_arrivals, self.rate_window_s = adaptive, linger_arrivals, rate_window_s
         self.lingered = 0  # batches that lingered (tests)
+        self.max_queue_s = max_queue_s
+        self.shed = 0  # requests refused or dropped for their queue wait
+        # submit times of what is queued, oldest first (appended on the event loop, popped by the worker; deque
+        # appends and pops are atomic)
+        self._queued_at: collections.deque[float] = collections.deque()
         self.in_flight = 0  # submitted, not yet answered (event-loop thread only)
         self._rate = 0.0  # overlapping arrivals per second, exponentially decayed (written on the event loop)
         self._rate_at = time.perf_counter()
@@ -92,16 +109,29 @@ class MicroBatcher(Generic[T, R]):
         if self._thread is None or self._loop is None:
             raise RuntimeError("micro-batcher is not running")
         now = time.perf_counter()
+        if self.max_queue_s is not None and (waited := self._oldest_wait(now)) > self.max_queue_s:
+            self.shed += 1
+            raise QueueTimeout(self._too_long(waited))
         if self.in_flight:  # someone else is waiting: this arrival could have been a batch-mate
             self._rate = self.arrival_rate(now) + 1.0 / self.rate_window_s
             self._rate_at = now
         fut: asyncio.Future[R] = self._loop.create_future()
         self.in_flight += 1
         try:
+            self._queued_at.append(now)
             self._queue.put((item, fut, now))
             return await fut
         finally:
             self.in_flight -= 1
+
+    def _oldest_wait(self, now: float) -> float:
+        try:
+            return now - self._queued_at[0]
+        except IndexError:  # nothing queued (or the worker just took it)
+            return 0.0
+
+    def _too_long(self, waited: float) -> str:
+        return f"overloaded: requests queue for {1000 * waited:.0f} ms, above {1000 * self.max_queue_s:.0f} ms; retry"
 
     def _resolve(self, futures: list[asyncio.Future[R]], results: Sequence[R | Exception]) -> None:
         for fut, result in zip(futures, results, strict=True):
@@ -156,8 +186,19 @@ class MicroBatcher(Generic[T, R]):
             if first is _STOP:
                 break
             batch, stopping = self._collect(first)
+            for _ in batch:
+                with contextlib.suppress(IndexError):
+                    self._queued_at.popleft()
             now = time.perf_counter()
             live = [(x, f, queued) for x, f, queued in batch if not f.done()]  # done: cancelled by its caller
+            if self.max_queue_s is not None:  # waited too long already: an answer now would come too late
+                late = [(f, now - queued) for _, f, queued in live if now - queued > self.max_queue_s]
+                if late:
+                    self.shed += len(late)
+                    errors = [QueueTimeout(self._too_long(waited)) for _, waited in late]
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(self._resolve, [f for f, _ in late], errors)
+                    live = [(x, f, queued) for x, f, queued in live if now - queued <= self.max_queue_s]
             if not live:
                 continue
             try:

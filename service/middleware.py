@@ -1,7 +1,9 @@
-"""ASGI middleware at the edge: body size (413), compressed bodies (415), HEAD, concurrency (fast 503), metrics."""
+"""ASGI middleware at the edge: body size (413), compressed bodies (415), HEAD, concurrency (fast 503), security
+headers, metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,11 +15,13 @@ from service.metrics import Metrics
 UNLIMITED = ("/healthz", "/readyz", "/metrics")  # probes are never refused for load
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+async def _send_error(send: Send, status: int, code: str, message: str, close: bool = False) -> None:
     body = json.dumps(error_body(code, message)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 503:
         headers.append((b"retry-after", b"1"))
+    if close:  # the server closes the connection after this answer (the rest of a body is never read)
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -108,24 +112,111 @@ class ContentEncoding:
         await self.app(scope, receive, send)
 
 
-class ConcurrencyLimit:
-    """503 at once when more than ``limit`` requests are in flight (bounded queueing, fast failure)."""
+class Load:
+    """What :class:`ConcurrencyLimit` counts, shared with ``/readyz``: requests being processed (their body read)
+    and requests whose body is still arriving."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit, self.in_flight = app, limit, 0
+    def __init__(self, limit: int, max_reading: int) -> None:
+        self.limit, self.max_reading = limit, max_reading
+        self.in_flight = 0  # bodies read, being processed: the slots of MISSREC_MAX_CONCURRENCY
+        self.reading = 0  # bodies still arriving (a slow client holds one of these, never a slot)
+
+    def saturated(self) -> str | None:
+        """Why this replica refuses new requests now (None: it takes them)."""
+        if self.in_flight >= self.limit:
+            return f"saturated: {self.in_flight} requests in flight (MISSREC_MAX_CONCURRENCY={self.limit})"
+        if self.reading >= self.max_reading:
+            return f"saturated: {self.reading} request bodies arriving (MISSREC_MAX_PENDING_BODIES={self.max_reading})"
+        return None
+
+
+class ConcurrencyLimit:
+    """Fast 503 when ``load.limit`` requests are being processed (bounded queueing, fast failure).
+
+    A request takes a slot only once its whole body has arrived: the body is read first, within ``body_timeout``
+    seconds (408 ``body_timeout`` and the connection closed otherwise), so clients that send a body slowly, or
+    never finish it, hold no slot. At most ``load.max_reading`` bodies arrive at once (503 beyond)."""
+
+    def __init__(self, app: ASGIApp, load: Load, body_timeout: float) -> None:
+        self.app, self.load, self.body_timeout = app, load, body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in UNLIMITED:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
-            await _send_error(send, 503, "overloaded", f"more than {self.limit} requests in flight; retry")
+        load = self.load
+        if load.reading >= load.max_reading:
+            await _send_error(send, 503, "overloaded", f"more than {load.max_reading} request bodies arriving; retry")
             return
-        self.in_flight += 1
+        load.reading += 1
         try:
-            await self.app(scope, receive, send)
+            async with asyncio.timeout(self.body_timeout):
+                body = await _read_body(receive)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.body_timeout:g} s"
+            await _send_error(send, 408, "body_timeout", message, close=True)
+            return
         finally:
-            self.in_flight -= 1
+            load.reading -= 1
+        if load.in_flight >= load.limit:
+            await _send_error(send, 503, "overloaded", f"more than {load.limit} requests in flight; retry")
+            return
+        load.in_flight += 1
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            load.in_flight -= 1
+
+
+async def _read_body(receive: Receive) -> list[Message]:
+    """Every message of the request body (a disconnect ends it early)."""
+    messages = []
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return messages
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """``receive`` that hands out ``messages`` first, then waits on the real one (for the disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+API_CSP = b"default-src 'none'; frame-ancestors 'none'; sandbox"
+
+
+class EdgeHeaders:
+    """``X-Content-Type-Options: nosniff`` on every answer, and a CSP that runs nothing on every answer that is not
+    an HTML page with its own (a thumbnail, JSON, /metrics): an uploaded polyglot served from the API origin can
+    neither be sniffed into HTML nor run a script if opened."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower(): value for name, value in headers}
+                if b"x-content-type-options" not in names:
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                html = names.get(b"content-type", b"").lower().startswith(b"text/html")
+                if not html and b"content-security-policy" not in names:
+                    headers.append((b"content-security-policy", API_CSP))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
 
 
 class RequestMetrics:

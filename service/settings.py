@@ -11,6 +11,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.schemas import MAX_BATCH_REQUESTS, MAX_EVENTS, MAX_HISTORY, MAX_K, MAX_TEXT_CHARS
 
+BLANK_KEY = (
+    "the API key is set but blank (an empty variable or secret would open the write and admin routes to anyone): "
+    "set a secret, or unset MISSREC_API_KEY"
+)
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Each field is read from ``MISSREC_<FIELD>`` (e.g. ``MISSREC_REDIS_URL``)."""
@@ -23,7 +28,7 @@ class Settings(BaseSettings):
     bundle_root: Path | None = Field(
         None,
         description="Directory every bundle a swap (POST /v1/admin/bundle) names must resolve inside (symlinks "
-        "followed); unset = the directory that holds MISSREC_BUNDLE.",
+        "followed); unset = the directory that holds MISSREC_BUNDLE (the bundle itself when that is /).",
     )
 
     # --- Redis ---------------------------------------------------------------------------------------------
@@ -78,6 +83,13 @@ class Settings(BaseSettings):
         "others are in flight expects a batch-mate within the wait, so a lone client never waits for company; "
         "fixed: every batch lingers.",
     )
+    max_queue_ms: float | None = Field(
+        500.0,
+        gt=0,
+        le=60_000,
+        description="Longest queue wait of a recommendation before its batch starts: above capacity, requests that "
+        "would wait longer get 503 (Retry-After) at once instead of late answers (unset = no bound).",
+    )
     warmup: bool = Field(True, description="Run max-shape batches before /readyz turns ready.")
     gc_freeze: bool = Field(
         True,
@@ -113,6 +125,11 @@ class Settings(BaseSettings):
         1, ge=1, le=256, description="Threads of an encode (1 leaves the other cores to recommendations)."
     )
 
+    search_concurrency: int = Field(
+        1, ge=1, le=64, description="Item searches (GET /v1/items?q=, a Python scan) run at once (1: the rest queue)."
+    )
+    search_queue: int = Field(4, ge=0, le=10_000, description="Searches waiting for a slot before new ones get 503.")
+
     # --- request limits and security ----------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="If set, required (X-API-Key) on write and admin endpoints.")
     max_k: int = Field(MAX_K, ge=1, le=MAX_K, description="Largest k accepted in a request (422 above).")
@@ -130,10 +147,19 @@ class Settings(BaseSettings):
     )
     max_events: int = Field(MAX_EVENTS, ge=1, le=MAX_EVENTS, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
-    max_concurrency: int = Field(512, ge=1, description="Requests in flight before new ones get 503.")
+    max_concurrency: int = Field(
+        512, ge=1, description="Requests being processed (body read) before new ones get 503 (and /readyz 503)."
+    )
+    body_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Time a request body may take to arrive (408 and the connection closed after)."
+    )
+    max_pending_bodies: int = Field(
+        1024, ge=1, description="Request bodies arriving at once before new requests get 503 (a slow body holds one)."
+    )
 
     def check_limits(self) -> None:
-        """Refuse limits above what the published schema allows (settings built with overrides skip validation)."""
+        """Refuse limits above what the published schema allows, and a blank API key (settings built with overrides skip
+        validation)."""
         caps = {
             "max_k": MAX_K,
             "max_history": MAX_HISTORY,
@@ -141,15 +167,30 @@ class Settings(BaseSettings):
             "max_events": MAX_EVENTS,
             "max_text_chars": MAX_TEXT_CHARS,
         }
+        if self.api_key is not None and not self.api_key.get_secret_value().strip():
+            raise ValueError(f"MISSREC_API_KEY: {BLANK_KEY}")
         for name, cap in caps.items():
             value = getattr(self, name)
             if not 1 <= value <= cap:
                 raise ValueError(f"MISSREC_{name.upper()}={value} is outside 1..{cap}, the limit the API publishes")
 
     def swap_root(self) -> Path | None:
-        """The resolved directory swaps are confined to (None without a bundle)."""
-        root = self.bundle_root or (self.bundle.resolve().parent if self.bundle is not None else None)
-        return root.resolve() if root is not None else None
+        """The resolved directory swaps are confined to (None without a bundle): MISSREC_BUNDLE_ROOT, else the
+        directory holding MISSREC_BUNDLE, but never the filesystem root (a container's ``MISSREC_BUNDLE=/bundle``
+        would let a swap name any directory of the machine): then the bundle directory itself."""
+        if self.bundle_root is not None:
+            return self.bundle_root.resolve()
+        if self.bundle is None:
+            return None
+        bundle = self.bundle.resolve()
+        return bundle if bundle.parent == bundle.parent.parent else bundle.parent
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_blank_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(BLANK_KEY)
+        return value
 
     @field_validator("bundle", "data_dir", "bundle_root", "clip_onnx", mode="before")
     @classmethod

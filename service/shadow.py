@@ -88,13 +88,22 @@ class Shadow:
         return self.status()
 
     async def _load(self, path: Path, generation: int) -> None:
+        """Load ``path`` and follow the serving catalogue with it. Stopped or replaced meanwhile (``stop`` cancels
+        this task): each step in a thread runs to its end, but nothing after it, and a candidate already
+        following is unfollowed, so a cancelled load holds nothing and follows no item change."""
         try:
             model = await asyncio.to_thread(ServingModel.load, path, self.settings)
             records = list(self.serving.current.ingested.values())
             if problem := await asyncio.to_thread(model.swap_problem, self.encoder_dim, records):
                 raise BundleError(f"cannot shadow the stored items: {problem}")
             candidate = Catalogue(model)
-            await asyncio.to_thread(self.serving.follow, candidate)  # every item change from here on, too
+            # every item change from here on, too; shielded: a cancel must not leave a follower behind
+            following = asyncio.ensure_future(asyncio.to_thread(self.serving.follow, candidate))
+            try:
+                await asyncio.shield(following)
+            except asyncio.CancelledError:
+                following.add_done_callback(lambda _: self.serving.unfollow(candidate))
+                raise
         except Exception as exc:  # the serving bundle is untouched whatever happens here
             if generation == self._generation:
                 self.state, self.error = "failed", f"shadow bundle {path}: {type(exc).__name__}: {exc}"

@@ -77,10 +77,11 @@ def connect_redis(url: str, settings: Settings) -> Any:
 class IngestGate:
     """At most ``slots`` encodes (open_clip + item tower) at once; 503 ``overloaded`` when ``queue`` already wait
     (each encode holds its decoded image in memory). A slot is freed when its encode ends, not when a client that
-    went away cancels its request."""
+    went away cancels its request. The same gate bounds the item searches (``what="searches"``): a Python scan
+    holds the GIL, and many at once starve the event loop the recommend path runs on."""
 
-    def __init__(self, slots: int, queue: int) -> None:
-        self.slots, self.queue = slots, queue
+    def __init__(self, slots: int, queue: int, what: str = "ingests encoding") -> None:
+        self.slots, self.queue, self.what = slots, queue, what
         self._sem: asyncio.Semaphore | None = None  # created on the event loop
         self.waiting = 0
 
@@ -91,7 +92,7 @@ class IngestGate:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.slots)
         if self._sem.locked() and self.waiting >= self.queue:
-            raise Unavailable(f"{self.slots} ingests encoding and {self.waiting} waiting; retry", code="overloaded")
+            raise Unavailable(f"{self.slots} {self.what} and {self.waiting} waiting; retry", code="overloaded")
         self.waiting += 1
         try:
             await self._sem.acquire()
@@ -126,6 +127,7 @@ class ServiceState:
     encoder: ItemEncoder | None = None
     encoder_error: str | None = None
     ingest_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 8))
+    search_gate: IngestGate = field(default_factory=lambda: IngestGate(1, 4, "searches"))
     started_at: float = field(default_factory=time.time)
     supervisor: Supervisor | None = None
     gc_watch: GcWatch | None = None
@@ -189,6 +191,7 @@ class ServiceState:
             on_batch=metrics.batch_size.observe,
             on_wait=metrics.stage.labels("queue").observe,
             adaptive=settings.linger == "adaptive",
+            max_queue_s=settings.max_queue_ms / 1000.0 if settings.max_queue_ms is not None else None,
         )
         state = cls(
             settings=settings,
@@ -204,6 +207,7 @@ class ServiceState:
             replica_id=replica_id,
             executor=executor,
             ingest_gate=IngestGate(settings.ingest_concurrency, settings.ingest_queue),
+            search_gate=IngestGate(settings.search_concurrency, settings.search_queue, "searches"),
             encoder=encoder,
             encoder_error=encoder_error,
             switcher=BundleSwitcher(

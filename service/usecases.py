@@ -20,6 +20,7 @@ from service.bundle_root import resolve_bundle
 from service.catalogue import Snapshot
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
 from service.filters import check_max_per, matching_rows
+from service.micro_batch import QueueTimeout
 from service.recommender import Query, Recommendation, similar
 from service.schemas import RecommendRequest, Shaping
 from service.serving_model import ServingModel
@@ -87,7 +88,10 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         allowed=allowed,
         max_per=req.max_per,
     )
-    result = await state.batcher.submit(query)
+    try:
+        result = await state.batcher.submit(query)
+    except QueueTimeout as exc:  # shed: above capacity, a fast 503 rather than a late answer
+        raise Unavailable(str(exc), code="overloaded") from None
     result.matched = matched
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
     state.shadow.observe(query, result)
@@ -270,8 +274,9 @@ async def search_items(state: ServiceState, query: str, limit: int) -> tuple[lis
     if not query.split():
         raise InvalidInput("q must contain a word, not only blanks", {"q": query})
     snap = state.catalogue.current
-    # a Python scan: the default thread pool, not the two threads the micro-batches and /similar run on
-    rows, total = await asyncio.to_thread(snap.search_text, query, limit)
+    # a Python scan in a thread of its own (not the two the micro-batches and /similar run on), at most
+    # MISSREC_SEARCH_CONCURRENCY at once: each holds the GIL the event loop needs
+    rows, total = await state.search_gate.run(snap.search_text, query, limit)
     return [snap.item_info(snap.ids[r]) for r in rows], total
 
 

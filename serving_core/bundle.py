@@ -268,12 +268,24 @@ class BundleWriter:
 
 
 # ----- reading ------------------------------------------------------------------------------------------------------
+def _confined(root: Path, rel: str) -> None:
+    """Refuse a bundle file that resolves outside the bundle directory (a symlink out of it, or through a linked
+    folder), before anything is read from it: a bundle can name only its own files."""
+    try:
+        inside = (root / rel).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise BundleError(f"bundle file {rel}: {type(exc).__name__}") from None
+    if not inside:
+        raise BundleError(f"bundle file {rel} is a link out of the bundle directory {root}: refused (not read)")
+
+
 def read_manifest(root: str | Path) -> Manifest:
     """The manifest of ``root``, checked: format, version (older ones are refused with how to rebuild), digest."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+    _confined(root, MANIFEST)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -321,6 +333,8 @@ def verify_checksums(root: str | Path, manifest: Manifest | None = None) -> Mani
     manifest = manifest or read_manifest(root)
     on_disk = set(bundle_files(root))
     listed = set(manifest.files)
+    for rel in sorted(on_disk | listed):
+        _confined(root, rel)
     if missing := sorted(listed - on_disk):
         raise BundleError(f"bundle {root} is missing files: {', '.join(missing)}")
     if extra := sorted(on_disk - listed):

@@ -4,7 +4,8 @@ Layout of a directory for dataset ``<Name>``::
 
     <Name>.{train,valid,test}.inter   TSV: user_id:token, item_id_list:token_seq, item_id:token
     <Name>.item2index                 TSV: original_id <TAB> index (0-based); same for <Name>.user2index
-    <Name>.text                       optional TSV: item_id:token, text:token_seq
+    <Name>.text                       optional TSV: item_id:token, text:token_seq (or text:json: each text a JSON
+                                      string, written when a text has a line break or edge spaces)
     <Name>.feat1CLS / .feat3CLS       text / image features: raw little-endian float32 [n_items, width]
     <Name>.feat1CLS.worddrop          optional: text features of word-dropped texts (pre-training)
 
@@ -19,6 +20,7 @@ internal id ``i + 1``. Histories are left-aligned (real items first, 0-padding a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -210,13 +212,30 @@ def read_features(path: Path, n_items: int) -> np.ndarray:
     return out
 
 
+TEXT_HEADER = "item_id:token\ttext:token_seq\n"
+# Texts with line breaks or edge spaces: each one a JSON string on its line, read back exactly.
+TEXT_HEADER_JSON = "item_id:token\ttext:json\n"
+
+
+def _plain_text(text: str) -> bool:
+    """True when ``text`` survives the line-oriented plain .text format (no line break, no edge whitespace)."""
+    return "\n" not in text and "\r" not in text and text == text.strip()
+
+
 def _read_texts(path: Path, item_ids: tuple[str, ...]) -> tuple[str, ...]:
     by_id: dict[str, str] = {}
-    with path.open(encoding="utf-8") as fh:
-        fh.readline()  # header: item_id:token  text:token_seq
-        for line in fh:
+    with path.open(encoding="utf-8", newline="\n") as fh:
+        as_json = fh.readline().rstrip("\r\n") == TEXT_HEADER_JSON.rstrip("\n")  # else: text:token_seq
+        for number, line in enumerate(fh, start=2):
             item, _, text = line.rstrip("\n").partition("\t")
-            if item:
+            if not item:
+                continue
+            if as_json:
+                try:
+                    by_id[item] = str(json.loads(text))
+                except ValueError:
+                    raise DatasetError(f"{path}:{number}: the text is not a JSON string") from None
+            else:
                 by_id[item] = text.strip()
     return tuple(by_id.get(item, "") for item in item_ids)
 
@@ -316,8 +335,13 @@ def write_dataset(
         write_atomic(Path(f"{base}.{split}.inter"), header + "".join(lines))
     write_atomic(Path(f"{base}.item2index"), "".join(f"{item}\t{k}\n" for k, item in enumerate(item_ids)))
     write_atomic(Path(f"{base}.user2index"), "".join(f"{u}\t{k}\n" for k, u in enumerate(user_ids)))
-    lines = "".join(f"{item}\t{text or ''}\n" for item, text in zip(item_ids, texts, strict=True))
-    write_atomic(Path(f"{base}.text"), "item_id:token\ttext:token_seq\n" + lines)
+    plain = [text or "" for text in texts]
+    if all(_plain_text(text) for text in plain):
+        lines = "".join(f"{item}\t{text}\n" for item, text in zip(item_ids, plain, strict=True))
+        write_atomic(Path(f"{base}.text"), TEXT_HEADER + lines)
+    else:  # a line break would shift texts onto other items: every text as a JSON string instead
+        lines = "".join(f"{item}\t{json.dumps(text)}\n" for item, text in zip(item_ids, plain, strict=True))
+        write_atomic(Path(f"{base}.text"), TEXT_HEADER_JSON + lines)
     for modality, suffix in MODALITY_SUFFIXES.items():
         if modality not in feats:
             continue

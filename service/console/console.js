@@ -479,7 +479,14 @@ function route() {
     pollTimer = setInterval(pollOverview, POLL_MS);
   }
   if (view === "item" && arg) {
-    $("#item-id").value = decodeURIComponent(arg);
+    let id;
+    try {
+      id = decodeURIComponent(arg);
+    } catch {  // a malformed link (a broken percent-escape): say so, no script error
+      showError("item", new Error(`malformed link: "#${hash}" is not a percent-encoded item id`));
+      return;
+    }
+    $("#item-id").value = id;
     showItem();
   }
 }

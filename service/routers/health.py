@@ -33,6 +33,8 @@ async def readyz(request: Request) -> JSONResponse:
         )
     checks = await usecases.readiness(state)
     ok = state.ready and checks.get("redis") == "ok"
+    if (saturated := request.app.state.load.saturated()) is not None:  # a balancer should route elsewhere
+        checks["load"], ok = saturated, False
     return JSONResponse(
         status_code=200 if ok else 503, content=Health(status="ok" if ok else "unready", checks=checks).model_dump()
     )

@@ -28,6 +28,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 5
 # Batches of up to this many results are written on the event loop: one orjson pass over a few results is cheaper
 # than the hop to a worker thread; bigger ones (up to max_batch_total_k items) go to a thread.
 RENDER_INLINE_MAX = 8
+# A batch call submits its recommendations this many at a time: the micro-batches it forms leave room for other
+# clients' requests between chunks, instead of queueing them behind the whole batch (the largest allowed batch
+# stalled other requests ~1.1 s, issue 22).
+BATCH_CHUNK = 16
 
 
 def recommended(rec: Recommendation) -> list[RecommendedItem]:
@@ -92,8 +96,11 @@ async def recommend_batch(body: BatchRecommendRequest, state: StateDep) -> Respo
             {"total_k": total_k, "max_batch_total_k": limits.max_batch_total_k},
             code="batch_too_large",
         )
-    calls = [usecases.recommend(state, r) if isinstance(r, RecommendRequest) else _invalid(r) for r in body.requests]
-    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    outcomes: list[Any] = []
+    for start in range(0, len(body.requests), BATCH_CHUNK):  # a chunk at a time: others' requests join between
+        chunk = body.requests[start : start + BATCH_CHUNK]
+        calls = [usecases.recommend(state, r) if isinstance(r, RecommendRequest) else _invalid(r) for r in chunk]
+        outcomes += await asyncio.gather(*calls, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, ServiceError):
             raise outcome

@@ -247,3 +247,50 @@ def test_snapshot_train_evaluate_and_swap_end_to_end(snapshot, scientific_bundle
         np.testing.assert_allclose(
             served.tokens[served.row("abo-life-0")], table.tokens[ids.index("abo-life-0")], rtol=1e-5, atol=1e-5
         )
+
+
+def test_snapshot_keeps_line_breaks_caps_each_user_and_skips_bad_records(
+    ds, scientific_bundle, scientific_dir, redis_url, key_prefix, tiny_clip, abo_products, tmp_path
+):
+    """An item text with line breaks is read back exactly (the line-oriented .text would shift texts onto other
+    items); a user costs at most ``max_user_events`` events; malformed Redis contents are skipped and counted, and
+    the command says so in one line instead of a traceback."""
+    product = next(p for p in abo_products if p["images"])
+    text = "  first line\nsecond line\r\nthird\rfourth\t end  "
+    with TestClient(make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path)) as c:
+        image = product["images"][0].read_bytes()
+        r = c.post("/v1/items", data={"item_id": "multi-line", "text": text}, files={"image": image})
+        assert r.status_code == 201, r.text
+        for u in range(3):
+            seq = [ds.item_ids[u], ds.item_ids[u + 10], "multi-line", ds.item_ids[u + 20]] + [ds.item_ids[u + 30]] * (
+                u == 0
+            )
+            stamps = [T0 + 60 * j for j in range(len(seq))]
+            r = c.post(f"/v1/users/u-{u}/events", json={"item_ids": seq, "timestamps": stamps})
+            assert r.status_code == 200, r.text
+    client = redis.Redis.from_url(redis_url)
+    store = ItemStore(client, key_prefix)  # type: ignore[arg-type]
+    stored = client.hget(store.item_prefix + "multi-line", "text").decode()
+    assert "\n" in stored
+    client.hset(f"{key_prefix}:u:{{bad1}}:hist", "not", "a list")
+    client.rpush(f"{key_prefix}:u:{{bad2}}:hist", b"not-a-time\x1f" + ds.item_ids[0].encode())
+    client.rpush(f"{key_prefix}:u:{{bad3}}:hist", b"\xff\xfe")
+    client.zadd(store.ids_key, {"broken-item": 10**9})
+    client.hset(store.item_prefix + "broken-item", mapping={"version": "not-a-number"})
+
+    snap = take_snapshot(
+        redis_url, scientific_bundle, scientific_dir, tmp_path / "snap", prefix=key_prefix, max_user_events=4
+    )
+    texts = dict(zip(snap.dataset.item_ids, snap.dataset.texts, strict=True))
+    assert texts["multi-line"] == stored
+    assert texts[ds.item_ids[5]] == ds.texts[5]  # the other items keep their own texts
+    counts = snap.manifest["counts"]
+    assert counts["bad_records"] == 4 and len(snap.manifest["bad_records"]) == 4
+    assert counts["users_written"] == 3 and counts["events_beyond_cap"] == 1
+    r = CliRunner().invoke(
+        cli,
+        ["snapshot", "--redis", redis_url, "--bundle", str(scientific_bundle), "--data", str(scientific_dir),
+         "--out", str(tmp_path / "cli"), "--prefix", key_prefix],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "skipped 4 malformed Redis records" in r.stdout.replace("\n", " ")

@@ -279,3 +279,12 @@ def test_item_view_shows_how_it_was_ingested_and_its_nearest_items(
     assert photo.get_attribute("alt") == f"Photo of {item_id}"
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=photo.element_handle())
     assert page.locator(f'#user-history > li[data-item="{first}"] img').count() == 0  # bundle items: no photo
+
+
+def test_a_malformed_item_link_shows_an_error_and_no_script_error(page, service):
+    """#item/<a broken percent-escape>: decodeURIComponent throws; the view says the link is malformed (and the
+    page fixture fails on any script error)."""
+    page.goto("/console/#item/%E0%A4%A")
+    alert = page.locator("#view-item [role=alert]")
+    alert.filter(has_text="malformed link").wait_for()
+    assert "is not a percent-encoded item id" in alert.inner_text()

@@ -86,3 +86,34 @@ def test_service_restarts_a_killed_embedded_redis(scientific_bundle, tiny_clip, 
         for n in range(5):
             assert c.get(f"/v1/users/u{n}/history").json()["item_ids"] == [item]
         assert c.post("/v1/users/u-after/events", json={"item_ids": [item]}).status_code == 200
+
+
+def test_ctrl_c_stops_the_service_without_restarting_its_embedded_redis(scientific_bundle, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the embedded redis-server must not
+    get it (it would die first, and the supervisor restart it during the shutdown); the service stops the
+    supervisor, then Redis."""
+    from harness.launch import wait_ready
+    from harness.ports import free_port
+
+    port = free_port()
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "MISSREC_BUNDLE": str(scientific_bundle),
+        "MISSREC_DATA_DIR": str(tmp_path), "MISSREC_CLIP_PRETRAINED": "", "MISSREC_WARMUP": "false",
+    }  # fmt: skip
+    env.pop("MISSREC_REDIS_URL", None)
+    log = tmp_path / "service.log"
+    with log.open("wb") as out:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,  # a terminal's job
+        )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", None, 120)
+        os.killpg(service.pid, signal.SIGINT)  # what Ctrl-C does
+        assert service.wait(60) == 0
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    text = log.read_text(errors="replace")
+    assert "restarting it on its append-only file" not in text and "embedded Redis restarted" not in text, text

@@ -208,3 +208,26 @@ def test_every_console_file_is_package_data():
     globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["service"]
     files = [p.relative_to(root / "service") for p in (root / "service" / "console").rglob("*") if p.is_file()]
     assert files and all(any(f.match(g) for g in globs) for f in files), (files, globs)
+
+
+def test_item_search_has_its_own_concurrency_bound(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path):
+    """At most MISSREC_SEARCH_CONCURRENCY scans run at once (each holds the GIL the recommend path needs), at most
+    MISSREC_SEARCH_QUEUE wait; beyond that 503 ``overloaded`` at once, and recommendations are not refused."""
+    import threading
+
+    app = make_app(scientific_bundle, redis_url, key_prefix, tiny_clip, tmp_path, search_concurrency=1, search_queue=0)
+    with TestClient(app) as c:
+        gate = c.app.state.service.search_gate
+        release = threading.Event()
+        held = c.portal.start_task_soon(gate.run, release.wait, 30)  # a search slot held until released
+        try:
+            while not (gate._sem is not None and gate._sem.locked()):
+                threading.Event().wait(0.01)
+            busy = c.get("/v1/items", params={"q": "glue"})
+            assert busy.status_code == 503 and busy.json()["error"]["code"] == "overloaded", busy.text
+            assert busy.headers["retry-after"] == "1"
+            assert c.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 3}).status_code == 200
+        finally:
+            release.set()
+            held.result(30)
+        assert c.get("/v1/items", params={"q": "glue"}).status_code == 200

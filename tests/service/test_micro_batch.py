@@ -186,3 +186,36 @@ def test_a_cancelled_caller_is_left_out_and_stop_fails_nothing_answered():
 
     (one, three, in_flight), sizes = asyncio.run(_with_batcher(rec, 64, 0.0, body))
     assert (one, three, in_flight) == (2, 6, 0) and rec.batches == [[1], [3]] and sizes == [1, 1]
+
+
+def test_overload_sheds_fast_and_computed_requests_keep_a_bounded_queue_wait():
+    """max_queue_s: behind a batch that runs too long, a new request is refused at once when the oldest queued one
+    has waited longer than the bound, and queued ones whose wait passed it are shed rather than computed late."""
+    from service.micro_batch import QueueTimeout
+
+    rec = Recorder()
+    waits: list[float] = []
+
+    async def scenario():
+        batcher = MicroBatcher(rec, 1, 0.0, on_wait=waits.append, adaptive=False, max_queue_s=0.05)
+        batcher.start()
+        try:
+            rec.hold.clear()
+            first = asyncio.ensure_future(batcher.submit(1))
+            await asyncio.to_thread(rec.entered.wait, 10)  # batch [1] runs and is held
+            queued = [asyncio.ensure_future(batcher.submit(x)) for x in (2, 3)]
+            await asyncio.sleep(0.2)  # the queued ones have now waited past the bound
+            with pytest.raises(QueueTimeout):
+                await batcher.submit(4)  # refused at once: nothing is queued behind a stale head
+            rec.hold.set()
+            results = await asyncio.gather(first, *queued, return_exceptions=True)
+            after = await batcher.submit(5)  # the queue drained: admitted and computed again
+            return results, after, batcher.shed
+        finally:
+            await batcher.stop()
+
+    (one, two, three), after, shed = asyncio.run(scenario())
+    assert one == 2 and after == 10
+    assert isinstance(two, QueueTimeout) and isinstance(three, QueueTimeout)
+    assert rec.batches == [[1], [5]] and shed == 3
+    assert max(waits) <= 0.05  # every computed request waited within the bound

@@ -69,6 +69,31 @@ def test_every_write_route_needs_the_api_key(keyed_app):
         assert client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 2}).status_code == 200
 
 
+@pytest.mark.parametrize("blank", ["", "   ", "\t"])
+def test_a_blank_api_key_is_refused_at_start_up(blank, scientific_bundle, redis_url, tiny_clip, tmp_path, monkeypatch):
+    """MISSREC_API_KEY= (an empty variable or Kubernetes secret) would turn the admin routes on and let an absent
+    X-API-Key compare equal to it: refused by the settings, by the app, and by `missrec serve` in one line."""
+    from pydantic import SecretStr, ValidationError
+    from typer.testing import CliRunner
+
+    from missrec_cli.main import app as cli
+    from service.app import create_app
+    from service.settings import Settings
+
+    monkeypatch.setenv("MISSREC_API_KEY", blank)
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert [e["loc"] for e in refused.value.errors()] == [("api_key",)]
+    monkeypatch.delenv("MISSREC_API_KEY")
+    settings = Settings(bundle=scientific_bundle, redis_url=redis_url, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="MISSREC_API_KEY"):  # settings built with overrides skip validation
+        create_app(settings.model_copy(update={"api_key": SecretStr(blank)}))
+    env = {"MISSREC_API_KEY": blank, "MISSREC_REDIS_URL": redis_url, "MISSREC_DATA_DIR": str(tmp_path)}
+    r = CliRunner().invoke(cli, ["serve", "--bundle", str(scientific_bundle), "--port", "1"], env=env)
+    assert r.exit_code == 2, r.output
+    assert "MISSREC_API_KEY" in r.stderr and "refusing to start" in r.stderr
+
+
 class _Listener:
     """A real TCP server on a free port that counts the connections it receives."""
 

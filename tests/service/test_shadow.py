@@ -130,6 +130,41 @@ def test_sampling_follows_the_fraction(root, redis_url, key_prefix, tiny_clip, t
     assert 30 <= sampled <= 90, sampled  # 60 expected; 3 sigma is about 20
 
 
+def _some_thread_in(function: str, module: str) -> bool:
+    """True when some thread runs ``function`` of ``module`` now (its frames, as the interpreter has them)."""
+    import sys
+
+    for top in sys._current_frames().values():
+        frame = top
+        while frame is not None:
+            if frame.f_code.co_name == function and frame.f_code.co_filename.endswith(module):
+                return True
+            frame = frame.f_back
+    return False
+
+
+def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_a_shadow_stopped_while_it_loads_follows_nothing(root, redis_url, key_prefix, tiny_clip, tmp_path):
+    """Stopped while its candidate starts following the serving catalogue (the step is held there by taking the
+    catalogue's lock): the cancelled load leaves no follower behind, which would be kept in step with every item
+    change for as long as the replica runs (issue 22: 30 stop-while-loading cycles, +600 MiB, shadow "off")."""
+    with TestClient(_app(root, redis_url, key_prefix, tiny_clip, tmp_path)) as c:
+        serving = c.app.state.service.catalogue
+        with serving._lock:  # the candidate's follow() waits here, in its worker thread
+            assert c.put("/v1/admin/shadow", json={"bundle": "b", "fraction": 1.0}, headers=AUTH).status_code == 202
+            _until(lambda: _some_thread_in("follow", "service/catalogue.py"), 60, "the load never reached follow()")
+            assert c.delete("/v1/admin/shadow", headers=AUTH).status_code == 204
+        _until(lambda: not _some_thread_in("follow", "service/catalogue.py"), 30, "follow() never ended")
+        _until(lambda: not serving.followers, 10, "the stopped shadow's candidate still follows the catalogue")
+        assert c.get("/v1/admin/shadow", headers=AUTH).json()["state"] == "off"
+
+
 def test_bad_shadow_requests_are_refused_and_serving_is_untouched(root, redis_url, key_prefix, tiny_clip, tmp_path):
     broken = root / "broken"
     if not broken.exists():

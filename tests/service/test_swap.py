@@ -502,3 +502,13 @@ def test_writes_acknowledged_while_a_replica_loads_are_served_after_its_switch(
         r = httpx.post(f"{s.url}/v1/recommend", json={"history": ["mid-load"], "k": 100, "exclude_seen": False})
         assert r.json()["model_version"] == versions["b"]
         assert {"before", ids[9]}.isdisjoint(i["item_id"] for i in r.json()["items"])
+
+
+def test_the_default_bundle_root_is_never_the_filesystem_root(tmp_path):
+    """The container sets MISSREC_BUNDLE=/bundle: the directory holding it is /, and a swap could then name any
+    directory of the machine. The default root is then the bundle directory itself; elsewhere its parent."""
+    from service.settings import Settings
+
+    assert Settings(bundle=Path("/bundle")).swap_root() == Path("/bundle")
+    assert Settings(bundle=tmp_path / "a").swap_root() == tmp_path.resolve()
+    assert Settings(bundle=Path("/bundle"), bundle_root=tmp_path).swap_root() == tmp_path.resolve()

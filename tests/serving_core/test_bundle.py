@@ -118,3 +118,24 @@ def test_the_item_table_must_match_the_scorer(tmp_path):
         wrong.validate(manifest.dims, manifest.scorer, 0)
     with pytest.raises(BundleError, match=r"tokens\.npy: shape"):
         dataclasses.replace(table, tokens=table.tokens[:, :D]).validate(manifest.dims, manifest.scorer, 0)
+
+
+@pytest.mark.parametrize("linked", ["manifest.json", "items/popularity.npy"])
+def test_bundle_files_linked_out_of_the_bundle_are_refused_unread(tmp_path, linked):
+    """A bundle file that is a symlink out of the bundle directory (here to a file with the same bytes, so every
+    checksum would pass) is refused, and what it points at is never echoed in the error."""
+    bundle = tmp_path / "bundle"
+    _inner_product_bundle(bundle)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "secret"
+    if linked == "manifest.json":  # a manifest whose fields would otherwise be quoted back in the error
+        target.write_text(json.dumps({"format": "SECRET-CONTENT-1234"}))
+    else:
+        target.write_bytes((bundle / linked).read_bytes())
+    (bundle / linked).unlink()
+    (bundle / linked).symlink_to(target)
+    with pytest.raises(BundleError) as refused:
+        read_bundle(bundle)
+    assert "link out of the bundle" in str(refused.value)
+    assert "SECRET" not in str(refused.value)
