@@ -123,3 +123,22 @@ def test_offline_ordering_of_the_two_variants(swap_root, scientific_dir):
         hits = sum(snap.row(t) in s.rows.tolist() for (_, t), s in zip(users, served, strict=True))
         rates[name] = hits / len(users)
     print(f"\noffline hit rate@{K} over the same {USERS} users: a {rates['a']:.4f}, b {rates['b']:.4f}")
+
+
+def test_missrec_experiment_drives_it_from_the_command_line(swap_root, redis_url, key_prefix, tiny_clip, tmp_path):
+    from typer.testing import CliRunner
+
+    from harness.launch import InProcessServer
+    from missrec_cli.main import app as cli
+
+    runner = CliRunner()
+    with InProcessServer(_app(swap_root, redis_url, key_prefix, tiny_clip, tmp_path)) as server:
+        args = ["experiment", "cli-ab", "--url", server.url, "--api-key", KEY]
+        started = runner.invoke(cli, [*args, "--variant", "a=a:0.4", "--variant", "b=b:0.6"])
+        assert started.exit_code == 0, started.output
+        shown = runner.invoke(cli, args)
+        assert shown.exit_code == 0 and "0 impressions" in shown.output
+        bad = runner.invoke(cli, [*args, "--variant", "a=a:0.5", "--variant", "b=b:0.6"])
+        assert bad.exit_code == 2
+        ended = runner.invoke(cli, [*args, "--end"])
+        assert ended.exit_code == 0 and "ended" in ended.output
