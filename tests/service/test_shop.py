@@ -318,3 +318,22 @@ def test_availability_toggled_on_1000_items_under_load_on_two_replicas(
             t.join(60)
     print(f"\n{served[0]} responses during 1,500 availability changes; {len(failures)} failed; {len(violations)} late")
     assert failures == [] and violations == [] and served[0] > 100
+
+
+def test_ingest_takes_attributes_as_json_and_multipart_and_checks_them(client, abo_products):
+    text = abo_products[0]["text"]
+    form = {
+        "item_id": "shop-form",
+        "text": text,
+        "attributes": '{"brand": "Acme", "title_words": 3}',
+        "available": "false",
+    }
+    assert client.post("/v1/items", data=form).status_code == 201
+    info = client.get("/v1/items/shop-form").json()
+    assert info["attributes"] == {"brand": "Acme", "title_words": 3.0} and info["available"] is False
+    for bad in ('{"colour": "red"}', "[1, 2]", "not json", '{"title_words": "3"}'):
+        r = client.post("/v1/items", data={**form, "attributes": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_attributes", bad
+    r = client.post("/v1/items", json={"item_id": "shop-json", "text": text, "attributes": {"brand": ["x"]}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_attributes"
+    assert client.get("/v1/items/shop-json").status_code == 404
