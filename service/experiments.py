@@ -175,6 +175,9 @@ class Experiments:
         name = await self.redis.get(f"{self.prefix}:experiment")
         self.config = await self._config(name.decode()) if name is not None else None
         serving = str(self.catalogue.current.model.bundle.root.resolve())
+        wanted = {v["bundle"] for v in (self.config or {}).get("variants", [])}
+        for path in [p for p in self.catalogues if p not in wanted]:  # an ended experiment's variants: dropped
+            self.catalogue.unfollow(self.catalogues.pop(path))
         for v in (self.config or {}).get("variants", []):
             path = v["bundle"]
             if path != serving and path not in self.catalogues and path not in self._loading:

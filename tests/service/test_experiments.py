@@ -104,6 +104,7 @@ def test_experiment_end_to_end_on_real_data(swap_root, redis_url, key_prefix, ti
         assert end["state"] == "ended" and end["promoted"]["variant"] in "ab"
         after = c.post("/v1/recommend", json={"user_id": "exp-user-0", "k": K}).json()
         assert after["variant"] is None and after["recommendation_id"] is None
+        assert c.app.state.service.experiments.catalogues == {}  # the variant's catalogue was let go
 
 
 def test_offline_ordering_of_the_two_variants(swap_root, scientific_dir):
