@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from missrec_cli import data, lifecycle, model, serving
+from missrec_cli import data, experiment, lifecycle, model, serving
 
 app = typer.Typer(
     help="MISSRec: train, evaluate, export and serve multi-modal sequential recommenders.",
@@ -27,6 +27,7 @@ model.register(app)
 data.register(app)
 serving.register(app)
 lifecycle.register(app)
+experiment.register(app)
 
 __all__ = ["app"]
 

@@ -23,7 +23,7 @@ from missrec.families import FAMILIES, family_of
 from missrec.models.checkpoint import CheckpointError, attach_features, load_checkpoint
 from model_export.onnx import EXPORTER
 from model_export.parity import ExportError
-from serving_core.attribute_schema import ATTR_SUFFIX
+from serving_core.attribute_schema import ATTR_SUFFIX, InvalidAttributes
 from serving_core.attributes import attach_attributes, read_attr_file
 from serving_core.bundle import Manifest, creation_info, read_manifest, sha256_file
 
@@ -99,7 +99,10 @@ def export_bundle(checkpoint: Path, data_dir: Path, out: Path, *, overwrite: boo
         manifest = write_bundle(model, ds, tmp, created)
         attr = data_dir / f"{ds.name}{ATTR_SUFFIX}"
         if attr.is_file():  # the atomic format's optional attributes: carried into the bundle
-            schema = attach_attributes(tmp, read_attr_file(attr))
+            try:
+                schema = attach_attributes(tmp, read_attr_file(attr))
+            except InvalidAttributes as exc:
+                raise ExportError(f"{attr}: {exc}") from None
             manifest = read_manifest(tmp)
             log.info("attributes from %s: %s", attr, schema)
         _make_readable(tmp)

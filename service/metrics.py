@@ -69,6 +69,10 @@ class Metrics:
         self.ingest = Counter("missrec_ingest_total", "Cold-start ingests", ["result"], registry=r)
         self.item_events = Counter("missrec_item_events_total", "Item changes applied", ["op", "origin"], registry=r)
         self.fallback = Counter("missrec_fallback_total", "Popularity fallbacks", registry=r)
+        self.experiment = Counter(
+            "missrec_experiment_total", "Experiment impressions, attributed interactions and hits counted here",
+            ["experiment", "variant", "kind"], registry=r,
+        )  # fmt: skip
         self.redis_errors = Counter("missrec_redis_errors_total", "Failed Redis calls", registry=r)
         self.live_items = Gauge("missrec_live_items", "Servable items", registry=r)
         self.bundle_info = Gauge("missrec_bundle_info", "Bundle served (1)", ["version"], registry=r)

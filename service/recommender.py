@@ -48,6 +48,8 @@ class Recommendation:
     model_version: str
     fallback: str | None = None
     matched: int | None = None  # with a filter: live available items matching it
+    recommendation_id: str | None = None  # while an experiment runs (service.experiments)
+    variant: str | None = None
 
 
 @dataclass(frozen=True)

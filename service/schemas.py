@@ -122,6 +122,11 @@ class EventsRequest(_Strict):
     idempotency_key: Identifier | None = Field(
         None, description="Retries with the same key are applied once (also accepted as the Idempotency-Key header)."
     )
+    recommendation_id: Identifier | None = Field(
+        None,
+        description="The recommendation these interactions follow (an experiment's attribution); without it, "
+        "the user's most recent one within the attribution window.",
+    )
 
     @model_validator(mode="after")
     def _aligned(self) -> EventsRequest:
@@ -203,6 +208,8 @@ class RecommendResponse(BaseModel):
     exact: bool = Field(description="True when the top-k is provably the model's exact full-catalogue top-k.")
     history_length: int
     matched: int | None = Field(None, description="With a filter: live available items matching it.")
+    recommendation_id: str | None = Field(None, description="While an experiment runs: this recommendation's id.")
+    variant: str | None = Field(None, description="While an experiment runs: the user's variant.")
     skipped_item_ids: list[str] = Field(
         default_factory=list,
         description="History ids left out because the items were deleted (and, in a stored history, unknown ids).",
@@ -336,6 +343,31 @@ class ShadowRequest(_Strict):
 
     bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory inside MISSREC_BUNDLE_ROOT.")
     fraction: float = Field(0.1, gt=0.0, le=1.0, description="Share of recommend requests scored by the candidate.")
+
+
+ExperimentName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class Variant(_Strict):
+    name: ExperimentName
+    bundle: str = Field(min_length=1, max_length=4096, description="Bundle directory inside MISSREC_BUNDLE_ROOT.")
+    share: float = Field(gt=0.0, le=1.0, description="Share of users (the shares sum to 1).")
+
+
+class ExperimentRequest(_Strict):
+    variants: list[Variant] = Field(min_length=2, max_length=8)
+
+    @model_validator(mode="after")
+    def _shares(self) -> ExperimentRequest:
+        if abs(sum(v.share for v in self.variants) - 1.0) > 1e-6:
+            raise ValueError("the variants' shares must sum to 1")
+        if len({v.name for v in self.variants}) != len(self.variants):
+            raise ValueError("variant names must differ")
+        return self
+
+
+class ExperimentEnd(_Strict):
+    promote: bool = Field(False, description="Swap every replica to the variant with the highest hit rate.")
 
 
 class ShadowStatus(BaseModel):

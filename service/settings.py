@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     redis_cluster: bool = Field(False, description="Connect with the Redis Cluster client.")
     key_prefix: str = Field("missrec", description="Prefix of every Redis key.", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     history_ttl_seconds: int | None = Field(None, ge=1, description="Expire idle user histories (unset = keep).")
+    attribution_window_seconds: int = Field(
+        3600,
+        ge=1,
+        le=30 * 86400,
+        description="An event without a recommendation_id is attributed to the user's "
+        "most recent recommendation of the running experiment within this window (service.experiments).",
+    )
     redis_timeout_seconds: float = Field(0.5, gt=0, le=30, description="Socket timeout of every Redis call.")
     embedded_redis_fsync: Literal["always", "everysec"] = Field(
         "always", description="appendfsync of the embedded Redis (always: no acknowledged write is lost)."

@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from service.bundle_root import inside_root
 from service.catalogue import Catalogue
 from service.embedded_redis import EmbeddedRedis, Supervisor
+from service.experiments import Experiments
 from service.gc_pauses import GcWatch, freeze
 from service.metrics import Metrics
 from service.micro_batch import MicroBatcher
@@ -121,6 +122,7 @@ class ServiceState:
     batcher: MicroBatcher[Query, Recommendation]
     switcher: BundleSwitcher
     shadow: Shadow
+    experiments: Experiments
     embedded: EmbeddedRedis | None = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, "missrec-cpu"))
@@ -214,6 +216,7 @@ class ServiceState:
                 settings, catalogue, announcements, histories, metrics, encoder_dim, bundle, announcement, known
             ),
             shadow=Shadow(settings, catalogue, encoder_dim, metrics),
+            experiments=Experiments(client, settings, catalogue, metrics),
         )
         batcher.start()
         if settings.warmup:
@@ -283,6 +286,7 @@ class ServiceState:
             await stop_task(self._supervising)
         await self.switcher.stop()
         await self.shadow.stop()
+        self.experiments.close()
         await self.replicator.stop()
         await self.batcher.stop()
         self.executor.shutdown(wait=True, cancel_futures=True)

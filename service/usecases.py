@@ -64,10 +64,12 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
             f"history has {len(req.history)} items, at most {limits.max_history}",
             {"history_length": len(req.history), "max_history": limits.max_history},
         )
+    assigned = None
     if req.user_id is not None:
         with state.metrics.timed("history_read"):
             history, _ = await _redis(state, state.histories.history(req.user_id))
-        snap = state.catalogue.current
+            assigned = await _redis(state, state.experiments.assignment(req.user_id))
+        snap = assigned.snapshot if assigned is not None and assigned.snapshot is not None else state.catalogue.current
         rows, skipped = snap.rows_for(history)  # items deleted since they were seen are skipped
     else:
         # Deleted items are skipped as in a stored history (a client keeping its own history cannot know of the
@@ -93,6 +95,10 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
     except QueueTimeout as exc:  # shed: above capacity, a fast 503 rather than a late answer
         raise Unavailable(str(exc), code="overloaded") from None
     result.matched = matched
+    if assigned is not None and assigned.snapshot is not None and req.user_id is not None:
+        items = [i.item_id for i in result.items]
+        rec_id = await _redis(state, state.experiments.impression(assigned, req.user_id, items))
+        result.recommendation_id, result.variant = rec_id, assigned.variant
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
     state.shadow.observe(query, result)
     if result.fallback:
@@ -111,16 +117,26 @@ def shaping(snap: Snapshot, req: Shaping) -> tuple[np.ndarray | None, int | None
 
 # ----- users ----------------------------------------------------------------------------------------------------
 async def append_events(
-    state: ServiceState, user_id: str, item_ids: list[str], timestamps: list[float] | None, key: str | None
+    state: ServiceState,
+    user_id: str,
+    item_ids: list[str],
+    timestamps: list[float] | None,
+    key: str | None,
+    recommendation_id: str | None = None,
 ) -> tuple[int, bool]:
+    """Append to the history, then attribute the events to a recommendation of the running experiment (counted
+    once per recommendation and item: a retry, with or without the key, counts nothing again)."""
     histories = state.histories
     try:
         if key and (length := await histories.applied_length(user_id, key, item_ids, timestamps)) is not None:
+            await state.experiments.attribute(user_id, item_ids, recommendation_id)  # a crash may have cut it
             return length, False  # a retry of an applied call: its items may have been deleted since
         _, unknown = state.catalogue.current.rows_for(item_ids)
         if unknown:
             raise UnknownItems(f"{len(unknown)} unknown item id(s)", {"item_ids": unknown[:50]})
-        return await histories.append_events(user_id, item_ids, timestamps, key)
+        applied = await histories.append_events(user_id, item_ids, timestamps, key)
+        await state.experiments.attribute(user_id, item_ids, recommendation_id)
+        return applied
     except IdempotencyConflict:
         raise Conflict(
             "this idempotency key was already used for other item ids or timestamps; use a new key",
@@ -306,6 +322,17 @@ async def status(state: ServiceState) -> dict[str, Any]:
 
 
 # ----- admin ----------------------------------------------------------------------------------------------------
+async def check_bundle(state: ServiceState, given: str) -> None:
+    """An experiment's variant: inside the bundle root, with a valid manifest and checksums (422 otherwise)."""
+    from serving_core.bundle import verify_checksums
+
+    path = resolve_bundle(state.settings.swap_root(), given)
+    try:
+        await asyncio.to_thread(verify_checksums, path)
+    except BundleError as exc:
+        raise InvalidInput(f"invalid bundle {path}: {exc}", {"bundle": str(path)}, code="invalid_bundle") from None
+
+
 async def announce(state: ServiceState, given: str) -> Announcement:
     """Check the bundle ``given`` names (inside the root, loads, can take over), then announce it to every replica.
 

@@ -117,7 +117,7 @@ def filtered_top_k(
     params = selector_params(index, ok)
     found = top_k(users, k, index, items, exclude=excl, deleted=~ok, explain=explain, options=opts,
                   search_params=params)  # fmt: skip
-    valid = [rows.shape[0] - int(np.isin(e, rows).sum()) for e in excl]
+    valid = [rows.shape[0] - int(ok[e[(e >= 0) & (e < n)]].sum()) for e in excl]  # e: sorted unique rows
     short = [b for b in range(users.shape[0]) if found.counts[b] < min(k, valid[b])]
     if not short:
         return found

@@ -53,12 +53,13 @@ import numpy as np
 from tqdm import tqdm
 
 from clip_features.preprocess import ImageDecodeError, ItemEncoder, decode_image, file_sha256
+from missrec.data.attributes import catalog_attributes, write_attr
 from missrec.data.dataset import MAX_LEN, MODALITY_SUFFIXES, split_leave_one_out, write_atomic, write_dataset
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
-CATALOG_KEYS = {"item_id", "text", "image"}
+CATALOG_KEYS = {"item_id", "text", "image", "attributes"}  # attributes: to <name>.attr (missrec.data.attributes)
 MIN_USER_INTERACTIONS = 3  # leave-one-out needs a history, a valid target and a test target
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _MAX_LISTED = 20  # problems listed in one error message
@@ -366,6 +367,7 @@ def prepare_dataset(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_dataset(base, splits, user_ids, [it.item_id for it in kept], [it.text for it in kept], feats)
+    write_attr(base, catalog_attributes(items), [it.item_id for it in kept])
     summary = PrepareSummary(
         name=name,
         out_dir=out_dir,

@@ -362,13 +362,13 @@ async function renderPlayground() {
     return;
   }
   try {
-    const recs = await api("v1/recommend", {
-      method: "POST",
-      json: { history, k: kOf($("#play-k")), exclude_seen: true, explain: true },
-    });
+    const body = { history, k: kOf($("#play-k")), exclude_seen: true, explain: true };
+    if (playFilters.length) body.filter = playFilters.length === 1 ? playFilters[0] : { op: "and", args: playFilters };
+    const recs = await api("v1/recommend", { method: "POST", json: body });
     const entries = await Promise.all(scored(recs.items));
     if (render !== playRender) return;
     recMeta($("#play-meta"), recs);
+    if (recs.matched !== null && recs.matched !== undefined) $("#play-meta").append(` · ${recs.matched} items match the filter`);
     $("#play-recs").replaceChildren(...entries);
     announce(`${recs.items.length} recommendations for a history of ${history.length} items`);
     showError("playground", null);
@@ -400,7 +400,7 @@ async function showItem(event) {
       ["text cluster", info.text_cluster ?? "–"],
       ["image cluster", info.image_cluster ?? "–"],
     ]);
-    $("#item-card").replaceChildren(el("div", { class: "entry-body" }, thumb(info), itemText(info)), dl);
+    $("#item-card").replaceChildren(el("div", { class: "entry-body" }, thumb(info), itemText(info)), dl, attributeChips(info));
     await fillList($("#item-similar"), scored(near.items));
     announce(`item ${id}: ${near.items.length} nearest items`);
   } catch (exc) {
@@ -460,13 +460,70 @@ function setUpDrop() {
   input.addEventListener("change", () => { zone.textContent = input.files.length ? `Photo: ${input.files[0].name}` : "Drop a photo here"; });
 }
 
+// ----- attributes, filters, experiments -----------------------------------------------------------------------
+function attributeChips(info) {
+  const chips = el("ul", { class: "chips", id: "item-attrs", "aria-label": "Attributes" });
+  for (const [field, value] of Object.entries(info.attributes || {})) {
+    for (const v of Array.isArray(value) ? value : [value]) chips.append(el("li", { class: "chip", text: `${field}: ${v}` }));
+  }
+  if (info.available === false) chips.append(el("li", { class: "chip unavailable", text: "unavailable" }));
+  return chips;
+}
+
+const playFilters = [];
+
+function filterValue(op, raw) {
+  if (op === "in" || op === "not_in") return raw.split(",").map((v) => v.trim()).filter((v) => v);
+  if (op !== "eq") return Number(raw);
+  if (raw === "true" || raw === "false") return raw === "true";
+  return raw.trim() !== "" && !Number.isNaN(Number(raw)) ? Number(raw) : raw;
+}
+
+function renderFilters() {
+  $("#play-filters").replaceChildren(...playFilters.map((f, pos) => {
+    const shown = Array.isArray(f.values) ? f.values.join(", ") : String(f.value);
+    return el("li", { class: "chip" }, el("span", { text: `${f.field} ${f.op} ${shown}` }),
+      el("button", { type: "button", text: "×", "aria-label": `Remove the condition on ${f.field}`, onclick: () => { playFilters.splice(pos, 1); renderFilters(); renderPlayground(); } }));
+  }));
+}
+
+function addFilter(event) {
+  event.preventDefault();
+  const op = $("#filter-op").value;
+  const value = filterValue(op, $("#filter-value").value);
+  const field = $("#filter-field").value.trim();
+  playFilters.push(Array.isArray(value) ? { op, field, values: value } : { op, field, value });
+  renderFilters();
+  renderPlayground();
+}
+
+async function showExperiment(event) {
+  if (event) event.preventDefault();
+  const name = $("#experiment-name").value.trim();
+  showError("experiments", null);
+  try {
+    const stats = await api(`v1/admin/experiments/${enc(name)}`, { write: true });
+    $("#experiment-meta").textContent = `${stats.name}: ${stats.state}, started ${new Date(stats.started * 1000).toISOString()}`;
+    const rows = stats.variants.map((v) => {
+      const diff = Object.entries(v).find(([k, d]) => k.startsWith("difference_vs_") && d);
+      const d = diff ? `${diff[1].difference.toFixed(4)} [${diff[1].low.toFixed(4)}, ${diff[1].high.toFixed(4)}] vs ${diff[0].slice(14)}` : "–";
+      const cells = [v.name, v.bundle, v.share, v.impressions, v.hits, v.hit_rate === null ? "–" : v.hit_rate.toFixed(4), d];
+      return el("tr", { "data-variant": v.name }, ...cells.map((c) => el("td", { text: String(c) })));
+    });
+    $("#experiment-table tbody").replaceChildren(...rows);
+  } catch (exc) {
+    $("#experiment-table tbody").replaceChildren();
+    showError("experiments", exc);
+  }
+}
+
 // ----- routing: #view or #item/<id> -----------------------------------------------------------------------------
 function route() {
   const hash = location.hash.replace(/^#/, "");
   const slash = hash.indexOf("/");
   const name = slash < 0 ? hash : hash.slice(0, slash);
   const arg = slash < 0 ? "" : hash.slice(slash + 1); // an item id may hold "/" (encoded or not)
-  const view = ["overview", "user", "playground", "item", "ingest"].includes(name) ? name : "overview";
+  const view = ["overview", "user", "playground", "item", "ingest", "experiments"].includes(name) ? name : "overview";
   document.querySelectorAll(".view").forEach((v) => { v.hidden = v.id !== `view-${view}`; });
   document.querySelectorAll("nav a").forEach((a) => {
     if (a.dataset.view === view) a.setAttribute("aria-current", "page");
@@ -502,6 +559,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#play-k").addEventListener("change", renderPlayground);
   $("#item-form").addEventListener("submit", showItem);
   $("#ingest-form").addEventListener("submit", ingest);
+  $("#filter-form").addEventListener("submit", addFilter);
+  $("#experiment-form").addEventListener("submit", showExperiment);
   setUpDrop();
   window.addEventListener("hashchange", route);
   route();

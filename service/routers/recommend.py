@@ -55,6 +55,8 @@ def response_dict(rec: Recommendation, history_length: int, skipped: list[str]) 
         "exact": rec.exact,
         "history_length": history_length,
         "matched": rec.matched,
+        "recommendation_id": rec.recommendation_id,
+        "variant": rec.variant,
         "skipped_item_ids": skipped,
     }
 

@@ -43,7 +43,9 @@ async def append_events(
 
         raise PayloadTooLarge(f"at most {state.settings.max_events} item ids per call")
     key = body.idempotency_key or idempotency_key
-    length, applied = await usecases.append_events(state, user_id, body.item_ids, body.timestamps, key)
+    length, applied = await usecases.append_events(
+        state, user_id, body.item_ids, body.timestamps, key, body.recommendation_id
+    )
     return EventsResponse(
         user_id=user_id, history_length=length, appended=len(body.item_ids) if applied else 0, duplicate=not applied
     )

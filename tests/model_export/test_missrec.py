@@ -362,3 +362,30 @@ def test_provider_choice(monkeypatch):
     assert choose_providers("cpu") == [CPU]
     with pytest.raises(ValueError, match="provider"):
         choose_providers("tpu")
+
+
+def test_export_carries_the_attr_file_into_the_bundle(exported, tmp_path):
+    """<Name>.attr in the data folder: its schema in the manifest, its values per row in items/attributes.jsonl."""
+    import json
+
+    ds, _, checkpoint, _, _ = exported
+    data = tmp_path / "data"
+    shutil.copytree(checkpoint.parent.parent / "data", data)
+    ids = list(ds.item_ids)
+    with (data / f"{ds.name}.attr").open("w") as f:
+        for n, item in enumerate(ids):
+            f.write(json.dumps({"item_id": item, "attributes": {"shelf": f"s{n % 3}", "price": n}}) + "\n")
+    manifest = export_bundle(checkpoint, data, tmp_path / "bundle")
+    assert manifest.attributes == {"price": "number", "shelf": "string"}
+    rows = [json.loads(line) for line in (tmp_path / "bundle/items/attributes.jsonl").read_text().splitlines()]
+    table_ids = read_bundle(tmp_path / "bundle").table.ids
+    assert rows[0] == {} and len(rows) == len(table_ids)
+    assert all(
+        rows[r] == {"shelf": f"s{ids.index(i) % 3}", "price": float(ids.index(i))} for r, i in enumerate(table_ids) if r
+    )
+    (data / f"{ds.name}.attr").write_text(
+        '{"item_id": "x", "attributes": {"price": "cheap"}}\n{"item_id": "y", "attributes": {"price": 3}}\n'
+    )
+    with pytest.raises(ExportError, match="price"):
+        export_bundle(checkpoint, data, tmp_path / "bundle2")
+    assert not (tmp_path / "bundle2").exists()

@@ -17,7 +17,8 @@ from tests.helpers import drop_redis_keys
 from tests.service_helpers import make_app
 
 KEY = f"key-{uuid.uuid4().hex}"
-READ_ONLY_POSTS = {"/v1/recommend", "/v1/recommend/batch"}  # POST only because a history can be long
+READ_ONLY_POSTS = {"/v1/recommend", "/v1/recommend/batch", "/v1/items/{item_id}/similar"}  # a history or a filter
+# can be long
 GUARDED = {
     ("POST", "/v1/users/{user_id}/events"),
     ("POST", "/v1/items"),
@@ -25,6 +26,9 @@ GUARDED = {
     ("POST", "/v1/admin/bundle"),  # admin: also 403 without MISSREC_API_KEY (tests/service/test_swap.py)
     ("PUT", "/v1/admin/shadow"),  # admin (tests/service/test_shadow.py)
     ("DELETE", "/v1/admin/shadow"),
+    ("PATCH", "/v1/items/{item_id}"),  # attributes and availability (tests/service/test_shop.py)
+    ("PUT", "/v1/admin/experiments/{name}"),  # admin (tests/service/test_experiments.py)
+    ("POST", "/v1/admin/experiments/{name}/end"),
 }
 
 
@@ -37,7 +41,7 @@ def keyed_app(scientific_bundle, redis_url, tiny_clip, tmp_path_factory):
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{user_id}", "sec-user").replace("{item_id}", "no-such-item")
+    return path.replace("{user_id}", "sec-user").replace("{item_id}", "no-such-item").replace("{name}", "sec-exp")
 
 
 def test_every_write_route_needs_the_api_key(keyed_app):

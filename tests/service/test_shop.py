@@ -256,3 +256,84 @@ def test_availability_replicates_and_survives_a_restart(attr_bundle, redis_url, 
         assert not {i["item_id"] for i in got} & set(hide) and len(got) == 1000
         assert c.get(f"/v1/items/{ids[50]}").json()["attributes"] == {"brand": brand}
         assert c.get(f"/v1/items/{ids[1]}").json()["available"] is False
+
+
+@pytest.mark.slow
+def test_availability_toggled_on_1000_items_under_load_on_two_replicas(
+    attr_bundle, redis_url, key_prefix, tiny_clip, tmp_path
+):
+    """Replica a makes 1,000 items unavailable (then 500 of them available again) while clients load both replicas
+    with recommendations and /similar: no response that started more than the replication bound (1 s) after an
+    item's unavailability was acknowledged contains it, and no request fails."""
+    import threading
+    import time
+
+    import httpx
+
+    from harness.launch import InProcessServer
+
+    root, ids, _ = attr_bundle
+    apps = [make_app(root, redis_url, key_prefix, tiny_clip, tmp_path / f"r{i}", warmup=False) for i in (0, 1)]
+    hidden: dict[str, float] = {}  # item -> when its unavailability was acknowledged
+    guard, stop = threading.Lock(), threading.Event()
+    failures, violations, served = [], [], [0]
+
+    def load(url: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            while not stop.is_set():
+                history = [str(i) for i in rng.choice(ids[1:], 5, replace=False)]
+                started = time.monotonic()
+                if rng.random() < 0.5:
+                    r = c.post("/v1/recommend", json={"history": history, "k": 100})
+                else:
+                    r = c.post(f"/v1/items/{history[0]}/similar", json={"k": 100})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text[:200]))
+                    continue
+                with guard:
+                    served[0] += 1
+                    late = [i["item_id"] for i in r.json()["items"] if hidden.get(i["item_id"], np.inf) + 1.0 < started]
+                if late:
+                    violations.append((url, late[:5]))
+
+    with InProcessServer(apps[0]) as a, InProcessServer(apps[1]) as b:
+        clients = [threading.Thread(target=load, args=(u, s)) for s, u in enumerate([b.url, b.url, a.url])]
+        for t in clients:
+            t.start()
+        toggled = np.random.default_rng(1).choice(ids[1:], 1000, replace=False).tolist()
+        with httpx.Client(base_url=a.url, timeout=30) as c:
+            for item in toggled:
+                r = c.patch(f"/v1/items/{item}", json={"available": False})
+                assert r.status_code == 200, r.text
+                with guard:
+                    hidden[item] = time.monotonic()
+            for item in toggled[:500]:
+                with guard:
+                    hidden.pop(item)  # from now on it may come back
+                assert c.patch(f"/v1/items/{item}", json={"available": True}).status_code == 200
+        time.sleep(1.5)
+        stop.set()
+        for t in clients:
+            t.join(60)
+    print(f"\n{served[0]} responses during 1,500 availability changes; {len(failures)} failed; {len(violations)} late")
+    assert failures == [] and violations == [] and served[0] > 100
+
+
+def test_ingest_takes_attributes_as_json_and_multipart_and_checks_them(client, abo_products):
+    text = abo_products[0]["text"]
+    form = {
+        "item_id": "shop-form",
+        "text": text,
+        "attributes": '{"brand": "Acme", "title_words": 3}',
+        "available": "false",
+    }
+    assert client.post("/v1/items", data=form).status_code == 201
+    info = client.get("/v1/items/shop-form").json()
+    assert info["attributes"] == {"brand": "Acme", "title_words": 3.0} and info["available"] is False
+    for bad in ('{"colour": "red"}', "[1, 2]", "not json", '{"title_words": "3"}'):
+        r = client.post("/v1/items", data={**form, "attributes": bad})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_attributes", bad
+    r = client.post("/v1/items", json={"item_id": "shop-json", "text": text, "attributes": {"brand": ["x"]}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_attributes"
+    assert client.get("/v1/items/shop-json").status_code == 404

@@ -360,3 +360,18 @@ def test_prepare_through_onnx_gives_the_online_onnx_features(
     assert manifest["encoder"]["clip_onnx"] == str(tiny_clip_onnx.resolve())
     refused = CliRunner().invoke(app, [*args, "--clip-onnx", str(tiny_clip_onnx), "--clip-model", "ViT-B-32"])
     assert refused.exit_code == 2 and "leave out --clip-model" in refused.output
+
+
+def test_catalog_attributes_go_to_the_attr_file_for_kept_items(tmp_path: Path, encoder: ClipEncoder, abo_dir: Path):
+    catalog = _catalog(abo_dir, tmp_path / "raw")
+    catalog[0]["attributes"] = {"brand": "AmazonBasics", "categories": ["Lighting"], "price": 9.5}
+    catalog[5]["attributes"] = {"brand": "dropped by the k-core"}  # i5: not kept
+    inputs = _write_inputs(tmp_path / "raw", catalog, _rows())
+    summary = prepare_dataset(*inputs, tmp_path / "Shop", encoder, min_core=3, progress=False)
+    lines = [json.loads(line) for line in (summary.out_dir / "Shop.attr").read_text().splitlines()]
+    assert [line["item_id"] for line in lines] == list(ITEMS)
+    assert lines[ITEMS.index("i0")]["attributes"] == catalog[0]["attributes"]
+    assert all(line["attributes"] == {} for line in lines if line["item_id"] != "i0")
+    plain = prepare_dataset(*_write_inputs(tmp_path / "raw2", _catalog(abo_dir, tmp_path / "raw2"), _rows()),
+                            tmp_path / "Plain", encoder, min_core=3, progress=False)  # fmt: skip
+    assert not (plain.out_dir / "Plain.attr").exists()
