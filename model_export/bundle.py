@@ -23,7 +23,9 @@ from missrec.families import FAMILIES, family_of
 from missrec.models.checkpoint import CheckpointError, attach_features, load_checkpoint
 from model_export.onnx import EXPORTER
 from model_export.parity import ExportError
-from serving_core.bundle import Manifest, creation_info, sha256_file
+from serving_core.attribute_schema import ATTR_SUFFIX
+from serving_core.attributes import attach_attributes, read_attr_file
+from serving_core.bundle import Manifest, creation_info, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,11 @@ def export_bundle(checkpoint: Path, data_dir: Path, out: Path, *, overwrite: boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         manifest = write_bundle(model, ds, tmp, created)
+        attr = data_dir / f"{ds.name}{ATTR_SUFFIX}"
+        if attr.is_file():  # the atomic format's optional attributes: carried into the bundle
+            schema = attach_attributes(tmp, read_attr_file(attr))
+            manifest = read_manifest(tmp)
+            log.info("attributes from %s: %s", attr, schema)
         _make_readable(tmp)
         if out.exists():  # overwrite: move the old bundle aside, put the new one in place, drop the old
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -27,51 +27,16 @@ import numpy as np
 
 from service.serving_model import IncompatibleItem, ServingModel
 from service.store import ItemRecord
+from serving_core.attributes import AttributeIndex
 from serving_core.bundle import MISSREC_FUSION, static_vectors
 from serving_core.index import to_cpu, to_device
-from serving_core.rows import RowStack
+from serving_core.rows import RowStack, Segment
 from serving_core.scoring import ItemScorer, measured_max_gap
 from serving_core.towers import ItemArrays
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPACT_ROWS = 4096
-
-
-class Segment:
-    """An append-only array along axis 0: the initial array (a bundle's, possibly memory-mapped) is never copied or
-    written; appended rows go to a separate growable buffer (amortised O(1); a grown buffer is a new one, the bundle
-    rows are never part of it). ``view(n)`` of rows [0, n) never changes later: the initial array itself (or its
-    first n rows) while nothing is appended, else a :class:`~serving_core.rows.RowStack` of the initial array and a
-    view of the appended rows."""
-
-    def __init__(self, initial: np.ndarray) -> None:
-        self.base = initial
-        self.base_rows = initial.shape[0]
-        self._added = np.empty((0, *initial.shape[1:]), dtype=initial.dtype)
-        self.n = self.base_rows
-
-    def append(self, rows: np.ndarray) -> None:
-        used = self.n - self.base_rows
-        need = used + rows.shape[0]
-        if need > self._added.shape[0]:
-            grown = np.empty((max(need, 2 * used, 16), *self._added.shape[1:]), dtype=self._added.dtype)
-            grown[:used] = self._added[:used]
-            self._added = grown
-        self._added[used:need] = rows
-        self.n = self.base_rows + need
-
-    def view(self, n: int | None = None) -> np.ndarray | RowStack:
-        n = self.n if n is None else n
-        if n <= self.base_rows:
-            return self.base if n == self.base_rows else self.base[:n]
-        return RowStack(self.base, self._added[: n - self.base_rows])
-
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as one ndarray (a view when they are all appended rows, or all bundle rows)."""
-        if start >= self.base_rows:
-            return self._added[start - self.base_rows : stop - self.base_rows]
-        return np.asarray(self.view(stop)[start:stop])
 
 
 @dataclass(frozen=True)
@@ -96,6 +61,9 @@ class Snapshot:
     index: Any  # FAISS index over rows [0, index_rows)
     index_rows: int
     max_gap: float
+    attrs: AttributeIndex  # attributes and availability of rows [0, n)
+    patched: dict[str, ItemRecord]  # bundle items whose attributes or availability were set (own copy)
+    hidden: np.ndarray  # (n,) bool: deleted or unavailable, what the search never returns
 
     # ----- ids --------------------------------------------------------------------------------------------
     def _known_row(self, item_id: str) -> int | None:
@@ -162,6 +130,8 @@ class Snapshot:
             "image_cluster": int(self.clusters["image"][row]) if "image" in self.clusters else None,
             "created_at": record.created_at if record else None,
             "has_image": bool(record and record.thumbnail),
+            "attributes": dict(self.attrs.of(row)),
+            "available": self.attrs.is_available(row),
         }
 
     def search_text(self, query: str, limit: int) -> tuple[list[int], int]:
@@ -213,7 +183,7 @@ class Catalogue:
         deleted[0] = True  # padding is never recommended
         index_info = model.manifest.index
         gap = index_info.max_gap if index_info is not None else 2.0
-        return self._snapshot(model, seq, deleted, {}, {}, model.index, n, gap)
+        return self._snapshot(model, seq, deleted, {}, {}, model.index, n, gap, model.attributes, {})
 
     def _snapshot(
         self,
@@ -225,8 +195,11 @@ class Catalogue:
         index: Any,
         index_rows: int,
         max_gap: float,
+        attrs: AttributeIndex,
+        patched: dict[str, ItemRecord],
     ) -> Snapshot:
         n = self._tokens.n
+        hidden = deleted | attrs.unavailable_mask() if attrs.unavailable else deleted
         return Snapshot(
             model=model,
             seq=seq,
@@ -243,6 +216,9 @@ class Catalogue:
             index=index,
             index_rows=index_rows,
             max_gap=max_gap,
+            attrs=attrs,
+            patched=patched,
+            hidden=hidden,
         )
 
     @property
@@ -258,12 +234,12 @@ class Catalogue:
             return self._fresh(self._current.model, self._current.seq + 1)
 
     def changes(self) -> list[ItemRecord]:
-        """Every item change this catalogue holds, as records in version order: the live ingested items and a
-        tombstone per deleted id."""
+        """Every item change this catalogue holds, as records in version order: the live ingested items, the
+        patched bundle items and a tombstone per deleted id."""
         snap = self._current
         tombstones = [ItemRecord(item_id=i, version=v, deleted=True) for i, v in self.versions.items()
-                      if i not in snap.ingested]  # fmt: skip
-        return sorted([*snap.ingested.values(), *tombstones], key=lambda r: r.version)
+                      if i not in snap.ingested and i not in snap.patched]  # fmt: skip
+        return sorted([*snap.ingested.values(), *snap.patched.values(), *tombstones], key=lambda r: r.version)
 
     def follow(self, other: Catalogue) -> None:
         """Keep ``other`` (over another model) in step: it gets every change applied here so far, then each
@@ -292,7 +268,8 @@ class Catalogue:
             fresh = [r for r in sorted(records, key=lambda r: r.version) if self.is_newer(r.item_id, r.version)]
             if not fresh:
                 return 0
-            self._current = self._applied(snap, fresh, snap.model.vectors_of_many([r for r in fresh if not r.deleted]))
+            embedded = [r for r in fresh if not r.deleted and not r.bundle_patch]
+            self._current = self._applied(snap, fresh, snap.model.vectors_of_many(embedded))
             for follower in self.followers:  # never fails the change: the serving catalogue has it already
                 try:
                     follower.apply(fresh)
@@ -312,7 +289,7 @@ class Catalogue:
         with self._lock:
             snap = self._current
             changes = self.changes()  # live ingested records and tombstones, in version order
-            live = [r for r in changes if not r.deleted]
+            live = [r for r in changes if not r.deleted and not r.bundle_patch]
             for record in live:
                 if problem := model.record_problem(record):
                     raise IncompatibleItem(problem)
@@ -328,33 +305,48 @@ class Catalogue:
             saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors)
             try:
                 base = self._bundle_only(model, snap.seq)
-                new = self._applied(base, changes, [vectors[id(r)] for r in changes if not r.deleted])
+                new = self._applied(base, changes, [vectors[id(r)] for r in live])
             except BaseException:  # nothing published: the segments go back to the ones the current snapshot uses
                 self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors = saved
                 raise
             self._current = new
-            deleted = len(changes) - len(live)
+            deleted = sum(r.deleted for r in changes)
             log.info("switched to bundle %s: %d ingested items, %d deleted", model.version, len(live), deleted)
             return new
 
     def _applied(self, snap: Snapshot, fresh: list[ItemRecord], vectors: list[dict[str, np.ndarray]]) -> Snapshot:
-        """``snap`` with ``fresh`` (in version order; ``vectors`` of its live records, in order) appended: the
-        next snapshot, not published. Holds the lock."""
+        """``snap`` with ``fresh`` (in version order; ``vectors`` of its ingested records, in order) applied: the
+        next snapshot, not published. An attribute or availability change (a bundle item's patch, or an ingested
+        record with the vectors it had) keeps the item's row: nothing is re-embedded. Holds the lock."""
         model = snap.model
         live = iter(vectors)
         deleted_rows: list[int] = []
+        state: dict[int, tuple[dict, bool]] = {}  # rows whose attributes or availability are set
         overlay, ingested, gap = dict(snap.overlay), dict(snap.ingested), snap.max_gap
+        patched = dict(snap.patched)
         for record in fresh:
-            vec = None if record.deleted else next(live)
             self.versions[record.item_id] = record.version
             old = overlay.get(record.item_id, model.bundle_rows.get(record.item_id))
+            if record.bundle_patch:  # a bundle item (a bundle without it: kept for the next swap)
+                patched[record.item_id] = record
+                if old is not None:
+                    state[old] = (record.attributes, record.available)
+                continue
+            patched.pop(record.item_id, None)
+            vec = None if record.deleted else next(live)
+            previous = ingested.get(record.item_id)
+            if record.patch and previous is not None and old is not None and previous.same_embedding(record):
+                ingested[record.item_id] = record
+                state[old] = (record.attributes, record.available)
+                continue
             if old is not None:
                 deleted_rows.append(old)
             if vec is None:  # a tombstone: the id keeps pointing at a deleted row (row 0 if it had none)
                 ingested.pop(record.item_id, None)
                 overlay[record.item_id] = old if old is not None else 0
                 continue
-            overlay[record.item_id] = self._append(record, vec)
+            overlay[record.item_id] = row = self._append(record, vec)
+            state[row] = (record.attributes, record.available)
             ingested[record.item_id] = record
             gap = self._widened_gap(model, vec, gap)
         deleted = np.zeros(self._tokens.n, dtype=bool)
@@ -363,7 +355,8 @@ class Catalogue:
         index, index_rows = snap.index, snap.index_rows
         if self._tokens.n - index_rows > self.compact_rows:
             index, index_rows = self._compacted(snap, index_rows)
-        return self._snapshot(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap)
+        attrs = snap.attrs.changed(self._tokens.n, state)
+        return self._snapshot(model, snap.seq + 1, deleted, overlay, ingested, index, index_rows, gap, attrs, patched)
 
     def _append(self, record: ItemRecord, vec: dict[str, np.ndarray]) -> int:
         row = self._tokens.n

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -14,6 +15,16 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     model_validator,
+)
+
+from service.filters import (
+    FILTER_DESCRIPTION,
+    FILTER_SCHEMA_EXTRA,
+    MAX_PER_DESCRIPTION,
+    MAX_PER_FIELDS,
+    FieldName,
+    Filter,
+    check_bounds,
 )
 
 # External ids: 1..256 characters, no C0 or C1 control characters, not only blanks (unicode is fine).
@@ -40,10 +51,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+BoundedFilter = Annotated[Filter | None, AfterValidator(check_bounds)]
+Cap = Annotated[int, Field(ge=1, le=MAX_K, strict=True)]
+MaxPer = Annotated[dict[FieldName, Cap], Field(max_length=MAX_PER_FIELDS)]
+
+
+class Shaping(_Strict):
+    """What every top-k request may add: a filter over item attributes and a cap per field value."""
+
+    filter: BoundedFilter = Field(None, description=FILTER_DESCRIPTION, json_schema_extra=FILTER_SCHEMA_EXTRA)
+    max_per: MaxPer | None = Field(None, description=MAX_PER_DESCRIPTION, examples=[{"brand": 2}])
+
+
 # ----- requests -------------------------------------------------------------------------------------------------
 
 
-class RecommendRequest(_Strict):
+class RecommendRequest(Shaping):
     """Top-k for a user: by ``user_id`` (history read from Redis) or by an explicit ``history`` (oldest first)."""
 
     user_id: Identifier | None = Field(None, examples=["u1"])
@@ -52,7 +75,10 @@ class RecommendRequest(_Strict):
     exclude_seen: bool = Field(True, strict=True, description="Leave out the items of the history.")
     exclude: list[Identifier] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     explain: bool = Field(
-        False, strict=True, description="Add text/image fusion weights and the interest cluster per item."
+        False,
+        strict=True,
+        description="Explain each item: the split of its score by modality, the history items it comes from "
+        "(leave-one-out contributions), fusion weights and interest cluster. Costs one extra user-tower pass.",
     )
 
     @model_validator(mode="after")
@@ -110,16 +136,56 @@ class ItemJSONRequest(_Strict):
     item_id: Identifier
     text: str = Field("", max_length=MAX_TEXT_CHARS)
     image_base64: str | None = Field(None, description="Base64 image bytes (JPEG, PNG, WEBP, GIF, BMP).")
+    attributes: dict[str, Any] | None = Field(None, description="Values of the bundle's attribute fields.")
+    available: bool = Field(True, strict=True, description="False: kept, never recommended until made available.")
+
+
+class ItemPatch(_Strict):
+    """PATCH /v1/items/{id}: attributes (replacing all of them) and/or availability; nothing is re-embedded."""
+
+    attributes: dict[str, Any] | None = Field(None, description="The item's attributes (all of them).")
+    available: bool | None = Field(None, strict=True, description="False: never recommended nor similar.")
+
+
+class SimilarRequest(Shaping):
+    k: int | None = Field(None, ge=1, le=MAX_K, strict=True, description="Items returned (default 10).")
+    explain: bool = Field(False, strict=True)
 
 
 # ----- responses ------------------------------------------------------------------------------------------------
 
 
+class ScorePart(BaseModel):
+    part: str = Field(description="A part of the score: a modality (`text`, `image`), `id` (transductive MISSRec).")
+    score: float = Field(description="This part's additive term; the parts sum to the item's score.")
+    share: float = Field(description="score / the item's score: the shares sum to 1 (negative: it pulls down).")
+
+
+class BecauseItem(BaseModel):
+    item_id: str = Field(description="A history item behind this recommendation.")
+    position: int = Field(description="Its place in the history used (oldest first, 0-based; skipped ids excluded).")
+    contribution: float = Field(
+        description="How much the item's score drops when this history item is left out (the same user tower and "
+        "scorer on the history without it): positive = it pushed the recommendation up."
+    )
+
+
 class Explanation(BaseModel):
-    text_weight: float = Field(description="Share of the score from the text side (MISSRec: fusion weight).")
-    image_weight: float = Field(description="Share of the score from the image side.")
+    text_weight: float = Field(
+        description="Fusion weight of the text side (MISSRec: dynamic-fusion softmax weight, not a share of the "
+        "score: see score_split; inner_product models: the text block's share of the score)."
+    )
+    image_weight: float = Field(description="Fusion weight of the image side (as text_weight).")
     interest: int | None = Field(
         None, description="Interest cluster of the modality that carries more weight (models with interests)."
+    )
+    score_split: list[ScorePart] = Field(
+        default_factory=list, description="The score split into its additive parts: the actual modality shares."
+    )
+    because: list[BecauseItem] | None = Field(
+        None,
+        description="Up to 3 history items with the largest leave-one-out contributions, largest first ([] for a "
+        "one-item history; absent where there is no history, e.g. similar items).",
     )
 
 
@@ -135,6 +201,7 @@ class RecommendResponse(BaseModel):
     fallback: Literal["popular"] | None = Field(None, description="'popular' when there was no history to use.")
     exact: bool = Field(description="True when the top-k is provably the model's exact full-catalogue top-k.")
     history_length: int
+    matched: int | None = Field(None, description="With a filter: live available items matching it.")
     skipped_item_ids: list[str] = Field(
         default_factory=list,
         description="History ids left out because the items were deleted (and, in a stored history, unknown ids).",
@@ -185,6 +252,8 @@ class ItemResponse(BaseModel):
     image_cluster: int | None = None
     created_at: float | None = None
     has_image: bool = Field(False, description="True when a thumbnail of the ingested image is stored (GET .../image).")
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    available: bool = True
 
 
 class ItemSummary(BaseModel):
@@ -204,6 +273,7 @@ class SimilarResponse(BaseModel):
     items: list[RecommendedItem]
     model_version: str
     exact: bool = Field(description="True when the list is provably the scorer's exact top-k over the catalogue.")
+    matched: int | None = Field(None, description="With a filter: live available items matching it.")
 
 
 class Histogram(BaseModel):

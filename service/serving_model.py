@@ -17,6 +17,8 @@ import numpy as np
 
 from service.settings import Settings
 from service.store import ItemRecord
+from serving_core.attribute_schema import InvalidAttributes
+from serving_core.attributes import AttributeIndex, read_attributes
 from serving_core.bundle import MISSREC_FUSION, Bundle, BundleError, Manifest, read_bundle
 from serving_core.index import is_ivf, load_index
 from serving_core.topk import SearchOptions, is_exact_index
@@ -44,6 +46,7 @@ class ServingModel:
     popular_order: np.ndarray  # bundle rows by training popularity, most popular first (row 0 last)
     bundle_rows: dict[str, int]  # external id -> row of the bundle's items (row 0, padding, excluded)
     version: str
+    attributes: AttributeIndex  # the bundle rows' attributes (items/attributes.jsonl; none: every row {})
 
     @classmethod
     def load(cls, root: Path, settings: Settings) -> ServingModel:
@@ -64,6 +67,10 @@ class ServingModel:
         # An IVF search scans the same nprobe lists whatever the width: one search of the whole cap beats widening
         # 32 -> 128 -> 512 -> 1024 (4 scans; measured in docs/benchmarks.md). HNSW's cost grows with the width.
         width = cap if cap and is_ivf(index) else None
+        try:
+            base = read_attributes(root, bundle.manifest.attributes, bundle.table.num_items)
+        except InvalidAttributes as exc:
+            raise BundleError(str(exc)) from None
         popularity = bundle.table.popularity.astype(np.float64).copy()
         popularity[0] = -np.inf
         log.info("loaded bundle %s: %d items, index %s", root, bundle.table.num_items, info.factory)
@@ -75,6 +82,7 @@ class ServingModel:
             popular_order=np.argsort(-popularity, kind="stable"),
             bundle_rows={item: r for r, item in enumerate(bundle.table.ids) if r > 0},
             version=bundle.manifest.version,
+            attributes=AttributeIndex.build(bundle.manifest.attributes, base),
         )
 
     @property
@@ -176,7 +184,7 @@ class ServingModel:
 
         Records written by another bundle are re-encoded from their raw features, so only those must match;
         records of this bundle must also carry the token and vectors of this bundle's sizes."""
-        if record.deleted:
+        if record.deleted or record.bundle_patch:
             return None
         dims = self.manifest.dims
         need = {f"feature_{m}": dims.feature(m) for m in self.manifest.modalities}

@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.exceptions import RedisError
 
 from service.bundle_root import resolve_bundle
+from service.catalogue import Snapshot
 from service.errors import Conflict, Disabled, InvalidInput, NotFound, PayloadTooLarge, Unavailable, UnknownItems
+from service.filters import check_max_per, matching_rows
 from service.recommender import Query, Recommendation, similar
-from service.schemas import RecommendRequest
+from service.schemas import RecommendRequest, Shaping
 from service.serving_model import ServingModel
 from service.state import ServiceState
 from service.store import Announcement, IdempotencyConflict, ItemRecord
+from serving_core.attribute_schema import InvalidAttributes, normalise
 from serving_core.bundle import BundleError
 
 if TYPE_CHECKING:
@@ -73,19 +77,32 @@ async def recommend(state: ServiceState, req: RecommendRequest) -> tuple[Recomme
         if unknown:
             raise UnknownItems(f"{len(unknown)} unknown item id(s) in history", {"item_ids": unknown[:50]})
     exclude, _ = snap.rows_for(req.exclude)  # deleted or unknown ids are never recommended anyway
+    allowed, matched = shaping(snap, req)
     query = Query(
         history=np.asarray(rows, dtype=np.int64),  # the user tower reads its last max_len items
         k=req.k,
         exclude=set(exclude) | (set(rows) if req.exclude_seen else set()),
         explain=req.explain,
         snapshot=snap,
+        allowed=allowed,
+        max_per=req.max_per,
     )
     result = await state.batcher.submit(query)
+    result.matched = matched
     state.metrics.stage.labels("request").observe(time.perf_counter() - started)
     state.shadow.observe(query, result)
     if result.fallback:
         state.metrics.fallback.inc()
     return result, len(rows), list(dict.fromkeys(skipped))
+
+
+def shaping(snap: Snapshot, req: Shaping) -> tuple[np.ndarray | None, int | None]:
+    """The rows a request's filter allows (None: no filter) and how many live available items match; the filter
+    and the caps checked against the snapshot's attribute schema (422 otherwise)."""
+    check_max_per(req.max_per, snap.attrs)
+    if req.filter is None:
+        return None, None
+    return matching_rows(req.filter, snap.attrs, snap.hidden)
 
 
 # ----- users ----------------------------------------------------------------------------------------------------
@@ -116,10 +133,20 @@ async def history(state: ServiceState, user_id: str) -> tuple[list[str], list[fl
 
 
 # ----- items ------------------------------------------------------------------------------------------------------
-async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | None) -> tuple[ItemRecord, bool]:
+def checked_attributes(state: ServiceState, attributes: Any) -> dict[str, Any]:
+    try:
+        return normalise(state.catalogue.current.attrs.schema, attributes)
+    except InvalidAttributes as exc:
+        raise InvalidInput(str(exc), code="invalid_attributes") from None
+
+
+async def ingest(
+    state: ServiceState, item_id: str, text: str, image: bytes | None, attributes: Any = None, available: bool = True
+) -> tuple[ItemRecord, bool]:
     """Embed a new item (CLIP + item tower), persist it (durable before we answer), serve it at once. ``image``: the
     upload's bytes, within MISSREC_MAX_IMAGE_BYTES (the routers' one reader checks that)."""
     limits = state.settings
+    attrs = checked_attributes(state, attributes)
     if state.encoder is None:  # permanent until restarted with other settings: 501, no Retry-After
         raise Disabled(state.encoder_error or "ingestion unavailable", code="ingestion_disabled")
     if len(text) > limits.max_text_chars:
@@ -137,6 +164,7 @@ async def ingest(state: ServiceState, item_id: str, text: str, image: bytes | No
     except ImageDecodeError as exc:
         state.metrics.ingest.labels("failed").inc()
         raise InvalidInput(f"image rejected: {exc}", code="invalid_image") from None
+    record.attributes, record.available = attrs, available
     try:
         change = await state.replicator.store_change(record, "upsert")
     except RedisError as exc:
@@ -177,6 +205,28 @@ async def delete_item(state: ServiceState, item_id: str) -> None:
     state.metrics.item_events.labels("delete", "local").inc()
 
 
+async def patch_item(state: ServiceState, item_id: str, attributes: Any, available: bool | None) -> dict[str, Any]:
+    """Set an item's attributes (all of them) and/or availability: stored in Redis (durable before the answer),
+    replicated through the item stream like an ingest, nothing re-embedded (an ingested item's record is stored
+    again with its vectors; a bundle item gets a patch record)."""
+    snap = state.catalogue.current
+    row = snap.row(item_id)
+    if row is None:
+        raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    attrs = checked_attributes(state, attributes) if attributes is not None else dict(snap.attrs.of(row))
+    avail = available if available is not None else snap.attrs.is_available(row)
+    current = snap.ingested.get(item_id)
+    if current is not None:
+        record = replace(current, attributes=attrs, available=avail, patch=True)
+    else:
+        version = snap.model.version
+        record = ItemRecord(item_id, created_at=time.time(), bundle_version=version, attributes=attrs,
+                            available=avail, patch=True)  # fmt: skip
+    await _redis(state, state.replicator.store_change(record, "patch"))
+    state.metrics.item_events.labels("patch", "local").inc()
+    return item_info(state, item_id)
+
+
 def item_info(state: ServiceState, item_id: str) -> dict[str, Any]:
     info = state.catalogue.current.item_info(item_id)
     if info is None:
@@ -194,9 +244,11 @@ def item_thumbnail(state: ServiceState, item_id: str) -> bytes:
     return record.thumbnail
 
 
-async def similar_items(state: ServiceState, item_id: str, k: int | None, explain: bool) -> Recommendation:
+async def similar_items(
+    state: ServiceState, item_id: str, k: int | None, explain: bool, shape: Shaping | None = None
+) -> Recommendation:
     """The k items nearest to one item by the model's scorer (see recommender.item_query); never itself.
-    k None: 10, or MISSREC_MAX_K if lower."""
+    k None: 10, or MISSREC_MAX_K if lower. ``shape``: a filter and caps, as in recommend."""
     max_k = state.settings.max_k
     if k is not None and k > max_k:
         raise InvalidInput(f"k is {k}, at most {max_k}", {"k": k, "max_k": max_k})
@@ -205,8 +257,12 @@ async def similar_items(state: ServiceState, item_id: str, k: int | None, explai
     row = snap.row(item_id)
     if row is None:
         raise NotFound(f"item {item_id!r} does not exist", {"item_id": item_id})
+    allowed, matched = shaping(snap, shape) if shape is not None else (None, None)
+    cap = shape.max_per if shape is not None else None
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(state.executor, similar, snap, row, k, explain, state.metrics)
+    rec = await loop.run_in_executor(state.executor, similar, snap, row, k, explain, state.metrics, allowed, cap)
+    rec.matched = matched
+    return rec
 
 
 async def search_items(state: ServiceState, query: str, limit: int) -> tuple[list[dict[str, Any]], int]:

@@ -12,6 +12,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from serving_core.attribute_schema import InvalidAttributes, check_schema
+
 FORMAT = "missrec-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -144,6 +146,7 @@ class Manifest:
     created: dict[str, Any] = field(default_factory=dict)
     index: IndexInfo | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
+    attributes: dict[str, str] = field(default_factory=dict)  # item attribute schema (serving_core.attribute_schema)
     digest: str = ""  # sha256 of the canonical JSON without this field (detects edits and corruption)
 
     @property
@@ -156,7 +159,10 @@ class Manifest:
         return f"{self.model_kind}-{self.digest[:12]}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not data["attributes"]:  # a bundle without attributes keeps the manifest (and digest) it always had
+            data.pop("attributes")
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -182,6 +188,10 @@ class Manifest:
         if d.get("index") is not None:
             d["index"] = IndexInfo(**_known(IndexInfo, d["index"], "index"))
         d["files"] = {rel: FileEntry(**_known(FileEntry, f, rel)) for rel, f in d.get("files", {}).items()}
+        try:
+            d["attributes"] = check_schema(d.get("attributes", {}))
+        except InvalidAttributes as exc:
+            raise BundleError(f"manifest attributes: {exc}") from None
         return cls(**d)
 
 

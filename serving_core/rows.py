@@ -118,3 +118,39 @@ def dot_rows(users: np.ndarray, table: np.ndarray | RowStack) -> np.ndarray:
     if isinstance(table, RowStack):
         return np.concatenate([dot_rows(users, table.base), dot_rows(users, table.added)], axis=1)
     return users @ table.T
+
+
+class Segment:
+    """An append-only array along axis 0: the initial array (a bundle's, possibly memory-mapped) is never copied or
+    written; appended rows go to a separate growable buffer (amortised O(1); a grown buffer is a new one, the bundle
+    rows are never part of it). ``view(n)`` of rows [0, n) never changes later: the initial array itself (or its
+    first n rows) while nothing is appended, else a :class:`~serving_core.rows.RowStack` of the initial array and a
+    view of the appended rows."""
+
+    def __init__(self, initial: np.ndarray) -> None:
+        self.base = initial
+        self.base_rows = initial.shape[0]
+        self._added = np.empty((0, *initial.shape[1:]), dtype=initial.dtype)
+        self.n = self.base_rows
+
+    def append(self, rows: np.ndarray) -> None:
+        used = self.n - self.base_rows
+        need = used + rows.shape[0]
+        if need > self._added.shape[0]:
+            grown = np.empty((max(need, 2 * used, 16), *self._added.shape[1:]), dtype=self._added.dtype)
+            grown[:used] = self._added[:used]
+            self._added = grown
+        self._added[used:need] = rows
+        self.n = self.base_rows + need
+
+    def view(self, n: int | None = None) -> np.ndarray | RowStack:
+        n = self.n if n is None else n
+        if n <= self.base_rows:
+            return self.base if n == self.base_rows else self.base[:n]
+        return RowStack(self.base, self._added[: n - self.base_rows])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as one ndarray (a view when they are all appended rows, or all bundle rows)."""
+        if start >= self.base_rows:
+            return self._added[start - self.base_rows : stop - self.base_rows]
+        return np.asarray(self.view(stop)[start:stop])

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving_core.bundle import INNER_PRODUCT, ITEM_VECTOR, Scorer
-from serving_core.fusion import deviation_bound, explanation_weights, item_scores, max_modality_gap
+from serving_core.fusion import (
+    deviation_bound,
+    explanation_weights,
+    fusion_weights,
+    item_scores,
+    max_modality_gap,
+    modality_sims,
+)
 from serving_core.rows import dot_rows
 
 
@@ -51,6 +58,11 @@ class ItemScorer:
         ids = None if self.id_vectors is None else self.id_vectors[start:stop]
         return ItemScorer(self.scorer, {m: v[start:stop] for m, v in self.vectors.items()}, ids, self.max_gap)
 
+    def take(self, rows: np.ndarray) -> ItemScorer:
+        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset of the table)."""
+        ids = None if self.id_vectors is None else self.id_vectors[rows]
+        return ItemScorer(self.scorer, {m: v[rows] for m, v in self.vectors.items()}, ids, self.max_gap)
+
     def exact(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact float32 scores of users (B, D): against every row (B, N), or rows (B, C) -> (B, C)."""
         if self.scorer.kind == INNER_PRODUCT:
@@ -80,6 +92,39 @@ class ItemScorer:
         total = parts.sum(-1, keepdims=True)
         safe = np.where(np.abs(total) < 1e-12, 1.0, total)
         return (parts / safe).astype(np.float32)
+
+    @property
+    def split_by(self) -> tuple[str, ...]:
+        """Names of the parts a score splits into (:meth:`split`): the modalities, plus "id" for transductive
+        MISSRec; an inner_product scorer's blocks. Empty: the score does not split."""
+        if self.scorer.kind == INNER_PRODUCT:
+            return tuple(b.name for b in self.scorer.blocks)
+        return self.scorer.modalities + (("id",) if self.scorer.fusion.transductive else ())
+
+    def split(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+        """(B, C, P) the additive parts of the exact scores of rows (B, C), P = len(split_by): they sum to
+        :meth:`exact` (up to float32 rounding). None when the score does not split.
+
+        missrec_fusion: w_m s_m per modality (the fusion weight times the modality's cosine; times 2/3 in
+        transductive mode, where the ID cosine adds u . e_i / 3 as the part "id"). inner_product: the partial inner
+        products u_b . x_b of the blocks. Not the fusion weights: a modality with half the weight and a cosine
+        near zero carries almost none of the score."""
+        u = np.asarray(users, np.float32)
+        if self.scorer.kind == INNER_PRODUCT:
+            if not self.scorer.blocks:
+                return None
+            x = self.vectors[ITEM_VECTOR][rows]  # (B, C, D)
+            parts = [(x[..., b.start : b.stop] * u[:, None, b.start : b.stop]).sum(-1) for b in self.scorer.blocks]
+            return np.stack(parts, -1).astype(np.float32)
+        fusion = self.scorer.fusion
+        sims = np.stack(modality_sims(u, self.vectors, fusion, rows), axis=-1)  # (B, C, M)
+        parts = sims if sims.shape[-1] == 1 else fusion_weights(sims, fusion.alpha) * sims
+        if fusion.transductive:
+            if self.id_vectors is None:
+                raise ValueError("transductive fusion needs id_vectors")
+            id_sim = _dots(u, self.id_vectors, rows)[..., None]
+            parts = np.concatenate([parts * np.float32(2.0 / 3.0), id_sim / np.float32(3.0)], axis=-1)
+        return parts.astype(np.float32)
 
 
 def measured_max_gap(scorer: Scorer, vectors: Mapping[str, np.ndarray]) -> float:

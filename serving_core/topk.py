@@ -268,7 +268,14 @@ def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, fu
 
 
 def _widening(
-    s: _Search, index: Any, width: list[int], tail: np.ndarray, full_at: int, growth: int, opts: SearchOptions
+    s: _Search,
+    index: Any,
+    width: list[int],
+    tail: np.ndarray,
+    full_at: int,
+    growth: int,
+    opts: SearchOptions,
+    params: Any = None,
 ) -> list[int]:
     """Any index: search the top-w rows by static score, re-score them exactly, stop when the k-th best exact score
     >= the smallest static score retrieved + bound + tol, else widen w by ``growth``. Users widen independently.
@@ -283,7 +290,8 @@ def _widening(
         pending -= set(move)
         for w in sorted({width[b] for b in pending}):
             group = sorted(b for b in pending if width[b] == w)
-            static, found = index.search(s.users[group], w)  # (G, w) each, static desc
+            found_by = index.search(s.users[group], w, params=params) if params else index.search(s.users[group], w)
+            static, found = found_by  # (G, w) each, static desc (params: an IDSelector, only the rows it allows)
             cand = np.concatenate([found, np.broadcast_to(tail, (len(group), tail.shape[0]))], axis=1)
             rescored = s.rescore(s.users[group], cand)  # one gather for the group; selection per user (measured
             for j, b in enumerate(group):  # faster at batch 1 than one vectorised selection, docs/benchmarks.md)
@@ -344,13 +352,16 @@ def top_k(
     deleted: np.ndarray | Iterable[int] | None = None,
     explain: bool = False,
     options: SearchOptions | None = None,
+    search_params: Any = None,
 ) -> TopK:
     """Top-k items by exact score for each user, excluding row 0, deleted rows and per-user excludes.
 
     user_vectors: (B, D) float32; index: FAISS inner-product index over the static vectors with FAISS id = item
     row (row 0 included and never returned), or None (brute force); items: the scorer over the item arrays, with
     N >= index.ntotal rows: rows past index.ntotal (appended since the index was built) are always re-scored;
-    exclude: one collection of item rows per user or None; deleted: (N',) bool mask (rows past N' alive) or rows.
+    exclude: one collection of item rows per user or None; deleted: (N',) bool mask (rows past N' alive) or rows;
+    search_params: FAISS SearchParameters with an IDSelector allowing only rows that ``deleted`` leaves alive (a
+    filter, serving_core.filtered): the widening searches then retrieve valid rows only (the proof is unchanged).
 
     Guarantee (exact index: flat, CPU or GPU). When the stop rule holds, every valid item j outside the candidates
     has u . static_j <= L (the smallest static score retrieved: the index returns the true static top-w), hence
@@ -390,7 +401,7 @@ def top_k(
         if xb is not None:
             scan = _one_pass(s, xb, width, tail, full_at)
         else:
-            scan = _widening(s, index, width, tail, full_at, growth, opts)
+            scan = _widening(s, index, width, tail, full_at, growth, opts, search_params)
     if scan:
         _full_scan(s, scan)
 

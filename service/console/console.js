@@ -93,16 +93,27 @@ function itemText(info) {
   return el("p", { class: "text", text: info.missing ? info.missing : info.text || "(no text)" });
 }
 
+// A part's share of the score (shares sum to 1; a part that pulls the score down is negative: an empty bar).
 function bar(label, share) {
   const pct = (100 * share).toFixed(1);
   const fill = el("span", { class: `bar-fill ${label}`, "aria-hidden": "true" });
-  fill.style.width = `${pct}%`; // CSSOM, not a style attribute: the CSP allows no inline styles
+  fill.style.width = `${Math.min(100, Math.max(0, 100 * share)).toFixed(1)}%`; // CSSOM: the CSP allows no inline styles
   return el(
     "div",
-    { class: "bar", role: "img", "aria-label": `${label} weight ${pct}%` },
+    { class: "bar", role: "img", "aria-label": `${label} share of the score ${pct}%` },
     el("span", { class: "bar-label", text: `${label} ${pct}%`, "aria-hidden": "true" }),
     fill,
   );
+}
+
+// "Because of": the history items whose removal lowers this score most, with the drop.
+function becauseOf(items) {
+  const node = el("p", { class: "because" }, el("span", { text: "because of " }));
+  items.forEach((b, i) => {
+    if (i) node.append(el("span", { text: ", " }));
+    node.append(itemLink(b.item_id), el("span", { class: "drop", text: ` (${b.contribution >= 0 ? "+" : ""}${b.contribution.toFixed(4)})` }));
+  });
+  return node;
 }
 
 // One entry of a list of items: id, text, image, and (for a recommendation) score and explanation.
@@ -117,10 +128,9 @@ async function itemEntry(id, rec, extra) {
   const why = rec && rec.explanation;
   if (why) {
     const cluster = why.interest === null ? "none" : why.interest;
-    li.append(
-      el("div", { class: "why" }, bar("text", why.text_weight), bar("image", why.image_weight),
-        el("span", { class: "cluster", text: `interest cluster ${cluster}` })),
-    );
+    const bars = (why.score_split || []).map((p) => bar(p.part, p.share));
+    li.append(el("div", { class: "why" }, ...bars, el("span", { class: "cluster", text: `interest cluster ${cluster}` })));
+    if (why.because && why.because.length) li.append(becauseOf(why.because));
   }
   if (extra) li.append(extra);
   return li;

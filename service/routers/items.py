@@ -6,9 +6,10 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
+import orjson
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
@@ -17,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service import usecases
-from service.deps import PathUTF8, StateDep, WriteAccess, is_json_media
+from service.deps import JSONBody, PathUTF8, StateDep, WriteAccess, is_json_media
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.routers.recommend import recommended
 from service.schemas import (
@@ -29,9 +30,11 @@ from service.schemas import (
     Identifier,
     ItemCreated,
     ItemJSONRequest,
+    ItemPatch,
     ItemResponse,
     ItemSearchResponse,
     ItemSummary,
+    SimilarRequest,
     SimilarResponse,
 )
 from service.state import ServiceState
@@ -41,7 +44,7 @@ ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External
 _ID = TypeAdapter(Identifier)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 501, 503)}
 
-_FORM_FIELDS = ("item_id", "text", "image")
+_FORM_FIELDS = ("item_id", "text", "image", "attributes", "available")
 _MULTIPART_SCHEMA = {
     "type": "object",
     "required": ["item_id"],
@@ -49,6 +52,8 @@ _MULTIPART_SCHEMA = {
         "item_id": {"type": "string", "minLength": 1, "maxLength": 256},
         "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
         "image": {"type": "string", "format": "binary"},
+        "attributes": {"type": "string", "description": "A JSON object: the item's attribute values."},
+        "available": {"type": "string", "enum": ["true", "false"]},
     },
 }
 _OPENAPI_BODY = {
@@ -63,7 +68,7 @@ _OPENAPI_BODY = {
 }
 
 
-async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, str, bytes | None]:
+async def _read_multipart(request: Request, state: ServiceState) -> tuple[Any, ...]:
     try:
         form = await request.form(max_files=1, max_fields=8, max_part_size=state.settings.max_image_bytes + 1)
     except (MultiPartException, HTTPException) as exc:  # inside an app, Starlette re-raises parser errors as 400s
@@ -81,17 +86,26 @@ async def _read_multipart(request: Request, state: ServiceState) -> tuple[str, s
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         raise InvalidInput(f"form field(s) {', '.join(repeated)} given more than once", {"repeated_fields": repeated})
     item_id, text, image = form.get("item_id"), form.get("text", ""), form.get("image")
-    if not isinstance(item_id, str) or not isinstance(text, str):
-        raise InvalidInput("item_id and text must be form fields, not files")
+    raw_attrs, raw_available = form.get("attributes"), form.get("available", "true")
+    if not all(isinstance(v, str | None) for v in (item_id, text, raw_attrs, raw_available)) or item_id is None:
+        raise InvalidInput("item_id, text, attributes and available must be form fields, not files")
+    if raw_available not in ("true", "false"):
+        raise InvalidInput("available must be true or false", {"available": raw_available})
+    attributes = None
+    if raw_attrs:
+        try:
+            attributes = orjson.loads(raw_attrs)
+        except orjson.JSONDecodeError:
+            raise InvalidInput("attributes must be a JSON object", code="invalid_attributes") from None
     data = None
     if isinstance(image, UploadFile):
         data = await _image_bytes(image, state.settings.max_image_bytes)
     elif image is not None and image != "":
         raise InvalidInput("image must be an uploaded file")
-    return item_id, text, data
+    return item_id, text, data, attributes, raw_available == "true"
 
 
-async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, bytes | None]:
+async def _read_json(request: Request, state: ServiceState) -> tuple[Any, ...]:
     """As the other JSON routes read theirs: a UTF-8 BOM is accepted, errors have the same shape."""
     raw = await request.body()
     try:
@@ -102,7 +116,7 @@ async def _read_json(request: Request, state: ServiceState) -> tuple[str, str, b
         ]
         raise InvalidInput("request does not match the schema", {"errors": problems}) from None
     image = await _image_bytes(body.image_base64, state.settings.max_image_bytes) if body.image_base64 else None
-    return body.item_id, body.text, image
+    return body.item_id, body.text, image, body.attributes, body.available
 
 
 async def _image_bytes(upload: UploadFile | str, limit: int) -> bytes:
@@ -135,16 +149,16 @@ async def ingest_item(request: Request, state: StateDep) -> JSONResponse:
     201 only after the item is durable in Redis; it is recommendable at once (and on other replicas within 1 s)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: text only
-        item_id, text, image = await _read_multipart(request, state)
+        item_id, text, image, attributes, available = await _read_multipart(request, state)
     elif is_json_media(content_type):
-        item_id, text, image = await _read_json(request, state)
+        item_id, text, image, attributes, available = await _read_json(request, state)
     else:
         raise UnsupportedMedia("send multipart/form-data (item_id, text, image file) or application/json")
     try:
         item_id = _ID.validate_python(item_id)
     except ValidationError:
         raise InvalidInput("item_id must be 1..256 characters without control characters") from None
-    record, replaced = await usecases.ingest(state, item_id, text, image)
+    record, replaced = await usecases.ingest(state, item_id, text, image, attributes, available)
     body = ItemCreated(
         item_id=item_id,
         version=record.version,
@@ -203,6 +217,20 @@ async def similar_items(
     return SimilarResponse(item_id=item_id, items=recommended(rec), model_version=rec.model_version, exact=rec.exact)
 
 
+@router.post(
+    "/{item_id:path}/similar",
+    response_model=SimilarResponse,
+    responses=ERRORS,
+    dependencies=[PathUTF8, JSONBody],
+    description=SIMILAR_DESCRIPTION + "\n\nThe POST form takes a `filter` and `max_per` as in POST /v1/recommend.",
+)
+async def similar_items_filtered(item_id: ItemId, body: SimilarRequest, state: StateDep) -> SimilarResponse:
+    rec = await usecases.similar_items(state, item_id, body.k, body.explain, body)
+    return SimilarResponse(
+        item_id=item_id, items=recommended(rec), model_version=rec.model_version, exact=rec.exact, matched=rec.matched
+    )
+
+
 @router.get(
     "/{item_id:path}/image",
     response_class=Response,
@@ -218,6 +246,16 @@ async def item_image(item_id: ItemId, state: StateDep) -> Response:
 @router.get("/{item_id:path}", response_model=ItemResponse, responses=ERRORS, dependencies=[PathUTF8])
 async def get_item(item_id: ItemId, state: StateDep) -> ItemResponse:
     return ItemResponse(**usecases.item_info(state, item_id))
+
+
+@router.patch(
+    "/{item_id:path}", response_model=ItemResponse, responses=ERRORS, dependencies=[WriteAccess, PathUTF8, JSONBody]
+)
+async def patch_item(item_id: ItemId, body: ItemPatch, state: StateDep) -> ItemResponse:
+    """Change an item's attributes (all of them) and/or availability without re-embedding it: durable in Redis
+    before the answer, on every replica within 1 s. An unavailable item is kept (and comes back as it was) but is
+    never recommended nor returned by /similar."""
+    return ItemResponse(**await usecases.patch_item(state, item_id, body.attributes, body.available))
 
 
 @router.delete("/{item_id:path}", status_code=204, responses=ERRORS, dependencies=[WriteAccess, PathUTF8])

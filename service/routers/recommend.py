@@ -50,6 +50,7 @@ def response_dict(rec: Recommendation, history_length: int, skipped: list[str]) 
         "fallback": rec.fallback,
         "exact": rec.exact,
         "history_length": history_length,
+        "matched": rec.matched,
         "skipped_item_ids": skipped,
     }
 

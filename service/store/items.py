@@ -6,6 +6,7 @@ Keys (``P`` = key prefix; one hash tag, so every script runs in one cluster slot
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +64,8 @@ class ItemsSnapshot:
 
 @dataclass
 class ItemRecord:
-    """An ingested item (``deleted`` False) or a deletion tombstone, as stored in Redis."""
+    """An ingested item (``deleted`` False), a deletion tombstone, or (``patch``) the attributes and availability
+    of a bundle item (no vectors: the bundle has them), as stored in Redis. Attributes are checked at the edge."""
 
     item_id: str
     version: int = 0
@@ -74,6 +76,23 @@ class ItemRecord:
     arrays: dict[str, bytes] = field(default_factory=dict)  # raw float32/int64 bytes by name
     ints: dict[str, int] = field(default_factory=dict)
     thumbnail: bytes = b""  # a small JPEG of the ingested image (b"": none), shown by the console
+    attributes: dict[str, Any] = field(default_factory=dict)
+    available: bool = True
+    patch: bool = False  # written by an attribute/availability change (PATCH): an ingested item's vectors kept
+
+    @property
+    def bundle_patch(self) -> bool:
+        """The attributes and availability of a bundle item (no vectors: the bundle row keeps serving)."""
+        return self.patch and not self.arrays
+
+    def same_embedding(self, other: ItemRecord) -> bool:
+        """True when ``other`` carries the vectors of this record (an attribute or availability change)."""
+        return (self.arrays, self.ints, self.text, self.bundle_version) == (
+            other.arrays,
+            other.ints,
+            other.text,
+            other.bundle_version,
+        )
 
     def to_fields(self) -> list[Any]:
         out: list[Any] = [
@@ -86,6 +105,12 @@ class ItemRecord:
             "bundle_version",
             self.bundle_version,
         ]
+        if self.attributes:
+            out += ["attributes", json.dumps(self.attributes, sort_keys=True)]
+        if not self.available:
+            out += ["available", 0]
+        if self.patch:
+            out += ["patch", 1]
         if self.thumbnail:
             out += ["thumbnail", self.thumbnail]
         for name, raw in self.arrays.items():
@@ -111,6 +136,12 @@ class ItemRecord:
                 rec.bundle_version = value.decode()
             elif key == "thumbnail":
                 rec.thumbnail = value
+            elif key == "attributes":
+                rec.attributes = json.loads(value)
+            elif key == "available":
+                rec.available = value != b"0"
+            elif key == "patch":
+                rec.patch = value == b"1"
             elif key.startswith("a:"):
                 rec.arrays[key[2:]] = value
             elif key.startswith("i:"):

@@ -16,6 +16,7 @@ from serving_core.topk import top_k
 from serving_core.towers import load_towers
 
 N_USERS, K = 500, 50
+TIE_EPS = 1e-5  # float32 error between the ONNX and PyTorch sums of one score
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def _torch_topk(model, ds, users, exclude_seen):
         for b, u in enumerate(users):
             scores[b, ds.test.histories[u, : ds.test.lengths[u]]] = -np.inf
     ids = np.argsort(-scores, axis=1, kind="stable")[:, :K]  # ties: lower id first, as in top_k
-    return ids, np.take_along_axis(scores, ids, axis=1)
+    return ids, np.take_along_axis(scores, ids, axis=1), scores
 
 
 @pytest.mark.parametrize("exclude_seen", [False, True])
@@ -48,10 +49,16 @@ def test_bundle_topk_equals_pytorch_full_ranking(setup, exclude_seen):
     u = towers.user.encode(histories)
     items = ItemScorer(towers.manifest.scorer, towers.table.vectors, towers.table.id_vectors, info.max_gap)
     found = top_k(u, K, index, items, exclude=[set(h.tolist()) for h in histories] if exclude_seen else None)
-    expected_ids, expected_scores = _torch_topk(model, ds, users, exclude_seen)
+    expected_ids, expected_scores, torch_scores = _torch_topk(model, ds, users, exclude_seen)
     assert found.exact and (found.counts == K).all()
-    mismatched = [int(users[b]) for b in range(N_USERS) if not np.array_equal(found.ids[b], expected_ids[b])]
-    assert not mismatched, f"test users whose top-{K} differs: {mismatched[:10]}"
+    # The lists must be the same, except where two items' PyTorch scores lie within float error of each other
+    # (ONNX Runtime and PyTorch sum in different orders, so such near-ties may come out in either order): then
+    # the served list must still be a top-K by PyTorch's own scores, rank by rank within that error.
+    differ = [b for b in range(N_USERS) if not np.array_equal(found.ids[b], expected_ids[b])]
+    for b in differ:
+        served_by_torch = torch_scores[b, found.ids[b]]
+        assert np.abs(served_by_torch - expected_scores[b]).max() <= TIE_EPS, f"user {int(users[b])}: not a top-{K}"
+    assert len(differ) <= N_USERS // 100, f"near-ties reordered for {len(differ)} users"
     assert np.abs(found.scores - expected_scores).max() <= 1e-4
 
 

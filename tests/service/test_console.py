@@ -173,8 +173,10 @@ def test_user_view_shows_the_history_and_the_explained_top_k(page, service, scie
     assert first == bundle_items[history[0]]  # the real item text
     assert _listed(page, "#user-recs") == [i["item_id"] for i in want]
     bars = page.locator("#user-recs .bar").evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
-    assert len(bars) == 14 and all("weight" in b for b in bars)
+    assert len(bars) == 14 and all("share of the score" in b for b in bars)
     assert page.locator("#user-recs .cluster").first.inner_text().startswith("interest cluster ")
+    because = page.locator("#user-recs .because").first.locator("a.item-id").all_inner_texts()
+    assert because and set(because) <= set(history)  # the history items the first recommendation comes from
     page.screenshot(path=shots / "console-user.png", full_page=False)
     view.get_by_label("exclude seen items").uncheck()
     view.get_by_role("button", name="Show").click()

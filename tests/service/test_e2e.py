@@ -61,6 +61,23 @@ def test_explanations_and_fallback(app_factory, scientific_bundle):
             e = item["explanation"]
             assert e["text_weight"] + e["image_weight"] == pytest.approx(1.0, abs=1e-5)
             assert e["interest"] >= 1
+            # the score split: the parts sum to the item's score, the shares to 1
+            assert [p["part"] for p in e["score_split"]] == ["text", "image"]
+            assert sum(p["score"] for p in e["score_split"]) == pytest.approx(item["score"], abs=1e-5)
+            assert sum(p["share"] for p in e["score_split"]) == pytest.approx(1.0, abs=1e-4)
+            # "because of": history items, largest contribution first, positions into the history used
+            because = e["because"]
+            assert 1 <= len(because) <= 3 and len({b["item_id"] for b in because}) == len(because)
+            assert all(ids[1:4][b["position"]] == b["item_id"] for b in because)
+            drops = [b["contribution"] for b in because]
+            assert drops == sorted(drops, reverse=True)
+        plain = client.post("/v1/recommend", json={"history": ids[1:4], "k": 5}).json()
+        assert [i["item_id"] for i in plain["items"]] == [i["item_id"] for i in body["items"]]
+        assert all(i["explanation"] is None for i in plain["items"])
+        one = client.post("/v1/recommend", json={"history": ids[1:2], "k": 3, "explain": True}).json()
+        assert all(i["explanation"]["because"] == [] for i in one["items"])  # nothing to leave out
+        similar = client.get(f"/v1/items/{ids[1]}/similar", params={"k": 3, "explain": True}).json()
+        assert all(i["explanation"]["because"] is None and i["explanation"]["score_split"] for i in similar["items"])
         cold = client.post("/v1/recommend", json={"user_id": "nobody-has-seen-this-user", "k": 7}).json()
         assert cold["fallback"] == "popular" and len(cold["items"]) == 7
         assert [i["score"] for i in cold["items"]] == sorted((i["score"] for i in cold["items"]), reverse=True)

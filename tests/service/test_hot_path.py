@@ -63,7 +63,10 @@ def test_a_failed_pipeline_fails_every_read_of_it_and_the_next_reads_work(redis_
 
 
 def _rec(explained: bool) -> Recommendation:
-    note = {"text_weight": 0.25, "image_weight": 0.75, "interest": 3} if explained else None
+    split = [{"part": "text", "score": 0.03, "share": 0.25}, {"part": "image", "score": 0.09, "share": 0.75}]
+    because = [{"item_id": "B00Y", "position": 1, "contribution": 0.02}]
+    note = {"text_weight": 0.5, "image_weight": 0.5, "interest": 3, "score_split": split, "because": because}
+    note = note if explained else None
     rows = [RecommendedRow("B00X", 0.123456789, note), RecommendedRow("id with ü", -1.5e-7, note)]
     return Recommendation(items=rows, exact=True, model_version="missrec-abc", fallback=None)
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.catalogue import Catalogue, Segment
+from service.catalogue import Catalogue
 from service.serving_model import ServingModel
 from service.settings import Settings
 from service.store import ItemRecord
 from serving_core.bundle import _drop_resident
-from serving_core.rows import RowStack, dot_rows
+from serving_core.rows import RowStack, Segment, dot_rows
 from serving_core.scoring import ItemScorer
 from serving_core.topk import top_k
 
