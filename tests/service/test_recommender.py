@@ -68,7 +68,7 @@ def test_every_documented_metric_moves(scientific_bundle, abo_dir, key_prefix, t
     # the swap and shadow metrics move in tests/service/test_swap.py and tests/service/test_shadow.py
     for name in (n for n in names if not n.startswith(("bundle_", "shadow_"))):
         series = f"missrec_{name}"
-        if name in ("stage_seconds", "batch_size"):
+        if name in ("stage_seconds", "batch_size", "gc_seconds"):
             series += "_count"
         assert _value(text, series) > 0, f"{series} never moved"
     for stage in stages:
