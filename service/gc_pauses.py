@@ -5,7 +5,9 @@ pydantic's schemas, ONNX Runtime's and numpy's Python objects, and open_clip/tor
 hundreds of thousands of objects that live as long as the process, walked again and again while requests wait.
 ``freeze`` (at the end of start-up, MISSREC_GC_FREEZE) moves them all to the permanent generation
 (``gc.freeze``), so later collections walk only what requests created; the histogram shows what each generation
-still costs (docs/benchmarks.md has the before/after)."""
+costs. Measured on the Scientific bundle (docs/benchmarks.md, issue 26) the pauses were small either way (at most
+one full collection of ~2 ms per 15 s at half load), so the freeze is off by default: frozen objects that later
+become cyclic garbage are never collected."""
 
 from __future__ import annotations
 
