@@ -31,6 +31,7 @@ from missrec.data.dataset import Interactions
 from missrec.evaluation.metrics import evaluate
 from missrec.models.checkpoint import restore_state
 from missrec.nn.protocol import TrainingLogits, banned_items, softmax_loss
+from missrec.training.sampled import Candidates, in_batch_items, make_sampler, sampled_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class TrainOptions:
     # being each item's training popularity (Laplace-smoothed), and serve the plain logits. Popular items need
     # less score to win while training, so the model stops pushing rare items down. 0 = the paper's loss.
     logit_adjust: float = 0.0
+    # Sampled softmax (missrec.training.sampled): negatives per step, None = from the catalogue size (full softmax,
+    # exact, up to FULL_SOFTMAX_MAX_ITEMS items), 0 = full softmax; sampler "uniform" or "mixed" (with popularity).
+    negatives: int | None = None
+    sampler: str = "mixed"
+    valid_rows: int = 0  # early stopping on this many validation rows (a fixed seeded sample); 0 = all
 
 
 @dataclass
@@ -121,10 +127,14 @@ def training_loss(
     banned: torch.Tensor | None,
     exclude_history: bool = False,
     log_prior: torch.Tensor | None = None,
+    candidates: Candidates | None = None,
 ) -> torch.Tensor:
     """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
     (and each row's history items, target excepted, when ``exclude_history``); ``log_prior`` (N,): added to every
-    row's logits (logit adjustment, already scaled), None = none."""
+    row's logits (logit adjustment, already scaled), None = none. ``candidates``: the step's sampled softmax
+    (:mod:`missrec.training.sampled`); None = the full softmax."""
+    if candidates is not None:
+        return sampled_loss(model, items, lengths, targets, batch_size, candidates, banned, exclude_history, log_prior)
     if hasattr(model, "training_logits"):
         out: TrainingLogits = model.training_logits(items, lengths, targets)
         history = None
@@ -214,6 +224,9 @@ def _fit(
     # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     log_prior = training_log_prior(model, train, opts.logit_adjust, device)
+    sampler = make_sampler(model, train.targets, banned, opts.negatives, opts.sampler, opts.seed)
+    if 0 < opts.valid_rows < len(valid):  # bounded validation at a large catalogue
+        valid = valid.subset(np.sort(np.random.default_rng(opts.seed).choice(len(valid), opts.valid_rows, False)))
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     result = FitResult(best_epoch=-1, best_valid={})
@@ -234,6 +247,11 @@ def _fit(
             # longest row. The chunk losses sum to the batch loss (see the models' ``loss``).
             optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
+            cands = (
+                None
+                if sampler is None
+                else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
+            )
             for _, items, lengths, targets in chunks_of(train, batch, keys, opts.chunk_tokens):
                 loss = training_loss(
                     model,
@@ -244,6 +262,7 @@ def _fit(
                     banned,
                     opts.train_exclude_history,
                     log_prior,
+                    cands,
                 )
                 loss.backward()
                 batch_loss += float(loss.detach())
