@@ -29,6 +29,7 @@ from missrec_cli.common import (
     load_data,
     lr_scales,
 )
+from missrec_cli.scale import Distributed, Negatives, Sampler, ValidRows, sampling_options
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -77,9 +78,14 @@ def train(
             "0: off (the papers' transductive models)."
         ),
     ] = 0.0,
+    negatives: Negatives = None,
+    sampler: Sampler = "mixed",
+    valid_rows: ValidRows = 0,
+    distributed: Distributed = False,
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
-    NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json."""
+    NDCG@10); write RUN_DIR/checkpoint.pt and RUN_DIR/metrics.json. Several processes:
+    ``torchrun --nproc-per-node N -m missrec_cli.main train --distributed ...``."""
     from missrec.models.config import MODES
     from missrec.recipes import TrainRequest
     from missrec.training.loop import TrainOptions
@@ -97,6 +103,14 @@ def train(
         raise fail("--pretrained is a MISSRec checkpoint; msm4sr and mmsrec pre-train with --pretrain-epochs")
     if cold_fraction and not fam.features:
         raise fail(f"the cold-item protocol needs a model that scores items from features (not {model})")
+    sampling = sampling_options(negatives, sampler, valid_rows)
+    if distributed:
+        from missrec.training.distributed import init_from_env
+
+        try:
+            device = init_from_env(device)
+        except RuntimeError as exc:
+            raise fail(str(exc)) from None
     configs = load_configs(config)
     if set(configs) - {model}:
         raise fail(f"`train --model {model}` takes a {model} config (`missrec tune --model {model}`)")
@@ -113,6 +127,7 @@ def train(
         "lr_scales": lr_scales(lr_scale),
         "feature_norm": feature_norm,
         "logit_adjust": logit_adjust,
+        **sampling,
     }
     opts = TrainOptions(**(run_options | (tuned.training if tuned else {})))  # the config file wins
     architecture = dict(tuned.architecture) if tuned and tuned.architecture else {}
@@ -131,6 +146,13 @@ def train(
         run = fam.recipe().train(ds, opts, request)
     except ValueError as exc:
         raise fail(str(exc)) from None
+    if distributed:
+        from missrec.training.distributed import rank, shutdown
+
+        writer = rank() == 0
+        shutdown()
+        if not writer:
+            return
     save_run(
         run,
         ds,
@@ -150,6 +172,8 @@ def train(
             "feature_norm": feature_norm,
             "logit_adjust": logit_adjust,
             "id_dropout": id_dropout,
+            **sampling,
+            "distributed": distributed,
         },
     )
     label = f"{model}_{mode}" if len(fam.modes) > 1 else model
@@ -219,6 +243,9 @@ def compare(
     lr_scale: LrScales = None,
     feature_norm: FeatureNorm = "none",
     logit_adjust: LogitAdjust = 0.0,
+    negatives: Negatives = None,
+    sampler: Sampler = "mixed",
+    valid_rows: ValidRows = 0,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.recipes.compare import MODELS, run_compare, write_outputs
@@ -244,6 +271,7 @@ def compare(
         lr_scales=lr_scales(lr_scale),
         feature_norm=feature_norm,
         logit_adjust=logit_adjust,
+        **sampling_options(negatives, sampler, valid_rows),
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

@@ -1,78 +1,248 @@
-"""Time one training epoch on a SYNTHETIC dataset of ~100k training rows, per phase, for MISSRec and SASRec.
+"""Epoch time and peak memory per model family against catalogue size, split into phases; full vs sampled softmax.
 
-    python scripts/epoch_benchmark.py --users 20000 --items 5000 [--long] [--device cuda]
+    python scripts/epoch_benchmark.py --sizes 10000,100000 --families missrec,sasrec --softmax full,sampled
+    python scripts/epoch_benchmark.py --real ../shared/data/scientific --sizes real
 
-Phases: interest discovery (k-means, MISSRec only), training steps (forward + backward + Adam over all rows),
-validation (full ranking of every user, both protocols). ``--warmup`` epochs are run first and discarded.
-Prints a table; "training rows/s" counts the training steps only.
+Each (family, catalogue, softmax) runs in a fresh process (so that its peak resident memory is its own) on a
+SYNTHETIC dataset of ``--users`` users (~100k training rows at the default 20,000 users; generated once per size
+under ``--cache``) or on the real dataset. A run times ``--steps`` optimiser steps of 512 rows (each step: the item
+tower alone, then forward = item tower + user tower + logits + loss, then backward + Adam step) and
+EXTRAPOLATES them to the whole epoch (steps x batches per epoch); k-means (MISSRec's interest discovery) runs once,
+as in every epoch; validation ranks ``--valid-rows`` rows against the whole catalogue (item side once + rows,
+extrapolated to all validation rows). Columns are seconds per epoch; "epoch" = k-means + steps (training cost);
+validation is listed apart (it is bounded per row by the catalogue, see ``TrainOptions.valid_rows``). Peak memory
+is the process's peak RSS (CPU) or torch's peak allocation (GPU). A run above ``--mem-cap`` GiB fails as "OOM".
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import math
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from missrec.data.dataset import load_dataset
-from missrec.data.synthetic import generate_synthetic
-from missrec.evaluation.metrics import compute_ranks
-from missrec.models.sasrec import SASRec, SASRecConfig
-from missrec.recipes.missrec import build_missrec
-from missrec.training.loop import TrainOptions, fit
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: str) -> float:
+    _sync(device)
     started = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    _sync(device)
     return time.perf_counter() - started
+
+
+def build(family: str, ds):
+    if family == "missrec":
+        from missrec.recipes.missrec import build_missrec
+
+        return build_missrec(ds, "inductive", 0)
+    if family == "msm4sr":
+        from missrec.recipes.msm4sr import build_msm4sr
+
+        return build_msm4sr(ds, "inductive", 0)
+    if family == "mmsrec":
+        from missrec.recipes.mmsrec import build_mmsrec
+
+        return build_mmsrec(ds, 0)
+    from missrec.models.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len))
+
+
+def item_side(model, ids: torch.Tensor | None):
+    """The item tower of one step: over the catalogue (full softmax) or the step's candidates."""
+    name = type(model).__name__
+    if name == "MISSRec":
+        return model.item_tables(ids)
+    if name == "MSM4SR":
+        if ids is None:
+            return model.item_table()
+        return model.item_tokens({m: f[ids] for m, f in model.features().items()}, ids)
+    if name == "MMSRec":
+        return model.candidate_table(ids)
+    return model.item_emb.weight if ids is None else model.item_emb(ids)
+
+
+class CachedTable:
+    """The model with its scoring table computed once (validation timing without recomputing it)."""
+
+    def __init__(self, model, table) -> None:
+        self._model, self._table = model, table
+
+    def scoring_table(self):
+        return self._table
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def one_run(args: argparse.Namespace) -> dict:
+    from missrec.data.batching import chunks_of, epoch_order, row_costs
+    from missrec.data.dataset import load_dataset
+    from missrec.evaluation.metrics import compute_ranks
+    from missrec.training.loop import training_loss
+    from missrec.training.sampled import DEFAULT_NEGATIVES, in_batch_items, make_sampler
+
+    cap = int(args.mem_cap * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    device, batch_size = args.device, 512
+    ds = load_dataset(args.one_data)
+    model = build(args.one_family, ds).to(device)
+    negatives = 0 if args.one_softmax == "full" else (args.negatives or DEFAULT_NEGATIVES)
+    train = ds.train
+    row: dict = {"family": args.one_family, "items": ds.num_items - 1, "rows": len(train), "softmax": args.one_softmax}
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    row["kmeans"] = _timed(lambda: model.on_epoch_start(None, gen), device)
+    sampler = make_sampler(model, train.targets, None, negatives, "mixed", 0)
+    row["negatives"] = 0 if sampler is None else sampler.negatives
+    keys = row_costs(model, train)
+    order = epoch_order(keys, batch_size, np.random.default_rng(0), True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tower = forward = backward = 0.0
+    steps = min(args.steps, math.ceil(len(order) / batch_size))
+    candidates = 0
+    for step in range(steps + 1):  # step 0: warm-up, discarded
+        batch = order[step * batch_size : (step + 1) * batch_size]
+        cands = (
+            None
+            if sampler is None
+            else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
+        )
+        ids = None if cands is None else cands.ids.to(device)
+        t_tower = _timed(lambda ids=ids: item_side(model, ids), device)
+        optimizer.zero_grad(set_to_none=True)
+        t_fwd = t_bwd = 0.0
+        for _, items, lengths, targets in chunks_of(train, batch, keys, 8192):
+            started = time.perf_counter()
+            loss = training_loss(
+                model, items.to(device), lengths.to(device), targets.to(device), len(batch), None, False, None, cands
+            )
+            _sync(device)
+            t_fwd += time.perf_counter() - started
+            t_bwd += _timed(loss.backward, device)
+        t_bwd += _timed(optimizer.step, device)
+        if step:
+            tower, forward, backward = tower + t_tower, forward + t_fwd, backward + t_bwd
+            candidates += len(train.targets) if cands is None else len(cands.ids)
+    scale = math.ceil(len(train) / batch_size) / steps
+    row.update(
+        steps=steps,
+        tower=tower * scale,
+        logits=(forward - tower) * scale,  # user tower + logits + loss (forward minus the item tower)
+        backward=backward * scale,
+        candidates=candidates // steps if sampler is not None else ds.num_items,
+    )
+    row["epoch"] = row["kmeans"] + row["tower"] + row["logits"] + row["backward"]
+    model.eval()
+    with torch.no_grad():
+        table = None
+        t_table = 0.0
+        if hasattr(model, "scoring_table"):
+            started = time.perf_counter()
+            table = model.scoring_table()
+            _sync(device)
+            t_table = time.perf_counter() - started
+        n = min(args.valid_rows, len(ds.valid))
+        sample = ds.valid.subset(np.arange(n))
+        scorer = model if table is None else CachedTable(model, table)
+        t_rows = _timed(lambda: compute_ranks(scorer, sample, 1024, device), device)
+    row["validation"] = t_table + t_rows * len(ds.valid) / n
+    row["peak_gib"] = peak_memory_gib(device)
+    return row
+
+
+def dataset_dir(args: argparse.Namespace, size: str) -> Path:
+    if size == "real":
+        return Path(args.real)
+    from missrec.data.synthetic import generate_synthetic
+
+    root = Path(args.cache) / f"synthetic-{int(size)}-{args.users}"
+    if not (root / "Synthetic.train.inter").is_file():
+        started = time.perf_counter()
+        generate_synthetic(root, num_users=args.users, num_items=int(size), seed=0, min_seq_len=5, max_seq_len=11)
+        print(f"generated {root} in {time.perf_counter() - started:.0f} s", flush=True)
+    return root
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--users", type=int, default=20000)
-    parser.add_argument("--items", type=int, default=5000)
-    parser.add_argument("--long", action="store_true", help="sequences of 50-56 items (histories at the 50 cap)")
+    parser.add_argument("--sizes", default="real,10000,100000,1000000", help="'real' and/or SYNTHETIC item counts")
+    parser.add_argument("--real", default="../shared/data/scientific")
+    parser.add_argument("--families", default="missrec,msm4sr,mmsrec,sasrec")
+    parser.add_argument("--softmax", default="full,sampled")
+    parser.add_argument("--negatives", type=int, default=None, help="sampled negatives (default: the training default)")
+    parser.add_argument("--users", type=int, default=20000, help="SYNTHETIC users (20,000: ~100k training rows)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (extrapolated to the epoch)")
+    parser.add_argument("--valid-rows", type=int, default=1000, help="validation rows timed (extrapolated)")
+    parser.add_argument("--cache", default="/tmp/epoch-bench", help="where SYNTHETIC datasets are generated")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data", type=Path, default=None, help="reuse a dataset directory")
-    parser.add_argument("--models", default="missrec_inductive,sasrec", help="comma-separated")
-    parser.add_argument("--warmup", type=int, default=1, help="discarded warm-up epochs per model")
+    parser.add_argument("--mem-cap", type=float, default=14.0, help="GiB of address space per run")
+    parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
+    parser.add_argument("--one-data", help=argparse.SUPPRESS)
+    parser.add_argument("--one-family", help=argparse.SUPPRESS)
+    parser.add_argument("--one-softmax", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    root = args.data or Path(tempfile.mkdtemp(prefix="epoch-bench-"))
-    if not (root / "Synthetic.train.inter").is_file():
-        lengths = dict(min_seq_len=50, max_seq_len=56) if args.long else dict(min_seq_len=5, max_seq_len=11)
-        t = _timed(lambda: generate_synthetic(root, num_users=args.users, num_items=args.items, seed=0, **lengths))
-        print(f"generated SYNTHETIC data in {root} ({t:.0f} s)")
-    ds = load_dataset(root)
-    print(
-        f"SYNTHETIC: {len(ds.user_ids)} users, {ds.num_items - 1} items, {len(ds.train)} training rows, "
-        f"mean history {ds.train.lengths.mean():.1f}, device {args.device}, torch threads {torch.get_num_threads()}"
+    if args.one_data:
+        print("ROW " + json.dumps(one_run(args)), flush=True)
+        return
+    print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.steps} timed steps per run")
+    header = (
+        "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
+        "| backward + step s | epoch s (extrapolated) | validation s (extrapolated) | peak GiB |"
     )
-    opts = TrainOptions(epochs=1, progress=False, device=args.device, patience=1)
     rows = []
-    for name in args.models.split(","):
-        if name == "sasrec":
-            torch.manual_seed(0)
-            model = SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len))
-        else:
-            model = build_missrec(ds, "inductive", 0)
-        model.to(args.device)
-        for _ in range(args.warmup):  # discarded
-            fit(model, ds.train, ds.valid, opts)
-        gen = torch.Generator().manual_seed(1)
-        kmeans = _timed(lambda m=model, g=gen: m.on_epoch_start(None, g)) if name != "sasrec" else 0.0
-        epoch = fit(model, ds.train, ds.valid, opts).seconds  # k-means + steps + validation
-        valid = _timed(lambda m=model: compute_ranks(m, ds.valid, opts.eval_batch_size, args.device))
-        steps = epoch - kmeans - valid
-        rows.append((name, kmeans, steps, valid, epoch, len(ds.train) / steps))
-    print("| model | k-means s | train steps s | validation s | epoch s | training rows/s |")
-    print("|---|---|---|---|---|---|")
-    for name, kmeans, steps, valid, epoch, rate in rows:
-        print(f"| {name} | {kmeans:.1f} | {steps:.1f} | {valid:.1f} | {epoch:.1f} | {rate:,.0f} |")
+    for size in args.sizes.split(","):
+        data = dataset_dir(args, size)
+        for family in args.families.split(","):
+            for softmax in args.softmax.split(","):
+                cmd = [sys.executable, __file__, "--one-data", str(data), "--one-family", family]
+                cmd += ["--one-softmax", softmax, "--steps", str(args.steps), "--valid-rows", str(args.valid_rows)]
+                cmd += ["--device", args.device, "--mem-cap", str(args.mem_cap)]
+                if args.negatives is not None:
+                    cmd += ["--negatives", str(args.negatives)]
+                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                if found:
+                    row = json.loads(found[-1][4:])
+                else:
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
+                    oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
+                    row = {"family": family, "items": size, "softmax": softmax, "error": "OOM" if oom else tail}
+                rows.append(row)
+                if args.json:
+                    with args.json.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    print(header)
+    print("|" + "---|" * 12)
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['family']} | {r['items']} | {r['softmax']} | {r['error']} |" + " |" * 8)
+            continue
+        print(
+            f"| {r['family']} | {r['items']:,} | {r['softmax']} | {r['negatives']} | {r['candidates']:,} "
+            f"| {r['kmeans']:.1f} | {r['tower']:.1f} | {r['logits']:.1f} | {r['backward']:.1f} | {r['epoch']:.1f} "
+            f"| {r['validation']:.1f} | {r['peak_gib']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from missrec.nn.protocol import PROTOCOLS, mask_history, mask_items
 
 KS: tuple[int, ...] = (10, 50)
 MISS_RANK = 2**40  # rank of a target that cannot be recommended (banned): beyond any cut-off
+SCORE_BUDGET = 2**25  # most (row, item) scores held at once while ranking (128 MiB of float32)
 
 
 class Scorer(Protocol):
@@ -67,8 +68,9 @@ def compute_ranks(
     """Rank of every row's target under both protocols: {"history_excluded": (R,), "history_ranked": (R,)}.
 
     banned: (N,) bool columns left out of the candidates (withheld items while validating); None = none.
-    Rows go through the model in cost order, at most ``batch_size`` rows and ``batch_size * 16`` padded tokens
-    at a time; ranks come back in input order.
+    Rows go through the model in cost order, at most ``batch_size`` rows (fewer for a large catalogue: at most
+    ``SCORE_BUDGET`` scores) and ``batch_size * 16`` padded tokens at a time; ranks come back in input order.
+    A model with ``scoring_table()`` computes its item side once and gets it back in ``full_scores``.
     """
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -76,10 +78,18 @@ def compute_ranks(
     ranks = {p: np.empty(len(rows), dtype=np.int64) for p in PROTOCOLS}
     keys = row_costs(model, rows)
     order = np.argsort(keys, kind="stable")
+    # Bounded at any catalogue size: at most SCORE_BUDGET scores at a time; the item side is computed once.
+    num_items = getattr(getattr(model, "cfg", None), "num_items", 0)
+    batch_size = max(1, min(batch_size, SCORE_BUDGET // max(num_items, 1)))
+    table = model.scoring_table() if hasattr(model, "scoring_table") else None
+
+    def full_scores(hist: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return model.full_scores(hist, lengths) if table is None else model.full_scores(hist, lengths, table)
+
     for start in range(0, len(order), batch_size):
         for idx, items, lengths, targets in chunks_of(rows, order[start : start + batch_size], keys, batch_size * 16):
             hist, target = items.to(device), targets.to(device)
-            scores = mask_items(model.full_scores(hist, lengths.to(device)), banned)
+            scores = mask_items(full_scores(hist, lengths.to(device)), banned)
             ranks["history_ranked"][idx] = target_ranks(scores, target).cpu().numpy()
             ranks["history_excluded"][idx] = target_ranks(mask_history(scores, hist), target).cpu().numpy()
     if was_training and hasattr(model, "train"):

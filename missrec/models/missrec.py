@@ -15,7 +15,15 @@ from torch import nn
 
 from missrec.models.config import FeatureConfig, Mode, check_id_dropout, check_num_items, id_keep_mask
 from missrec.nn.fusion import item_score
-from missrec.nn.interests import assign_in_batches, minibatch_kmeans, num_interests
+from missrec.nn.interests import (
+    LARGE_MAX_INTERESTS,
+    assign_approximate,
+    assign_in_batches,
+    faiss_kmeans,
+    is_large,
+    minibatch_kmeans,
+    num_interests,
+)
 from missrec.nn.layers import ByteDropout, DecoderLayer, EncoderLayer, TransformerStack, key_mask, lengths_to_padding
 from missrec.nn.protocol import TrainingLogits, softmax_loss
 
@@ -153,16 +161,22 @@ class MISSRec(nn.Module):
         """Adapter outputs for every item: modality -> (N, D)."""
         return {m: self.adapters[m](getattr(self, f"{m}_features")) for m in self.cfg.modalities}
 
-    def item_tables(self) -> ItemTables:
-        adapted = self.adapted()
+    def item_tables(self, items: torch.Tensor | None = None) -> ItemTables:
+        """Tables of every item (N, D), or of the ``items`` ids only (..., D): the sampled softmax's tower."""
+        if items is None:
+            adapted = self.adapted()
+            id_rows = None if self.item_id is None else self.item_id.weight
+        else:
+            adapted = {m: self.adapters[m](getattr(self, f"{m}_features")[items]) for m in self.cfg.modalities}
+            id_rows = None if self.item_id is None else self.item_id(items)
         tokens = torch.stack(list(adapted.values())).sum(dim=0)  # (N, D)
         ids = None
-        if self.item_id is not None:
-            weight = self.item_id.weight
+        if id_rows is not None:
             if self.training and self.cfg.id_dropout > 0:  # the hybrid: these items score on content alone
-                weight = weight * id_keep_mask(weight.shape[0], self.cfg.id_dropout, weight.device)[:, None]
-            tokens = tokens + weight
-            ids = F.normalize(weight, dim=-1)
+                keep = id_keep_mask(self.cfg.num_items, self.cfg.id_dropout, id_rows.device)  # per item, this step
+                id_rows = id_rows * (keep if items is None else keep[items])[..., None]
+            tokens = tokens + id_rows
+            ids = F.normalize(id_rows, dim=-1)
         normed = {m: F.normalize(a, dim=-1) for m, a in adapted.items()}
         return ItemTables(tokens=tokens, normed=normed, ids=ids)
 
@@ -205,11 +219,17 @@ class MISSRec(nn.Module):
             rows = rows[known_items[1:].to(rows.device)]
         x = torch.cat([adapted[m][rows] for m in self.cfg.modalities])  # (M * n_known, D)
         k = num_interests(x.shape[0], self.cfg.interest_ratio)
-        centroids = minibatch_kmeans(x, k, passes=passes, batch_size=batch_size, generator=generator)
+        if is_large(x.shape[0]):  # bounded: FAISS on a subsample, K capped, approximate assignment
+            k = min(k, LARGE_MAX_INTERESTS)
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+            centroids, assign = faiss_kmeans(x, k, iterations=passes, seed=seed), assign_approximate
+        else:
+            centroids = minibatch_kmeans(x, k, passes=passes, batch_size=batch_size, generator=generator)
+            assign = assign_in_batches
         self.centroids = torch.cat([torch.zeros_like(centroids[:1]), centroids])
         zero = torch.zeros(1, dtype=torch.long, device=rows.device)
         for m in self.cfg.modalities:
-            setattr(self, f"{m}_cluster", torch.cat([zero, assign_in_batches(adapted[m][1:], centroids) + 1]))
+            setattr(self, f"{m}_cluster", torch.cat([zero, assign(adapted[m][1:], centroids) + 1]))
         return k
 
     def interest_ids(self, items: torch.Tensor) -> torch.Tensor:
@@ -275,9 +295,13 @@ class MISSRec(nn.Module):
         sims = [cosines(tables.normed[m]) for m in self.cfg.modalities]
         return item_score(sims, self.alpha, None if tables.ids is None else cosines(tables.ids))
 
-    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def scoring_table(self) -> ItemTables:
+        """The item side of :meth:`full_scores`, computed once per evaluation."""
+        return self.item_tables()
+
+    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor, tables: ItemTables | None = None) -> torch.Tensor:
         """(B, N) fused scores over the whole catalogue, padding column set to -inf."""
-        tables = self.item_tables()
+        tables = tables if tables is not None else self.item_tables()
         u, _, _ = self.encode(items, lengths, tables)
         scores = self.score(u, tables)
         scores[:, 0] = float("-inf")
@@ -292,6 +316,23 @@ class MISSRec(nn.Module):
         u, xi, interest_pad = self.encode(items, lengths, tables)
         logits = self.score(u, tables) / self.cfg.tau
         return TrainingLogits(logits, targets, gamma * interest_diversity(xi, interest_pad, self.interest_slots))
+
+    def sampled_logits(
+        self,
+        items: torch.Tensor,
+        lengths: torch.Tensor,
+        targets: torch.Tensor,
+        candidates: torch.Tensor,
+        gamma: float = 1e-4,
+    ) -> TrainingLogits:
+        """Sampled-softmax parts (:mod:`missrec.training.sampled`): logits (B, C) against the ``candidates`` (C,)
+        item ids, the item tower run only over the history items and the candidates; targets; gamma * R."""
+        history = self.item_tables(items)  # (B, L, D) tokens
+        ids = self.interest_ids(items)
+        interest_lengths = (ids > 0).sum(dim=1).clamp(min=1)
+        u, xi = self.user_tower(history.tokens, lengths, self.centroids[ids], interest_lengths)
+        logits = self.score(u, self.item_tables(candidates)) / self.cfg.tau
+        return TrainingLogits(logits, targets, gamma * interest_diversity(xi, ids == 0, self.interest_slots))
 
     def loss(
         self,

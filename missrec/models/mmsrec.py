@@ -166,14 +166,21 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         """Unit vectors of every catalogue item (N, D); row 0 (padding) is zero."""
         return self.item_vectors(self.features())
 
-    def candidate_table(self) -> torch.Tensor:
-        """The catalogue table of the fine-tuning loss (N, D), with gradients; dropout off unless the config
-        says ``candidates_with_dropout`` (its noise swamps the items' differences, see the config)."""
+    def candidate_table(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The catalogue table of the fine-tuning loss (N, D), or of the items ``ids`` only (C, D: the sampled
+        softmax), with gradients; dropout off unless the config says ``candidates_with_dropout`` (its noise swamps
+        the items' differences, see the config)."""
+
+        def table() -> torch.Tensor:
+            if ids is None:
+                return self.item_table()
+            return self.item_vectors({m: f[ids] for m, f in self.features().items()})
+
         if self.cfg.candidates_with_dropout or not self.training:
-            return self.item_table()
+            return table()
         self.train(False)  # only dropout depends on the mode in this model
         try:
-            return self.item_table()
+            return table()
         finally:
             self.train(True)
 
@@ -209,20 +216,28 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         """The complete score: unit (B, D) users . unit (N, D) items -> (B, N) cosines."""
         return users @ items.T
 
-    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def scoring_table(self) -> torch.Tensor:
+        """The item side of :meth:`full_scores` (N, D), computed once per evaluation."""
+        return self.item_table()
+
+    def full_scores(
+        self, items: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, N) cosines over the whole catalogue, padding column -inf."""
-        scores = self.score(self.encode(items, lengths), self.item_table())
+        scores = self.score(self.encode(items, lengths), table if table is not None else self.item_table())
         scores[:, 0] = float("-inf")
         return scores
 
-    def training_logits(self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> TrainingLogits:
+    def training_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None
+    ) -> TrainingLogits:
         """Masked-item fine-tuning on the sequence [history, target] (its last L items, right-aligned).
 
         The target slot is always [MASK]; other real slots are masked per :func:`sample_masking`. One row of
         logits per masked slot (P, N) over all items, logits = cos(output, item tower(i)) / tau, with the item
-        tower run over the whole catalogue each step (:meth:`candidate_table`; at ~1M items this needs sampled
-        negatives); labels (P,) the item at each masked slot; rows (P,) its batch row. The training loop masks
-        (padding, withheld items) and reduces.
+        tower run over the whole catalogue each step (:meth:`candidate_table`), or over ``candidates`` only (the
+        sampled softmax, :meth:`sampled_logits`); labels (P,) the item at each masked slot; rows (P,) its batch
+        row. The training loop masks (padding, withheld items) and reduces.
         """
         cfg = self.cfg
         b = items.shape[0]
@@ -244,9 +259,19 @@ class MMSRec(ItemFeatureBuffers, nn.Module):
         valid = valid | to_mask[..., 0]
         out = self.encode_slots(tokens, valid, self.sequence_positions(slots, seq.device))
         out = F.normalize(out[masked], dim=-1)  # (P, D), P masked slots
-        logits = out @ self.candidate_table().T / cfg.tau  # (P, N)
+        logits = out @ self.candidate_table(candidates).T / cfg.tau  # (P, N), or (P, C) over the candidates
         rows = masked.nonzero()[:, 0]  # the batch row of each masked slot (row-major, as out[masked])
         return TrainingLogits(logits, seq[masked], rows=rows)
+
+    # Sampled softmax (missrec.training.sampled): any item of a row may be a label, so all are in-batch items.
+    labels_from_history = True
+
+    def sampled_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor
+    ) -> TrainingLogits:
+        """:meth:`training_logits` with (P, C) logits against the ``candidates`` (C,) item ids only: the item tower
+        runs over the row items and the candidates, not the catalogue."""
+        return self.training_logits(items, lengths, targets, candidates)
 
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None

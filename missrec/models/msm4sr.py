@@ -164,9 +164,15 @@ class MSM4SR(ItemFeatureBuffers, nn.Module):
         """The complete score: (B, M * D) user vectors . (N, M * D) item vectors -> (B, N) = sum of cosines."""
         return users @ items.T
 
-    def full_scores(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def scoring_table(self) -> torch.Tensor:
+        """The item side of :meth:`full_scores` (N, M, D), computed once per evaluation."""
+        return self.item_table()
+
+    def full_scores(
+        self, items: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, N) scores over the whole catalogue, padding column -inf."""
-        table = self.item_table()
+        table = table if table is not None else self.item_table()
         scores = self.score(self.encode(items, lengths, table), self.scoring_vectors(table))
         scores[:, 0] = float("-inf")
         return scores
@@ -177,6 +183,20 @@ class MSM4SR(ItemFeatureBuffers, nn.Module):
         table = self.item_table()
         logits = self.score(self.encode(items, lengths, table), self.scoring_vectors(table)) / self.cfg.tau
         return TrainingLogits(logits, targets)
+
+    def sampled_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor
+    ) -> TrainingLogits:
+        """Sampled-softmax logits (B, C): the item tower runs only over the history items and the ``candidates``
+        (C,) item ids (:mod:`missrec.training.sampled`)."""
+        features = self.features()
+        hist_ids, cand_ids = items, candidates
+        if self.item_id is not None and self.training and self.cfg.id_dropout > 0:  # the hybrid, as item_table
+            keep = id_keep_mask(self.cfg.num_items, self.cfg.id_dropout, items.device).to(items.dtype)
+            hist_ids, cand_ids = items * keep[items], candidates * keep[candidates]
+        users = self.user_tower(self.item_tokens({m: f[items] for m, f in features.items()}, hist_ids), lengths)
+        table = self.item_tokens({m: f[candidates] for m, f in features.items()}, cand_ids)
+        return TrainingLogits(self.score(users, self.scoring_vectors(table)) / self.cfg.tau, targets)
 
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None

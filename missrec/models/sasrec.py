@@ -53,6 +53,13 @@ class SASRec(CausalEncoder):
         """Full-softmax logits (B, N) for the next items, no regulariser."""
         return TrainingLogits(self.encode(items, lengths) @ self.item_emb.weight.T, targets)
 
+    def sampled_logits(
+        self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor
+    ) -> TrainingLogits:
+        """Sampled-softmax logits (B, C) against the ``candidates`` (C,) item ids only
+        (:mod:`missrec.training.sampled`)."""
+        return TrainingLogits(self.encode(items, lengths) @ self.item_emb(candidates).T, targets)
+
     def loss(
         self, items: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor, batch_size: int | None = None
     ) -> torch.Tensor:

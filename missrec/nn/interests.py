@@ -85,3 +85,44 @@ def minibatch_kmeans(
             step = (sums[hit] - n[hit, None] * centroids[hit]) / counts[hit, None]
             centroids[hit] += step
     return centroids
+
+
+# ----- bounded interest discovery for large catalogues ---------------------------------------------------------
+LARGE_CLUSTERING = 2**18  # more vectors than this: FAISS k-means on a subsample, capped K, graph assignment
+LARGE_MAX_INTERESTS = 4096  # K at most this many on the large path
+POINTS_PER_CENTROID = 32  # FAISS trains on at most K * this many sampled vectors
+
+
+def is_large(num_vectors: int) -> bool:
+    return num_vectors > LARGE_CLUSTERING
+
+
+@torch.no_grad()
+def faiss_kmeans(x: torch.Tensor, k: int, *, iterations: int = 5, seed: int = 0) -> torch.Tensor:
+    """k-means by FAISS over at most ``k * POINTS_PER_CENTROID`` sampled rows of x (M, D) -> centroids (k, D).
+    Time and memory bounded by the sample, not by M. Deterministic for a seed (FAISS on one thread set)."""
+    import faiss
+
+    points = x.detach().float().cpu().numpy()
+    km = faiss.Kmeans(
+        points.shape[1], k, niter=iterations, seed=seed, max_points_per_centroid=POINTS_PER_CENTROID, verbose=False
+    )
+    km.train(points)
+    return torch.from_numpy(km.centroids.copy()).to(x.device, x.dtype)
+
+
+@torch.no_grad()
+def assign_approximate(x: torch.Tensor, centroids: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+    """Nearest centroid of each row of x (M, D) through an HNSW graph over the centroids (approximate: a row may
+    land in a near-nearest cluster), in row batches -> (M,) int64. Cost ~ M log K instead of M x K."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(centroids.shape[1], 32)
+    index.hnsw.efConstruction = 64
+    index.add(centroids.detach().float().cpu().numpy())
+    index.hnsw.efSearch = 64
+    parts = []
+    for start in range(0, x.shape[0], batch_size):
+        _, idx = index.search(x[start : start + batch_size].detach().float().cpu().numpy(), 1)
+        parts.append(torch.from_numpy(idx[:, 0].astype("int64")))
+    return torch.cat(parts).to(x.device) if parts else torch.zeros(0, dtype=torch.long, device=x.device)

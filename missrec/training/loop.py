@@ -31,6 +31,8 @@ from missrec.data.dataset import Interactions
 from missrec.evaluation.metrics import evaluate
 from missrec.models.checkpoint import restore_state
 from missrec.nn.protocol import TrainingLogits, banned_items, softmax_loss
+from missrec.training.distributed import Ranks
+from missrec.training.sampled import Candidates, in_batch_items, make_sampler, sampled_loss
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,11 @@ class TrainOptions:
     # being each item's training popularity (Laplace-smoothed), and serve the plain logits. Popular items need
     # less score to win while training, so the model stops pushing rare items down. 0 = the paper's loss.
     logit_adjust: float = 0.0
+    # Sampled softmax (missrec.training.sampled): negatives per step, None = from the catalogue size (full softmax,
+    # exact, up to FULL_SOFTMAX_MAX_ITEMS items), 0 = full softmax; sampler "uniform" or "mixed" (with popularity).
+    negatives: int | None = None
+    sampler: str = "mixed"
+    valid_rows: int = 0  # early stopping on this many validation rows (a fixed seeded sample); 0 = all
 
 
 @dataclass
@@ -121,10 +128,14 @@ def training_loss(
     banned: torch.Tensor | None,
     exclude_history: bool = False,
     log_prior: torch.Tensor | None = None,
+    candidates: Candidates | None = None,
 ) -> torch.Tensor:
     """Loss of one chunk: full softmax with the ``banned`` (N,) columns (padding, withheld items) left out
     (and each row's history items, target excepted, when ``exclude_history``); ``log_prior`` (N,): added to every
-    row's logits (logit adjustment, already scaled), None = none."""
+    row's logits (logit adjustment, already scaled), None = none. ``candidates``: the step's sampled softmax
+    (:mod:`missrec.training.sampled`); None = the full softmax."""
+    if candidates is not None:
+        return sampled_loss(model, items, lengths, targets, batch_size, candidates, banned, exclude_history, log_prior)
     if hasattr(model, "training_logits"):
         out: TrainingLogits = model.training_logits(items, lengths, targets)
         history = None
@@ -214,8 +225,12 @@ def _fit(
     # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     log_prior = training_log_prior(model, train, opts.logit_adjust, device)
+    sampler = make_sampler(model, train.targets, banned, opts.negatives, opts.sampler, opts.seed)
+    if 0 < opts.valid_rows < len(valid):  # bounded validation at a large catalogue
+        valid = valid.subset(np.sort(np.random.default_rng(opts.seed).choice(len(valid), opts.valid_rows, False)))
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
+    ranks = Ranks.of(model, training_loss, opts.seed)  # None: one process (torchrun: missrec.training.distributed)
     result = FitResult(best_epoch=-1, best_valid={})
     best_state: dict[str, torch.Tensor] | None = None
     best_ndcg = -1.0
@@ -225,36 +240,50 @@ def _fit(
     for epoch in bar:
         model.train()
         model.on_epoch_start(known_items, generator)
+        if ranks is not None:
+            ranks.sync_buffers(model)
         total, count = 0.0, 0
         keys = row_costs(model, train)
         order = epoch_order(keys, opts.batch_size, rng, opts.bucket_by_length)
         for start in range(0, len(order), opts.batch_size):
             batch = order[start : start + opts.batch_size]
+            if ranks is not None and len(batch) < ranks.world:
+                continue  # a rank's shard would be empty (every rank skips the same batch)
             # Exact gradient accumulation over cost-bounded chunks: a long-tailed batch is not padded to its
             # longest row. The chunk losses sum to the batch loss (see the models' ``loss``).
             optimizer.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            for _, items, lengths, targets in chunks_of(train, batch, keys, opts.chunk_tokens):
-                loss = training_loss(
-                    model,
-                    items.to(device),
-                    lengths.to(device),
-                    targets.to(device),
-                    len(batch),
-                    banned,
-                    opts.train_exclude_history,
-                    log_prior,
-                )
-                loss.backward()
+            cands = (
+                None
+                if sampler is None
+                else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
+            )
+            parts = list(chunks_of(train, batch if ranks is None else ranks.shard(batch), keys, opts.chunk_tokens))
+            for i, (_, items, lengths, targets) in enumerate(parts):
+                args = (items.to(device), lengths.to(device), targets.to(device), len(batch), banned)
+                args += (opts.train_exclude_history, log_prior, cands)
+                if ranks is None:
+                    loss = training_loss(model, *args)
+                    loss.backward()
+                else:  # DDP averages the ranks' gradients: x world = the whole batch's gradient
+                    with ranks.step_context(last=i == len(parts) - 1):
+                        loss = ranks.ddp(*args)
+                        (loss * ranks.world).backward()
                 batch_loss += float(loss.detach())
             if opts.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
             optimizer.step()
             total += batch_loss * len(batch)
             count += len(batch)
-        valid_metrics = evaluate(
-            model, valid, opts.eval_batch_size, opts.device, banned=banned, exclude_history=opts.exclude_history
-        )["all"]
+
+        def metrics_of(rows: Interactions) -> dict[str, float]:
+            return evaluate(
+                model, rows, opts.eval_batch_size, opts.device, banned=banned, exclude_history=opts.exclude_history
+            )["all"]
+
+        valid_metrics = metrics_of(valid) if ranks is None else ranks.agree(metrics_of, valid)
+        if ranks is not None:
+            total = ranks.sum(total)
         ndcg = valid_metrics["ndcg@10"]
         result.history.append({"epoch": epoch, "loss": total / max(count, 1), **valid_metrics})
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}", ndcg10=f"{ndcg:.4f}")

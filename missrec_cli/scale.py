@@ -1,0 +1,41 @@
+"""Options of training at catalogue scale shared by `train` and `compare`: the sampled softmax, bounded
+validation, several processes (:mod:`missrec.training.sampled`, :mod:`missrec.training.distributed`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from missrec_cli.common import fail
+
+Negatives = Annotated[
+    int | None,
+    typer.Option(
+        help="Sampled softmax: negatives per step (0 = full softmax; default: full up to 20,000 items, else 2048)."
+    ),
+]
+Sampler = Annotated[str, typer.Option(help="Sampled negatives: uniform or mixed (half by training popularity).")]
+ValidRows = Annotated[int, typer.Option(help="Early stopping on this many validation rows (seeded sample; 0 = all).")]
+
+
+def sampling_options(negatives: int | None, sampler: str, valid_rows: int) -> dict:
+    """The sampled-softmax options, refused at start-up when out of range."""
+    from missrec.training.sampled import SAMPLERS
+
+    if negatives is not None and negatives < 0:
+        raise fail(f"--negatives must be >= 0 (0 = full softmax), not {negatives}")
+    if sampler not in SAMPLERS:
+        raise fail(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
+    if valid_rows < 0:
+        raise fail(f"--valid-rows must be >= 0 (0 = all), not {valid_rows}")
+    return {"negatives": negatives, "sampler": sampler, "valid_rows": valid_rows}
+
+
+Distributed = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Fine-tune with DistributedDataParallel under torchrun (gloo on CPU, NCCL on GPU); rank 0 writes.",
+    ),
+]
