@@ -135,7 +135,7 @@ def test_filtered_recommendations_equal_brute_force_over_matching_live_items(
     vectors = snap.model.towers.user.encode(histories, snap.item_arrays())
     scores = ItemScorer(snap.model.manifest.scorer, snap.vectors, snap.id_vectors, snap.max_gap).exact(vectors)
     live = np.array(sorted(snap.row(i) for i in attrs))
-    checked = short = 0
+    checked = short = reordered = 0
     for f in filters:
         match = np.array([r for r in live if _matches(f, attrs[snap.ids[r]])], dtype=np.int64)
         requests = [{"history": [snap.ids[r] for r in h], "k": K, "filter": f} for h in histories]
@@ -150,10 +150,15 @@ def test_filtered_recommendations_equal_brute_force_over_matching_live_items(
                 got_ids = [i["item_id"] for i in res["items"]]
                 assert len(got_ids) == min(K, ok.shape[0])
                 np.testing.assert_allclose([i["score"] for i in res["items"]], scores[b, ok[order]], atol=1e-5)
-                assert got_ids == want or np.allclose(scores[b, ok[order]][-1], scores[b, ok[order]][0], atol=1e-5)
+                if got_ids != want:  # only near-ties may be ordered otherwise: each item a live match, its own
+                    rows = np.array([snap.row(i) for i in got_ids], dtype=np.int64)  # score the reference's, and
+                    assert np.isin(rows, ok).all() and len(set(got_ids)) == len(got_ids)  # rank by rank equal to
+                    np.testing.assert_allclose(scores[b, rows], scores[b, ok[order]], atol=1e-5)  # the top-k's
+                    reordered += 1
                 checked += 1
                 short += ok.shape[0] < K
     assert checked == 500 * 20 and short >= 500  # the rare-brand filter matches fewer than k
+    assert reordered <= checked // 100  # near-ties (float32 sums in another order) are rare, not the rule
 
 
 def test_max_per_is_the_greedy_walk_of_the_exact_ranking(client, attr_bundle, scientific_dir):
