@@ -9,7 +9,8 @@ clients without think time), drive it open loop at fixed rates (default: fractio
 ingest -> visible latency on the same replica and on a second one, then serve the bare app (loadtest/bare_app.py)
 the same way and drive it at the same rates. Prints the table (achieved req/s, p50/p95/p99 of both, the ratio of
 maximum throughputs), the service's own per-stage timings (/metrics) and CPU per request; flags runs whose load
-generator used more than 80 % of a core; writes CSVs, summary.json and latency.png under --out.
+generator used more than 80 % of a core; writes CSVs, summary.json and latency.png under --out. ``--explain-cost N``
+also prices ``explain: true`` for a lone client (N interleaved rounds without and with it, p50 and ratio).
 
 CPU placement (default on machines with >= 2 cores): the service (or bare app) alone on --service-cpus with its
 thread pools sized to them; locust, Redis, the second replica and this script on --client-cpus. GPU paths:
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -90,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="time the model's own work alone (loadtest.model_work, on --service-cpus, batch 1 and 16)",
+    )
+    p.add_argument(
+        "--explain-cost",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="price explain: true: ROUNDS x (one closed-loop client by user id, the same with explain), interleaved",
     )
     p.add_argument("--ready-timeout", type=float, default=900.0)
     args = p.parse_args(argv)
@@ -171,14 +180,14 @@ async def seed_histories(url: str, users: list[dict], concurrency: int = 8, head
 
 # ----- runs -------------------------------------------------------------------------------------------------------
 def one_run(
-    name: str, url: str, rate: float, args, ctx: dict, scrape: bool, users: int | None = None
+    name: str, url: str, rate: float, args, ctx: dict, scrape: bool, users: int | None = None, mix: str | None = None
 ) -> dict[str, Any]:
     """A locust run against url; RunStats + CPU of every metered process + (service) per-stage deltas."""
     before = httpx.get(f"{url}/metrics", timeout=10).text if scrape else ""
     users = users or (args.sat_users if rate <= 0 else args.users)
     duration = (args.sat_duration if rate <= 0 else args.duration) + args.warmup
     samples = procs.run_locust(
-        url, ctx["traffic"], ctx["runs"] / name, rate=rate, users=users, duration=duration, mix=args.mix,
+        url, ctx["traffic"], ctx["runs"] / name, rate=rate, users=users, duration=duration, mix=mix or args.mix,
         tag=f"{ctx['run_id']}-{name}", cpus=ctx["client_cpus"], meter=ctx["meter"], k=args.k,
     )  # fmt: skip
     stats = read_samples(samples, args.warmup)
@@ -206,6 +215,36 @@ def drive(label: str, url: str, rates: list[float] | None, args, ctx: dict, scra
     if args.lone_closed:  # one client, the next request sent as soon as the answer arrives
         results.append(one_run(f"{label}-c1", url, -1.0, args, ctx, scrape, users=1))
     return results
+
+
+def explain_cost(url: str, args, ctx: dict) -> dict[str, Any]:
+    """What ``explain: true`` costs a lone client: one closed-loop client recommending by user id, without and with
+    explain, ``args.explain_cost`` rounds interleaved (plain, explained, plain, ...) so that drift hits both."""
+    rounds = []
+    for r in range(args.explain_cost):
+        pair = {}
+        for kind in ("user", "explain"):
+            run = one_run(f"service-c1-{kind}-{r}", url, -1.0, args, ctx, scrape=False, users=1, mix=f"{kind}=1")
+            pair[kind] = run["stats"]
+        rounds.append(pair)
+    plain = [p["user"].p50 for p in rounds]
+    explained = [p["explain"].p50 for p in rounds]
+    errors = sum(p[k].errors for p in rounds for k in p)
+    out = {
+        "rounds": [{"plain_p50_ms": a, "explain_p50_ms": b} for a, b in zip(plain, explained, strict=True)],
+        "plain_p50_ms": float(statistics.median(plain)), "explain_p50_ms": float(statistics.median(explained)),
+        "errors": errors,
+        "plain_p99_ms": float(statistics.median([p["user"].p99 for p in rounds])),
+        "explain_p99_ms": float(statistics.median([p["explain"].p99 for p in rounds])),
+    }  # fmt: skip
+    out["ratio_p50"] = out["explain_p50_ms"] / out["plain_p50_ms"]
+    log.info(
+        "explain cost (one closed-loop client, median of %d rounds): p50 %.2f -> %.2f ms (x%.2f), p99 %.2f -> %.2f"
+        " ms, errors %d",
+        len(rounds), out["plain_p50_ms"], out["explain_p50_ms"], out["ratio_p50"], out["plain_p99_ms"],
+        out["explain_p99_ms"], errors,
+    )  # fmt: skip
+    return out
 
 
 def model_work(args, env: dict[str, str], cpus: list[int] | None, out: Path) -> dict | None:
@@ -278,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
             seeded = asyncio.run(seed_histories(url, traffic["users"]))
             log.info("seeded %d user histories through the events API", seeded)
             service_runs = drive("service", url, args.rates, args, ctx, scrape=True)
+            explained = explain_cost(url, args, ctx) if args.explain_cost else None
             memory = memory_mib(svc.pid)
             log.info("service memory: %s", memory)
             rates = [r["stats"].target for r in service_runs if r["stats"].target > 0]
@@ -316,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
             "service_memory": memory,
             "readyz": checks, "pinning": {"service": service_cpus, "clients": client_cpus},
             "settings": {k: v for k, v in env.items() if k not in ("MISSREC_REDIS_URL",)}, "mix": args.mix,
-            "rates": rates, "ingest": ingest, "table": rows, "model_work": work,
+            "rates": rates, "ingest": ingest, "table": rows, "model_work": work, "explain_cost": explained,
         }  # fmt: skip
         args.model_work_rows = work
         summary |= print_report(rows, service_runs, bare_runs, ingest, args)

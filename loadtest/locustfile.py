@@ -13,9 +13,10 @@ previous one returns, no think time): ``-u`` concurrent clients, used to find th
 
 Mix (``--mix``, relative weights): user = recommend by user id (history from Redis), history = recommend with an
 explicit history (no Redis read), events = append one interaction, ingest = a new item from a real product photo
-and its text (JSON, base64 image). Per-request samples go to ``--samples-out`` (CSV) for exact percentiles; locust's
-own ``--csv`` files rounds latencies to whole milliseconds. Writes (events, ingest) carry ``X-API-Key`` when
-MISSREC_API_KEY is set in locust's environment.
+and its text (JSON, base64 image), explain = recommend by user id with ``explain: true`` (0 in the default mix;
+``loadtest.bench --explain-cost`` prices it). Per-request samples go to ``--samples-out`` (CSV) for exact
+percentiles; locust's own ``--csv`` files rounds latencies to whole milliseconds. Writes (events, ingest) carry
+``X-API-Key`` when MISSREC_API_KEY is set in locust's environment.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from locust import FastHttpUser, constant, events, task
 
 from loadtest.traffic import DEFAULT_MIX, read_traffic
 
-KINDS = ("user", "history", "events", "ingest")
+KINDS = ("user", "history", "events", "ingest", "explain")
 JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 WRITE_HEADERS = {"X-API-Key": os.environ["MISSREC_API_KEY"]} if os.environ.get("MISSREC_API_KEY") else {}
 
@@ -78,6 +79,7 @@ def _traffic(path: str, k: int) -> dict:
     if not _TRAFFIC:
         t = read_traffic(path)
         t["user_bodies"] = [json.dumps({"user_id": u["id"], "k": k}) for u in t["users"]]
+        t["explain_bodies"] = [json.dumps({"user_id": u["id"], "k": k, "explain": True}) for u in t["users"]]
         t["history_bodies"] = [json.dumps({"history": u["history"][-20:], "k": k}) for u in t["users"]]
         t["events_paths"] = [f"/v1/users/{quote(u['id'], safe='')}/events" for u in t["users"]]
         t["item_cum_weights"] = list(itertools.accumulate(t.get("item_weights") or [1.0] * len(t["items"])))
@@ -178,6 +180,10 @@ class MissRecUser(FastHttpUser):
         t = self.traffic
         if kind == "user":
             r = self.client.post("/v1/recommend", data=t["user_bodies"][u], headers=JSON_HEADERS, name="recommend:user")
+        elif kind == "explain":
+            r = self.client.post(
+                "/v1/recommend", data=t["explain_bodies"][u], headers=JSON_HEADERS, name="recommend:explain"
+            )
         elif kind == "history":
             r = self.client.post(
                 "/v1/recommend", data=t["history_bodies"][u], headers=JSON_HEADERS, name="recommend:history"

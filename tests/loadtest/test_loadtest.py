@@ -97,7 +97,7 @@ def test_open_loop_locust_run_against_the_bare_app(tmp_path):
         wait_ready(f"http://127.0.0.1:{port}", bare, 60)
         cmd = procs.locust_args(
             f"http://127.0.0.1:{port}", tmp_path / "traffic.json", tmp_path / "run", rate=40, users=2, duration=4,
-            mix="user=50,history=20,events=20,ingest=10", tag="t", k=5,
+            mix="user=40,history=20,events=20,ingest=10,explain=10", tag="t", k=5,
         )  # fmt: skip
         started = time.monotonic()
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
@@ -105,7 +105,7 @@ def test_open_loop_locust_run_against_the_bare_app(tmp_path):
     finally:
         bare.stop()
     stats = read_samples(tmp_path / "run.csv", warmup_s=1.0)
-    assert stats.errors == 0 and set(stats.kinds) == {"user", "history", "events", "ingest"}
+    assert stats.errors == 0 and set(stats.kinds) == {"user", "history", "events", "ingest", "explain"}
     assert 30 <= stats.achieved <= 50, stats.achieved  # paced at the target rate, not as fast as possible
     assert (tmp_path / "run_stats.csv").is_file() and time.monotonic() - started < 30
 
@@ -118,6 +118,10 @@ def test_bench_options_and_report(capsys):
     args = parse_args(["--bundle", "b", "--data", "d", "--out", "o", "--rates", "10", "20", "--no-pin"])
     assert args.rates == [10.0, 20.0] and args.service_cpus == "" and args.onnx_provider == "auto"
     assert parse_args(["--bundle", "b", "--data", "d", "--out", "o", "--faiss-device", "gpu"]).faiss_device == "gpu"
+    assert (
+        args.explain_cost == 0
+        and parse_args(["--bundle", "b", "--data", "d", "--out", "o", "--explain-cost", "3"]).explain_cost == 3
+    )
 
     def run(name, target, achieved, p99, cpu):
         s = RunStats(target, 10.0, int(achieved * 10), 0, achieved, 1.0, 2.0, p99, 0.1, 0)
