@@ -34,7 +34,11 @@ def _test_users(scientific_dir: Path, n: int) -> list[tuple[list[str], str]]:
 
 
 def _app(swap_root, redis_url, prefix, tiny_clip, tmp):
-    return make_app(swap_root / "a", redis_url, prefix, tiny_clip, tmp, api_key=KEY, warmup=False)
+    # Redis calls may wait up to 5 s (default 0.5): the counting is checked here, not the fail-fast path (tested by
+    # tests/harness/test_outage.py), and a starved 2-core CI machine must not turn a slow call into a 503
+    return make_app(
+        swap_root / "a", redis_url, prefix, tiny_clip, tmp, api_key=KEY, warmup=False, redis_timeout_seconds=5.0
+    )
 
 
 def _loaded(c: TestClient) -> None:

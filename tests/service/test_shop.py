@@ -278,7 +278,12 @@ def test_availability_toggled_on_1000_items_under_load_on_two_replicas(
     from harness.launch import InProcessServer
 
     root, ids, _ = attr_bundle
-    apps = [make_app(root, redis_url, key_prefix, tiny_clip, tmp_path / f"r{i}", warmup=False) for i in (0, 1)]
+    # Redis calls may wait up to 5 s (default 0.5): what is checked is the replication bound under load, not the
+    # fail-fast path (tests/harness/test_outage.py), and a starved CI machine must not turn a slow call into a 503
+    apps = [
+        make_app(root, redis_url, key_prefix, tiny_clip, tmp_path / f"r{i}", warmup=False, redis_timeout_seconds=5.0)
+        for i in (0, 1)
+    ]
     hidden: dict[str, float] = {}  # item -> when its unavailability was acknowledged
     guard, stop = threading.Lock(), threading.Event()
     failures, violations, served = [], [], [0]
