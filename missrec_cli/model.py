@@ -29,7 +29,7 @@ from missrec_cli.common import (
     load_data,
     lr_scales,
 )
-from missrec_cli.scale import Distributed, Negatives, Sampler, ValidRows, sampling_options
+from missrec_cli.scale import Distributed, Negatives, Sampler, TestRows, ValidRows, sampling_options
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -81,6 +81,7 @@ def train(
     negatives: Negatives = None,
     sampler: Sampler = "mixed",
     valid_rows: ValidRows = 0,
+    test_rows: TestRows = 0,
     distributed: Distributed = False,
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
@@ -103,7 +104,7 @@ def train(
         raise fail("--pretrained is a MISSRec checkpoint; msm4sr and mmsrec pre-train with --pretrain-epochs")
     if cold_fraction and not fam.features:
         raise fail(f"the cold-item protocol needs a model that scores items from features (not {model})")
-    sampling = sampling_options(negatives, sampler, valid_rows)
+    sampling = sampling_options(negatives, sampler, valid_rows, test_rows)
     if distributed:
         from missrec.training.distributed import init_from_env
 
@@ -246,6 +247,7 @@ def compare(
     negatives: Negatives = None,
     sampler: Sampler = "mixed",
     valid_rows: ValidRows = 0,
+    test_rows: TestRows = 0,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.recipes.compare import MODELS, run_compare, write_outputs
@@ -271,7 +273,7 @@ def compare(
         lr_scales=lr_scales(lr_scale),
         feature_norm=feature_norm,
         logit_adjust=logit_adjust,
-        **sampling_options(negatives, sampler, valid_rows),
+        **sampling_options(negatives, sampler, valid_rows, test_rows),
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

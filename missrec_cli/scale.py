@@ -17,9 +17,16 @@ Negatives = Annotated[
 ]
 Sampler = Annotated[str, typer.Option(help="Sampled negatives: uniform or mixed (half by training popularity).")]
 ValidRows = Annotated[int, typer.Option(help="Early stopping on this many validation rows (seeded sample; 0 = all).")]
+TestRows = Annotated[
+    int,
+    typer.Option(
+        help="Final test metrics on this many test rows (one fixed sample, the same for every model and seed; "
+        "0 = all): at catalogues where ranking every test row against every item takes too long."
+    ),
+]
 
 
-def sampling_options(negatives: int | None, sampler: str, valid_rows: int) -> dict:
+def sampling_options(negatives: int | None, sampler: str, valid_rows: int, test_rows: int = 0) -> dict:
     """The sampled-softmax options, refused at start-up when out of range."""
     from missrec.training.sampled import SAMPLERS
 
@@ -29,7 +36,9 @@ def sampling_options(negatives: int | None, sampler: str, valid_rows: int) -> di
         raise fail(f"--sampler must be one of {', '.join(SAMPLERS)}, not {sampler!r}")
     if valid_rows < 0:
         raise fail(f"--valid-rows must be >= 0 (0 = all), not {valid_rows}")
-    return {"negatives": negatives, "sampler": sampler, "valid_rows": valid_rows}
+    if test_rows < 0:
+        raise fail(f"--test-rows must be >= 0 (0 = all), not {test_rows}")
+    return {"negatives": negatives, "sampler": sampler, "valid_rows": valid_rows, "test_rows": test_rows}
 
 
 Distributed = Annotated[

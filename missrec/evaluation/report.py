@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from missrec.data.dataset import SeqDataset
+from missrec.data.dataset import Interactions, SeqDataset
 from missrec.evaluation.cold import TrainingData
 from missrec.evaluation.metrics import compute_ranks, metrics_from_ranks, protocol_name
 from missrec.models.popularity import item_popularity
@@ -19,6 +19,14 @@ FEW_INTERACTIONS = 2  # the few-interaction cold view: targets with 1..2 trainin
 
 def _metrics_only(m: dict[str, float]) -> dict[str, float]:
     return {k: m[k] for k in METRIC_KEYS}
+
+
+def sample_test_rows(test: Interactions, n: int) -> Interactions:
+    """``n`` test rows, one fixed sample (seed 0: the same rows for every model and seed, so per-user metrics stay
+    paired across runs), in their order; all of them for n = 0 or n >= their number."""
+    if not 0 < n < len(test):
+        return test
+    return test.subset(np.sort(np.random.default_rng(0).choice(len(test), n, replace=False)))
 
 
 def evaluate_run(
@@ -36,18 +44,19 @@ def evaluate_run(
     other = protocol_name(not opts.exclude_history)
     banned = banned_items(ds.num_items, data.withheld) if data.withheld is not None else None
     valid_ranks = compute_ranks(model, data.valid, opts.eval_batch_size, opts.device, banned)[headline]
-    test_ranks = compute_ranks(model, ds.test, opts.eval_batch_size, opts.device)
+    test = sample_test_rows(ds.test, getattr(opts, "test_rows", 0))
+    test_ranks = compute_ranks(model, test, opts.eval_batch_size, opts.device)
     metrics = {
         "valid": metrics_from_ranks(valid_ranks),
         "test": metrics_from_ranks(test_ranks[headline]),
         f"test_{other}": metrics_from_ranks(test_ranks[other]),
     }
-    counts = item_popularity(data.train, ds.num_items)[ds.test.targets]
-    warm = np.ones(len(ds.test), dtype=bool) if data.withheld is None else ~data.withheld[ds.test.targets]
+    counts = item_popularity(data.train, ds.num_items)[test.targets]
+    warm = np.ones(len(test), dtype=bool) if data.withheld is None else ~data.withheld[test.targets]
     groups = {"few": warm & (counts >= 1) & (counts <= FEW_INTERACTIONS)}
     if data.withheld is not None:
         groups |= {"cold": ~warm, "warm": warm}
-    info: dict[str, Any] = {"protocol": headline, "valid_rows": len(data.valid)}
+    info: dict[str, Any] = {"protocol": headline, "valid_rows": len(data.valid), "test_rows": len(test)}
     for group, mask in groups.items():
         metrics[f"test_{group}"] = metrics_from_ranks(test_ranks[headline][mask])
         info[f"test_{group}_users"] = int(mask.sum())

@@ -82,6 +82,7 @@ class TrainOptions:
     negatives: int | None = None
     sampler: str = "mixed"
     valid_rows: int = 0  # early stopping on this many validation rows (a fixed seeded sample); 0 = all
+    test_rows: int = 0  # the final test metrics on this many test rows (one fixed sample, seed 0); 0 = all
 
 
 @dataclass

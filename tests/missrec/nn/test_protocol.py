@@ -6,7 +6,7 @@ import torch
 
 from missrec.data.dataset import Interactions
 from missrec.evaluation.cold import TrainingData, training_data, withhold_items
-from missrec.evaluation.metrics import MISS_RANK, compute_ranks, evaluate
+from missrec.evaluation.metrics import MISS_RANK, compute_ranks, evaluate, metrics_from_ranks
 from missrec.evaluation.report import evaluate_run
 from missrec.models.popularity import item_popularity
 from missrec.models.sasrec import SASRec, SASRecConfig
@@ -126,6 +126,23 @@ def test_run_report_has_both_protocols_and_the_cold_views(ds):
     repeat = (ds.test.histories == ds.test.targets[:, None]).any(axis=1)
     assert (ranks["history_excluded"][repeat] == MISS_RANK).all()
     assert (ranks["history_excluded"][~repeat] <= ranks["history_ranked"][~repeat]).all()
+
+
+def test_test_rows_report_one_fixed_sample_of_the_test_rows(ds):
+    model = tiny_missrec(ds)
+    data = training_data(ds, 0.2, seed=0)
+    model.discover_interests(data.known, torch.Generator().manual_seed(0))
+    _, full_info, full = evaluate_run(model, ds, data, TrainOptions(progress=False))
+    n = len(ds.test) // 3
+    metrics, info, ranks = evaluate_run(model, ds, data, TrainOptions(progress=False, test_rows=n, seed=7))
+    assert full_info["test_rows"] == len(ds.test) and info["test_rows"] == n
+    assert info["test_cold_users"] + info["test_warm_users"] == n and ranks["history_excluded"].shape == (n,)
+    rows = np.sort(np.random.default_rng(0).choice(len(ds.test), n, replace=False))  # seed 0 whatever the run's
+    for protocol in ("history_excluded", "history_ranked"):
+        assert np.array_equal(ranks[protocol], full[protocol][rows])  # the same rows, ranked as in the full run
+    assert metrics["test"] == pytest.approx(
+        {k: v for k, v in metrics_from_ranks(full["history_excluded"][rows]).items() if k in metrics["test"]}
+    )
 
 
 def test_training_as_served_leaves_history_out_of_the_softmax_but_keeps_a_repeated_target():
