@@ -59,6 +59,13 @@ class Interactions:
         """Rows selected by a boolean mask or an index array."""
         return Interactions(self.users[rows], self.histories[rows], self.lengths[rows], self.targets[rows])
 
+    def sample(self, n: int, seed: int) -> Interactions:
+        """``n`` rows drawn without replacement by ``seed``, in their order; all rows for n = 0 or n >= their number
+        (the bounded validation and test of a large catalogue: the same rows for the same n and seed)."""
+        if not 0 < n < len(self):
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False)))
+
     @staticmethod
     def from_lists(users: list[int], histories: list[list[int]], targets: list[int], max_len: int) -> Interactions:
         """Build from Python lists of internal ids, keeping the last ``max_len`` items of each history."""

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from missrec.data.dataset import Interactions, SeqDataset
+from missrec.data.dataset import SeqDataset
 from missrec.evaluation.cold import TrainingData
 from missrec.evaluation.metrics import compute_ranks, metrics_from_ranks, protocol_name
 from missrec.models.popularity import item_popularity
@@ -19,14 +19,6 @@ FEW_INTERACTIONS = 2  # the few-interaction cold view: targets with 1..2 trainin
 
 def _metrics_only(m: dict[str, float]) -> dict[str, float]:
     return {k: m[k] for k in METRIC_KEYS}
-
-
-def sample_test_rows(test: Interactions, n: int) -> Interactions:
-    """``n`` test rows, one fixed sample (seed 0: the same rows for every model and seed, so per-user metrics stay
-    paired across runs), in their order; all of them for n = 0 or n >= their number."""
-    if not 0 < n < len(test):
-        return test
-    return test.subset(np.sort(np.random.default_rng(0).choice(len(test), n, replace=False)))
 
 
 def evaluate_run(
@@ -43,8 +35,11 @@ def evaluate_run(
     headline = protocol_name(opts.exclude_history)
     other = protocol_name(not opts.exclude_history)
     banned = banned_items(ds.num_items, data.withheld) if data.withheld is not None else None
-    valid_ranks = compute_ranks(model, data.valid, opts.eval_batch_size, opts.device, banned)[headline]
-    test = sample_test_rows(ds.test, getattr(opts, "test_rows", 0))
+    # valid: the rows fit() early-stopped on (the same sample of --valid-rows); test: one fixed sample of --test-rows
+    # (seed 0 whatever the run's seed, so per-user metrics stay paired across models and seeds), else every row
+    valid = data.valid.sample(getattr(opts, "valid_rows", 0), opts.seed)
+    valid_ranks = compute_ranks(model, valid, opts.eval_batch_size, opts.device, banned)[headline]
+    test = ds.test.sample(getattr(opts, "test_rows", 0), 0)
     test_ranks = compute_ranks(model, test, opts.eval_batch_size, opts.device)
     metrics = {
         "valid": metrics_from_ranks(valid_ranks),
@@ -56,7 +51,7 @@ def evaluate_run(
     groups = {"few": warm & (counts >= 1) & (counts <= FEW_INTERACTIONS)}
     if data.withheld is not None:
         groups |= {"cold": ~warm, "warm": warm}
-    info: dict[str, Any] = {"protocol": headline, "valid_rows": len(data.valid), "test_rows": len(test)}
+    info: dict[str, Any] = {"protocol": headline, "valid_rows": len(valid), "test_rows": len(test)}
     for group, mask in groups.items():
         metrics[f"test_{group}"] = metrics_from_ranks(test_ranks[headline][mask])
         info[f"test_{group}_users"] = int(mask.sum())

@@ -227,8 +227,7 @@ def _fit(
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     log_prior = training_log_prior(model, train, opts.logit_adjust, device)
     sampler = make_sampler(model, train.targets, banned, opts.negatives, opts.sampler, opts.seed)
-    if 0 < opts.valid_rows < len(valid):  # bounded validation at a large catalogue
-        valid = valid.subset(np.sort(np.random.default_rng(opts.seed).choice(len(valid), opts.valid_rows, False)))
+    valid = valid.sample(opts.valid_rows, opts.seed)  # bounded validation at a large catalogue (evaluate_run too)
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     ranks = Ranks.of(model, training_loss, opts.seed)  # None: one process (torchrun: missrec.training.distributed)

@@ -134,8 +134,16 @@ def test_test_rows_report_one_fixed_sample_of_the_test_rows(ds):
     model.discover_interests(data.known, torch.Generator().manual_seed(0))
     _, full_info, full = evaluate_run(model, ds, data, TrainOptions(progress=False))
     n = len(ds.test) // 3
-    metrics, info, ranks = evaluate_run(model, ds, data, TrainOptions(progress=False, test_rows=n, seed=7))
+    opts = TrainOptions(progress=False, test_rows=n, valid_rows=n, seed=7)
+    metrics, info, ranks = evaluate_run(model, ds, data, opts)
     assert full_info["test_rows"] == len(ds.test) and info["test_rows"] == n
+    assert full_info["valid_rows"] == len(data.valid) and info["valid_rows"] == n  # the rows fit() stopped on
+    valid = data.valid.sample(n, 7)
+    assert metrics["valid"]["ndcg@10"] == pytest.approx(
+        metrics_from_ranks(
+            compute_ranks(model, valid, banned=banned_items(ds.num_items, data.withheld))["history_excluded"]
+        )["ndcg@10"]
+    )
     assert info["test_cold_users"] + info["test_warm_users"] == n and ranks["history_excluded"].shape == (n,)
     rows = np.sort(np.random.default_rng(0).choice(len(ds.test), n, replace=False))  # seed 0 whatever the run's
     for protocol in ("history_excluded", "history_ranked"):
