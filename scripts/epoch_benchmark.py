@@ -196,7 +196,9 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/epoch-bench", help="where SYNTHETIC datasets are generated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mem-cap", type=float, default=14.0, help="GiB of address space per run")
+    parser.add_argument("--run-timeout", type=float, default=None, help="seconds per run (a slower one: 'too slow')")
     parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="only print the table of --json files")
     parser.add_argument("--one-data", help=argparse.SUPPRESS)
     parser.add_argument("--one-family", help=argparse.SUPPRESS)
     parser.add_argument("--one-softmax", help=argparse.SUPPRESS)
@@ -204,11 +206,10 @@ def main() -> None:
     if args.one_data:
         print("ROW " + json.dumps(one_run(args)), flush=True)
         return
+    if args.table:
+        print_table([json.loads(ln) for path in args.table for ln in path.read_text().splitlines() if ln.strip()])
+        return
     print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.steps} timed steps per run")
-    header = (
-        "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
-        "| backward + step s | epoch s (extrapolated) | validation s (extrapolated) | peak GiB |"
-    )
     rows = []
     for size in args.sizes.split(","):
         data = dataset_dir(args, size)
@@ -219,20 +220,33 @@ def main() -> None:
                 cmd += ["--device", args.device, "--mem-cap", str(args.mem_cap)]
                 if args.negatives is not None:
                     cmd += ["--negatives", str(args.negatives)]
-                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                if found:
-                    row = json.loads(found[-1][4:])
+                row = {"family": family, "items": size, "softmax": softmax}
+                try:
+                    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.run_timeout)
+                except subprocess.TimeoutExpired:
+                    row["error"] = f"too slow: not done in {args.run_timeout:.0f} s ({args.steps} steps + k-means)"
                 else:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
-                    oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
-                    row = {"family": family, "items": size, "softmax": softmax, "error": "OOM" if oom else tail}
+                    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                    if found:
+                        row = json.loads(found[-1][4:])
+                    else:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+                        oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
+                        cap = f"OOM (> {args.mem_cap:g} GiB address space)"
+                        row.update(error=cap if oom else tail, returncode=proc.returncode, detail=tail)
                 rows.append(row)
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    print(header)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
+        "| backward + step s | epoch s (extrapolated) | validation s (extrapolated) | peak GiB |"
+    )
     print("|" + "---|" * 12)
     for r in rows:
         if "error" in r:
