@@ -291,13 +291,17 @@ def main() -> None:
                         row["error"] = f"too slow: not done in {args.run_timeout:.0f} s ({args.steps} steps + k-means)"
                 else:
                     found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+                    oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
+                    failure = f"OOM (> {args.mem_cap:g} GiB address space)" if oom else tail
                     if found:
                         row = json.loads(found[-1][4:])
+                        if "validation" not in row:  # failed after the training phases
+                            row.update(
+                                validation_note=f"validation: {failure}", returncode=proc.returncode, detail=tail
+                            )
                     else:
-                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
-                        oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
-                        cap = f"OOM (> {args.mem_cap:g} GiB address space)"
-                        row.update(error=cap if oom else tail, returncode=proc.returncode, detail=tail)
+                        row.update(error=failure, returncode=proc.returncode, detail=tail)
                 rows.append(row)
                 if args.json:
                     with args.json.open("a") as f:
