@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+KMEANS_PROBE = 8  # timed mini-batches when the exact k-means is only estimated
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -88,6 +90,47 @@ class CachedTable:
         return getattr(self._model, name)
 
 
+def kmeans_or_estimate(model, gen: torch.Generator, device: str, budget: float, row: dict) -> float:
+    """Seconds of the epoch's interest discovery (MISSRec; 0 for the others). Where the exact mini-batch k-means
+    would compare more than ``budget`` (vector, centroid) pairs per pass, it is not run: its time is extrapolated
+    from KMEANS_PROBE timed mini-batches (``passes`` passes + the final assignment), and the timed steps use a
+    random item -> cluster assignment with the same K (row["kmeans_note"] says so)."""
+    if type(model).__name__ != "MISSRec":
+        return _timed(lambda: model.on_epoch_start(None, gen), device)
+    from missrec.nn.interests import assign_nearest, is_large, num_interests
+
+    n, mods = model.cfg.num_items - 1, model.cfg.modalities
+    m = n * len(mods)
+    k = num_interests(m, model.cfg.interest_ratio)
+    if is_large(m) or m * k <= budget:
+        return _timed(lambda: model.on_epoch_start(None, gen), device)
+    passes, batch = 5, 2048  # MISSRec.discover_interests' defaults
+    with torch.no_grad():
+        started = time.perf_counter()
+        adapted = model.adapted()
+        x = torch.cat([adapted[mod][1:] for mod in mods])
+        t_adapt = time.perf_counter() - started
+        centroids = x[torch.randperm(m, generator=gen)[:k]].clone()
+        probe = []
+        for _ in range(KMEANS_PROBE):
+            rows = x[torch.randint(0, m, (batch,), generator=gen)]
+            started = time.perf_counter()
+            nearest = assign_nearest(rows, centroids)
+            torch.zeros_like(centroids).index_add_(0, nearest, rows)
+            _sync(device)
+            probe.append(time.perf_counter() - started)
+        model.centroids = torch.cat([torch.zeros_like(centroids[:1]), centroids])
+        for mod in mods:
+            clusters = torch.randint(1, k + 1, (n,), generator=gen)
+            setattr(model, f"{mod}_cluster", torch.cat([torch.zeros(1, dtype=torch.long), clusters]).to(device))
+    batches = math.ceil(m / batch) * (passes + 1)  # + the final assignment of every vector
+    row["kmeans_note"] = (
+        f"extrapolated: exact k-means of {m:,} vectors into K={k:,} not run ({KMEANS_PROBE} mini-batches timed, "
+        f"x {batches:,}); steps timed with a random assignment to K clusters"
+    )
+    return t_adapt + float(np.median(probe)) * batches
+
+
 def peak_memory_gib(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
@@ -111,7 +154,7 @@ def one_run(args: argparse.Namespace) -> dict:
     row: dict = {"family": args.one_family, "items": ds.num_items - 1, "rows": len(train), "softmax": args.one_softmax}
     model.train()
     gen = torch.Generator().manual_seed(0)
-    row["kmeans"] = _timed(lambda: model.on_epoch_start(None, gen), device)
+    row["kmeans"] = kmeans_or_estimate(model, gen, device, args.kmeans_budget, row)
     sampler = make_sampler(model, train.targets, None, negatives, "mixed", 0)
     row["negatives"] = 0 if sampler is None else sampler.negatives
     keys = row_costs(model, train)
@@ -152,6 +195,8 @@ def one_run(args: argparse.Namespace) -> dict:
         candidates=candidates // steps if sampler is not None else ds.num_items,
     )
     row["epoch"] = row["kmeans"] + row["tower"] + row["logits"] + row["backward"]
+    row["peak_gib"] = peak_memory_gib(device)
+    print("ROW " + json.dumps(row), flush=True)  # the training phases, kept if validation runs past --run-timeout
     model.eval()
     with torch.no_grad():
         table = None
@@ -166,6 +211,7 @@ def one_run(args: argparse.Namespace) -> dict:
         scorer = model if table is None else CachedTable(model, table)
         t_rows = _timed(lambda: compute_ranks(scorer, sample, 1024, device), device)
     row["validation"] = t_table + t_rows * len(ds.valid) / n
+    row.update(valid_table=t_table, valid_rows_timed=n, valid_rows_seconds=t_rows, valid_rows_all=len(ds.valid))
     row["peak_gib"] = peak_memory_gib(device)
     return row
 
@@ -196,7 +242,15 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/epoch-bench", help="where SYNTHETIC datasets are generated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mem-cap", type=float, default=14.0, help="GiB of address space per run")
+    parser.add_argument(
+        "--kmeans-budget",
+        type=float,
+        default=2e9,
+        help="exact k-means above this many vector x centroid pairs is extrapolated, not run (MISSRec)",
+    )
+    parser.add_argument("--run-timeout", type=float, default=None, help="seconds per run (a slower one: 'too slow')")
     parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, help="only print the table of --json files")
     parser.add_argument("--one-data", help=argparse.SUPPRESS)
     parser.add_argument("--one-family", help=argparse.SUPPRESS)
     parser.add_argument("--one-softmax", help=argparse.SUPPRESS)
@@ -204,11 +258,10 @@ def main() -> None:
     if args.one_data:
         print("ROW " + json.dumps(one_run(args)), flush=True)
         return
+    if args.table:
+        print_table([json.loads(ln) for path in args.table for ln in path.read_text().splitlines() if ln.strip()])
+        return
     print(f"torch threads {torch.get_num_threads()}, device {args.device}, {args.steps} timed steps per run")
-    header = (
-        "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
-        "| backward + step s | epoch s (extrapolated) | validation s (extrapolated) | peak GiB |"
-    )
     rows = []
     for size in args.sizes.split(","):
         data = dataset_dir(args, size)
@@ -216,32 +269,67 @@ def main() -> None:
             for softmax in args.softmax.split(","):
                 cmd = [sys.executable, __file__, "--one-data", str(data), "--one-family", family]
                 cmd += ["--one-softmax", softmax, "--steps", str(args.steps), "--valid-rows", str(args.valid_rows)]
-                cmd += ["--device", args.device, "--mem-cap", str(args.mem_cap)]
+                cmd += [
+                    "--device",
+                    args.device,
+                    "--mem-cap",
+                    str(args.mem_cap),
+                    "--kmeans-budget",
+                    str(args.kmeans_budget),
+                ]
                 if args.negatives is not None:
                     cmd += ["--negatives", str(args.negatives)]
-                proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                if found:
-                    row = json.loads(found[-1][4:])
+                row = {"family": family, "items": size, "softmax": softmax}
+                try:
+                    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.run_timeout)
+                except subprocess.TimeoutExpired as exc:
+                    out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+                    found = [ln for ln in out.splitlines() if ln.startswith("ROW ")]
+                    if found:  # the training phases were timed; validation was not done in time
+                        row = json.loads(found[-1][4:]) | {"validation_note": f"not done in {args.run_timeout:.0f} s"}
+                    else:
+                        row["error"] = f"too slow: not done in {args.run_timeout:.0f} s ({args.steps} steps + k-means)"
                 else:
-                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
+                    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+                    tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
                     oom = "MemoryError" in proc.stderr or "alloc" in proc.stderr.lower() or proc.returncode < 0
-                    row = {"family": family, "items": size, "softmax": softmax, "error": "OOM" if oom else tail}
+                    failure = f"OOM (> {args.mem_cap:g} GiB address space)" if oom else tail
+                    if found:
+                        row = json.loads(found[-1][4:])
+                        if "validation" not in row:  # failed after the training phases
+                            row.update(
+                                validation_note=f"validation: {failure}", returncode=proc.returncode, detail=tail
+                            )
+                    else:
+                        row.update(error=failure, returncode=proc.returncode, detail=tail)
                 rows.append(row)
                 if args.json:
                     with args.json.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    print(header)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
+        "| backward + step s | epoch s (extrapolated) | validation s (extrapolated) | peak GiB |"
+    )
     print("|" + "---|" * 12)
     for r in rows:
         if "error" in r:
             print(f"| {r['family']} | {r['items']} | {r['softmax']} | {r['error']} |" + " |" * 8)
             continue
+        approx = "~" if "kmeans_note" in r else ""  # k-means (so the epoch) extrapolated, not run
+        valid = (
+            f"| {r['validation']:.1f} | {r['peak_gib']:.1f} |"
+            if "validation" in r
+            else f"| {r['validation_note']} | {r['peak_gib']:.1f} (training) |"
+        )
         print(
             f"| {r['family']} | {r['items']:,} | {r['softmax']} | {r['negatives']} | {r['candidates']:,} "
-            f"| {r['kmeans']:.1f} | {r['tower']:.1f} | {r['logits']:.1f} | {r['backward']:.1f} | {r['epoch']:.1f} "
-            f"| {r['validation']:.1f} | {r['peak_gib']:.1f} |"
+            f"| {approx}{r['kmeans']:.1f} | {r['tower']:.1f} | {r['logits']:.1f} | {r['backward']:.1f} "
+            f"| {approx}{r['epoch']:.1f} {valid}"
         )
 
 
