@@ -708,6 +708,9 @@ def overload(
     probe: Annotated[float, typer.Option(help="Seconds of the closed-loop capacity run (after 2 s warm-up).")] = 8.0,
     users: Annotated[int, typer.Option(help="Closed-loop clients of the capacity run.")] = 32,
     max_queue_ms: Annotated[float, typer.Option(help="MISSREC_MAX_QUEUE_MS of the service (default 500).")] = 500.0,
+    max_concurrency: Annotated[
+        int, typer.Option(help="MISSREC_MAX_CONCURRENCY of the service (0: its default, 512).")
+    ] = 0,
     mix: Annotated[str, typer.Option(help="The locustfile's request mix (the bench's; no ingests here).")] = (
         "user=80,history=7.5,events=12"
     ),
@@ -722,11 +725,12 @@ def overload(
     import json
     import os
 
+    import httpx
     import numpy as np
 
     from loadtest import procs
     from loadtest.bench import seed_histories
-    from loadtest.stats import read_samples
+    from loadtest.stats import read_samples, stage_deltas
     from loadtest.traffic import build_traffic, write_traffic
 
     bundle, clip = script_artefacts()
@@ -739,9 +743,11 @@ def overload(
     redis_server = RedisServer(work / "redis").start()
     procs.pin(redis_server.process.pid, client_cpus)
     env = service_env(bundle, redis_server.url, f"over-{uuid.uuid4().hex[:6]}", clip, work, max_queue_ms=max_queue_ms)
+    env |= {"MISSREC_MAX_CONCURRENCY": str(max_concurrency)} if max_concurrency else {}
     service = ServiceProcess(env | procs.thread_env(service_cpus), log_path=work / "service.log")
     try:
-        print(f"service ready in {service.start():.1f} s; MISSREC_MAX_QUEUE_MS={max_queue_ms:g}, mix {mix}", flush=True)
+        print(f"service ready in {service.start():.1f} s; MISSREC_MAX_QUEUE_MS={max_queue_ms:g}, "
+              f"MISSREC_MAX_CONCURRENCY={max_concurrency or 'default (512)'}, mix {mix}", flush=True)  # fmt: skip
         procs.pin(service.child.pid, service_cpus)
         print(f"seeded {asyncio.run(seed_histories(service.url, real['users']))} real users' histories", flush=True)
         with procs.CpuMeter({"service": service.child.pid}) as meter:
@@ -754,10 +760,12 @@ def overload(
             print(f"capacity (closed loop, {users} clients): {capacity.achieved:.0f} req/s, p50 {capacity.p50:.1f} ms, "
                   f"p99 {capacity.p99:.1f} ms, {capacity.errors} errors", flush=True)  # fmt: skip
             rate = round(factor * capacity.achieved)
+            before = httpx.get(f"{service.url}/metrics", timeout=30).text
             opened = procs.run_locust(
                 service.url, traffic, runs / "overload", rate=rate, users=4, duration=seconds + 3, tag="over", **common
             )
             stats = read_samples(opened, 3.0)
+            stages = stage_deltas(before, httpx.get(f"{service.url}/metrics", timeout=30).text)
             cpu = (
                 meter.usage("service", stats.t_start, stats.t_stop),
                 meter.usage("locust", stats.t_start, stats.t_stop),
@@ -786,6 +794,11 @@ def overload(
         top = f"{a.max():.1f}" if a.size else "-"
         print(f"| {label} | {a.size} | {a.size / stats.window_s:.0f} | {pct(a, 50)} | {pct(a, 99)} | {top} | "
               f"{pct(sched, 99)} |")  # fmt: skip
+    for stage in ("queue", "request"):  # inside the service, from its histograms (bucket estimates)
+        h = stages.get(f"stage:{stage}")
+        if h is not None:
+            print(f"service-side {stage} stage of the open-loop run: {h.count:.0f} observed, "
+                  f"p50 {1000 * h.quantile(0.5):.1f} ms, p99 {1000 * h.quantile(0.99):.1f} ms")  # fmt: skip
     print(f"503 answers in the whole run (warm-up included): {meta.get('status_503')}, without Retry-After: "
           f"{meta.get('status_503_without_retry_after')}")  # fmt: skip
 
