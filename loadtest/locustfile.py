@@ -42,7 +42,7 @@ JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"
 WRITE_HEADERS = {"X-API-Key": os.environ["MISSREC_API_KEY"]} if os.environ.get("MISSREC_API_KEY") else {}
 
 SAMPLES: list[tuple[str, float, float, float, float, int]] = []  # kind, sched (s since start), lag, lat, lat_sched, st
-STATE: dict = {"t0": None, "stopped": None, "in_flight": 0}
+STATE: dict = {"t0": None, "stopped": None, "in_flight": 0, "503": 0, "503_without_retry_after": 0}
 _user_ids = itertools.count()
 
 
@@ -111,6 +111,8 @@ def _stop(environment, **_kw) -> None:
         "duration_s": STATE["stopped"] - STATE["t0"],
         "requests": len(SAMPLES),
         "in_flight_at_stop": STATE["in_flight"],
+        "status_503": STATE["503"],
+        "status_503_without_retry_after": STATE["503_without_retry_after"],
         "rate": environment.parsed_options.rate,
         "users": environment.parsed_options.num_users,
     }
@@ -197,4 +199,7 @@ class MissRecUser(FastHttpUser):
             item_id = f"{self.tag}-{self.index}-{n}"
             body = {"item_id": item_id, "text": f"{p['text']} #{n}", "image_base64": p["image_base64"]}
             r = self.client.post("/v1/items", json=body, headers=WRITE_HEADERS, name="ingest")
+        if r.status_code == 503:  # shed load must say when to come back
+            STATE["503"] += 1
+            STATE["503_without_retry_after"] += not r.headers.get("Retry-After")
         return int(r.status_code or 0)

@@ -62,7 +62,7 @@ def create_app(settings: Settings | None = None, **overrides: Any) -> FastAPI:
     app.state.service = None
     app.state.load = Load(settings.max_concurrency, settings.max_pending_bodies)  # /readyz reads it
     install_error_handlers(app)
-    for router in (recommend.router, users.router, items.router, health.router, admin.router):
+    for router in (recommend.router, users.router, items.router, items.by_query, health.router, admin.router):
         app.include_router(router)
     app.mount("/console", ConsoleFiles(), name="console")
     app.add_middleware(ConcurrencyLimit, load=app.state.load, body_timeout=settings.body_timeout_seconds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Annotated
-from urllib.parse import unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from fastapi import Depends, Header, Request
 
@@ -63,8 +63,18 @@ async def require_utf8_path(request: Request) -> None:
         raise InvalidInput("the id in the path is not valid UTF-8 after percent-decoding") from None
 
 
+async def require_utf8_query(request: Request) -> None:
+    """422 for a query string whose percent-escapes are not UTF-8 (``?id=%FF``): as in a path, the server would
+    decode them to U+FFFD and different ids would become one."""
+    try:
+        parse_qsl(request.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise InvalidInput("the query string is not valid UTF-8 after percent-decoding") from None
+
+
 StateDep = Annotated[ServiceState, Depends(get_state)]
 WriteAccess = Depends(require_api_key)
 AdminAccess = Depends(require_admin_key)
 JSONBody = Depends(require_json)
 PathUTF8 = Depends(require_utf8_path)
+QueryUTF8 = Depends(require_utf8_query)

@@ -46,9 +46,15 @@ async function api(path, { method = "GET", json, form, write = false } = {}) {
 
 const enc = encodeURIComponent;
 
+// Item reads name the id in the query (GET /v1/item?id=...): a URL path cannot carry the ids "." and ".." (the
+// URL parser removes them, and %2E / %2E%2E, as dot segments), a query value can carry any id.
+function itemUrl(id, what = "", params = "") {
+  return `v1/item${what}?id=${enc(id)}${params}`;
+}
+
 async function itemInfo(id) {
   if (!itemCache.has(id)) {
-    itemCache.set(id, api(`v1/items/${enc(id)}`).catch((exc) => ({ item_id: id, text: null, missing: exc.message })));
+    itemCache.set(id, api(itemUrl(id)).catch((exc) => ({ item_id: id, text: null, missing: exc.message })));
   }
   return itemCache.get(id);
 }
@@ -86,7 +92,7 @@ function itemLink(id) {
 
 function thumb(info) {
   if (!info.has_image) return null;
-  return el("img", { src: new URL(`v1/items/${enc(info.item_id)}/image`, API), alt: `Photo of ${info.item_id}`, class: "thumb" });
+  return el("img", { src: new URL(itemUrl(info.item_id, "/image"), API), alt: `Photo of ${info.item_id}`, class: "thumb" });
 }
 
 function itemText(info) {
@@ -386,8 +392,8 @@ async function showItem(event) {
   itemCache.delete(id);
   try {
     const [info, near] = await Promise.all([
-      api(`v1/items/${enc(id)}`),
-      api(`v1/items/${enc(id)}/similar?k=${kOf($("#item-k"))}&explain=true`),
+      api(itemUrl(id)),
+      api(itemUrl(id, "/similar", `&k=${kOf($("#item-k"))}&explain=true`)),
     ]);
     itemCache.set(id, Promise.resolve(info));
     const ingested = info.source === "ingested";

@@ -1,5 +1,6 @@
 """Items: POST /v1/items (cold start, multipart or JSON), GET /v1/items?q= (search), GET and DELETE
-/v1/items/{item_id}, GET /v1/items/{item_id}/similar and /image."""
+/v1/items/{item_id}, GET /v1/items/{item_id}/similar and /image; the same reads with the id in the query
+(GET /v1/item?id=, /v1/item/similar?id=, /v1/item/image?id=) for ids a URL path cannot carry."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 
 from service import usecases
-from service.deps import JSONBody, PathUTF8, StateDep, WriteAccess, is_json_media
+from service.deps import JSONBody, PathUTF8, QueryUTF8, StateDep, WriteAccess, is_json_media
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
 from service.routers.recommend import recommended
 from service.schemas import (
@@ -41,6 +42,17 @@ from service.state import ServiceState
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 ItemId = Annotated[str, Path(min_length=1, max_length=256, description="External item id.")]
+QueryItemId = Annotated[
+    str,
+    Query(
+        alias="id",
+        min_length=1,
+        max_length=256,
+        description="External item id, percent-encoded like any query value (any id, `.` and `..` included).",
+    ),
+]
+SimilarK = Annotated[int | None, Query(ge=1, le=MAX_K, description="Items returned (default 10).")]
+Explain = Annotated[bool, Query(description="Add text/image weights and the interest cluster per item.")]
 _ID = TypeAdapter(Identifier)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 501, 503)}
 
@@ -208,10 +220,7 @@ GET /v1/items/{item_id}.)"""
     description=SIMILAR_DESCRIPTION,
 )
 async def similar_items(
-    item_id: ItemId,
-    state: StateDep,
-    k: Annotated[int | None, Query(ge=1, le=MAX_K, description="Items returned (default 10).")] = None,
-    explain: Annotated[bool, Query(description="Add text/image weights and the interest cluster per item.")] = False,
+    item_id: ItemId, state: StateDep, k: SimilarK = None, explain: Explain = False
 ) -> SimilarResponse:
     rec = await usecases.similar_items(state, item_id, k, explain)
     return SimilarResponse(item_id=item_id, items=recommended(rec), model_version=rec.model_version, exact=rec.exact)
@@ -263,3 +272,46 @@ async def delete_item(item_id: ItemId, state: StateDep) -> Response:
     """Remove an item (bundle or ingested) from recommendations at once, on every replica."""
     await usecases.delete_item(state, item_id)
     return Response(status_code=204)
+
+
+# ----- the same reads with the id in the query ------------------------------------------------------------------
+# A URL path cannot carry the ids "." and "..": URL parsers (browsers' fetch, curl, most HTTP libraries) remove
+# them, and their percent-encodings %2E / %2E%2E, as dot segments before the request is sent. These routes answer
+# exactly what the path routes answer (they call them), so the console fetches every item this way.
+by_query = APIRouter(prefix="/v1/item", tags=["items"])
+BY_QUERY = "\n\nThe id is in the query (`?id=`), so any id can be named, `.` and `..` included."
+
+
+@by_query.get(
+    "",
+    response_model=ItemResponse,
+    responses=ERRORS,
+    dependencies=[QueryUTF8],
+    description="What GET /v1/items/{item_id} answers." + BY_QUERY,
+)
+async def get_item_by_query(item_id: QueryItemId, state: StateDep) -> ItemResponse:
+    return await get_item(item_id, state)
+
+
+@by_query.get(
+    "/similar",
+    response_model=SimilarResponse,
+    responses=ERRORS,
+    dependencies=[QueryUTF8],
+    description="What GET /v1/items/{item_id}/similar answers." + BY_QUERY,
+)
+async def similar_items_by_query(
+    item_id: QueryItemId, state: StateDep, k: SimilarK = None, explain: Explain = False
+) -> SimilarResponse:
+    return await similar_items(item_id, state, k, explain)
+
+
+@by_query.get(
+    "/image",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "A JPEG thumbnail."}, **ERRORS},
+    dependencies=[QueryUTF8],
+    description="What GET /v1/items/{item_id}/image answers." + BY_QUERY,
+)
+async def item_image_by_query(item_id: QueryItemId, state: StateDep) -> Response:
+    return await item_image(item_id, state)

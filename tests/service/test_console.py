@@ -288,3 +288,31 @@ def test_a_malformed_item_link_shows_an_error_and_no_script_error(page, service)
     alert = page.locator("#view-item [role=alert]")
     alert.filter(has_text="malformed link").wait_for()
     assert "is not a percent-encoded item id" in alert.inner_text()
+
+
+def test_items_whose_ids_are_dot_segments_open_in_the_item_view(page, service, abo_products):
+    """The ids "." and ".." are dot segments in a URL path (the browser removes them, and %2E / %2E%2E, before
+    sending): the console reads items with the id in the query, so both open with their text, photo and nearest
+    items, from a link and from the form."""
+    product = next(p for p in abo_products if p["images"])
+    with _api(service) as api, product["images"][0].open("rb") as photo:
+        r = api.post("/v1/items", data={"item_id": ".", "text": "the item called dot"}, files={"image": photo})
+        assert r.status_code == 201, r.text
+        r = api.post("/v1/items", json={"item_id": "..", "text": "the item called dot dot"})
+        assert r.status_code == 201, r.text
+        near = {i: api.get("/v1/item/similar", params={"id": i, "k": 10}).json()["items"] for i in (".", "..")}
+    alert = page.locator("#view-item [role=alert]")
+    for item, text in ((".", "the item called dot"), ("..", "the item called dot dot")):
+        page.goto(f"/console/#item/{item}")  # what the console's own links hold (encodeURIComponent keeps dots)
+        page.wait_for_function(  # the view announces the item once its nearest items are listed
+            "id => document.querySelector('#announce').textContent === `item ${id}: 10 nearest items`", arg=item
+        )
+        assert text in page.locator("#item-card").inner_text()
+        assert page.locator("#item-card dd").first.inner_text() == item  # the "id" fact
+        assert _listed(page, "#item-similar") == [i["item_id"] for i in near[item]]
+        assert alert.inner_text() == ""
+    page.locator("#view-item").get_by_label("Item id").fill(".")
+    page.locator("#view-item").get_by_role("button", name="Show").click()
+    page.locator("#item-card").filter(has_text="the item called dot").locator("img").wait_for()
+    page.wait_for_function("() => document.querySelector('#item-card img').naturalWidth > 0")  # /v1/item/image?id=.
+    assert "dot dot" not in page.locator("#item-card").inner_text() and alert.inner_text() == ""

@@ -497,6 +497,55 @@ def test_location_of_dot_ids_can_be_followed(client):
         assert client.get(r.headers["location"]).json()["item_id"] == item
 
 
+def _path(item: str) -> str:
+    """The path form of an id as httpx sends it unchanged (a browser would drop "." / ".." / %2E as dot segments)."""
+    return "/v1/items/" + ("%2E" * len(item) if item in (".", "..") else quote(item, safe=""))
+
+
+def test_the_id_in_the_query_routes_answer_what_the_path_routes_answer(client):
+    """GET /v1/item?id= (and /similar, /image) answer exactly what GET /v1/items/{id} (/similar, /image) answer, for
+    ids a URL path cannot carry too: the console reads every item this way."""
+    odd = (".", "..", "a/b", "why?k=1", "frag#1", "100%", "%2E", "a b&id=x")
+    for n, item in enumerate(odd):
+        if n % 2 == 0:  # with a photo (multipart), or text only (JSON)
+            image = {"image": ("x.png", _png((40 + n, 40)), "image/png")}
+            r = client.post("/v1/items", data={"item_id": item, "text": f"odd id {n}"}, files=image)
+        else:
+            r = client.post("/v1/items", json={"item_id": item, "text": f"odd id {n}"})
+        assert r.status_code == 201, (item, r.text)
+    for n, item in enumerate(odd):
+        got = client.get("/v1/item", params={"id": item})
+        assert got.status_code == 200, (item, got.text)
+        assert got.json()["item_id"] == item and got.json()["text"] == f"odd id {n}"
+        near = client.get("/v1/item/similar", params={"id": item, "k": 5, "explain": "true"})
+        assert near.status_code == 200 and near.json()["item_id"] == item
+        photo = client.get("/v1/item/image", params={"id": item})
+        if n % 2 == 0:
+            assert photo.status_code == 200 and photo.headers["content-type"] == "image/jpeg"
+        else:
+            _error(photo, 404, "no_image")
+        if item == "%2E":  # Starlette's TestClient percent-decodes a path twice (uvicorn once): no path twin here
+            continue
+        assert got.json() == client.get(_path(item)).json()
+        assert near.json() == client.get(_path(item) + "/similar", params={"k": 5, "explain": "true"}).json()
+        path_photo = client.get(_path(item) + "/image")
+        assert (photo.status_code, photo.content) == (path_photo.status_code, path_photo.content)
+    assert client.get("/v1/item?id=%2E%2E").json()["item_id"] == ".."  # a percent-encoded value decodes as usual
+    assert client.get("/v1/item?id=%252E").json()["item_id"] == "%2E"
+    # errors: the same 404 body as the path route, the one error shape for bad ids
+    for route in ("", "/similar", "/image"):
+        missing = _error(client.get(f"/v1/item{route}", params={"id": "no such/item"}), 404, "not_found")
+        assert missing == _error(client.get(_path("no such/item") + route), 404, "not_found")
+        assert missing["details"] == {"item_id": "no such/item"}
+        _error(client.get(f"/v1/item{route}"), 422, "invalid_input")  # no id
+        _error(client.get(f"/v1/item{route}?id="), 422, "invalid_input")
+        _error(client.get(f"/v1/item{route}", params={"id": "x" * 257}), 422, "invalid_input")
+        _error(client.get(f"/v1/item{route}?id=a%FF"), 422, "invalid_input")  # not UTF-8: never U+FFFD
+    _error(client.get("/v1/item/similar", params={"id": ".", "k": 0}), 422, "invalid_input")
+    assert client.delete(_path("..")).status_code == 204
+    _error(client.get("/v1/item", params={"id": ".."}), 404, "not_found")
+
+
 def test_request_numbers_and_flags_are_not_coerced(client):
     for field, value in (("k", True), ("k", "5"), ("exclude_seen", "yes"), ("explain", 1)):
         _error(client.post("/v1/recommend", json={"history": ["B00O47ILVA"], field: value}), 422, "invalid_input")

@@ -70,6 +70,8 @@ def test_every_write_route_needs_the_api_key(keyed_app):
             assert r.status_code != 401, (method, path, r.text)
         # reads stay open
         assert client.get("/v1/users/sec-user/history").status_code == 200
+        assert client.get("/v1/item", params={"id": "B00O47ILVA"}).status_code == 200
+        assert client.get("/v1/item/similar", params={"id": "B00O47ILVA"}).status_code == 200
         assert client.post("/v1/recommend", json={"history": ["B00O47ILVA"], "k": 2}).status_code == 200
 
 
