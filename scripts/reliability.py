@@ -466,7 +466,7 @@ def slow_bodies(
     try:
         print(
             f"service ready in {service.start():.1f} s; fd limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}, "
-            f"MISSREC_BODY_TIMEOUT_SECONDS={body_timeout:g}, MISSREC_MAX_CONCURRENCY default (512)",
+            f"MISSREC_BODY_TIMEOUT_SECONDS={body_timeout:g}, MISSREC_MAX_CONCURRENCY default",
             flush=True,
         )
         stop = threading.Event()
@@ -709,7 +709,7 @@ def overload(
     users: Annotated[int, typer.Option(help="Closed-loop clients of the capacity run.")] = 32,
     max_queue_ms: Annotated[float, typer.Option(help="MISSREC_MAX_QUEUE_MS of the service (default 500).")] = 500.0,
     max_concurrency: Annotated[
-        int, typer.Option(help="MISSREC_MAX_CONCURRENCY of the service (0: its default, 512).")
+        int, typer.Option(help="MISSREC_MAX_CONCURRENCY of the service (0: its default, 64).")
     ] = 0,
     mix: Annotated[str, typer.Option(help="The locustfile's request mix (the bench's; no ingests here).")] = (
         "user=80,history=7.5,events=12"
@@ -747,7 +747,7 @@ def overload(
     service = ServiceProcess(env | procs.thread_env(service_cpus), log_path=work / "service.log")
     try:
         print(f"service ready in {service.start():.1f} s; MISSREC_MAX_QUEUE_MS={max_queue_ms:g}, "
-              f"MISSREC_MAX_CONCURRENCY={max_concurrency or 'default (512)'}, mix {mix}", flush=True)  # fmt: skip
+              f"MISSREC_MAX_CONCURRENCY={max_concurrency or 'default'}, mix {mix}", flush=True)  # fmt: skip
         procs.pin(service.child.pid, service_cpus)
         print(f"seeded {asyncio.run(seed_histories(service.url, real['users']))} real users' histories", flush=True)
         with procs.CpuMeter({"service": service.child.pid}) as meter:

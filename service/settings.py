@@ -156,7 +156,9 @@ class Settings(BaseSettings):
     max_events: int = Field(MAX_EVENTS, ge=1, le=MAX_EVENTS, description="Most item ids in one events call.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
     max_concurrency: int = Field(
-        512, ge=1, description="Requests being processed (body read) before new ones get 503 (and /readyz 503)."
+        64,  # ~ one core's capacity x an acceptable latency (1,000 req/s x 64 ms): docs/reliability.md, overload
+        ge=1,
+        description="Requests being processed (body read) before new ones get 503 (and /readyz 503).",
     )
     body_timeout_seconds: float = Field(
         10.0, gt=0, le=600, description="Time a request body may take to arrive (408 and the connection closed after)."
