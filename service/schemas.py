@@ -138,6 +138,12 @@ class EventsRequest(_Strict):
 class ItemJSONRequest(_Strict):
     """Cold-start item as JSON; the image is base64 (never a URL: the service fetches nothing)."""
 
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={"examples": [{"item_id": "new-item-1", "text": "Cordless drill. Tools. Acme."}]},
+    )
+
     item_id: Identifier
     text: str = Field("", max_length=MAX_TEXT_CHARS)
     image_base64: str | None = Field(None, description="Base64 image bytes (JPEG, PNG, WEBP, GIF, BMP).")
