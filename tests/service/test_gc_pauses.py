@@ -32,7 +32,8 @@ def test_freeze_moves_the_live_heap_out_of_the_collections():
     kept = [[i] for i in range(1000)]  # live, tracked objects
     try:
         frozen = freeze()
-        assert frozen >= len(kept) and gc.get_freeze_count() == frozen
+        # frozen objects may still die (the count then drops: a CI run saw 2 fewer), none join after the freeze
+        assert frozen >= len(kept) and len(kept) <= gc.get_freeze_count() <= frozen
         assert all(len(gc.get_objects(g)) < frozen for g in range(3))  # no generation walks them any more
     finally:
         gc.unfreeze()
