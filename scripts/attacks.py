@@ -10,27 +10,20 @@ snapshot-memory and overload are scripts/attacks_load.py (this file's helpers sh
 
 from __future__ import annotations
 
-import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Annotated
 
 import typer
+from reliability import _workdir  # scripts/reliability.py, beside this file (the scenarios' work folders)
 
-from harness.launch import ROOT, RedisServer, ServiceProcess, bundle_ids, script_artefacts, service_env
+from harness.launch import RedisServer, ServiceProcess, bundle_ids, script_artefacts, service_env
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="The attacks of issue 22 at full size: slow-bodies, shadow-leak (snapshot-memory, overload: attacks_load.py).",
 )
-WORK = ROOT / "var" / "reliability"
-
-
-def _workdir(name: str) -> Path:
-    WORK.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=WORK))
 
 
 API_KEY = "reliability-admin-key-0123456789"

@@ -59,15 +59,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "missrec_cli.main", *args]
 
 
-def _status_mib(pid: int) -> dict[str, float]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = round(int(value.split()[0]) / 1024, 1)
-    return out
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=1_000_000)
@@ -135,6 +126,7 @@ def serve_and_recommend(args, bundle: Path, data: Path, work: Path, logs: Path) 
 
     from harness.launch import start, wait_ready
     from harness.ports import free_port
+    from loadtest.memory import status_mib
     from missrec.data.dataset import load_dataset
 
     port = free_port()
@@ -149,7 +141,7 @@ def serve_and_recommend(args, bundle: Path, data: Path, work: Path, logs: Path) 
     out: dict = {}
     try:
         wait_ready(f"http://127.0.0.1:{port}", child, args.ready_timeout)
-        out["serve"] = {"ready_s": round(time.perf_counter() - began, 1), **_status_mib(child.pid)}
+        out["serve"] = {"ready_s": round(time.perf_counter() - began, 1), **status_mib(child.pid)}
         ds = load_dataset(data)
         test = ds.split("test")
         n = min(args.requests, len(test.lengths))
@@ -167,7 +159,7 @@ def serve_and_recommend(args, bundle: Path, data: Path, work: Path, logs: Path) 
             "requests": n, "ok": statuses.count(200), "exact": exact,
             "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
         }  # fmt: skip
-        out["serve"] |= {f"after_{k}": v for k, v in _status_mib(child.pid).items()}
+        out["serve"] |= {f"after_{k}": v for k, v in status_mib(child.pid).items()}
     finally:
         child.stop()
     return out
