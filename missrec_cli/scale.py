@@ -26,9 +26,24 @@ TestRows = Annotated[
 ]
 
 
-def sampling_options(negatives: int | None, sampler: str, valid_rows: int, test_rows: int = 0) -> dict:
-    """The sampled-softmax options, refused at start-up when out of range."""
+Autocast = Annotated[
+    str,
+    typer.Option(
+        help="Mixed precision of the training forward passes: none (float32) or bf16 (torch.autocast bfloat16; "
+        "weights, optimiser and validation stay float32)."
+    ),
+]
+
+
+def sampling_options(
+    negatives: int | None, sampler: str, valid_rows: int, test_rows: int = 0, autocast: str = "none"
+) -> dict:
+    """The sampled-softmax and precision options, refused at start-up when out of range."""
+    from missrec.training.loop import AUTOCAST
     from missrec.training.sampled import SAMPLERS
+
+    if autocast not in AUTOCAST:
+        raise fail(f"--autocast must be one of {', '.join(AUTOCAST)}, not {autocast!r}")
 
     if negatives is not None and negatives < 0:
         raise fail(f"--negatives must be >= 0 (0 = full softmax), not {negatives}")
@@ -38,7 +53,13 @@ def sampling_options(negatives: int | None, sampler: str, valid_rows: int, test_
         raise fail(f"--valid-rows must be >= 0 (0 = all), not {valid_rows}")
     if test_rows < 0:
         raise fail(f"--test-rows must be >= 0 (0 = all), not {test_rows}")
-    return {"negatives": negatives, "sampler": sampler, "valid_rows": valid_rows, "test_rows": test_rows}
+    return {
+        "negatives": negatives,
+        "sampler": sampler,
+        "valid_rows": valid_rows,
+        "test_rows": test_rows,
+        "autocast": autocast,
+    }
 
 
 Distributed = Annotated[

@@ -102,7 +102,7 @@ def kmeans_or_estimate(model, gen: torch.Generator, device: str, budget: float, 
     n, mods = model.cfg.num_items - 1, model.cfg.modalities
     m = n * len(mods)
     k = num_interests(m, model.cfg.interest_ratio)
-    if is_large(m) or m * k <= budget:
+    if is_large(m, k) or m * k <= budget:
         return _timed(lambda: model.on_epoch_start(None, gen), device)
     passes, batch = 5, 2048  # MISSRec.discover_interests' defaults
     with torch.no_grad():

@@ -219,7 +219,7 @@ class MISSRec(nn.Module):
             rows = rows[known_items[1:].to(rows.device)]
         x = torch.cat([adapted[m][rows] for m in self.cfg.modalities])  # (M * n_known, D)
         k = num_interests(x.shape[0], self.cfg.interest_ratio)
-        if is_large(x.shape[0]):  # bounded: FAISS on a subsample, K capped, approximate assignment
+        if is_large(x.shape[0], k):  # bounded: FAISS on a subsample, K capped, approximate assignment
             k = min(k, LARGE_MAX_INTERESTS)
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else 0
             centroids, assign = faiss_kmeans(x, k, iterations=passes, seed=seed), assign_approximate

@@ -82,6 +82,9 @@ class TrainOptions:
     negatives: int | None = None
     sampler: str = "mixed"
     valid_rows: int = 0  # early stopping on this many validation rows (a fixed seeded sample); 0 = all
+    # Mixed precision of the training forward passes (torch.autocast): "none" (float32, the papers) or "bf16"
+    # (bfloat16 matrix products where autocast allows; weights, optimiser and validation stay float32).
+    autocast: str = "none"
     test_rows: int = 0  # the final test metrics on this many test rows (one fixed sample, seed 0); 0 = all
 
 
@@ -170,6 +173,17 @@ def training_log_prior(model: Any, train: Interactions, scale: float, device: to
     return (scale * torch.log(torch.as_tensor(counts / counts.sum(), dtype=torch.float32))).to(device)
 
 
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+
+
+def forward_precision(opts: TrainOptions, device: torch.device) -> Any:
+    """The autocast context of one training forward pass (``opts.autocast``); refuses an unknown value."""
+    if opts.autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, not {opts.autocast!r}")
+    dtype = AUTOCAST[opts.autocast]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 @contextmanager
 def deterministic() -> Iterator[None]:
     """Deterministic kernels while training (index_put accumulation order otherwise varies run to run)."""
@@ -218,6 +232,7 @@ def _fit(
     on_epoch_end: EpochCallback | None,
 ) -> FitResult:
     device = torch.device(opts.device)
+    forward_precision(opts, device)  # an unknown autocast value is refused before any work
     model.to(device)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, params, opts)
@@ -263,11 +278,13 @@ def _fit(
                 args = (items.to(device), lengths.to(device), targets.to(device), len(batch), banned)
                 args += (opts.train_exclude_history, log_prior, cands)
                 if ranks is None:
-                    loss = training_loss(model, *args)
+                    with forward_precision(opts, device):
+                        loss = training_loss(model, *args)
                     loss.backward()
                 else:  # DDP averages the ranks' gradients: x world = the whole batch's gradient
                     with ranks.step_context(last=i == len(parts) - 1):
-                        loss = ranks.ddp(*args)
+                        with forward_precision(opts, device):
+                            loss = ranks.ddp(*args)
                         (loss * ranks.world).backward()
                 batch_loss += float(loss.detach())
             if opts.grad_clip is not None:

@@ -103,7 +103,7 @@ def test_cli_errors_are_clear(tmp_path):
     _ok(["synth", "--out", str(data), "--users", "100", "--items", "40", "--topics", "4"])
     result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "r"), "--mode", "bogus"])
     assert result.exit_code == 2 and "inductive or transductive" in result.output
-    for flag in ("--negatives", "--valid-rows", "--test-rows"):  # refused before any work, nothing written
+    for flag in ("--negatives", "--valid-rows", "--test-rows", "--autocast"):  # refused before any work
         result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "neg"), flag, "-1"])
         assert result.exit_code == 2 and not (tmp_path / "neg").exists(), (flag, result.output)
     result = runner.invoke(

@@ -143,3 +143,24 @@ def test_large_catalogue_interest_discovery_is_capped_and_assigns_every_item(ds,
     for m in model.cfg.modalities:
         clusters = getattr(model, f"{m}_cluster")
         assert clusters[0] == 0 and clusters[1:].min() >= 1 and clusters.max() <= 8
+
+
+def test_the_exact_kmeans_runs_only_while_it_costs_less_than_the_bounded_path():
+    # two modalities at interest ratio 0.5: M = 2N vectors into K = N centres
+    assert not interests.is_large(2 * 1585, 1585) and not interests.is_large(2 * 4385, 4385)  # the real datasets
+    assert not interests.is_large(2 * 16000, 16000)
+    assert interests.is_large(2 * 17000, 17000) and interests.is_large(2 * 100_000, 100_000)
+    assert interests.is_large(interests.LARGE_CLUSTERING + 1)  # by size alone, whatever K
+
+
+def test_a_quadratic_exact_kmeans_takes_the_bounded_path(ds, monkeypatch):
+    monkeypatch.setattr(interests, "LARGE_MAX_INTERESTS", 8)  # bounded work 8 x 8 x 2 = 128 distances per pass
+    monkeypatch.setattr(interests, "POINTS_PER_CENTROID", 2)
+    monkeypatch.setattr("missrec.models.missrec.LARGE_MAX_INTERESTS", 8)
+    model = tiny_missrec(ds)
+    assert 2 * ds.num_items <= interests.LARGE_CLUSTERING  # not large by size: by the exact path's cost
+    k = model.discover_interests(None, torch.Generator().manual_seed(0))
+    assert k == 8 and model.centroids.shape[0] == 9
+    for m in model.cfg.modalities:
+        clusters = getattr(model, f"{m}_cluster")
+        assert clusters[0] == 0 and clusters[1:].min() >= 1 and clusters.max() <= 8
