@@ -29,7 +29,16 @@ from missrec_cli.common import (
     load_data,
     lr_scales,
 )
-from missrec_cli.scale import Autocast, Distributed, Negatives, Sampler, TestRows, ValidRows, sampling_options
+from missrec_cli.scale import (
+    Autocast,
+    Distributed,
+    Negatives,
+    Sampler,
+    SparseIds,
+    TestRows,
+    ValidRows,
+    sampling_options,
+)
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
@@ -83,6 +92,7 @@ def train(
     valid_rows: ValidRows = 0,
     test_rows: TestRows = 0,
     autocast: Autocast = "none",
+    sparse_ids: SparseIds = True,
     distributed: Distributed = False,
 ) -> None:
     """Train a model on a dataset (pre-training where it has it, then fine-tuning, early stopping on valid
@@ -105,7 +115,7 @@ def train(
         raise fail("--pretrained is a MISSRec checkpoint; msm4sr and mmsrec pre-train with --pretrain-epochs")
     if cold_fraction and not fam.features:
         raise fail(f"the cold-item protocol needs a model that scores items from features (not {model})")
-    sampling = sampling_options(negatives, sampler, valid_rows, test_rows, autocast)
+    sampling = sampling_options(negatives, sampler, valid_rows, test_rows, autocast, sparse_ids)
     if distributed:
         from missrec.training.distributed import init_from_env
 
@@ -250,6 +260,7 @@ def compare(
     valid_rows: ValidRows = 0,
     test_rows: TestRows = 0,
     autocast: Autocast = "none",
+    sparse_ids: SparseIds = True,
 ) -> None:
     """Train and evaluate MISSRec (inductive, transductive, cold protocol), SASRec and popularity side by side."""
     from missrec.recipes.compare import MODELS, run_compare, write_outputs
@@ -275,7 +286,7 @@ def compare(
         lr_scales=lr_scales(lr_scale),
         feature_norm=feature_norm,
         logit_adjust=logit_adjust,
-        **sampling_options(negatives, sampler, valid_rows, test_rows, autocast),
+        **sampling_options(negatives, sampler, valid_rows, test_rows, autocast, sparse_ids),
     )
     cmp = run_compare(ds, opts, seed_list or [seed], chosen, configs)
     written = write_outputs(out, cmp, plot)

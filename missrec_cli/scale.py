@@ -35,8 +35,24 @@ Autocast = Annotated[
 ]
 
 
+SparseIds = Annotated[
+    bool,
+    typer.Option(
+        "--sparse-ids/--dense-ids",
+        help="Sampled softmax: lazy sparse updates (SparseAdam) of an ID table (SASRec's), only the rows a step "
+        "touches; --dense-ids: dense Adam on every row every step. Dense anyway with weight decay, clipping, "
+        "--lr-scale or --distributed.",
+    ),
+]
+
+
 def sampling_options(
-    negatives: int | None, sampler: str, valid_rows: int, test_rows: int = 0, autocast: str = "none"
+    negatives: int | None,
+    sampler: str,
+    valid_rows: int,
+    test_rows: int = 0,
+    autocast: str = "none",
+    sparse_ids: bool = True,
 ) -> dict:
     """The sampled-softmax and precision options, refused at start-up when out of range."""
     from missrec.training.loop import AUTOCAST
@@ -59,6 +75,7 @@ def sampling_options(
         "valid_rows": valid_rows,
         "test_rows": test_rows,
         "autocast": autocast,
+        "sparse_ids": sparse_ids,
     }
 
 

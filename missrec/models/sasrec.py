@@ -67,5 +67,9 @@ class SASRec(CausalEncoder):
         out = self.training_logits(items, lengths, targets)
         return softmax_loss(out.logits, out.labels, batch_size)
 
+    def sparse_embeddings(self) -> list[nn.Embedding]:
+        """The ID table, trained with sparse gradients under the sampled softmax (missrec.training.optim)."""
+        return [self.item_emb]
+
     def on_epoch_start(self, known_items: torch.Tensor | None, generator: torch.Generator) -> None:
         """SASRec has no per-epoch work."""

@@ -32,6 +32,7 @@ from missrec.evaluation.metrics import evaluate
 from missrec.models.checkpoint import restore_state
 from missrec.nn.protocol import TrainingLogits, banned_items, softmax_loss
 from missrec.training.distributed import Ranks
+from missrec.training.optim import make_optimizer, sparse_gradients, sparse_tables
 from missrec.training.sampled import Candidates, in_batch_items, make_sampler, sampled_loss
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class TrainOptions:
     # Mixed precision of the training forward passes (torch.autocast): "none" (float32, the papers) or "bf16"
     # (bfloat16 matrix products where autocast allows; weights, optimiser and validation stay float32).
     autocast: str = "none"
+    # Sampled softmax only: lazy sparse updates of the ID tables a model lists (missrec.training.optim); False =
+    # dense Adam on every row every step.
+    sparse_ids: bool = True
     test_rows: int = 0  # the final test metrics on this many test rows (one fixed sample, seed 0); 0 = all
 
 
@@ -236,8 +240,6 @@ def _fit(
     model.to(device)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model, params, opts)
-    optimizer_cls = torch.optim.AdamW if opts.decoupled_weight_decay else torch.optim.Adam
-    optimizer: torch.optim.Optimizer = optimizer_cls(groups, lr=opts.lr, weight_decay=opts.weight_decay)
     # Columns no step may score: padding + withheld items (None: padding only, handled by the loss).
     banned = None if known_items is None else banned_items(len(known_items), ~known_items.cpu().numpy()).to(device)
     log_prior = training_log_prior(model, train, opts.logit_adjust, device)
@@ -246,77 +248,80 @@ def _fit(
     rng = np.random.default_rng(opts.seed)
     generator = torch.Generator(device="cpu").manual_seed(opts.seed)
     ranks = Ranks.of(model, training_loss, opts.seed)  # None: one process (torchrun: missrec.training.distributed)
+    tables = sparse_tables(model, opts, sampler is not None, ranks is not None)
+    optimizer = make_optimizer(params, groups, opts, tables)
     result = FitResult(best_epoch=-1, best_valid={})
     best_state: dict[str, torch.Tensor] | None = None
     best_ndcg = -1.0
     stale = 0
     started = time.perf_counter()
-    bar = tqdm(range(opts.epochs), desc=f"train {name}", disable=not opts.progress, leave=False)
-    for epoch in bar:
-        model.train()
-        model.on_epoch_start(known_items, generator)
-        if ranks is not None:
-            ranks.sync_buffers(model)
-        total, count = 0.0, 0
-        keys = row_costs(model, train)
-        order = epoch_order(keys, opts.batch_size, rng, opts.bucket_by_length)
-        for start in range(0, len(order), opts.batch_size):
-            batch = order[start : start + opts.batch_size]
-            if ranks is not None and len(batch) < ranks.world:
-                continue  # a rank's shard would be empty (every rank skips the same batch)
-            # Exact gradient accumulation over cost-bounded chunks: a long-tailed batch is not padded to its
-            # longest row. The chunk losses sum to the batch loss (see the models' ``loss``).
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss = 0.0
-            cands = (
-                None
-                if sampler is None
-                else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
-            )
-            parts = list(chunks_of(train, batch if ranks is None else ranks.shard(batch), keys, opts.chunk_tokens))
-            for i, (_, items, lengths, targets) in enumerate(parts):
-                args = (items.to(device), lengths.to(device), targets.to(device), len(batch), banned)
-                args += (opts.train_exclude_history, log_prior, cands)
-                if ranks is None:
-                    with forward_precision(opts, device):
-                        loss = training_loss(model, *args)
-                    loss.backward()
-                else:  # DDP averages the ranks' gradients: x world = the whole batch's gradient
-                    with ranks.step_context(last=i == len(parts) - 1):
+    with sparse_gradients(tables):  # restored for what follows (export, evaluation)
+        bar = tqdm(range(opts.epochs), desc=f"train {name}", disable=not opts.progress, leave=False)
+        for epoch in bar:
+            model.train()
+            model.on_epoch_start(known_items, generator)
+            if ranks is not None:
+                ranks.sync_buffers(model)
+            total, count = 0.0, 0
+            keys = row_costs(model, train)
+            order = epoch_order(keys, opts.batch_size, rng, opts.bucket_by_length)
+            for start in range(0, len(order), opts.batch_size):
+                batch = order[start : start + opts.batch_size]
+                if ranks is not None and len(batch) < ranks.world:
+                    continue  # a rank's shard would be empty (every rank skips the same batch)
+                # Exact gradient accumulation over cost-bounded chunks: a long-tailed batch is not padded to its
+                # longest row. The chunk losses sum to the batch loss (see the models' ``loss``).
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss = 0.0
+                cands = (
+                    None
+                    if sampler is None
+                    else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
+                )
+                parts = list(chunks_of(train, batch if ranks is None else ranks.shard(batch), keys, opts.chunk_tokens))
+                for i, (_, items, lengths, targets) in enumerate(parts):
+                    args = (items.to(device), lengths.to(device), targets.to(device), len(batch), banned)
+                    args += (opts.train_exclude_history, log_prior, cands)
+                    if ranks is None:
                         with forward_precision(opts, device):
-                            loss = ranks.ddp(*args)
-                        (loss * ranks.world).backward()
-                batch_loss += float(loss.detach())
-            if opts.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
-            optimizer.step()
-            total += batch_loss * len(batch)
-            count += len(batch)
+                            loss = training_loss(model, *args)
+                        loss.backward()
+                    else:  # DDP averages the ranks' gradients: x world = the whole batch's gradient
+                        with ranks.step_context(last=i == len(parts) - 1):
+                            with forward_precision(opts, device):
+                                loss = ranks.ddp(*args)
+                            (loss * ranks.world).backward()
+                    batch_loss += float(loss.detach())
+                if opts.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+                optimizer.step()
+                total += batch_loss * len(batch)
+                count += len(batch)
 
-        def metrics_of(rows: Interactions) -> dict[str, float]:
-            return evaluate(
-                model, rows, opts.eval_batch_size, opts.device, banned=banned, exclude_history=opts.exclude_history
-            )["all"]
+            def metrics_of(rows: Interactions) -> dict[str, float]:
+                return evaluate(
+                    model, rows, opts.eval_batch_size, opts.device, banned=banned, exclude_history=opts.exclude_history
+                )["all"]
 
-        valid_metrics = metrics_of(valid) if ranks is None else ranks.agree(metrics_of, valid)
-        if ranks is not None:
-            total = ranks.sum(total)
-        ndcg = valid_metrics["ndcg@10"]
-        result.history.append({"epoch": epoch, "loss": total / max(count, 1), **valid_metrics})
-        bar.set_postfix(loss=f"{total / max(count, 1):.4f}", ndcg10=f"{ndcg:.4f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, valid_metrics)
-        log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f", name, epoch, total / max(count, 1), ndcg)
-        if ndcg > best_ndcg:
-            best_ndcg, stale = ndcg, 0
-            result.best_epoch, result.best_valid = epoch, valid_metrics
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= opts.patience:
-                log.info("%s: early stop at epoch %d (best %d)", name, epoch, result.best_epoch)
-                break
-    bar.close()
+            valid_metrics = metrics_of(valid) if ranks is None else ranks.agree(metrics_of, valid)
+            if ranks is not None:
+                total = ranks.sum(total)
+            ndcg = valid_metrics["ndcg@10"]
+            result.history.append({"epoch": epoch, "loss": total / max(count, 1), **valid_metrics})
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}", ndcg10=f"{ndcg:.4f}")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, valid_metrics)
+            log.info("%s epoch %d loss %.4f valid ndcg@10 %.4f", name, epoch, total / max(count, 1), ndcg)
+            if ndcg > best_ndcg:
+                best_ndcg, stale = ndcg, 0
+                result.best_epoch, result.best_valid = epoch, valid_metrics
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                stale += 1
+                if stale >= opts.patience:
+                    log.info("%s: early stop at epoch %d (best %d)", name, epoch, result.best_epoch)
+                    break
+        bar.close()
     if best_state is not None:
         restore_state(model, best_state)
     model.eval()
