@@ -141,7 +141,8 @@ def one_run(args: argparse.Namespace) -> dict:
     from missrec.data.batching import chunks_of, epoch_order, row_costs
     from missrec.data.dataset import load_dataset
     from missrec.evaluation.metrics import compute_ranks
-    from missrec.training.loop import training_loss
+    from missrec.training.loop import TrainOptions, forward_precision, training_loss
+    from missrec.training.optim import make_optimizer, sparse_gradients, sparse_tables
     from missrec.training.sampled import DEFAULT_NEGATIVES, in_batch_items, make_sampler
 
     cap = int(args.mem_cap * 2**30)
@@ -159,33 +160,47 @@ def one_run(args: argparse.Namespace) -> dict:
     row["negatives"] = 0 if sampler is None else sampler.negatives
     keys = row_costs(model, train)
     order = epoch_order(keys, batch_size, np.random.default_rng(0), True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opts = TrainOptions(progress=False, autocast=args.autocast, sparse_ids=not args.dense_ids)  # the loop's optimiser
+    tables = sparse_tables(model, opts, sampler is not None, False)
+    params = list(model.parameters())
+    optimizer = make_optimizer(params, [{"params": params}], opts, tables)
+    row["sparse_ids"], row["autocast"] = bool(tables), args.autocast
     tower = forward = backward = 0.0
     steps = min(args.steps, math.ceil(len(order) / batch_size))
     candidates = 0
-    for step in range(steps + 1):  # step 0: warm-up, discarded
-        batch = order[step * batch_size : (step + 1) * batch_size]
-        cands = (
-            None
-            if sampler is None
-            else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
-        )
-        ids = None if cands is None else cands.ids.to(device)
-        t_tower = _timed(lambda ids=ids: item_side(model, ids), device)
-        optimizer.zero_grad(set_to_none=True)
-        t_fwd = t_bwd = 0.0
-        for _, items, lengths, targets in chunks_of(train, batch, keys, 8192):
-            started = time.perf_counter()
-            loss = training_loss(
-                model, items.to(device), lengths.to(device), targets.to(device), len(batch), None, False, None, cands
+    with sparse_gradients(tables):
+        for step in range(steps + 1):  # step 0: warm-up, discarded
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            cands = (
+                None
+                if sampler is None
+                else sampler.draw(in_batch_items(model, train.histories[batch], train.targets[batch]))
             )
-            _sync(device)
-            t_fwd += time.perf_counter() - started
-            t_bwd += _timed(loss.backward, device)
-        t_bwd += _timed(optimizer.step, device)
-        if step:
-            tower, forward, backward = tower + t_tower, forward + t_fwd, backward + t_bwd
-            candidates += len(train.targets) if cands is None else len(cands.ids)
+            ids = None if cands is None else cands.ids.to(device)
+            t_tower = _timed(lambda ids=ids: item_side(model, ids), device)
+            optimizer.zero_grad(set_to_none=True)
+            t_fwd = t_bwd = 0.0
+            for _, items, lengths, targets in chunks_of(train, batch, keys, 8192):
+                started = time.perf_counter()
+                with forward_precision(opts, torch.device(device)):
+                    loss = training_loss(
+                        model,
+                        items.to(device),
+                        lengths.to(device),
+                        targets.to(device),
+                        len(batch),
+                        None,
+                        False,
+                        None,
+                        cands,
+                    )
+                _sync(device)
+                t_fwd += time.perf_counter() - started
+                t_bwd += _timed(loss.backward, device)
+            t_bwd += _timed(optimizer.step, device)
+            if step:
+                tower, forward, backward = tower + t_tower, forward + t_fwd, backward + t_bwd
+                candidates += len(train.targets) if cands is None else len(cands.ids)
     scale = math.ceil(len(train) / batch_size) / steps
     row.update(
         steps=steps,
@@ -241,6 +256,8 @@ def main() -> None:
     parser.add_argument("--valid-rows", type=int, default=1000, help="validation rows timed (extrapolated)")
     parser.add_argument("--cache", default="/tmp/epoch-bench", help="where SYNTHETIC datasets are generated")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--autocast", default="none", help="none or bf16: the training forward passes' precision")
+    parser.add_argument("--dense-ids", action="store_true", help="dense Adam on ID tables (before the sparse updates)")
     parser.add_argument("--mem-cap", type=float, default=14.0, help="GiB of address space per run")
     parser.add_argument(
         "--kmeans-budget",
@@ -276,7 +293,9 @@ def main() -> None:
                     str(args.mem_cap),
                     "--kmeans-budget",
                     str(args.kmeans_budget),
-                ]
+                    "--autocast",
+                    args.autocast,
+                ] + (["--dense-ids"] if args.dense_ids else [])
                 if args.negatives is not None:
                     cmd += ["--negatives", str(args.negatives)]
                 row = {"family": family, "items": size, "softmax": softmax}
@@ -310,6 +329,12 @@ def main() -> None:
     print_table(rows)
 
 
+def _variant(r: dict) -> str:
+    """What a row ran beyond the defaults: sparse ID updates (sampled SASRec), bf16 autocast."""
+    tags = [t for t, on in (("sparse IDs", r.get("sparse_ids")), ("bf16", r.get("autocast") == "bf16")) if on]
+    return f" ({', '.join(tags)})" if tags else ""
+
+
 def print_table(rows: list[dict]) -> None:
     print(
         "| family | items | softmax | negatives | candidates/step | k-means s | item tower s | user tower + logits s "
@@ -327,7 +352,7 @@ def print_table(rows: list[dict]) -> None:
             else f"| {r['validation_note']} | {r['peak_gib']:.1f} (training) |"
         )
         print(
-            f"| {r['family']} | {r['items']:,} | {r['softmax']} | {r['negatives']} | {r['candidates']:,} "
+            f"| {r['family']}{_variant(r)} | {r['items']:,} | {r['softmax']} | {r['negatives']} | {r['candidates']:,} "
             f"| {approx}{r['kmeans']:.1f} | {r['tower']:.1f} | {r['logits']:.1f} | {r['backward']:.1f} "
             f"| {approx}{r['epoch']:.1f} {valid}"
         )
