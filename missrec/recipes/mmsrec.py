@@ -23,7 +23,8 @@ from missrec.training.run import RunResult, feature_widths, require_features, tr
 MMSREC_OPTIMISER: dict[str, Any] = {"decoupled_weight_decay": True, "weight_decay": 0.01, "grad_clip": 1.0}
 PRETRAIN_EPOCHS = 0  # `missrec train --model mmsrec` default
 # MMSRec (d 512, its item tower over the whole catalogue every step) costs ~1-3 min per epoch on the 2-core machine:
-# cap its epochs so the whole compare stays within 45 minutes.
+# cap its epochs so the whole compare stays within 45 minutes -- when `compare --epochs` is left at its default
+# (TrainOptions.epochs); an explicit `--epochs N` is honoured for MMSRec as for every other model.
 MMSREC_MAX_EPOCHS = 8
 
 
@@ -69,7 +70,8 @@ def train(ds: SeqDataset, opts: TrainOptions, request: TrainRequest) -> RunResul
 
 def _compare(name: str, cold_fraction: float | None = None) -> Recipe:
     def recipe(ds: SeqDataset, opts: TrainOptions, config: dict[str, Any] | None) -> RunResult:
-        capped = replace(opts, epochs=min(opts.epochs, MMSREC_MAX_EPOCHS))
+        default = opts.epochs == TrainOptions.epochs  # the budget's cap, unless the caller chose the epochs
+        capped = replace(opts, epochs=MMSREC_MAX_EPOCHS) if default else opts
         return train_mmsrec(ds, capped, cold_fraction=cold_fraction, name=name, **(config or {}))
 
     return recipe

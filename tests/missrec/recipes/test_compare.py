@@ -39,3 +39,16 @@ def test_parts_by_seed_and_model_merge_into_the_whole(tmp_path):
         merge_comparisons([main[0], main[0]])
     with pytest.raises(ValueError, match="different models"):
         merge_comparisons([main[0], cold[1]])
+
+
+def test_compare_caps_mmsrec_only_at_the_default_epochs(monkeypatch):
+    from missrec.recipes import mmsrec
+    from missrec.training.loop import TrainOptions
+
+    seen = []
+    monkeypatch.setattr(mmsrec, "train_mmsrec", lambda ds, opts, **kw: seen.append(opts.epochs))
+    run = mmsrec.COMPARE[0].recipe
+    run(None, TrainOptions(), None)  # compare's default --epochs: the budget's cap
+    run(None, TrainOptions(epochs=40), None)  # chosen: honoured
+    run(None, TrainOptions(epochs=3), None)
+    assert seen == [mmsrec.MMSREC_MAX_EPOCHS, 40, 3]
