@@ -51,11 +51,17 @@ def export_clip(
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag or local checkpoint path.")],
     out: Annotated[Path, typer.Option("--out", help="CLIP ONNX directory to create (MISSREC_CLIP_ONNX).")],
     samples: Annotated[
-        Path, typer.Option("--samples", help="Real photos and product texts (.txt lines) for the parity check.")
-    ],
+        Path | None,
+        typer.Option(
+            "--samples",
+            help="Real photos and product texts (.txt lines) for the parity check; without it the check runs on "
+            "SYNTHETIC images and texts generated for it.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
 ) -> None:
-    """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4)."""
+    """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4, on --samples
+    or SYNTHETIC inputs)."""
     from model_export.clip import export_clip as run_export
     from model_export.parity import ExportError
 
