@@ -72,7 +72,7 @@ class ClipManifest:
     opset: int
     resize: str = "shortest side to image_size, bicubic (Pillow), then centre crop"
     tokenizer: str = "CLIP byte-level BPE (open_clip SimpleTokenizer, clean='lower'), vocabulary " + VOCAB_FILE
-    parity: dict[str, float] = field(default_factory=dict)  # max |ORT - open_clip| measured at export
+    parity: dict[str, Any] = field(default_factory=dict)  # max |ORT - open_clip| at export, counts, inputs
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     versions: dict[str, str] = field(default_factory=dict)  # open_clip, torch, onnx at export
     format_version: int = FORMAT_VERSION
@@ -83,6 +83,14 @@ class ClipManifest:
     @property
     def transform(self) -> ImageTransform:
         return ImageTransform(self.image_size, tuple(self.mean), tuple(self.std))
+
+    def made_from(self, weights: str) -> bool:
+        """True when these graphs were exported from ``weights``: a local checkpoint file with the recorded sha256,
+        or the open_clip tag recorded (when no checkpoint was)."""
+        path = Path(weights).expanduser()
+        if path.is_file():
+            return file_sha256(path) == self.checkpoint_sha256
+        return self.checkpoint_sha256 is None and weights == self.pretrained
 
 
 def read_manifest(directory: str | Path, *, verify: bool = True) -> ClipManifest:

@@ -1,6 +1,6 @@
 """The ``missrec`` console script: the model commands (:mod:`missrec_cli.model`), the data commands
-(:mod:`missrec_cli.data`), the serving commands (:mod:`missrec_cli.serving`) and the lifecycle commands
-(:mod:`missrec_cli.lifecycle`), each module importing what its commands need only when they run."""
+(:mod:`missrec_cli.data`), the serving commands (:mod:`missrec_cli.serving`, :mod:`missrec_cli.quickstart`) and the
+lifecycle commands (:mod:`missrec_cli.lifecycle`), each module importing what its commands need only when they run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from missrec_cli import data, experiment, lifecycle, model, serving
+from missrec_cli import data, experiment, lifecycle, model, quickstart, serving
 
 app = typer.Typer(
     help="MISSRec: train, evaluate, export and serve multi-modal sequential recommenders.",
@@ -26,6 +26,7 @@ def main(log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNI
 model.register(app)
 data.register(app)
 serving.register(app)
+quickstart.register(app)
 lifecycle.register(app)
 experiment.register(app)
 

@@ -1,4 +1,5 @@
-"""Serving commands of the ``missrec`` CLI: export, export-clip, build-index, serve, quickstart (onto the model CLI)."""
+"""Serving commands of the ``missrec`` CLI: export, export-clip, build-index, serve, swap, shadow (quickstart: its own
+module)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__name__)
-
-QUICKSTART_DIR = Path("var/quickstart")
-DEMO_CLIP_MODEL = "missrec-tiny-512"
 
 
 def export(
@@ -51,11 +49,17 @@ def export_clip(
     pretrained: Annotated[str, typer.Option("--pretrained", help="open_clip tag or local checkpoint path.")],
     out: Annotated[Path, typer.Option("--out", help="CLIP ONNX directory to create (MISSREC_CLIP_ONNX).")],
     samples: Annotated[
-        Path, typer.Option("--samples", help="Real photos and product texts (.txt lines) for the parity check.")
-    ],
+        Path | None,
+        typer.Option(
+            "--samples",
+            help="Real photos and product texts (.txt lines) for the parity check; without it the check runs on "
+            "SYNTHETIC images and texts generated for it.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing directory.")] = False,
 ) -> None:
-    """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4)."""
+    """Export open_clip's image and text encoders to ONNX (parity-checked against open_clip, <= 1e-4, on --samples
+    or SYNTHETIC inputs)."""
     from model_export.clip import export_clip as run_export
     from model_export.parity import ExportError
 
@@ -260,95 +264,6 @@ def _error_text(r: httpx.Response) -> str:
         return r.text
 
 
-def _demo_clip(root: Path) -> tuple[str, str]:
-    """A random-init open_clip checkpoint for the demo (no pretrained weights can be assumed offline)."""
-    from clip_features.torch_encoder import save_random_init_checkpoint
-
-    path = root / "clip-random-init.pt"
-    if not path.is_file():
-        save_random_init_checkpoint(DEMO_CLIP_MODEL, path, seed=0)
-    return DEMO_CLIP_MODEL, str(path.resolve())
-
-
-def _quickstart_bundle(root: Path, epochs: int) -> Path:
-    from missrec.data.synthetic import generate_synthetic
-    from missrec_cli.pipeline import train_export_index
-    from serving_core.bundle import BundleError, verify_checksums
-
-    bundle = root / "bundle"
-    data_env = os.environ.get("MISSREC_DATA")
-    if (bundle / "manifest.json").is_file():
-        try:
-            manifest = verify_checksums(bundle)
-            if manifest.index is not None:
-                console.print(f"reusing bundle {bundle} ({manifest.version})")
-                return bundle
-        except BundleError as exc:
-            console.print(f"[yellow]rebuilding the quick-start bundle: {exc}[/]")
-    if data_env:
-        data = Path(data_env)
-        console.print(f"training MISSRec on MISSREC_DATA={data}")
-    else:
-        data = root / "synthetic-data"
-        if not (data / "Synthetic.train.inter").is_file():
-            console.print("generating a SYNTHETIC dataset (set MISSREC_DATA to train on your own data)")
-            # small enough to train in about a minute on a laptop CPU
-            generate_synthetic(data, num_users=1200, num_items=800, max_seq_len=15, seed=0)
-    bundle, _, metrics = train_export_index(
-        data, root, epochs=epochs, patience=3, device="auto", meta={"quickstart": True}
-    )
-    console.print(f"trained: test {metrics['test']}")
-    return bundle
-
-
-def quickstart(
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
-    epochs: Annotated[int, typer.Option(help="Training epochs when a bundle has to be built.")] = 8,
-    no_serve: Annotated[bool, typer.Option("--no-serve", help="Build the bundle, then exit.")] = False,
-) -> None:
-    """The main job: build a bundle if none is configured (train on $MISSREC_DATA, else SYNTHETIC data), then
-    serve it on the port with an embedded Redis, and print example calls."""
-    root = QUICKSTART_DIR.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    bundle = (
-        Path(os.environ["MISSREC_BUNDLE"]) if os.environ.get("MISSREC_BUNDLE") else _quickstart_bundle(root, epochs)
-    )
-    os.environ["MISSREC_BUNDLE"] = str(bundle.resolve())
-    os.environ.setdefault("MISSREC_DATA_DIR", str(root / "state"))
-    if "MISSREC_CLIP_PRETRAINED" not in os.environ:
-        model, weights = _demo_clip(root)
-        os.environ["MISSREC_CLIP_MODEL"], os.environ["MISSREC_CLIP_PRETRAINED"] = model, weights
-        console.print(
-            f"[yellow]ingestion uses a RANDOM-INIT open_clip ({model}): demo only, embeddings carry no "
-            "meaning. Set MISSREC_CLIP_MODEL=ViT-B-32 MISSREC_CLIP_PRETRAINED=openai (or a local "
-            "checkpoint path) for real CLIP features.[/]"
-        )
-    if no_serve:
-        console.print(f"bundle ready at {bundle}")
-        return
-    from serving_core.bundle import read_manifest
-
-    manifest = read_manifest(bundle)
-    ids = __import__("json").loads((bundle / "items/ids.json").read_text())
-    a, b = ids[1], ids[2]
-    base = f"http://{host}:{port}"
-    json = "-H 'content-type: application/json'"
-    print(
-        f"""
-MISSRec service on {base}  (bundle {manifest.version}, {manifest.num_items - 1} items; docs: {base}/docs)
-  curl -s {base}/readyz
-  curl -s -X POST {base}/v1/users/u1/events {json} -d '{{"item_ids": ["{a}", "{b}"]}}'
-  curl -s -X POST {base}/v1/recommend {json} -d '{{"user_id": "u1", "k": 5, "explain": true}}'
-  curl -s -X POST {base}/v1/recommend {json} -d '{{"history": ["{a}"], "k": 5}}'
-  curl -s -X POST {base}/v1/items -F item_id=new-1 -F 'text=Cordless drill. Tools. Acme.' -F image=@photo.jpg
-  curl -s {base}/metrics | grep missrec_stage
-""",
-        flush=True,
-    )  # plain print: rich would wrap the commands
-    serve(bundle=bundle, host=host, port=port)
-
-
 def register(app: typer.Typer) -> None:
     app.command(name="export")(export)
     app.command(name="export-clip")(export_clip)
@@ -356,4 +271,3 @@ def register(app: typer.Typer) -> None:
     app.command()(serve)
     app.command()(swap)
     app.command()(shadow)
-    app.command()(quickstart)

@@ -3,8 +3,10 @@
 The model is loaded through the one open_clip gate (:class:`clip_features.torch_encoder.ClipEncoder`: a tag or a local
 checkpoint, strict, ``weights_only``), its two encoders are exported with the same exporter as the towers
 (torch.export, opset 18, batch 1: items are encoded one at a time), and the result is checked end to end before
-anything is written in place: on real photos and real product texts (``samples``), ONNX Runtime through the
-explicit torch-free preprocessing and tokenizer against open_clip's own transform, tokenizer and model. Any feature
+anything is written in place: on real photos and real product texts (``samples``) or, without them, on SYNTHETIC
+images and texts generated here (:func:`synthetic_inputs`; whether two runtimes compute the same function does not
+depend on what the pictures show), ONNX Runtime through the explicit torch-free preprocessing and tokenizer against
+open_clip's own transform, tokenizer and model. Any feature
 difference above ``PARITY_ATOL`` (1e-4), a pixel difference above ``PIXEL_ATOL`` or a single differing token id
 raises :class:`~model_export.parity.ExportError`; the measured maxima go into ``clip.json``.
 
@@ -16,6 +18,7 @@ at it with ``MISSREC_CLIP_ONNX`` and checks its width against the bundle's at st
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from PIL import Image
 from torch import nn
 
 from clip_features.onnx_encoder import (
@@ -134,12 +138,64 @@ def sample_inputs(samples: Path) -> tuple[list[Path], list[str]]:
     return images, texts
 
 
-def check_parity(reference: ClipEncoder, exported: OnnxClipEncoder, images: list[Path], texts: list[str]) -> dict:
-    """ONNX Runtime with the explicit preprocessing and tokenizer against open_clip, end to end; raise above the
-    tolerances, return the measured maxima."""
+# SYNTHETIC parity images: (width, height, mode, format). Sizes that exercise the transform as real photos do
+# (landscape, portrait, a 4.9:1 strip, exactly 224 x 224, smaller than 224, greyscale, RGBA, JPEG and PNG).
+SYNTHETIC_IMAGES = (
+    (640, 480, "RGB", "JPEG"),
+    (480, 900, "RGB", "PNG"),
+    (1024, 208, "RGB", "JPEG"),
+    (224, 224, "RGB", "PNG"),
+    (100, 37, "RGB", "PNG"),
+    (300, 300, "L", "PNG"),
+    (400, 320, "RGBA", "PNG"),
+    (1200, 900, "RGB", "JPEG"),
+)
+_WORDS = (
+    ("Stainless steel", "Cotton", "Ceramic", "Bamboo", "Leather", "Glass", "Aluminium", "Wool"),
+    ("water bottle", "t-shirt", "coffee mug", "cutting board", "wallet", "vase", "laptop stand", "scarf"),
+    ("750 ml", "size XL", "12 oz", "45 x 30 cm", "RFID-blocking", "hand-made", "adjustable", "2-pack"),
+    ("Blue", "Black", "Natural", "Red & White", "Grey", "Clear", "Silver", "Green"),
+    ("Acme", "Amazon Basics", "Rivet", "Stone & Beam", "Pinzon", "Solimo", "Goodthreads", "Find"),
+)
+
+
+def synthetic_inputs(seed: int = 0, texts: int = 24) -> tuple[list[bytes], list[str]]:
+    """SYNTHETIC parity inputs for an export without sample photos: encoded images of :data:`SYNTHETIC_IMAGES`
+    (smooth colour gradients, random rectangles and noise: every pixel value and edge the transform can see) and
+    product-like texts. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for width, height, mode, fmt in SYNTHETIC_IMAGES:
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        phase = rng.uniform(0, 2 * np.pi, 3)
+        freq = rng.uniform(2, 12, 3) / max(width, height)
+        rgb = np.stack([127 + 120 * np.sin(2 * np.pi * f * (x + (i + 1) * y) + p) for i, (f, p) in
+                        enumerate(zip(freq, phase, strict=True))], axis=-1)  # fmt: skip
+        for _ in range(6):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            rgb[y0 : y0 + int(rng.integers(4, height + 1)), x0 : x0 + int(rng.integers(4, width + 1))] = rng.uniform(
+                0, 255, 3
+            )
+        rgb = np.clip(rgb + rng.normal(0, 12, rgb.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(rgb, "RGB").convert(mode)
+        if mode == "RGBA":
+            image.putalpha(Image.fromarray(rng.integers(0, 256, (height, width), dtype=np.uint8), "L"))
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        images.append(buffer.getvalue())
+    words = [[str(w) for w in rng.choice(choices, texts)] for choices in _WORDS]
+    sentences = [f"{a} {b}, {c}. {d}. {e}." for a, b, c, d, e in zip(*words, strict=True)]
+    return images, sentences
+
+
+def check_parity(
+    reference: ClipEncoder, exported: OnnxClipEncoder, images: list[Path] | list[bytes], texts: list[str]
+) -> dict:
+    """ONNX Runtime with the explicit preprocessing and tokenizer against open_clip, end to end, on image files or
+    encoded images; raise above the tolerances, return the measured maxima."""
     pixels, image = 0.0, 0.0
-    for path in images:
-        raw = path.read_bytes()
+    for item in images:
+        raw = item.read_bytes() if isinstance(item, Path) else item
         decoded = decode_image(raw, max_aspect=8)
         pixels = max(pixels, max_abs_diff(exported.transform(decoded), reference.preprocess(decoded).numpy()))
         image = max(image, max_abs_diff(exported.encode_image(raw), reference.encode_image(raw)))
@@ -165,13 +221,18 @@ def check_parity(reference: ClipEncoder, exported: OnnxClipEncoder, images: list
 
 
 def export_clip(
-    model_name: str, pretrained: str | Path, out: Path, samples: Path, *, overwrite: bool = False
+    model_name: str, pretrained: str | Path, out: Path, samples: Path | None, *, overwrite: bool = False
 ) -> ClipManifest:
-    """Export, check and write the CLIP ONNX directory ``out`` (atomically: a failed export leaves nothing)."""
+    """Export, check and write the CLIP ONNX directory ``out`` (atomically: a failed export leaves nothing).
+    ``samples``: real photos and texts for the parity check; None: SYNTHETIC ones (:func:`synthetic_inputs`)."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    images, texts = sample_inputs(samples)
+    if samples is None:
+        images, texts = synthetic_inputs()
+        log.warning("no sample photos: the parity check runs on SYNTHETIC images and texts")
+    else:
+        images, texts = sample_inputs(samples)
     reference = ClipEncoder(model_name, pretrained)
     transform = explicit_transform(reference.preprocess)
     vocab, context_length = _vocab_of(reference)
@@ -202,6 +263,7 @@ def export_clip(
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         parity = check_parity(reference, OnnxClipEncoder(tmp, threads=0), images, texts)
+        parity["inputs"] = "real" if samples is not None else "SYNTHETIC"
         manifest = ClipManifest(**{**manifest.__dict__, "parity": parity})
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         for path in tmp.iterdir():

@@ -323,7 +323,6 @@ def load_onnx_encoder(settings: Settings, expected_dim: int) -> ItemEncoder:
     ``clip_model`` and ``clip_pretrained`` have defaults (ViT-B-32, openai); only values set explicitly are checked,
     and they must name the exported model and weights (the tag, or a checkpoint file with the manifest's sha256)."""
     from clip_features.onnx_encoder import ClipOnnxError, OnnxClipEncoder
-    from clip_features.preprocess import file_sha256
 
     s = settings
     try:
@@ -342,13 +341,7 @@ def load_onnx_encoder(settings: Settings, expected_dim: int) -> ItemEncoder:
         weights = s.clip_pretrained
         if not weights:
             raise StartupRefused("MISSREC_CLIP_PRETRAINED is unset (ingestion off) but MISSREC_CLIP_ONNX is set")
-        path = Path(weights).expanduser()
-        same = (
-            file_sha256(path) == m.checkpoint_sha256
-            if path.is_file()
-            else m.checkpoint_sha256 is None and weights == m.pretrained
-        )
-        if not same:
+        if not m.made_from(weights):
             raise StartupRefused(
                 f"MISSREC_CLIP_PRETRAINED={weights} is not the weights MISSREC_CLIP_ONNX was exported from "
                 f"({m.pretrained}{', sha256 ' + m.checkpoint_sha256[:12] if m.checkpoint_sha256 else ''}); "

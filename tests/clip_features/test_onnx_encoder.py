@@ -22,7 +22,14 @@ from PIL import Image
 from clip_features.onnx_encoder import MANIFEST_FILE, TEXT_GRAPH, ClipOnnxError, OnnxClipEncoder, read_manifest
 from clip_features.preprocess import ClipTokenizer, ImageTransform
 from clip_features.torch_encoder import TINY_MODEL, ClipEncoder, ImageDecodeError, decode_image
-from model_export.clip import check_parity, explicit_transform, export_clip, sample_inputs
+from model_export.clip import (
+    SYNTHETIC_IMAGES,
+    check_parity,
+    explicit_transform,
+    export_clip,
+    sample_inputs,
+    synthetic_inputs,
+)
 from model_export.parity import ExportError
 from tests.paths import ROOT
 
@@ -169,6 +176,21 @@ def test_parity_gate_fails_on_other_weights(onnx_encoder: OnnxClipEncoder, abo_d
     images, texts = sample_inputs(abo_dir)
     with pytest.raises(ExportError, match="disagree on image features"):
         check_parity(other, onnx_encoder, images[:2], texts[:2])
+
+
+def test_parity_on_synthetic_inputs(reference: ClipEncoder, onnx_encoder: OnnxClipEncoder) -> None:
+    """An export without sample photos is checked on SYNTHETIC images (every size and mode of
+    :data:`SYNTHETIC_IMAGES`) and texts, deterministic, and the gate still refuses other weights on them."""
+    images, texts = synthetic_inputs()
+    assert (images, texts) == synthetic_inputs() and len(set(texts)) > 10
+    decoded = [decode_image(raw) for raw in images]
+    assert [d.size for d in decoded] == [(w, h) for w, h, _, _ in SYNTHETIC_IMAGES]
+    assert all(np.asarray(d).std() > 20 for d in decoded)  # not flat: the resize and crop see edges and noise
+    parity = check_parity(reference, onnx_encoder, images, texts)
+    assert parity["images"] == len(SYNTHETIC_IMAGES) and parity["pixel_max_abs_diff"] <= 1e-5
+    assert max(parity["image_max_abs_diff"], parity["text_max_abs_diff"]) <= 1e-4 and parity["tokens_mismatched"] == 0
+    with pytest.raises(ExportError, match="disagree on image features"):
+        check_parity(ClipEncoder.random_init(TINY_MODEL, seed=1), onnx_encoder, images[:2], texts[:2])
 
 
 def test_failed_export_leaves_nothing(tiny_clip: tuple[str, str], tmp_path: Path, abo_dir: Path) -> None:
