@@ -111,8 +111,6 @@ def _clip_onnx(root: Path, model: str, weights: str, samples: Path | None) -> Pa
 def _configure_clip(root: Path, runtime: str, samples: Path | None) -> None:
     """Set the service's MISSREC_CLIP_* for ingestion on ``runtime``."""
     env = os.environ
-    if runtime == "torch" and env.pop("MISSREC_CLIP_ONNX", None):
-        console.print("[yellow]--clip torch: MISSREC_CLIP_ONNX ignored[/]")
     if runtime == "onnx" and env.get("MISSREC_CLIP_ONNX"):
         console.print(f"ingestion through the CLIP ONNX export MISSREC_CLIP_ONNX={env['MISSREC_CLIP_ONNX']}")
         return
@@ -158,6 +156,11 @@ def quickstart(
     CLIP ONNX export, then serve on the port with an embedded Redis, and print example calls."""
     if clip not in CLIP_RUNTIMES:
         raise fail(f"--clip must be one of {', '.join(CLIP_RUNTIMES)}, not {clip!r}")
+    if clip == "torch" and os.environ.get("MISSREC_CLIP_ONNX"):  # refused before any work
+        raise fail(
+            f"--clip torch asks for open_clip in the service, but MISSREC_CLIP_ONNX={os.environ['MISSREC_CLIP_ONNX']} "
+            "configures the ONNX encoder: unset it, or use --clip onnx"
+        )
     root = QUICKSTART_DIR.resolve()
     root.mkdir(parents=True, exist_ok=True)
     bundle = (

@@ -148,3 +148,12 @@ def test_quickstart_builds_serves_ingests_and_reuses_its_bundle(tmp_path, abo_pr
     for modality in ("text", "image"):  # open_clip itself (its thread count may move the last bits)
         assert np.abs(stored[modality] - expected[modality]).max() <= PARITY_ATOL, modality
     assert {p: p.stat().st_mtime_ns for p in built} == built
+
+
+def test_clip_torch_with_an_onnx_export_configured_is_refused_before_any_work(tmp_path):
+    cmd = [sys.executable, "-m", "missrec_cli.main", "quickstart", "--clip", "torch", "--no-serve"]
+    env = _env() | {"MISSREC_CLIP_ONNX": str(tmp_path / "clip-onnx")}
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "MISSREC_CLIP_ONNX" in done.stdout + done.stderr
+    assert not (tmp_path / "var/quickstart/bundle").exists()  # nothing trained
