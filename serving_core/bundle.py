@@ -14,6 +14,7 @@ Layout::
     items/<v>.npy          float32 (N, D) item vectors: one per modality (missrec_fusion) or "item" (inner_product)
     items/<m>_cluster.npy  int64 (N,) interest cluster per modality (missrec_fusion; 1..K, 0 = padding)
     items/id_vectors.npy   float32 (N, D) normalised ID embeddings (transductive MISSRec only)
+    items/<v>.f16.npy      optional float16 copies of the vector tables for re-scoring (serving_core.compact)
     items/popularity.npy   float32 (N,) training interaction counts (fallback for users without history)
     items/texts.json       optional item texts
     centroids.npy          float32 (K + 1, D) interest centroids, row 0 = padding (missrec_fusion only)
@@ -40,13 +41,14 @@ import mmap as _mmap
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving_core.compact import half_path
 from serving_core.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -92,10 +94,14 @@ class ItemTable:
     popularity: np.ndarray
     id_vectors: np.ndarray | None = None
     texts: list[str] | None = None
+    half: dict[str, np.ndarray] = field(default_factory=dict)  # float16 copies by table name (may be empty)
 
     @property
     def num_items(self) -> int:
         return len(self.ids)
+
+    def half_tables(self) -> dict[str, np.ndarray]:  # the tables a float16 copy stands for: vectors, id_vectors
+        return {**self.vectors, **({"id_vectors": self.id_vectors} if self.id_vectors is not None else {})}
 
     def validate(self, dims: Dims, scorer: Scorer, num_interests: int) -> None:
         n = self.num_items
@@ -124,6 +130,10 @@ class ItemTable:
             _check(self.id_vectors, (n, dims.hidden), np.float32, "items/id_vectors.npy")
         if self.texts is not None and len(self.texts) != n:
             raise BundleError("items/texts.json must have one entry per item row")
+        if self.half and set(self.half) != set(self.half_tables()):
+            raise BundleError(f"float16 copies must cover {sorted(self.half_tables())}, got {sorted(self.half)}")
+        for name, arr in self.half.items():
+            _check(arr, (n, dims.hidden), np.float16, half_path(name))
 
 
 def static_vectors(scorer: Scorer, vectors: dict[str, np.ndarray], id_vectors: np.ndarray | None = None) -> np.ndarray:
@@ -369,11 +379,12 @@ def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False) ->
         id_vectors=_load_npy(root, "items/id_vectors.npy", mmap) if scorer.transductive else None,
         texts=json.loads(texts_path.read_text(encoding="utf-8")) if texts_path.is_file() else None,
     )
+    table.half = {name: _load_npy(root, half_path(name), mmap) for name in manifest.rescore_vectors}
     table.validate(manifest.dims, scorer, manifest.num_interests)
     if table.num_items != manifest.num_items:
         raise BundleError(f"item table has {table.num_items} rows, manifest says {manifest.num_items}")
     if mmap:  # validation read every page: leave none resident (only the rows readers gather come back)
-        for arr in (table.tokens, *table.vectors.values(), table.id_vectors):
+        for arr in (table.tokens, *table.vectors.values(), table.id_vectors, *table.half.values()):
             if arr is not None:
                 _drop_resident(arr)
     return table
