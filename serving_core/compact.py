@@ -38,6 +38,10 @@ search then sees the float32 ranking of the candidates, and its widening proof (
 below the k-th exact score) is unchanged. Comparisons are made in float64 (a_i exact, E rounded up by 1e-9).
 Fewer than k valid candidates: all are re-checked.
 
+The re-checked float32 rows are read with pread from the file of a memory-mapped table (:func:`read_rows`), not
+through the mapping: a page fault maps the page cache's neighbours of the faulted page too (the kernel's
+fault-around, ~64 KB), so a few rows touched per query would leave most of the float32 pages mapped after a while.
+
 Float32 re-checks compute each row's dot product with np.einsum, whose result for a row does not depend on the
 other rows gathered with it (a BLAS gemv's does, by an ulp, with the row's position): so the float16 path returns
 bit-identical scores to the float32 path, which uses the same kernel (serving_core.fusion).
@@ -46,9 +50,13 @@ bit-identical scores to the float32 path, which uses the same kernel (serving_co
 from __future__ import annotations
 
 import math
+import mmap
+import os
 from collections.abc import Mapping
 
 import numpy as np
+
+from serving_core.rows import RowStack
 
 U32 = 2.0**-24  # float32 unit roundoff
 FUSION_LIPSCHITZ = 0.6  # > sup |g'(d)| = y*/2 = 0.59984 (y* tanh y* = 1)
@@ -90,6 +98,43 @@ def gather(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """float32 values of the float16 rows ``rows`` (any int array) of ``table``: rows.shape + (D,)."""
     bits = table[rows]
     return np.take(_LUT, np.asarray(bits).view(np.uint16), mode="clip")
+
+
+def _file_offset(table: np.ndarray) -> int | None:
+    """Byte offset in its file of row 0 of a C-contiguous read-only memory-mapped array, else None."""
+    mapped = getattr(table, "_mmap", None)
+    if not isinstance(table, np.memmap) or table.filename is None or not isinstance(mapped, mmap.mmap):
+        return None
+    if not table.flags.c_contiguous or table.ndim != 2:
+        return None
+    start = np.frombuffer(mapped, dtype=np.uint8).ctypes.data
+    return int(table.ctypes.data - start) + table.offset - table.offset % mmap.ALLOCATIONGRANULARITY
+
+
+def read_rows(table: np.ndarray | RowStack, rows: np.ndarray) -> np.ndarray:
+    """table[rows] (rows: any int array, values in range): from a memory-mapped table read with pread (the process
+    maps none of its pages), from a :class:`RowStack` part by part, else a plain gather."""
+    if isinstance(table, RowStack):
+        flat = np.asarray(rows).reshape(-1)
+        out = np.empty((flat.shape[0], table.shape[1]), dtype=table.dtype)
+        low = flat < table.base_rows
+        out[low] = read_rows(table.base, flat[low])
+        out[~low] = table.added[flat[~low] - table.base_rows]
+        return out.reshape((*np.shape(rows), table.shape[1]))
+    offset = _file_offset(table)
+    if offset is None:
+        return table[rows]
+    width = table.shape[1] * table.dtype.itemsize
+    flat = np.asarray(rows).reshape(-1)
+    out = np.empty((flat.shape[0], table.shape[1]), dtype=table.dtype)
+    fd = os.open(table.filename, os.O_RDONLY)
+    try:
+        for i, r in enumerate(flat.tolist()):
+            if os.preadv(fd, [memoryview(out[i]).cast("B")], offset + r * width) != width:
+                raise OSError(f"{table.filename}: short read of row {r}")
+    finally:
+        os.close(fd)
+    return out.reshape((*np.shape(rows), table.shape[1]))
 
 
 def row_dots(users: np.ndarray, gathered: np.ndarray) -> np.ndarray:
@@ -153,7 +198,7 @@ def rescore(items, users: np.ndarray, cand: np.ndarray, valid: np.ndarray, k: in
     if top:
         order = np.argsort(~need, axis=1, kind="stable")[:, :top]  # the needed ones first, in place order
         picked = np.take_along_axis(cand, order, 1)
-        exact = items.exact(users, picked)
+        exact = items.reread(picked).exact(users, np.arange(picked.size).reshape(picked.shape))
         keep = np.arange(top)[None, :] < counts[:, None]
         g = np.broadcast_to(np.arange(cand.shape[0])[:, None], order.shape)
         out[g[keep], order[keep]] = exact[keep]

@@ -62,18 +62,21 @@ class ItemScorer:
         return self.scorer.modalities
 
     def sliced(self, start: int, stop: int) -> ItemScorer:
-        """The same scorer over rows [start, stop) (chunked full scans)."""
+        """The same scorer over rows [start, stop) (chunked full scans: float32 only, no float16 copies)."""
         ids = None if self.id_vectors is None else self.id_vectors[start:stop]
-        half = None if self.half is None else {m: v[start:stop] for m, v in self.half.items()}
-        vectors = {m: v[start:stop] for m, v in self.vectors.items()}
-        return ItemScorer(self.scorer, vectors, ids, self.max_gap, half, self.half_stats)
+        return ItemScorer(self.scorer, {m: v[start:stop] for m, v in self.vectors.items()}, ids, self.max_gap)
 
     def take(self, rows: np.ndarray) -> ItemScorer:
-        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset of the table)."""
+        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset; float32 only)."""
         ids = None if self.id_vectors is None else self.id_vectors[rows]
-        half = None if self.half is None else {m: v[rows] for m, v in self.half.items()}
-        vectors = {m: v[rows] for m, v in self.vectors.items()}
-        return ItemScorer(self.scorer, vectors, ids, self.max_gap, half, self.half_stats)
+        return ItemScorer(self.scorer, {m: v[rows] for m, v in self.vectors.items()}, ids, self.max_gap)
+
+    def reread(self, rows: np.ndarray) -> ItemScorer:
+        """The same scorer over the float32 rows ``rows`` (any shape), flattened: read with pread from
+        memory-mapped tables (serving_core.compact.read_rows), so the few rows a re-check needs map no pages."""
+        ids = None if self.id_vectors is None else compact.read_rows(self.id_vectors, rows.reshape(-1))
+        vectors = {m: compact.read_rows(v, rows.reshape(-1)) for m, v in self.vectors.items()}
+        return ItemScorer(self.scorer, vectors, ids, self.max_gap)
 
     def exact(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact float32 scores of users (B, D): against every row (B, N), or rows (B, C) -> (B, C)."""

@@ -4,6 +4,8 @@ Real FAISS indexes and real arrays (SYNTHETIC vectors); "the float32 path" is to
 float16 copies, brute force scores every row.
 """
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -182,3 +184,35 @@ def test_float16_alone_would_misorder_the_near_ties(tables, case):
     assert not np.array_equal(by_approx, by_exact)
     assert np.isin(by_exact, rows).all()  # every best row is one of the near ties here
     assert (np.abs(approx[0] - exact[0]) > 1e-5).sum() > 10  # float16 moves them by more than their gaps
+
+
+def _mapped_kib(path):
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_rechecked_rows_are_read_without_mapping_pages(tmp_path):
+    """read_rows of a memory-mapped table: the same values as a gather, through pread (no page of the file becomes
+    resident in this process), for the table, a view of its first rows and a RowStack with appended rows."""
+    from serving_core.rows import RowStack
+
+    path = tmp_path / "vectors.npy"
+    x = np.random.default_rng(4).standard_normal((30_000, 300)).astype(np.float32)
+    np.save(path, x)
+    mapped = np.load(path, mmap_mode="r")
+    rows = np.random.default_rng(5).integers(0, 30_000, (4, 50))
+    np.testing.assert_array_equal(compact.read_rows(mapped, rows), x[rows])
+    np.testing.assert_array_equal(compact.read_rows(mapped[:20_000], rows % 20_000), x[rows % 20_000])
+    stack = RowStack(mapped, np.ones((3, 300), np.float32))
+    both = np.array([[5, 30_001, 29_999, 30_002]])
+    np.testing.assert_array_equal(compact.read_rows(stack, both), np.concatenate([x, stack.added])[both])
+    assert _mapped_kib(path) == 0  # pread: nothing mapped
+    _ = mapped[rows].sum()  # the plain gather maps pages (and the kernel's fault-around their neighbours)
+    assert _mapped_kib(path) > 0
