@@ -52,7 +52,9 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import threading
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -62,8 +64,15 @@ U32 = 2.0**-24  # float32 unit roundoff
 FUSION_LIPSCHITZ = 0.6  # > sup |g'(d)| = y*/2 = 0.59984 (y* tanh y* = 1)
 HALF = "float16"
 SUFFIX = ".f16.npy"  # items/<name>.f16.npy, <name> a vector name or "id_vectors"
-_LUT = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)  # float16 bits -> float32
 _CHUNK = 65536
+# The ONNX graph y = Cast<float>(x), x float16 (n, d): ONNX Runtime converts with the CPU's F16C instructions, ~8x
+# faster than numpy here (0.04 against 0.3-0.5 ms for 1,024 x 300 values); exact (every float16 is a float32).
+_CAST_GRAPH = bytes.fromhex(
+    "080712003a530a170a01781201792204436173742a090a02746f1801a00102120a6631365f746f5f6633325a150a017812100a0e080a120a"
+    "0a0312016e0a0312016462150a017912100a0e0801120a0a0312016e0a0312016442040a00100d"
+)
+_cast: list[Any] = []
+_cast_lock = threading.Lock()
 
 
 def half_path(name: str) -> str:
@@ -94,10 +103,29 @@ def widened(stats: Mapping[str, float], rows: np.ndarray) -> dict[str, float]:
     return {"error": max(stats["error"], err), "max_norm": max(stats["max_norm"], norm)}
 
 
+def to_float32(half: np.ndarray) -> np.ndarray:
+    """float16 (..., D) -> the same values in float32 (ONNX Runtime's Cast, one thread; numpy without it)."""
+    if not _cast:
+        with _cast_lock:
+            if not _cast:
+                try:
+                    import onnxruntime as ort
+
+                    so = ort.SessionOptions()
+                    so.intra_op_num_threads = so.inter_op_num_threads = 1
+                    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                    _cast.append(ort.InferenceSession(_CAST_GRAPH, so, providers=["CPUExecutionProvider"]))
+                except ImportError:
+                    _cast.append(None)
+    if _cast[0] is None or half.size == 0:
+        return half.astype(np.float32)
+    flat = np.ascontiguousarray(half).reshape(-1, half.shape[-1])
+    return _cast[0].run(None, {"x": flat})[0].reshape(half.shape)
+
+
 def gather(table: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """float32 values of the float16 rows ``rows`` (any int array) of ``table``: rows.shape + (D,)."""
-    bits = table[rows]
-    return np.take(_LUT, np.asarray(bits).view(np.uint16), mode="clip")
+    return to_float32(np.asarray(table[rows]))
 
 
 def _file_offset(table: np.ndarray) -> int | None:

@@ -216,3 +216,10 @@ def test_rechecked_rows_are_read_without_mapping_pages(tmp_path):
     assert _mapped_kib(path) == 0  # pread: nothing mapped
     _ = mapped[rows].sum()  # the plain gather maps pages (and the kernel's fault-around their neighbours)
     assert _mapped_kib(path) > 0
+
+
+def test_the_float16_conversion_is_exact_for_every_finite_value():
+    bits = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    finite = bits[np.isfinite(bits)].reshape(-1, 8)
+    np.testing.assert_array_equal(compact.to_float32(finite), finite.astype(np.float32))
+    assert compact.to_float32(finite[:0]).shape == (0, 8)
