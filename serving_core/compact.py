@@ -36,7 +36,8 @@ bound is >= their lower bound >= L_k), so it is strictly below the k-th float32 
 top-k nor tie with its last entry. It is given -inf, every other valid candidate its float32 score. The top-k
 search then sees the float32 ranking of the candidates, and its widening proof (an item outside the candidates is
 below the k-th exact score) is unchanged. Comparisons are made in float64 (a_i exact, E rounded up by 1e-9).
-Fewer than k valid candidates: all are re-checked.
+Fewer than k valid candidates: all are re-checked. Full scans (catalogues below EXACT_SCAN_BELOW rows, a widening
+that reaches its full-scan width, filtered scans of a subset) stay float32.
 
 The re-checked float32 rows are read with pread from the file of a memory-mapped table (:func:`read_rows`), not
 through the mapping: a page fault maps the page cache's neighbours of the faulted page too (the kernel's
