@@ -53,7 +53,7 @@ class ServingModel:
     def load(cls, root: Path, settings: Settings) -> ServingModel:
         """Read and check the bundle (checksums, shapes, index), open the towers and the index. The item arrays are
         memory-mapped read-only unless ``settings.mmap_items`` is off (the catalogue never copies them)."""
-        bundle = read_bundle(root, mmap=settings.mmap_items)
+        bundle = read_bundle(root, mmap=settings.mmap_items, half=settings.rescore_dtype != "float32")
         towers = open_towers(
             bundle, settings.onnx_provider, settings.onnx_threads, settings.onnx_spinning, settings.onnx_optimisation
         )
@@ -72,7 +72,7 @@ class ServingModel:
             base = read_attributes(root, bundle.manifest.attributes, bundle.table.num_items)
         except InvalidAttributes as exc:
             raise BundleError(str(exc)) from None
-        has_half = bool(bundle.manifest.rescore_vectors)
+        has_half = bool(bundle.manifest.rescore_vectors)  # (not loaded with MISSREC_RESCORE_DTYPE=float32)
         if settings.rescore_dtype == "float16" and not has_half:
             raise BundleError(
                 "MISSREC_RESCORE_DTYPE=float16 but the bundle has no float16 copies of its item vectors "

@@ -358,10 +358,10 @@ def verify_checksums(root: str | Path, manifest: Manifest | None = None) -> Mani
     return manifest
 
 
-def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False) -> ItemTable:
+def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False, half: bool = True) -> ItemTable:
     """The validated item table; ``mmap`` maps the large arrays (tokens, vectors, ID vectors) read-only instead of
     reading them: np.memmap arrays whose pages are read on first access and are shared with the page cache (the
-    files must then not be rewritten in place while mapped: BundleWriter replaces files, it never rewrites them)."""
+    files must not be rewritten in place while mapped: BundleWriter replaces files); half: the float16 copies too."""
     root = Path(root)
     ids_path = root / "items/ids.json"
     if not ids_path.is_file():
@@ -379,7 +379,7 @@ def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False) ->
         id_vectors=_load_npy(root, "items/id_vectors.npy", mmap) if scorer.transductive else None,
         texts=json.loads(texts_path.read_text(encoding="utf-8")) if texts_path.is_file() else None,
     )
-    table.half = {name: _load_npy(root, half_path(name), mmap) for name in manifest.rescore_vectors}
+    table.half = {name: _load_npy(root, half_path(name), mmap) for name in manifest.rescore_vectors if half}
     table.validate(manifest.dims, scorer, manifest.num_interests)
     if table.num_items != manifest.num_items:
         raise BundleError(f"item table has {table.num_items} rows, manifest says {manifest.num_items}")
@@ -409,11 +409,11 @@ class Bundle:
     centroids: np.ndarray | None
 
 
-def read_bundle(root: str | Path, *, mmap: bool = False) -> Bundle:
+def read_bundle(root: str | Path, *, mmap: bool = False, half: bool = True) -> Bundle:
     """Manifest + item table + centroids, after checksum, shape and consistency checks (the start-up gate)."""
     root = Path(root)
     manifest = verify_checksums(root)
     for name, graph in manifest.graphs.items():
         if graph.file not in manifest.files:
             raise BundleError(f"bundle {root} has no {graph.file} ({name} tower)")
-    return Bundle(root, manifest, read_item_table(root, manifest, mmap), read_centroids(root, manifest))
+    return Bundle(root, manifest, read_item_table(root, manifest, mmap, half), read_centroids(root, manifest))
