@@ -157,6 +157,7 @@ def _check(arr: np.ndarray, shape: tuple[int, ...], dtype: type, name: str) -> N
         raise BundleError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
     if np.issubdtype(arr.dtype, np.floating) and not _all_finite(arr):
         raise BundleError(f"{name}: contains NaN or inf")
+    _drop_resident(arr)  # a mapped array: what the check read leaves the RSS now, not after every array is read
 
 
 def _all_finite(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> bool:
@@ -383,11 +384,7 @@ def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False, ha
     table.validate(manifest.dims, scorer, manifest.num_interests)
     if table.num_items != manifest.num_items:
         raise BundleError(f"item table has {table.num_items} rows, manifest says {manifest.num_items}")
-    if mmap:  # validation read every page: leave none resident (only the rows readers gather come back)
-        for arr in (table.tokens, *table.vectors.values(), table.id_vectors, *table.half.values()):
-            if arr is not None:
-                _drop_resident(arr)
-    return table
+    return table  # validation read every page of the mapped arrays and left none resident (see _check)
 
 
 def read_centroids(root: str | Path, manifest: Manifest) -> np.ndarray | None:
