@@ -181,7 +181,7 @@ def build_index(
     """
     root = Path(bundle_dir)
     manifest = verify_checksums(root, read_manifest(root))
-    table = read_item_table(root, manifest)
+    table = read_item_table(root, manifest, half=False)  # float16 copies are written anew below
     scorer: Scorer = manifest.scorer
     x = index_vectors(static_vectors(scorer, table.vectors, table.id_vectors))
     index, built = build_from_vectors(

@@ -352,7 +352,9 @@ def top_k(
     of brute-force scoring of every valid row, up to ties and float32 rounding below tol. Exactly min(k, #valid)
     items are returned; user_exact[b] is True when the proof held or the user was fully scanned. With an
     approximate index (HNSW, IVF, PQ) the same rule is a heuristic that buys recall: user_exact is False unless the
-    user was fully scanned.
+    user was fully scanned. With float16 copies (``items.half``, serving_core.compact) the candidates are scored from
+    them first and only those that can reach the k-th place are re-scored in float32; the others are provably below
+    the k-th exact score, so the guarantee and the results are those of the float32 path.
     """
     opts = options or SearchOptions()
     if k < 1:
