@@ -29,12 +29,14 @@ from serving_core.bundle import (
     INDEX_FILE,
     BundleWriter,
     IndexInfo,
+    ItemTable,
     Scorer,
     read_item_table,
     read_manifest,
     static_vectors,
     verify_checksums,
 )
+from serving_core.compact import HALF, SUFFIX, half_path, to_half
 from serving_core.index import DEVICES, apply_search_params, default_search_params, to_cpu, to_device
 from serving_core.scoring import ItemScorer, measured_max_gap
 from serving_core.topk import SearchOptions, is_exact_index, top_k
@@ -167,15 +169,19 @@ def build_index(
     chunk: int = 100_000,
     seed: int = 0,
     progress: bool | None = None,
+    float16: bool = True,
 ) -> IndexInfo:
     """Build the index of a bundle, write index/index.faiss and re-finalize the manifest with its description.
+
+    float16: also write float16 copies of the item vector tables (items/<name>.f16.npy, with their measured error
+    bounds in manifest.rescore_vectors) for the compact re-scoring (serving_core.compact); False removes them.
 
     Needs only manifest.json and items/ (not the ONNX towers). user_vectors (Q, D): real user vectors for the
     recall report; without them, item-based pseudo-queries (see :func:`pseudo_queries`). Flat needs no report.
     """
     root = Path(bundle_dir)
     manifest = verify_checksums(root, read_manifest(root))
-    table = read_item_table(root, manifest)
+    table = read_item_table(root, manifest, half=False)  # float16 copies are written anew below
     scorer: Scorer = manifest.scorer
     x = index_vectors(static_vectors(scorer, table.vectors, table.id_vectors))
     index, built = build_from_vectors(
@@ -210,9 +216,32 @@ def build_index(
     tmp = root / (INDEX_FILE + ".tmp")
     faiss.write_index(to_cpu(index), str(tmp))
     os.replace(tmp, root / INDEX_FILE)
-    BundleWriter(root).finalize(dataclasses.replace(manifest, index=info))
+    half = write_half(root, table) if float16 else drop_half(root)
+    BundleWriter(root).finalize(dataclasses.replace(manifest, index=info, rescore_vectors=half))
     log.info("index %s: %d vectors, %s", factory, info.ntotal, details["recall_report"])
     return info
+
+
+def write_half(root: Path, table: ItemTable) -> dict[str, dict[str, Any]]:
+    """Write float16 copies of the table's vectors (and ID vectors); returns manifest.rescore_vectors for them."""
+    described = {}
+    for name, arr in table.half_tables().items():
+        half, err, norm = to_half(arr)
+        target = root / half_path(name)
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, half, allow_pickle=False)
+        os.replace(tmp, target)
+        described[name] = {"dtype": HALF, "error": err, "max_norm": norm}
+        log.info("float16 copy of %s: max row error %.3g (max row norm %.6f)", name, err, norm)
+    return described
+
+
+def drop_half(root: Path) -> dict[str, dict[str, Any]]:
+    """Remove float16 copies a previous build wrote; returns the empty manifest.rescore_vectors."""
+    for path in (root / "items").glob("*" + SUFFIX):
+        path.unlink()
+    return {}
 
 
 def _param(text: str) -> tuple[str, float]:
@@ -230,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--user-vectors", type=Path, help=".npy (Q, D) user vectors for the recall report")
     parser.add_argument("--recall-queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-float16", action="store_true", help="no float16 copies for the re-scoring")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     users = np.load(args.user_vectors, allow_pickle=False) if args.user_vectors else None
@@ -242,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         user_vectors=users,
         recall_queries=args.recall_queries,
         seed=args.seed,
+        float16=not args.no_float16,
     )
     print(json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True))
 

@@ -130,7 +130,8 @@ def scale_bundle(
         noise=noise,
         seed=seed,
     )
-    writer.finalize(dataclasses.replace(manifest, num_items=n_rows, index=None, created=created))
+    # the base's float16 copies describe its own rows: build_index writes the new table's
+    writer.finalize(dataclasses.replace(manifest, num_items=n_rows, index=None, created=created, rescore_vectors={}))
     log.info("item table of %d rows written in %.0f s", n_rows, time.perf_counter() - started)
 
     # real users' vectors for the recall report (histories of the test split; rows are the base bundle's)

@@ -74,6 +74,9 @@ def build_index(
     bundle: Annotated[Path, typer.Option("--bundle", help="Bundle directory from `missrec export`.")],
     factory: Annotated[str, typer.Option(help="FAISS index_factory string; Flat = exact.")] = "Flat",
     device: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+    float16: Annotated[
+        bool, typer.Option(help="Also write float16 copies of the item vectors for the compact exact re-scoring.")
+    ] = True,
 ) -> None:
     """Build the FAISS index over the bundle's static item vectors (with a recall report vs exact)."""
     import dataclasses
@@ -84,7 +87,7 @@ def build_index(
     if device not in ("auto", "cpu", "gpu"):
         raise fail("--device must be auto, cpu or gpu")
     try:
-        info = run_build(bundle, factory=factory, device=device)
+        info = run_build(bundle, factory=factory, device=device, float16=float16)
     except (BundleError, RuntimeError, ValueError) as exc:
         raise fail(str(exc)) from None
     summary = dataclasses.asdict(info)

@@ -29,6 +29,7 @@ from service.serving_model import IncompatibleItem, ServingModel
 from service.store import ItemRecord
 from serving_core.attributes import AttributeIndex
 from serving_core.bundle import MISSREC_FUSION, static_vectors
+from serving_core.compact import widened
 from serving_core.index import to_cpu, to_device
 from serving_core.rows import RowStack, Segment
 from serving_core.scoring import ItemScorer, measured_max_gap
@@ -64,6 +65,8 @@ class Snapshot:
     attrs: AttributeIndex  # attributes and availability of rows [0, n)
     patched: dict[str, ItemRecord]  # bundle items whose attributes or availability were set (own copy)
     hidden: np.ndarray  # (n,) bool: deleted or unavailable, what the search never returns
+    half: dict[str, np.ndarray | RowStack] | None = None  # float16 copies read by the re-scoring (None: float32)
+    half_stats: dict[str, dict[str, float]] | None = None  # their error bounds, covering the appended rows too
 
     # ----- ids --------------------------------------------------------------------------------------------
     def _known_row(self, item_id: str) -> int | None:
@@ -114,7 +117,8 @@ class Snapshot:
         return ItemArrays(tokens=self.tokens, clusters=self.clusters)
 
     def scorer(self) -> ItemScorer:
-        return ItemScorer(self.model.manifest.scorer, self.vectors, self.id_vectors, self.max_gap)
+        scorer = self.model.manifest.scorer
+        return ItemScorer(scorer, self.vectors, self.id_vectors, self.max_gap, self.half, self.half_stats)
 
     def item_info(self, item_id: str) -> dict[str, Any] | None:
         row = self.row(item_id)
@@ -179,6 +183,8 @@ class Catalogue:
         self._vectors = {name: Segment(v) for name, v in table.vectors.items()}
         self._clusters = {m: Segment(c) for m, c in table.clusters.items()}
         self._id_vectors = Segment(table.id_vectors) if table.id_vectors is not None else None
+        self._half = {name: Segment(a) for name, a in table.half.items()} if model.rescore_half else {}
+        self._half_stats = {name: model.manifest.rescore_vectors[name] for name in self._half}
         deleted = np.zeros(n, dtype=bool)
         deleted[0] = True  # padding is never recommended
         index_info = model.manifest.index
@@ -219,6 +225,8 @@ class Catalogue:
             attrs=attrs,
             patched=patched,
             hidden=hidden,
+            half={k: s.view(n) for k, s in self._half.items()} if self._half else None,
+            half_stats=dict(self._half_stats) if self._half else None,
         )
 
     @property
@@ -302,12 +310,14 @@ class Catalogue:
                 else:
                     vectors[id(record)] = vec
             vectors |= {id(r): v for r, v in zip(missing, model.vectors_of_many(missing), strict=True)}
-            saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors)
+            saved = (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors, self._half,
+                     self._half_stats)  # fmt: skip
             try:
                 base = self._bundle_only(model, snap.seq)
                 new = self._applied(base, changes, [vectors[id(r)] for r in live])
             except BaseException:  # nothing published: the segments go back to the ones the current snapshot uses
-                self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors = saved
+                (self._ids, self._texts, self._tokens, self._vectors, self._clusters, self._id_vectors, self._half,
+                 self._half_stats) = saved  # fmt: skip
                 raise
             self._current = new
             deleted = sum(r.deleted for r in changes)
@@ -367,6 +377,10 @@ class Catalogue:
             seg.append(np.array([vec[f"{m}_cluster"]], dtype=np.int64))
         if self._id_vectors is not None:  # a cold item has no trained ID: ID-less scoring
             self._id_vectors.append(np.zeros((1, self._id_vectors.base.shape[1]), dtype=np.float32))
+        for name, seg in self._half.items():  # float16 copies, their error bound widened to cover the new row
+            row32 = vec[name][None] if name in vec else np.zeros((1, seg.base.shape[1]), dtype=np.float32)
+            seg.append(row32.astype(np.float16))
+            self._half_stats[name] = widened(self._half_stats[name], row32)
         self._ids.append(record.item_id)
         self._texts.append(record.text)
         return row

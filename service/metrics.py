@@ -69,6 +69,9 @@ class Metrics:
         self.ingest = Counter("missrec_ingest_total", "Cold-start ingests", ["result"], registry=r)
         self.item_events = Counter("missrec_item_events_total", "Item changes applied", ["op", "origin"], registry=r)
         self.fallback = Counter("missrec_fallback_total", "Popularity fallbacks", registry=r)
+        self.rescore_rows = Counter(
+            "missrec_rescore_rows_total", "Candidate rows re-scored, by the precision read", ["dtype"], registry=r
+        )
         self.experiment = Counter(
             "missrec_experiment_total", "Experiment impressions, attributed interactions and hits counted here",
             ["experiment", "variant", "kind"], registry=r,

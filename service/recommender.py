@@ -115,6 +115,9 @@ def rank(
                 found = search(snap, users[members], k, excl, any(wanted[b] for b in members), mask)
         if metrics is not None:
             metrics.stage.labels("rescore").observe(found.rescore_seconds)
+            for dtype, rows in (("float16", found.rows_float16), ("float32", found.rows_float32)):
+                if rows is not None and rows.any():
+                    metrics.rescore_rows.labels(dtype).inc(int(rows.sum()))
         for j, b in enumerate(members):
             rows, scores = found.row(j)
             weights = found.weights[j] if found.weights is not None else None
@@ -176,7 +179,8 @@ def capped(
         weights = np.full((1, k, found.weights.shape[2]), np.nan, dtype=np.float32)
         weights[0, : pick.shape[0]] = found.weights[0, pick]
     count = np.array([pick.shape[0]])
-    return TopK(ids, scores, count, found.candidates, found.user_exact, weights, found.rescore_seconds)
+    return TopK(ids, scores, count, found.candidates, found.user_exact, weights, found.rescore_seconds,
+                found.rows_float16, found.rows_float32)  # fmt: skip
 
 
 def _as_list(value: Any) -> list[Any]:

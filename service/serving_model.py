@@ -47,12 +47,13 @@ class ServingModel:
     bundle_rows: dict[str, int]  # external id -> row of the bundle's items (row 0, padding, excluded)
     version: str
     attributes: AttributeIndex  # the bundle rows' attributes (items/attributes.jsonl; none: every row {})
+    rescore_half: bool = False  # the re-scoring reads the bundle's float16 copies first (MISSREC_RESCORE_DTYPE)
 
     @classmethod
     def load(cls, root: Path, settings: Settings) -> ServingModel:
         """Read and check the bundle (checksums, shapes, index), open the towers and the index. The item arrays are
         memory-mapped read-only unless ``settings.mmap_items`` is off (the catalogue never copies them)."""
-        bundle = read_bundle(root, mmap=settings.mmap_items)
+        bundle = read_bundle(root, mmap=settings.mmap_items, half=settings.rescore_dtype != "float32")
         towers = open_towers(
             bundle, settings.onnx_provider, settings.onnx_threads, settings.onnx_spinning, settings.onnx_optimisation
         )
@@ -71,9 +72,16 @@ class ServingModel:
             base = read_attributes(root, bundle.manifest.attributes, bundle.table.num_items)
         except InvalidAttributes as exc:
             raise BundleError(str(exc)) from None
+        has_half = bool(bundle.manifest.rescore_vectors)  # (not loaded with MISSREC_RESCORE_DTYPE=float32)
+        if settings.rescore_dtype == "float16" and not has_half:
+            raise BundleError(
+                "MISSREC_RESCORE_DTYPE=float16 but the bundle has no float16 copies of its item vectors "
+                "(items/*.f16.npy): write them with `missrec build-index --bundle BUNDLE`, or set auto or float32"
+            )
         popularity = bundle.table.popularity.astype(np.float64).copy()
         popularity[0] = -np.inf
-        log.info("loaded bundle %s: %d items, index %s", root, bundle.table.num_items, info.factory)
+        log.info("loaded bundle %s: %d items, index %s, float16 copies: %s", root, bundle.table.num_items,
+                 info.factory, "yes" if has_half else "no")  # fmt: skip
         return cls(
             bundle=bundle,
             towers=towers,
@@ -83,6 +91,7 @@ class ServingModel:
             bundle_rows={item: r for r, item in enumerate(bundle.table.ids) if r > 0},
             version=bundle.manifest.version,
             attributes=AttributeIndex.build(bundle.manifest.attributes, base),
+            rescore_half=has_half and settings.rescore_dtype != "float32",
         )
 
     @property

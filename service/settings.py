@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         description="Memory-map the bundle's item arrays (tokens, vectors) read-only instead of reading them into "
         "memory: only the rows requests touch are resident, and they are shared with the page cache.",
     )
+    rescore_dtype: Literal["auto", "float16", "float32"] = Field(
+        "auto",
+        description="Precision the exact re-scoring reads first: float16 scores the candidates from the bundle's "
+        "float16 copies (`missrec build-index` writes them) and re-checks in float32 only those that can reach the "
+        "k-th place (the same top-k, half the vector pages resident); float32 reads the float32 vectors only; auto: "
+        "float16 when the bundle has the copies. float16 with a bundle without them is refused at start-up.",
+    )
     index_params: dict[str, float] = Field(
         default_factory=dict,
         description='FAISS search parameters over the bundle\'s recorded ones, e.g. {"nprobe": 128} (JSON).',

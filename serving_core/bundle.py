@@ -14,6 +14,7 @@ Layout::
     items/<v>.npy          float32 (N, D) item vectors: one per modality (missrec_fusion) or "item" (inner_product)
     items/<m>_cluster.npy  int64 (N,) interest cluster per modality (missrec_fusion; 1..K, 0 = padding)
     items/id_vectors.npy   float32 (N, D) normalised ID embeddings (transductive MISSRec only)
+    items/<v>.f16.npy      optional float16 copies of the vector tables for re-scoring (serving_core.compact)
     items/popularity.npy   float32 (N,) training interaction counts (fallback for users without history)
     items/texts.json       optional item texts
     centroids.npy          float32 (K + 1, D) interest centroids, row 0 = padding (missrec_fusion only)
@@ -40,13 +41,14 @@ import mmap as _mmap
 import os
 import platform
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving_core.compact import half_path
 from serving_core.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -92,10 +94,14 @@ class ItemTable:
     popularity: np.ndarray
     id_vectors: np.ndarray | None = None
     texts: list[str] | None = None
+    half: dict[str, np.ndarray] = field(default_factory=dict)  # float16 copies by table name (may be empty)
 
     @property
     def num_items(self) -> int:
         return len(self.ids)
+
+    def half_tables(self) -> dict[str, np.ndarray]:  # the tables a float16 copy stands for: vectors, id_vectors
+        return {**self.vectors, **({"id_vectors": self.id_vectors} if self.id_vectors is not None else {})}
 
     def validate(self, dims: Dims, scorer: Scorer, num_interests: int) -> None:
         n = self.num_items
@@ -124,6 +130,10 @@ class ItemTable:
             _check(self.id_vectors, (n, dims.hidden), np.float32, "items/id_vectors.npy")
         if self.texts is not None and len(self.texts) != n:
             raise BundleError("items/texts.json must have one entry per item row")
+        if self.half and set(self.half) != set(self.half_tables()):
+            raise BundleError(f"float16 copies must cover {sorted(self.half_tables())}, got {sorted(self.half)}")
+        for name, arr in self.half.items():
+            _check(arr, (n, dims.hidden), np.float16, half_path(name))
 
 
 def static_vectors(scorer: Scorer, vectors: dict[str, np.ndarray], id_vectors: np.ndarray | None = None) -> np.ndarray:
@@ -147,6 +157,7 @@ def _check(arr: np.ndarray, shape: tuple[int, ...], dtype: type, name: str) -> N
         raise BundleError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
     if np.issubdtype(arr.dtype, np.floating) and not _all_finite(arr):
         raise BundleError(f"{name}: contains NaN or inf")
+    _drop_resident(arr)  # a mapped array: what the check read leaves the RSS now, not after every array is read
 
 
 def _all_finite(arr: np.ndarray, chunk_bytes: int = 1 << 26) -> bool:
@@ -348,10 +359,10 @@ def verify_checksums(root: str | Path, manifest: Manifest | None = None) -> Mani
     return manifest
 
 
-def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False) -> ItemTable:
+def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False, half: bool = True) -> ItemTable:
     """The validated item table; ``mmap`` maps the large arrays (tokens, vectors, ID vectors) read-only instead of
     reading them: np.memmap arrays whose pages are read on first access and are shared with the page cache (the
-    files must then not be rewritten in place while mapped: BundleWriter replaces files, it never rewrites them)."""
+    files must not be rewritten in place while mapped: BundleWriter replaces files); half: the float16 copies too."""
     root = Path(root)
     ids_path = root / "items/ids.json"
     if not ids_path.is_file():
@@ -369,14 +380,11 @@ def read_item_table(root: str | Path, manifest: Manifest, mmap: bool = False) ->
         id_vectors=_load_npy(root, "items/id_vectors.npy", mmap) if scorer.transductive else None,
         texts=json.loads(texts_path.read_text(encoding="utf-8")) if texts_path.is_file() else None,
     )
+    table.half = {name: _load_npy(root, half_path(name), mmap) for name in manifest.rescore_vectors if half}
     table.validate(manifest.dims, scorer, manifest.num_interests)
     if table.num_items != manifest.num_items:
         raise BundleError(f"item table has {table.num_items} rows, manifest says {manifest.num_items}")
-    if mmap:  # validation read every page: leave none resident (only the rows readers gather come back)
-        for arr in (table.tokens, *table.vectors.values(), table.id_vectors):
-            if arr is not None:
-                _drop_resident(arr)
-    return table
+    return table  # validation read every page of the mapped arrays and left none resident (see _check)
 
 
 def read_centroids(root: str | Path, manifest: Manifest) -> np.ndarray | None:
@@ -398,11 +406,11 @@ class Bundle:
     centroids: np.ndarray | None
 
 
-def read_bundle(root: str | Path, *, mmap: bool = False) -> Bundle:
+def read_bundle(root: str | Path, *, mmap: bool = False, half: bool = True) -> Bundle:
     """Manifest + item table + centroids, after checksum, shape and consistency checks (the start-up gate)."""
     root = Path(root)
     manifest = verify_checksums(root)
     for name, graph in manifest.graphs.items():
         if graph.file not in manifest.files:
             raise BundleError(f"bundle {root} has no {graph.file} ({name} tower)")
-    return Bundle(root, manifest, read_item_table(root, manifest, mmap), read_centroids(root, manifest))
+    return Bundle(root, manifest, read_item_table(root, manifest, mmap, half), read_centroids(root, manifest))

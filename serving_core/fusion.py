@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from serving_core.bundle import Fusion
+from serving_core.compact import row_dots
 from serving_core.rows import dot_rows
 
 
@@ -69,8 +70,7 @@ def _dots(users: np.ndarray, table: np.ndarray, items: np.ndarray | None) -> np.
     users = _f32(users)
     if items is None:
         return dot_rows(users, table)  # (B, N)
-    gathered = table[items]  # (B, C, D)
-    return (gathered @ users[:, :, None])[..., 0]  # (B, C)
+    return row_dots(users, table[items])  # (B, C, D) -> (B, C), each row independent of the others
 
 
 def score_from_sims(sims: Sequence[np.ndarray], fusion: Fusion, id_sim: np.ndarray | None = None) -> np.ndarray:

@@ -147,6 +147,9 @@ class Manifest:
     index: IndexInfo | None = None
     files: dict[str, FileEntry] = field(default_factory=dict)
     attributes: dict[str, str] = field(default_factory=dict)  # item attribute schema (serving_core.attribute_schema)
+    # float16 copies of the vector tables for the re-scoring (serving_core.compact), by table name (the vector names,
+    # "id_vectors"): {"dtype": "float16", "error": max_i ||x_i - h_i||, "max_norm": max_i ||x_i||}; empty: none
+    rescore_vectors: dict[str, dict[str, Any]] = field(default_factory=dict)
     digest: str = ""  # sha256 of the canonical JSON without this field (detects edits and corruption)
 
     @property
@@ -160,8 +163,9 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if not data["attributes"]:  # a bundle without attributes keeps the manifest (and digest) it always had
-            data.pop("attributes")
+        for optional in ("attributes", "rescore_vectors"):  # without them a bundle keeps the manifest (and digest)
+            if not data[optional]:  # it always had
+                data.pop(optional)
         return data
 
     def to_json(self) -> str:
@@ -188,6 +192,9 @@ class Manifest:
         if d.get("index") is not None:
             d["index"] = IndexInfo(**_known(IndexInfo, d["index"], "index"))
         d["files"] = {rel: FileEntry(**_known(FileEntry, f, rel)) for rel, f in d.get("files", {}).items()}
+        for name, desc in d.get("rescore_vectors", {}).items():
+            if not isinstance(desc, dict) or desc.get("dtype") != "float16" or not {"error", "max_norm"} <= set(desc):
+                raise BundleError(f"manifest rescore_vectors {name}: expected dtype float16, error and max_norm")
         try:
             d["attributes"] = check_schema(d.get("attributes", {}))
         except InvalidAttributes as exc:

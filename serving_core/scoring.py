@@ -3,7 +3,9 @@
 :class:`ItemScorer` is what the top-k search needs to know about the items: ``exact`` scores of item rows for
 user vectors, ``bound`` (how far the exact score can be from the static score u . static_i that the index ranks
 by) and ``explain``. ``missrec_fusion`` delegates to the numpy fusion twin (serving_core.fusion);
-``inner_product`` scores are the static scores themselves (bound 0), explained by their named blocks.
+``inner_product`` scores are the static scores themselves (bound 0), explained by their named blocks. With float16
+copies (``half``), :meth:`ItemScorer.approx` scores from them with a bound on the distance to ``exact``
+(serving_core.compact).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving_core import compact
 from serving_core.bundle import INNER_PRODUCT, ITEM_VECTOR, Scorer
 from serving_core.fusion import (
     deviation_bound,
@@ -21,6 +24,7 @@ from serving_core.fusion import (
     item_scores,
     max_modality_gap,
     modality_sims,
+    score_from_sims,
 )
 from serving_core.rows import dot_rows
 
@@ -29,18 +33,22 @@ def _dots(users: np.ndarray, table: np.ndarray, rows: np.ndarray | None) -> np.n
     """users (B, D) . table rows: every row -> (B, N); rows (B, C) -> (B, C)."""
     if rows is None:
         return dot_rows(users, table)
-    return (table[rows] @ users[:, :, None])[..., 0]
+    return compact.row_dots(users, table[rows])
 
 
 @dataclass(frozen=True)
 class ItemScorer:
     """A scorer over item arrays. vectors[name]: (N, D) for name in scorer.vector_names; id_vectors (N, D) for
-    transductive MISSRec; max_gap: max_i ||t_i - v_i|| (tightens the fusion bound; 2.0 is always valid)."""
+    transductive MISSRec; max_gap: max_i ||t_i - v_i|| (tightens the fusion bound; 2.0 is always valid);
+    half: float16 copies (N, D) of the vectors (and "id_vectors"), half_stats their {"error", "max_norm"} (the
+    re-scoring then reads them first, serving_core.compact), or None."""
 
     scorer: Scorer
     vectors: Mapping[str, np.ndarray]
     id_vectors: np.ndarray | None = None
     max_gap: float = 2.0
+    half: Mapping[str, np.ndarray] | None = None
+    half_stats: Mapping[str, Mapping[str, float]] | None = None
 
     @property
     def num_items(self) -> int:
@@ -54,20 +62,54 @@ class ItemScorer:
         return self.scorer.modalities
 
     def sliced(self, start: int, stop: int) -> ItemScorer:
-        """The same scorer over rows [start, stop) (chunked full scans)."""
+        """The same scorer over rows [start, stop) (chunked full scans: float32 only, no float16 copies)."""
         ids = None if self.id_vectors is None else self.id_vectors[start:stop]
         return ItemScorer(self.scorer, {m: v[start:stop] for m, v in self.vectors.items()}, ids, self.max_gap)
 
     def take(self, rows: np.ndarray) -> ItemScorer:
-        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset of the table)."""
+        """The same scorer over the gathered rows ``rows`` (a filtered scan of a subset; float32 only)."""
         ids = None if self.id_vectors is None else self.id_vectors[rows]
         return ItemScorer(self.scorer, {m: v[rows] for m, v in self.vectors.items()}, ids, self.max_gap)
+
+    def reread(self, rows: np.ndarray) -> ItemScorer:
+        """The same scorer over the float32 rows ``rows`` (any shape), flattened: read with pread from
+        memory-mapped tables (serving_core.compact.read_rows), so the few rows a re-check needs map no pages."""
+        ids = None if self.id_vectors is None else compact.read_rows(self.id_vectors, rows.reshape(-1))
+        vectors = {m: compact.read_rows(v, rows.reshape(-1)) for m, v in self.vectors.items()}
+        return ItemScorer(self.scorer, vectors, ids, self.max_gap)
 
     def exact(self, users: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact float32 scores of users (B, D): against every row (B, N), or rows (B, C) -> (B, C)."""
         if self.scorer.kind == INNER_PRODUCT:
             return _dots(np.asarray(users, np.float32), self.vectors[ITEM_VECTOR], rows).astype(np.float32)
         return item_scores(users, self.vectors, self.scorer.fusion, self.id_vectors, rows)
+
+    def approx(self, users: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (B, C) of rows (B, C) from the float16 copies, and (B,) float64 bounds E on their distance to
+        :meth:`exact` (serving_core.compact). Raises ValueError without copies."""
+        if self.half is None or self.half_stats is None:
+            raise ValueError("no float16 copies of the item vectors")
+        u = np.asarray(users, np.float32)
+        if self.scorer.kind == INNER_PRODUCT:
+            scores = compact.row_dots(u, compact.gather(self.half[ITEM_VECTOR], rows))
+        else:
+            fusion = self.scorer.fusion
+            sims = [compact.row_dots(u, compact.gather(self.half[m], rows)) for m in fusion.modalities]
+            id_sim = None
+            if fusion.transductive:
+                id_sim = compact.row_dots(u, compact.gather(self.half["id_vectors"], rows))
+            scores = score_from_sims(sims, fusion, id_sim)
+        return scores, np.array([self.approx_bound(float(n)) for n in np.linalg.norm(u, axis=1)])
+
+    def approx_bound(self, user_norm: float) -> float:
+        """E: largest |exact - approx| for a user vector of norm ``user_norm`` (serving_core.compact)."""
+        if self.half_stats is None:
+            raise ValueError("no float16 copies of the item vectors")
+        dim = int(self.vectors[self.scorer.vector_names[0]].shape[1])
+        if self.scorer.kind == INNER_PRODUCT:
+            return compact.score_bound(user_norm, self.half_stats, (ITEM_VECTOR,), dim)
+        f = self.scorer.fusion
+        return compact.score_bound(user_norm, self.half_stats, f.modalities, dim, f.alpha, f.transductive)
 
     def bound(self, user_norm: float) -> float:
         """Largest |exact - u . static| for a user vector of norm ``user_norm`` (0 for inner_product)."""

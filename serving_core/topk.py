@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from serving_core.scan import scan_top_k
+from serving_core import compact
+from serving_core.scan import _dead_mask, _exclusions, _top_sorted, scan_top_k
 from serving_core.scoring import ItemScorer
 
 DEFAULT_TOL = 1e-4  # > float32 rounding of two 300-d unit inner products (static via FAISS, exact via numpy)
@@ -38,7 +39,10 @@ class TopK:
     scores: (B, k) float32 exact fused scores, descending (ties: lower id first), -inf padding;
     counts: (B,) number of real results; candidates: (B,) items exactly scored in the final round per user
     (the whole table for a full scan); user_exact: (B,) True when the result is proven equal to brute force;
-    weights: (B, k, M) explanation weights (ItemScorer.explained_by order), NaN padding, or None.
+    weights: (B, k, M) explanation weights (ItemScorer.explained_by order), NaN padding, or None;
+    rows_float16 / rows_float32: (B,) candidate rows the re-scoring of every round scored from the float16 copies /
+    in float32 (serving_core.compact; without copies every candidate is scored in float32); None from a path that
+    does not count them.
     """
 
     ids: np.ndarray
@@ -48,6 +52,8 @@ class TopK:
     user_exact: np.ndarray
     weights: np.ndarray | None = None
     rescore_seconds: float = 0.0  # time spent in exact re-scoring (candidates and full scans)
+    rows_float16: np.ndarray | None = None
+    rows_float32: np.ndarray | None = None
 
     @property
     def exact(self) -> bool:
@@ -88,48 +94,6 @@ def _flat_matrix(index: Any) -> np.ndarray | None:
     return faiss.rev_swig_ptr(idx.get_xb(), idx.ntotal * idx.d).reshape(idx.ntotal, idx.d)
 
 
-def _exclusions(exclude: Sequence[Iterable[int] | np.ndarray | None] | None, batch: int) -> list[np.ndarray]:
-    if exclude is None:
-        return [np.empty(0, np.int64)] * batch
-    if len(exclude) != batch:
-        raise ValueError(f"exclude has {len(exclude)} entries for {batch} users")
-    out = []
-    for e in exclude:
-        if e is None:
-            out.append(np.empty(0, np.int64))
-        elif isinstance(e, np.ndarray):
-            out.append(np.unique(e.astype(np.int64, copy=False)))
-        else:
-            out.append(np.unique(np.fromiter(e, dtype=np.int64)))
-    return out
-
-
-def _dead_mask(deleted: np.ndarray | Iterable[int] | None, n_items: int) -> np.ndarray:
-    """(n_items,) bool: tombstoned rows and row 0 (padding). A shorter mask leaves newer rows alive."""
-    dead = np.zeros(n_items, dtype=bool)
-    if deleted is not None:
-        if isinstance(deleted, np.ndarray) and deleted.dtype == bool:
-            m = min(n_items, deleted.shape[0])
-            dead[:m] = deleted[:m]
-        else:
-            rows = np.fromiter(deleted, dtype=np.int64) if not isinstance(deleted, np.ndarray) else deleted
-            rows = rows.astype(np.int64, copy=False)
-            dead[rows[(rows >= 0) & (rows < n_items)]] = True
-    dead[0] = True
-    return dead
-
-
-def _top_sorted(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best k of 1-d (ids, scores) by score desc, then id asc (inputs already filtered to valid items)."""
-    if ids.shape[0] > 4 * k:
-        part = np.argpartition(-scores, k - 1)[:k]
-        kth = scores[part].min()
-        keep = scores >= kth  # keep every tie at the k-th score so the id tie-break is applied to all of them
-        ids, scores = ids[keep], scores[keep]
-    order = np.lexsort((ids, -scores))[:k]
-    return ids[order], scores[order]
-
-
 @dataclass(frozen=True)
 class SearchOptions:
     """How the search looks for candidates (see :func:`top_k`); the defaults suit every index.
@@ -168,6 +132,8 @@ class _Search:
     counts: np.ndarray = field(init=False)
     candidates: np.ndarray = field(init=False)
     proven: np.ndarray = field(init=False)
+    rows16: np.ndarray = field(init=False)  # (B,) candidates scored from float16 copies, all rounds
+    rows32: np.ndarray = field(init=False)  # (B,) candidates scored in float32 (re-checks, or all without copies)
     rescore_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -179,6 +145,7 @@ class _Search:
         self.counts = np.zeros(batch, dtype=np.int64)
         self.candidates = np.zeros(batch, dtype=np.int64)
         self.proven = np.zeros(batch, dtype=bool)
+        self.rows16, self.rows32 = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
 
     def finish(self, b: int, ids: np.ndarray, scores: np.ndarray, candidates: int, proven: bool) -> None:
         self.counts[b], self.candidates[b], self.proven[b] = ids.shape[0], candidates, proven
@@ -221,23 +188,36 @@ class _Search:
             ids[j, : ti.shape[0]], out[j, : ti.shape[0]] = ti, ts
         return ids, out, counts
 
+    def valid(self, b: int, cand: np.ndarray) -> np.ndarray:
+        return (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
+
     def best_valid(self, b: int, cand: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        ok = (cand >= 0) & ~self.dead[np.where(cand < 0, 0, cand)] & ~np.isin(cand, self.excl[b])
+        ok = self.valid(b, cand)
         return _top_sorted(cand[ok], scores[ok], self.k)
 
-    def rescore(self, users: np.ndarray, cand: np.ndarray) -> np.ndarray:
-        """Exact scores (G, C) of candidates cand (G, C) (-1 entries scored as row 0), chunked over users."""
+    def rescore(self, group: Sequence[int], cand: np.ndarray) -> np.ndarray:
+        """Exact scores (G, C) of candidates cand (G, C) of users ``group`` (-1 entries scored as row 0), chunked
+        over users. With float16 copies (serving_core.compact): -inf for the invalid candidates and for those
+        provably below the k-th exact score, the float32 score of the others."""
         started = time.perf_counter()
         safe = np.where(cand < 0, 0, cand)
         out = np.empty(cand.shape, dtype=np.float32)
         step = max(1, _GATHER_BUDGET // max(1, cand.shape[1]))
         for s in range(0, cand.shape[0], step):
-            out[s : s + step] = self.items.exact(users[s : s + step], safe[s : s + step])
+            part, users = list(group[s : s + step]), self.users[list(group[s : s + step])]
+            if self.items.half is None:
+                out[s : s + step] = self.items.exact(users, safe[s : s + step])
+                self.rows32[part] += cand.shape[1]
+                continue
+            valid = np.stack([self.valid(b, c) for b, c in zip(part, cand[s : s + step], strict=True)])
+            out[s : s + step], counts = compact.rescore(self.items, users, safe[s : s + step], valid, self.k)
+            self.rows16[part] += cand.shape[1]
+            self.rows32[part] += counts
         self.rescore_s += time.perf_counter() - started
         return out
 
     def rescore_one(self, b: int, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.best_valid(b, cand, self.rescore(self.users[b : b + 1], cand[None])[0])
+        return self.best_valid(b, cand, self.rescore([b], cand[None])[0])
 
 
 def _one_pass(s: _Search, xb: np.ndarray, width: list[int], tail: np.ndarray, full_at: int) -> list[int]:
@@ -293,7 +273,7 @@ def _widening(
             found_by = index.search(s.users[group], w, params=params) if params else index.search(s.users[group], w)
             static, found = found_by  # (G, w) each, static desc (params: an IDSelector, only the rows it allows)
             cand = np.concatenate([found, np.broadcast_to(tail, (len(group), tail.shape[0]))], axis=1)
-            rescored = s.rescore(s.users[group], cand)  # one gather for the group; selection per user (measured
+            rescored = s.rescore(group, cand)  # one gather for the group; selection per user (measured
             for j, b in enumerate(group):  # faster at batch 1 than one vectorised selection, docs/benchmarks.md)
                 ids, sc = s.best_valid(b, cand[j], rescored[j])
                 returned = int((found[j] >= 0).sum())
@@ -323,6 +303,7 @@ def _full_scan(s: _Search, scan: list[int]) -> None:
         found = scan_top_k(s.items.exact(users), s.dead, [s.excl[b] for b in order], s.k)
         for b, (ids, sc) in zip(order, found, strict=True):
             s.finish(b, ids, sc, n_items, True)
+        s.rows32[order] += n_items
         s.rescore_s += time.perf_counter() - started
         return
     best_ids = np.full((len(order), 0), -1, dtype=np.int64)
@@ -337,6 +318,7 @@ def _full_scan(s: _Search, scan: list[int]) -> None:
         keep = int(counts.max(initial=0))  # padding past every user's count carries nothing to the next chunk
         best_ids, best_sc = best_ids[:, :keep], best_sc[:, :keep]
     s.rescore_s += time.perf_counter() - started
+    s.rows32[order] += n_items
     for g, b in enumerate(order):
         n = int(counts[g])
         s.finish(b, best_ids[g, :n], best_sc[g, :n], n_items, True)
@@ -370,7 +352,9 @@ def top_k(
     of brute-force scoring of every valid row, up to ties and float32 rounding below tol. Exactly min(k, #valid)
     items are returned; user_exact[b] is True when the proof held or the user was fully scanned. With an
     approximate index (HNSW, IVF, PQ) the same rule is a heuristic that buys recall: user_exact is False unless the
-    user was fully scanned.
+    user was fully scanned. With float16 copies (``items.half``, serving_core.compact) the candidates are scored from
+    them first and only those that can reach the k-th place are re-scored in float32; the others are provably below
+    the k-th exact score, so the guarantee and the results are those of the float32 path.
     """
     opts = options or SearchOptions()
     if k < 1:
@@ -411,4 +395,4 @@ def top_k(
         weights = items.explain(users, safe)
         if weights is not None:
             weights[s.ids < 0] = np.nan
-    return TopK(s.ids, s.scores, s.counts, s.candidates, s.proven, weights, s.rescore_s)
+    return TopK(s.ids, s.scores, s.counts, s.candidates, s.proven, weights, s.rescore_s, s.rows16, s.rows32)

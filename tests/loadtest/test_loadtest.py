@@ -164,6 +164,7 @@ def test_scale_bundle_keeps_real_items_and_builds_the_index(scientific_bundle, s
     assert len({tuple(r) for r in np.round(synthetic[:200], 4)}) == 200  # distinct items, not copies
     assert info.ntotal == table.num_items and info.details["recall_report"]["source"] == "user vectors"
     assert manifest.index.factory == "IVF32,Flat" and manifest.index.params["nprobe"] == 8
+    assert set(manifest.rescore_vectors) == set(table.half) == {"text", "image"}  # float16 copies for the re-scoring
     assert (out / "user_tower.onnx").read_bytes() == (scientific_bundle / "user_tower.onnx").read_bytes()
 
 

@@ -36,6 +36,11 @@ def test_export_then_build_index(tmp_path):
     printed = json.loads(r.output[: r.output.index("}\n{") + 1])  # the index description, then the recall report
     assert printed["factory"] == "IVF4,Flat" and printed["exact"] is False and "recall_report" not in printed["details"]
     assert read_bundle(out).manifest.index.factory == "IVF4,Flat"
+    half = read_bundle(out)  # float16 copies of the vectors for the re-scoring, with their measured bounds
+    assert set(half.manifest.rescore_vectors) == set(half.table.half) == {"text", "image"}
+    r = runner.invoke(app, ["build-index", "--bundle", str(out), "--device", "cpu", "--no-float16"])
+    assert r.exit_code == 0, r.output
+    assert not read_bundle(out).manifest.rescore_vectors and not list((out / "items").glob("*.f16.npy"))
     again = runner.invoke(
         app, ["export", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "data"), "--out", str(out)]
     )
